@@ -1,0 +1,1 @@
+//! Criterion benches for whet live in `benches/benches/`.

@@ -1,0 +1,308 @@
+//! CPU kernels: contiguous slices in, vectors out, one file per op. The op structs in
+//! [`crate::ops`] call them from `cpu_fwd` and `bwd`. Every kernel is generic over [`Float`]
+//! (f32, the training dtype, and f64, which the finite-difference tests use).
+
+pub(crate) mod attention;
+pub(crate) mod cross_entropy;
+pub(crate) mod linear;
+pub(crate) mod linear_cross_entropy;
+pub(crate) mod rms_norm;
+pub(crate) mod rope;
+pub(crate) mod swiglu;
+
+use std::ops::Neg;
+
+use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor, WithDType, bail};
+
+/// The float types the CPU kernels run on.
+pub(crate) trait Float: WithDType + Neg<Output = Self> {
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    /// `max` that ignores NaN handling subtleties and so vectorises (a plain compare + select).
+    #[inline(always)]
+    fn fmax(self, o: Self) -> Self {
+        if o > self { o } else { self }
+    }
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    #[inline(always)]
+    fn exp(self) -> Self {
+        exp_f32(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// Branch-free `exp` for f32 (Cephes `expf`: range reduction to |r| <= ln2/2, degree-7
+/// polynomial, exponent built from bits). Relative error ~1e-7; it vectorises inside loops where
+/// `f32::exp` is a libm call per element. Returns 0 below -87.3 (where the true value is
+/// subnormal) and for -inf, so masked scores still weigh nothing.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - n * C1 - n * C2;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let pow2n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.33 { 0.0 } else { y * pow2n }
+}
+
+/// `a . b` with independent lanes so that it vectorises.
+#[inline(always)]
+pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    const L: usize = 16;
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::ZERO; L];
+    let (ac, ar) = a.as_chunks::<L>();
+    let (bc, br) = b.as_chunks::<L>();
+    for (x, y) in ac.iter().zip(bc) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = T::ZERO;
+    for (x, y) in ar.iter().zip(br) {
+        tail += *x * *y;
+    }
+    let mut s = T::ZERO;
+    for v in acc {
+        s += v;
+    }
+    s + tail
+}
+
+/// `y += a * x`.
+#[inline(always)]
+pub(crate) fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * *x;
+    }
+}
+
+/// `y *= a`.
+#[inline(always)]
+pub(crate) fn scal<T: Float>(y: &mut [T], a: T) {
+    for y in y.iter_mut() {
+        *y *= a;
+    }
+}
+
+/// Max of a slice (`-inf` when empty), with lanes so that it vectorises.
+#[inline(always)]
+pub(crate) fn max<T: Float>(x: &[T]) -> T {
+    const L: usize = 16;
+    let mut acc = [T::NEG_INF; L];
+    let (c, r) = x.as_chunks::<L>();
+    for c in c {
+        for l in 0..L {
+            acc[l] = acc[l].fmax(c[l]);
+        }
+    }
+    let mut m = T::NEG_INF;
+    for v in acc.into_iter().chain(r.iter().copied()) {
+        m = m.fmax(v);
+    }
+    m
+}
+
+/// The contiguous data of a CPU storage seen through `layout`; errors on a strided layout.
+pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => bail!("{op}: expected a contiguous input, got shape {:?} strides {:?}", l.dims(), l.stride()),
+    }
+}
+
+/// Read access to the data of a contiguous CPU tensor (used in `bwd`, which gets tensors).
+pub(crate) struct Host<'a> {
+    storage: StorageRef<'a>,
+    range: (usize, usize),
+}
+
+impl<'a> Host<'a> {
+    /// `t` must be contiguous (call `.contiguous()` first) and live on the CPU.
+    pub(crate) fn new(t: &'a Tensor, op: &str) -> Result<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        if !matches!(&*storage, Storage::Cpu(_)) {
+            bail!("{op}: backward is implemented on the CPU only, got a tensor on {:?}", t.device())
+        }
+        let Some(range) = layout.contiguous_offsets() else {
+            bail!("{op}: expected a contiguous tensor in backward, got strides {:?}", layout.stride())
+        };
+        Ok(Self { storage, range })
+    }
+
+    pub(crate) fn slice<T: WithDType>(&self) -> Result<&[T]> {
+        match &*self.storage {
+            Storage::Cpu(s) => Ok(&s.as_slice::<T>()?[self.range.0..self.range.1]),
+            _ => bail!("not a CPU tensor"),
+        }
+    }
+}
+
+/// Threads used by the kernels (the global rayon pool, which is also candle's).
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// A (rows x cols) matrix view: `data[offset + r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    pub(crate) fn row_major(data: &'a [T], cols: usize) -> Self {
+        Self { data, rs: cols, cs: 1 }
+    }
+    /// The transpose of a row-major (rows x cols) matrix, seen as (cols x rows).
+    pub(crate) fn transposed(data: &'a [T], cols: usize) -> Self {
+        Self { data, rs: 1, cs: cols }
+    }
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst (m x n, row-major) = [dst +] lhs (m x k) @ rhs (k x n)`, multi-threaded through the
+/// `gemm` crate (the same routine as candle's CPU matmul).
+pub(crate) fn gemm<T: Float>(dst: &mut [T], accumulate: bool, lhs: Mat<'_, T>, rhs: Mat<'_, T>, m: usize, n: usize, k: usize) {
+    assert!(dst.len() >= m * n, "gemm: dst too small");
+    assert!(lhs.fits(m, k) && rhs.fits(k, n), "gemm: operand out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::ZERO);
+        }
+        return;
+    }
+    let par = if threads() > 1 { gemm::Parallelism::Rayon(threads()) } else { gemm::Parallelism::None };
+    // SAFETY: every index the routine touches, `r * rs + c * cs` for r < rows and c < cols, is
+    // in bounds by the asserts above; dst is an exclusive borrow that aliases neither operand;
+    // T is f32 or f64, both of which gemm supports.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Runs `$body` with `$t` bound to the Rust type of `$dtype` (f32 or f64); any other dtype
+/// is a candle `UnsupportedDTypeForOp` error.
+macro_rules! dispatch_float {
+    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, $op).bt()),
+        }
+    };
+}
+pub(crate) use dispatch_float;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-1000.0), 0.0);
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn gemm_matches_naive() {
+        let (m, n, k) = (5, 7, 3);
+        let a: Vec<f64> = (0..m * k).map(|i| i as f64 * 0.5 - 3.0).collect();
+        let b: Vec<f64> = (0..n * k).map(|i| (i as f64).sin()).collect(); // (n x k), used transposed
+        let mut c = vec![1.0; m * n];
+        gemm(&mut c, true, Mat::row_major(&a, k), Mat::transposed(&b, k), m, n, k);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = 1.0 + (0..k).map(|l| a[i * k + l] * b[j * k + l]).sum::<f64>();
+                assert!((c[i * n + j] - want).abs() < 1e-12);
+            }
+        }
+    }
+}

