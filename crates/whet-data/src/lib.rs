@@ -1,7 +1,22 @@
 //! Data ingestion for whet: files in, [`Example`]s out.
 //!
+//! - [`read`]: JSONL, JSON arrays, CSV, Parquet and Arrow IPC from a file, directory or glob,
+//!   streamed row by row and mapped onto the three [`Record`] shapes ([`mapping`]).
+//! - [`pii`]: a scrubber that redacts personal data to typed placeholders, with an [`pii::Audit`].
+//! - [`dedup`]: exact and MinHash/LSH near-duplicate removal, and a train/validation leakage check.
+//! - [`split`]: deterministic train/validation splits and k-fold assignment by a stable hash.
+//!
 //! Invariant: this crate knows nothing of tokenizers or tensors.
 
+pub mod dedup;
+pub mod error;
+pub mod mapping;
+pub mod pii;
+pub mod read;
 pub mod record;
+pub mod split;
 
+pub use error::{DataError, Result, SkipReason};
+pub use mapping::{Columns, Mapping};
+pub use read::{DataReader, Format, ReadOptions, ReadReport, open, read_all};
 pub use record::{Example, Message, Origin, Record, Role, Shape};

@@ -11,9 +11,13 @@
 //!
 //! Invariant: nothing in this crate knows about models, configs or files.
 
+mod cpu;
+mod ops;
 pub mod reference;
 
-use candle_core::{Result, Tensor};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Result, Tensor, bail};
 
 /// Label value that marks a position as "not supervised" (the Hugging Face convention).
 pub const IGNORE_INDEX: i64 = -100;
@@ -21,13 +25,23 @@ pub const IGNORE_INDEX: i64 = -100;
 /// RMSNorm over the last dim: `x / sqrt(mean(x^2) + eps) * weight`.
 /// x: (.., H), weight: (H) -> (.., H)
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    reference::rms_norm(x, weight, eps)
+    let h = x.dim(candle_core::D::Minus1)?;
+    if weight.dims() != [h] {
+        bail!("rms_norm: weight {:?} is not (H) = ({h}) for x {:?}", weight.dims(), x.dims())
+    }
+    x.contiguous()?.apply_op2(&weight.contiguous()?, ops::RmsNorm { eps })
 }
 
 /// Rotary embedding, Hugging Face `rotate_half` convention (first half / second half pairs).
 /// x: (B, T, NH, D), cos and sin: (B, T, D/2) -> (B, T, NH, D). cos/sin get no gradient.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    reference::rope(x, cos, sin)
+    let (b, t, _, d) = x.dims4()?;
+    if d % 2 != 0 || cos.dims() != [b, t, d / 2] || sin.dims() != [b, t, d / 2] {
+        bail!("rope: x {:?} needs an even D and cos/sin (B, T, D/2), got {:?} and {:?}", x.dims(), cos.dims(), sin.dims())
+    }
+    // The kernel takes any strides on (B, T, NH) but needs D contiguous.
+    let x = if x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
+    x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, ops::Rope)
 }
 
 /// cos/sin tables for [`rope`]: `angle[b, t, i] = positions[b, t] * inv_freq[i]`.
@@ -50,31 +64,50 @@ pub fn rope_tables(positions: &Tensor, inv_freq: &[f32]) -> Result<(Tensor, Tens
 /// a packed row never attends across documents. Query head h reads key/value head
 /// `h / (NH / NKV)` (Hugging Face `repeat_kv`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &Tensor, scale: f64) -> Result<Tensor> {
-    reference::attention(q, k, v, segments, scale)
+    let (b, s, _, _) = k.dims4()?;
+    if segments.dtype() != DType::U32 || segments.dims() != [b, s] {
+        bail!("attention: segments must be (B, S) = ({b}, {s}) u32, got {:?} {:?}", segments.dims(), segments.dtype())
+    }
+    let seg = segments.flatten_all()?.to_vec1::<u32>()?;
+    let op = ops::Attention {
+        scale,
+        windows: Arc::new(cpu::attention::Windows::new(&seg, b, s)),
+        lse: Mutex::new(None),
+    };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 /// SwiGLU activation: `silu(gate) * up`. gate, up: (.., I) -> (.., I)
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    reference::swiglu(gate, up)
+    gate.contiguous()?.apply_op2(&up.contiguous()?, ops::Swiglu)
 }
 
 /// `x @ w^T + bias`. x: (.., IN), w: (OUT, IN), bias: (OUT) -> (.., OUT).
 /// Unlike candle's matmul, the backward computes a gradient only for arguments that need one:
 /// a frozen base weight gets neither a gradient buffer nor the matmul that would fill it.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    reference::linear(x, w, bias)
+    // w may keep its strides (e.g. a transposed view): the gemm reads them directly.
+    let x = x.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op3(w, &b.contiguous()?, ops::LinearBias),
+        None => x.apply_op2(w, ops::Linear),
+    }
 }
 
 /// Sum over supervised rows of `-log softmax(logits)[target]`; rows whose target is
 /// [`IGNORE_INDEX`] contribute nothing. logits: (N, V) f32, targets: (N) i64 -> scalar f32.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    reference::cross_entropy_sum(logits, targets)
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, ops::CrossEntropy { lse: Mutex::new(None) })
 }
 
 /// LM head fused with [`cross_entropy_sum`]: `cross_entropy_sum(h @ w^T, targets)` computed
 /// `chunk` rows at a time, so the (N, V) logits never exist at once, forward or backward.
 /// h: (N, H), w: (V, H), targets: (N) i64 -> scalar f32.
+/// `chunk` must be at least 1.
 pub fn linear_cross_entropy_sum(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
-    let _ = chunk;
-    reference::linear_cross_entropy_sum(h, w, targets)
+    if chunk == 0 {
+        bail!("linear_cross_entropy_sum: chunk must be at least 1")
+    }
+    let op = ops::LinearCrossEntropy { chunk, lse: Mutex::new(None) };
+    h.contiguous()?.apply_op3(w, &targets.contiguous()?, op)
 }

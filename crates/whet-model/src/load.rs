@@ -232,7 +232,7 @@ impl Source {
 }
 
 /// A standard normal draw (Box-Muller).
-pub(crate) fn normal(rng: &mut impl Rng) -> f32 {
+pub fn normal(rng: &mut impl Rng) -> f32 {
     let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
     let u2: f64 = rng.random::<f64>();
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32

@@ -1,6 +1,7 @@
 //! Raw access to f32 CPU buffers for the one-pass updates.
 
-use candle_core::{CpuStorage, InplaceOpN, Layout, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
 
 use crate::{OptimError, Result};
 
@@ -21,13 +22,12 @@ pub(crate) struct Update<'n, F: Fn(&mut [f32], &[f32])> {
     pub update: F,
 }
 
-impl<F: Fn(&mut [f32], &[f32])> InplaceOpN<1> for Update<'_, F> {
+impl<F: Fn(&mut [f32], &[f32])> InplaceOp2 for Update<'_, F> {
     fn name(&self) -> &'static str {
         "whet-optim-update"
     }
 
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, srcs: [(&CpuStorage, &Layout); 1]) -> candle_core::Result<()> {
-        let [(gs, gl)] = srcs;
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
         let grad = contiguous_f32(self.name, gs, gl)?;
         let Some((start, end)) = dst_l.contiguous_offsets() else {
             candle_core::bail!("parameter `{}` is not contiguous", self.name)

@@ -1,1 +1,34 @@
-//! whet-tokenize
+//! whet-tokenize: records to token ids, loss masks and packed rows.
+//!
+//! - [`Tokenizer`]: a Hugging Face `tokenizer.json` plus `tokenizer_config.json`
+//!   (special tokens, `add_bos_token`, chat template).
+//! - [`ChatTemplate`]: chat templates rendered with minijinja the way transformers'
+//!   `apply_chat_template` renders them, with the spans of the assistant turns.
+//! - [`Tokenizer::tokenize_examples`]: the three record shapes to [`TokenizedExample`]s
+//!   (ids and labels, -100 where not learned), with truncation and a [`TokenizeReport`].
+//! - [`pack`], [`padding_free`], [`pad_each`], [`Batch`]: training rows with position and
+//!   segment ids; [`targets_from_labels`] for next-token targets in packed rows.
+//! - [`Cache`]: the result on disk as Parquet, keyed by a [`Fingerprint`].
+//!
+//! Invariant: this crate knows nothing of tensors; everything is plain `Vec<u32>` /
+//! `Vec<i64>`.
+
+pub mod cache;
+pub mod error;
+pub mod fingerprint;
+pub mod pack;
+pub mod template;
+pub mod tokenize;
+pub mod tokenizer;
+
+pub use cache::{Cache, CacheStatus, CachedDataset, Fingerprint, FingerprintBuilder};
+pub use error::{Error, Result};
+pub use pack::{
+    Batch, PackConfig, PackReport, PackedRow, pack, pad_each, padding_free, targets_from_labels,
+};
+pub use template::{AssistantTurns, ChatTemplate, Rendered, SpanMethod};
+pub use tokenize::{
+    DoubleBos, ExcludeReason, Excluded, IGNORE_INDEX, Outcome, TokenizeConfig, TokenizeReport,
+    TokenizedExample, Truncated, Truncation, mask_from_spans, truncate,
+};
+pub use tokenizer::{Encoded, SpecialToken, Tokenizer};

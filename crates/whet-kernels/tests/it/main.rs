@@ -1,1 +1,14 @@
-mod smoke { #[test] fn builds() {} }
+//! Integration tests of whet-kernels: every fast op against `reference` (forward and gradients
+//! through candle autograd, f32) and against central finite differences (f64: the CPU kernels
+//! run in f64 too, so the step can be 1e-6 and the tolerance tight).
+
+mod attention;
+mod common;
+mod cross_entropy;
+mod errors;
+mod linear;
+mod linear_cross_entropy;
+mod props;
+mod rms_norm;
+mod rope;
+mod swiglu;

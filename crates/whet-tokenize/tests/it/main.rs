@@ -1,1 +1,9 @@
-mod smoke { #[test] fn builds() {} }
+//! Integration tests for whet-tokenize (one binary; modules per area).
+
+mod cache;
+mod common;
+mod masking;
+mod pack;
+mod parity;
+mod template;
+mod tokenize;

@@ -1,0 +1,356 @@
+//! Mapping one decoded row (a JSON object) onto a [`Record`], with column renames.
+//!
+//! Every reader turns its rows into `serde_json::Value` objects first (Parquet/Arrow batches go
+//! through Arrow's JSON encoder), so this is the single place that knows the record layouts.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{DataError, Result};
+use crate::record::{Message, Origin, Record, Role, Shape};
+
+/// Which input field holds which part of a record. Defaults are the conventional names; set
+/// only what differs, e.g. `Columns { text: "body".into(), ..Columns::default() }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Columns {
+    /// Text shape.
+    pub text: String,
+    /// Prompt/completion shape.
+    pub prompt: String,
+    pub completion: String,
+    /// Conversation shape, OpenAI style: a list of `{role, content}` objects.
+    pub messages: String,
+    pub role: String,
+    pub content: String,
+    /// Conversation shape, ShareGPT style: a list of `{from, value}` objects.
+    pub conversations: String,
+    pub from: String,
+    pub value: String,
+    /// Conversation shape, Alpaca style.
+    pub instruction: String,
+    pub input: String,
+    pub output: String,
+    /// Alpaca's optional per-row system prompt.
+    pub system: String,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Columns {
+            text: "text".into(),
+            prompt: "prompt".into(),
+            completion: "completion".into(),
+            messages: "messages".into(),
+            role: "role".into(),
+            content: "content".into(),
+            conversations: "conversations".into(),
+            from: "from".into(),
+            value: "value".into(),
+            instruction: "instruction".into(),
+            input: "input".into(),
+            output: "output".into(),
+            system: "system".into(),
+        }
+    }
+}
+
+impl Columns {
+    /// The top-level field names any shape may read (used to project Parquet/Arrow columns).
+    pub fn top_level(&self) -> [&str; 9] {
+        [
+            &self.text,
+            &self.prompt,
+            &self.completion,
+            &self.messages,
+            &self.conversations,
+            &self.instruction,
+            &self.input,
+            &self.output,
+            &self.system,
+        ]
+    }
+}
+
+/// How rows become records: the shape to read, the column names, and an optional dataset-level
+/// system prompt inserted at the front of every conversation that has no system turn.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Mapping {
+    pub shape: Shape,
+    pub columns: Columns,
+    pub system_prompt: Option<String>,
+}
+
+/// Parses a role name. Accepts `system`, `user`, `assistant`, `tool` and the common aliases
+/// `developer` (system), `human` (user), `gpt`/`model`/`bot` (assistant) and
+/// `function`/`ipython`/`observation` (tool), case-insensitively.
+pub fn parse_role(name: &str) -> Option<Role> {
+    Some(match name.trim().to_ascii_lowercase().as_str() {
+        "system" | "developer" => Role::System,
+        "user" | "human" => Role::User,
+        "assistant" | "gpt" | "model" | "bot" => Role::Assistant,
+        "tool" | "function" | "ipython" | "observation" => Role::Tool,
+        _ => return None,
+    })
+}
+
+/// The JSON type of a value, phrased for error messages (never the value itself).
+pub fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn present<'v>(obj: &'v Map<String, Value>, key: &str) -> Option<&'v Value> {
+    obj.get(key).filter(|v| !v.is_null())
+}
+
+struct Ctx<'a> {
+    origin: &'a Origin,
+    shape: &'static str,
+}
+
+impl Ctx<'_> {
+    fn missing(&self, field: &str) -> DataError {
+        DataError::MissingField {
+            origin: self.origin.clone(),
+            field: field.to_string(),
+            shape: self.shape,
+        }
+    }
+
+    fn wrong(&self, field: &str, expected: &'static str, found: &Value) -> DataError {
+        DataError::WrongType {
+            origin: self.origin.clone(),
+            field: field.to_string(),
+            expected,
+            found: type_name(found),
+        }
+    }
+
+    fn req_str(&self, obj: &Map<String, Value>, key: &str) -> Result<String> {
+        match present(obj, key) {
+            None => Err(self.missing(key)),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(v) => Err(self.wrong(key, "a string", v)),
+        }
+    }
+
+    fn opt_str(&self, obj: &Map<String, Value>, key: &str) -> Result<Option<String>> {
+        match present(obj, key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(self.wrong(key, "a string", v)),
+        }
+    }
+}
+
+/// Maps one row onto a record. `row` should be a JSON object; `origin` is used for errors only.
+pub fn to_record(row: &Value, origin: &Origin, mapping: &Mapping) -> Result<Record> {
+    let Value::Object(obj) = row else {
+        return Err(DataError::WrongType {
+            origin: origin.clone(),
+            field: "<row>".into(),
+            expected: "an object with the record's fields",
+            found: type_name(row),
+        });
+    };
+    let c = &mapping.columns;
+    let has = |k: &str| present(obj, k).is_some();
+    let shape = match mapping.shape {
+        Shape::Auto => {
+            if has(&c.messages) || has(&c.conversations) || has(&c.instruction) {
+                Shape::Conversation
+            } else if has(&c.prompt) || has(&c.completion) {
+                Shape::PromptCompletion
+            } else if has(&c.text) {
+                Shape::Text
+            } else {
+                let mut found: Vec<&str> = obj.keys().map(String::as_str).collect();
+                found.truncate(16);
+                return Err(DataError::UnknownShape {
+                    origin: origin.clone(),
+                    found: found.join(", "),
+                    expected: format!(
+                        "`{}` (text), `{}`+`{}` (prompt/completion), or `{}`, `{}` or `{}`+`{}` \
+                         (conversation)",
+                        c.text,
+                        c.prompt,
+                        c.completion,
+                        c.messages,
+                        c.conversations,
+                        c.instruction,
+                        c.output
+                    ),
+                });
+            }
+        }
+        explicit => explicit,
+    };
+    match shape {
+        Shape::Text => {
+            let ctx = Ctx {
+                origin,
+                shape: "text",
+            };
+            Ok(Record::Text {
+                text: ctx.req_str(obj, &c.text)?,
+            })
+        }
+        Shape::PromptCompletion => {
+            let ctx = Ctx {
+                origin,
+                shape: "prompt-completion",
+            };
+            Ok(Record::PromptCompletion {
+                prompt: ctx.req_str(obj, &c.prompt)?,
+                completion: ctx.req_str(obj, &c.completion)?,
+            })
+        }
+        Shape::Conversation | Shape::Auto => {
+            let ctx = Ctx {
+                origin,
+                shape: "conversation",
+            };
+            let (field, mut messages) = if let Some(v) = present(obj, &c.messages) {
+                (c.messages.as_str(), messages_from(&ctx, &c.messages, v, c)?)
+            } else if let Some(v) = present(obj, &c.conversations) {
+                (
+                    c.conversations.as_str(),
+                    messages_from(&ctx, &c.conversations, v, c)?,
+                )
+            } else if has(&c.instruction) {
+                (c.output.as_str(), alpaca(&ctx, obj, c)?)
+            } else {
+                return Err(ctx.missing(&c.messages));
+            };
+            finish_conversation(&ctx, field, &mut messages, mapping.system_prompt.as_deref())?;
+            Ok(Record::Conversation { messages })
+        }
+    }
+}
+
+fn alpaca(ctx: &Ctx<'_>, obj: &Map<String, Value>, c: &Columns) -> Result<Vec<Message>> {
+    let instruction = ctx.req_str(obj, &c.instruction)?;
+    let input = ctx.opt_str(obj, &c.input)?.unwrap_or_default();
+    let output = ctx.req_str(obj, &c.output)?;
+    let system = ctx.opt_str(obj, &c.system)?;
+    let mut messages = Vec::with_capacity(3);
+    if let Some(system) = system.filter(|s| !s.trim().is_empty()) {
+        messages.push(Message {
+            role: Role::System,
+            content: system,
+        });
+    }
+    let user = if input.trim().is_empty() {
+        instruction
+    } else {
+        format!("{instruction}\n\n{input}")
+    };
+    messages.push(Message {
+        role: Role::User,
+        content: user,
+    });
+    messages.push(Message {
+        role: Role::Assistant,
+        content: output,
+    });
+    Ok(messages)
+}
+
+const MESSAGES_EXPECTED: &str = "an array of {role, content} or {from, value} objects";
+
+fn messages_from(ctx: &Ctx<'_>, field: &str, v: &Value, c: &Columns) -> Result<Vec<Message>> {
+    // CSV cells (and some Parquet exports) carry the list as a JSON-encoded string.
+    let parsed;
+    let v = match v {
+        Value::String(s) => match serde_json::from_str::<Value>(s) {
+            Ok(inner @ Value::Array(_)) => {
+                parsed = inner;
+                &parsed
+            }
+            _ => return Err(ctx.wrong(field, MESSAGES_EXPECTED, v)),
+        },
+        other => other,
+    };
+    let Value::Array(items) = v else {
+        return Err(ctx.wrong(field, MESSAGES_EXPECTED, v));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Value::Object(m) = item else {
+            return Err(ctx.wrong(&format!("{field}[{i}]"), "a {role, content} object", item));
+        };
+        let (role_key, role_v) = match (present(m, &c.role), present(m, &c.from)) {
+            (Some(v), _) => (&c.role, v),
+            (None, Some(v)) => (&c.from, v),
+            (None, None) => return Err(ctx.missing(&format!("{field}[{i}].{}", c.role))),
+        };
+        let role_path = format!("{field}[{i}].{role_key}");
+        let Value::String(role_name) = role_v else {
+            return Err(ctx.wrong(&role_path, "a role name string", role_v));
+        };
+        let Some(role) = parse_role(role_name) else {
+            return Err(DataError::UnknownRole {
+                origin: ctx.origin.clone(),
+                field: role_path,
+                role: role_name.chars().take(40).collect(),
+            });
+        };
+        let (content_key, content_v) = match (present(m, &c.content), present(m, &c.value)) {
+            (Some(v), _) => (&c.content, v),
+            (None, Some(v)) => (&c.value, v),
+            (None, None) => return Err(ctx.missing(&format!("{field}[{i}].{}", c.content))),
+        };
+        let Value::String(content) = content_v else {
+            return Err(ctx.wrong(
+                &format!("{field}[{i}].{content_key}"),
+                "a string",
+                content_v,
+            ));
+        };
+        out.push(Message {
+            role,
+            content: content.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn finish_conversation(
+    ctx: &Ctx<'_>,
+    field: &str,
+    messages: &mut Vec<Message>,
+    system_prompt: Option<&str>,
+) -> Result<()> {
+    if messages.is_empty() {
+        return Err(DataError::EmptyConversation {
+            origin: ctx.origin.clone(),
+            field: field.to_string(),
+        });
+    }
+    if !messages.iter().any(|m| m.role == Role::Assistant) {
+        return Err(DataError::NoAssistantTurn {
+            origin: ctx.origin.clone(),
+            field: field.to_string(),
+        });
+    }
+    if let Some(sp) = system_prompt
+        && !messages.iter().any(|m| m.role == Role::System)
+    {
+        messages.insert(
+            0,
+            Message {
+                role: Role::System,
+                content: sp.to_string(),
+            },
+        );
+    }
+    Ok(())
+}

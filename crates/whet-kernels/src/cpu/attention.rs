@@ -1,0 +1,347 @@
+//! Causal, document-masked, grouped-query attention, flash-attention style: no (T, S) score
+//! matrix, only (query block x key tile) scores at a time, an online softmax in the forward and
+//! a recomputation from the per-row logsumexp in the backward.
+//!
+//! q, o: (B, T, NH, D), k, v: (B, S, NKV, D), lse: (B, T, NH), all contiguous.
+//! Query i sits at key position p = i + S - T and attends to keys j in its window [lo(p), p]
+//! (and, when a row's segment ids are not contiguous runs, only to keys with its segment id).
+
+use std::collections::HashMap;
+
+use rayon::prelude::*;
+
+use super::{Float, axpy, dot, max, scal, threads};
+
+/// Query positions per task (all NH heads of each).
+const QB: usize = 16;
+/// Keys per tile.
+const KT: usize = 64;
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub s: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub d: usize,
+}
+
+impl Dims {
+    fn rep(&self) -> usize {
+        self.nh / self.nkv
+    }
+    fn off(&self) -> usize {
+        self.s - self.t
+    }
+}
+
+/// The keys each position may attend to, precomputed from the (B, S) segment ids.
+pub(crate) struct Windows {
+    s: usize,
+    seg: Vec<u32>,
+    /// (B, S): first key a position may attend to.
+    lo: Vec<usize>,
+    /// (B): every segment id of the row forms one run, so the window is exactly [lo, p]
+    /// (the fast path: no per-key test).
+    runs: Vec<bool>,
+}
+
+impl Windows {
+    /// seg: (B, S) row-major.
+    pub(crate) fn new(seg: &[u32], b: usize, s: usize) -> Self {
+        let mut lo = vec![0; b * s];
+        let mut runs = vec![true; b];
+        for bi in 0..b {
+            let row = &seg[bi * s..(bi + 1) * s];
+            let lo = &mut lo[bi * s..(bi + 1) * s];
+            let mut first: HashMap<u32, usize> = HashMap::new();
+            for p in 0..s {
+                let start = p == 0 || row[p] != row[p - 1];
+                if start {
+                    if first.contains_key(&row[p]) {
+                        runs[bi] = false;
+                    } else {
+                        first.insert(row[p], p);
+                    }
+                }
+                lo[p] = if start { p } else { lo[p - 1] };
+            }
+            if !runs[bi] {
+                // A reused id: the window starts at the id's first occurrence and keys of
+                // other segments inside it are masked one by one.
+                for p in 0..s {
+                    lo[p] = first[&row[p]];
+                }
+            }
+        }
+        Self { s, seg: seg.to_vec(), lo, runs }
+    }
+
+    #[inline(always)]
+    fn lo(&self, bi: usize, p: usize) -> usize {
+        self.lo[bi * self.s + p]
+    }
+
+    /// Masks (sets to -inf) the scores of keys js + a .. js + e that row (bi, p) may not see.
+    #[inline(always)]
+    fn mask<T: Float>(&self, bi: usize, p: usize, js: usize, sc: &mut [T], a: usize, e: usize) {
+        if self.runs[bi] {
+            return;
+        }
+        let row = &self.seg[bi * self.s..(bi + 1) * self.s];
+        for jj in a..e {
+            if row[js + jj] != row[p] {
+                sc[jj] = T::NEG_INF;
+            }
+        }
+    }
+
+    /// The range [a, e) of tile [js, js + n) inside the window of (bi, p), if not empty.
+    #[inline(always)]
+    fn overlap(&self, bi: usize, p: usize, js: usize, n: usize) -> Option<(usize, usize)> {
+        let lo = self.lo(bi, p);
+        (js <= p && js + n > lo).then(|| (lo.max(js) - js, (p + 1).min(js + n) - js))
+    }
+}
+
+/// Copies the (n, D) rows of head g starting at key js into `dst` as a (D, KT) tile.
+#[inline(always)]
+fn transpose_tile<T: Float>(dst: &mut [T], src: &[T], dm: Dims, bi: usize, g: usize, js: usize, n: usize) {
+    let d = dm.d;
+    for jj in 0..n {
+        let o = ((bi * dm.s + js + jj) * dm.nkv + g) * d;
+        for (dd, x) in src[o..o + d].iter().enumerate() {
+            dst[dd * KT + jj] = *x;
+        }
+    }
+}
+
+/// sc[a..e] = x . tile[:, a..e] for a (D, KT) tile: D axpys over keys, no horizontal sums.
+#[inline(always)]
+fn scores<T: Float>(sc: &mut [T], x: &[T], tile: &[T], a: usize, e: usize) {
+    let sc = &mut sc[a..e];
+    sc.fill(T::ZERO);
+    for (dd, xd) in x.iter().enumerate() {
+        axpy(sc, *xd, &tile[dd * KT + a..dd * KT + e]);
+    }
+}
+
+/// -> (o (B, T, NH, D), lse (B, T, NH)).
+pub(crate) fn fwd<T: Float>(q: &[T], k: &[T], v: &[T], win: &Windows, dm: Dims, scale: T) -> (Vec<T>, Vec<T>) {
+    let Dims { b, t, nh, d, .. } = dm;
+    let mut o = vec![T::ZERO; b * t * nh * d];
+    let mut lse = vec![T::ZERO; b * t * nh];
+    if o.is_empty() {
+        return (o, lse);
+    }
+    o.par_chunks_mut(t * nh * d).zip(lse.par_chunks_mut(t * nh)).enumerate().for_each(|(bi, (ob, lb))| {
+        ob.par_chunks_mut(QB * nh * d)
+            .zip(lb.par_chunks_mut(QB * nh))
+            .enumerate()
+            .for_each(|(blk, (o, l))| fwd_block(q, k, v, win, dm, scale, bi, blk * QB, o, l));
+    });
+    (o, lse)
+}
+
+/// Queries i0 .. i0 + nq of batch row bi, all heads. o: (nq, NH, D) zeroed, lse: (nq, NH).
+#[allow(clippy::too_many_arguments)]
+fn fwd_block<T: Float>(q: &[T], k: &[T], v: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, i0: usize, o: &mut [T], lse: &mut [T]) {
+    let Dims { t, s, nh, nkv, d, .. } = dm;
+    let (rep, off) = (dm.rep(), dm.off());
+    let nq = lse.len() / nh;
+    let q0 = (bi * t + i0) * nh * d;
+    let qs: Vec<T> = q[q0..q0 + nq * nh * d].iter().map(|x| *x * scale).collect(); // (nq, NH, D)
+    let mut m = vec![T::NEG_INF; nq * nh];
+    let mut den = vec![T::ZERO; nq * nh];
+    let mut kt = vec![T::ZERO; d * KT];
+    let mut sc = vec![T::ZERO; KT];
+    let p_last = off + i0 + nq - 1;
+    let klo = (0..nq).map(|ii| win.lo(bi, off + i0 + ii)).min().unwrap_or(0);
+    for g in 0..nkv {
+        let mut js = klo;
+        while js <= p_last {
+            let n = KT.min(p_last + 1 - js);
+            transpose_tile(&mut kt, k, dm, bi, g, js, n);
+            for ii in 0..nq {
+                let p = off + i0 + ii;
+                let Some((a, e)) = win.overlap(bi, p, js, n) else { continue };
+                for r in 0..rep {
+                    let row = ii * nh + g * rep + r;
+                    scores(&mut sc, &qs[row * d..(row + 1) * d], &kt, a, e);
+                    win.mask(bi, p, js, &mut sc, a, e);
+                    let mt = max(&sc[a..e]);
+                    if mt == T::NEG_INF {
+                        continue;
+                    }
+                    let acc = &mut o[row * d..(row + 1) * d];
+                    if mt > m[row] {
+                        let corr = (m[row] - mt).exp();
+                        den[row] *= corr;
+                        scal(acc, corr);
+                        m[row] = mt;
+                    }
+                    let mr = m[row];
+                    for x in &mut sc[a..e] {
+                        *x = (*x - mr).exp();
+                    }
+                    for (jj, pj) in sc[a..e].iter().enumerate() {
+                        den[row] += *pj;
+                        let vo = ((bi * s + js + a + jj) * nkv + g) * d;
+                        axpy(acc, *pj, &v[vo..vo + d]);
+                    }
+                }
+            }
+            js += n;
+        }
+    }
+    for (row, acc) in o.chunks_exact_mut(d).enumerate() {
+        scal(acc, T::ONE / den[row]);
+        lse[row] = m[row] + den[row].ln();
+    }
+}
+
+/// One backward task's partial key gradients: rows klo .. klo + n of batch row bi.
+struct KeyPart<T> {
+    bi: usize,
+    klo: usize,
+    dk: Vec<T>, // (n, NKV, D)
+    dv: Vec<T>,
+}
+
+/// -> (dq (B, T, NH, D), dk (B, S, NKV, D), dv (B, S, NKV, D)).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bwd<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    dout: &[T],
+    lse: &[T],
+    win: &Windows,
+    dm: Dims,
+    scale: T,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let Dims { b, t, s, nh, nkv, d } = dm;
+    let mut dq = vec![T::ZERO; b * t * nh * d];
+    let mut dk = vec![T::ZERO; b * s * nkv * d];
+    let mut dv = vec![T::ZERO; b * s * nkv * d];
+    if dq.is_empty() || dk.is_empty() {
+        return (dq, dk, dv);
+    }
+    // Each task owns the dq rows of a chunk of queries and returns partial dk/dv for the keys
+    // the chunk sees; the partials are summed afterwards. Chunks: enough tasks for the threads,
+    // but few enough that the partials stay small.
+    let nch = (2 * threads()).div_ceil(b).clamp(1, t.div_ceil(QB).min(16));
+    let cl = t.div_ceil(nch).div_ceil(QB) * QB;
+    let parts: Vec<KeyPart<T>> = dq
+        .par_chunks_mut(t * nh * d)
+        .enumerate()
+        .flat_map(|(bi, dqb)| {
+            dqb.par_chunks_mut(cl * nh * d)
+                .enumerate()
+                .map(move |(c, dqc)| bwd_chunk(q, k, v, o, dout, lse, win, dm, scale, bi, c * cl, dqc))
+        })
+        .collect();
+    // dk/dv: each task sums, for a block of key rows, the partials that cover it.
+    let rb = 64;
+    let row = nkv * d;
+    dk.par_chunks_mut(s * row).zip(dv.par_chunks_mut(s * row)).enumerate().for_each(|(bi, (dkb, dvb))| {
+        dkb.par_chunks_mut(rb * row).zip(dvb.par_chunks_mut(rb * row)).enumerate().for_each(|(blk, (dkc, dvc))| {
+            let (r0, r1) = (blk * rb, blk * rb + dkc.len() / row);
+            for part in parts.iter().filter(|p| p.bi == bi) {
+                let (a, e) = (r0.max(part.klo), r1.min(part.klo + part.dk.len() / row));
+                if a >= e {
+                    continue;
+                }
+                let src = (a - part.klo) * row..(e - part.klo) * row;
+                let dst = (a - r0) * row..(e - r0) * row;
+                for (x, y) in dkc[dst.clone()].iter_mut().zip(&part.dk[src.clone()]) {
+                    *x += *y;
+                }
+                for (x, y) in dvc[dst].iter_mut().zip(&part.dv[src]) {
+                    *x += *y;
+                }
+            }
+        });
+    });
+    (dq, dk, dv)
+}
+
+/// Queries c0 .. c0 + nq of batch row bi: fills dq (nq, NH, D), returns the partial dk/dv.
+#[allow(clippy::too_many_arguments)]
+fn bwd_chunk<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    dout: &[T],
+    lse: &[T],
+    win: &Windows,
+    dm: Dims,
+    scale: T,
+    bi: usize,
+    c0: usize,
+    dq: &mut [T],
+) -> KeyPart<T> {
+    let Dims { t, nh, nkv, d, .. } = dm;
+    let (rep, off) = (dm.rep(), dm.off());
+    let nq = dq.len() / (nh * d);
+    let base = (bi * t + c0) * nh; // global (B, T, NH) row of the chunk's first row
+    let p_last = off + c0 + nq - 1;
+    let klo = (0..nq).map(|ii| win.lo(bi, off + c0 + ii)).min().unwrap_or(0);
+    let nk = p_last + 1 - klo;
+    let mut dk = vec![T::ZERO; nk * nkv * d];
+    let mut dv = vec![T::ZERO; nk * nkv * d];
+    // delta = rowsum(dO * O), per (query, head)
+    let delta: Vec<T> = (0..nq * nh).map(|r| dot(&dout[(base + r) * d..][..d], &o[(base + r) * d..][..d])).collect();
+    let mut kt = vec![T::ZERO; d * KT];
+    let mut vt = vec![T::ZERO; d * KT];
+    let mut pr = vec![T::ZERO; KT]; // scores, then probabilities
+    let mut ds = vec![T::ZERO; KT]; // dP, then dS
+    for qb0 in (0..nq).step_by(QB) {
+        let qn = QB.min(nq - qb0);
+        let q0 = (base + qb0 * nh) * d;
+        let qs: Vec<T> = q[q0..q0 + qn * nh * d].iter().map(|x| *x * scale).collect(); // (qn, NH, D)
+        let pb_last = off + c0 + qb0 + qn - 1;
+        let kl = (0..qn).map(|ii| win.lo(bi, off + c0 + qb0 + ii)).min().unwrap_or(0);
+        for g in 0..nkv {
+            let mut js = kl;
+            while js <= pb_last {
+                let n = KT.min(pb_last + 1 - js);
+                transpose_tile(&mut kt, k, dm, bi, g, js, n);
+                transpose_tile(&mut vt, v, dm, bi, g, js, n);
+                for ii in 0..qn {
+                    let p = off + c0 + qb0 + ii;
+                    let Some((a, e)) = win.overlap(bi, p, js, n) else { continue };
+                    for r in 0..rep {
+                        let h = g * rep + r;
+                        let lrow = (qb0 + ii) * nh + h; // row within the chunk
+                        let qr = &qs[(ii * nh + h) * d..][..d];
+                        let dor = &dout[(base + lrow) * d..][..d];
+                        scores(&mut pr, qr, &kt, a, e);
+                        win.mask(bi, p, js, &mut pr, a, e);
+                        scores(&mut ds, dor, &vt, a, e);
+                        let (l, dl) = (lse[base + lrow], delta[lrow]);
+                        for (p, ds) in pr[a..e].iter_mut().zip(&mut ds[a..e]) {
+                            *p = (*p - l).exp();
+                            *ds = *p * (*ds - dl);
+                        }
+                        let dqr = &mut dq[lrow * d..(lrow + 1) * d];
+                        for jj in a..e {
+                            let j = js + jj;
+                            let kv = ((j - klo) * nkv + g) * d;
+                            axpy(&mut dv[kv..kv + d], pr[jj], dor);
+                            axpy(&mut dk[kv..kv + d], ds[jj], qr);
+                            let ko = ((bi * dm.s + j) * nkv + g) * d;
+                            axpy(dqr, ds[jj], &k[ko..ko + d]);
+                        }
+                    }
+                }
+                js += n;
+            }
+        }
+    }
+    scal(dq, scale);
+    KeyPart { bi, klo, dk, dv }
+}

@@ -1,0 +1,505 @@
+//! The candle custom ops behind the public functions. Each struct implements `cpu_fwd`
+//! (dispatching to [`crate::cpu`]) and `bwd`; a `cuda_fwd` goes next to each `cpu_fwd`.
+//!
+//! Arguments arrive contiguous (the public functions make them so) except where a kernel takes
+//! strides (`rope`'s x, the weight of `linear` and of the LM head).
+//!
+//! `bwd` computes only the gradients of arguments that track one (`Tensor::track_op`): a frozen
+//! weight gets no gradient and costs nothing.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, bail};
+
+use crate::cpu::{self, Float, Host, contiguous, dispatch_float};
+
+fn vec_tensor<T: WithDType>(v: Vec<T>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), &Device::Cpu)
+}
+
+fn opt_tensor<T: WithDType>(v: Option<Vec<T>>, shape: &Shape) -> Result<Option<Tensor>> {
+    v.map(|v| vec_tensor(v, shape)).transpose()
+}
+
+fn same_dtype(op: &str, a: DType, b: DType) -> Result<()> {
+    if a != b {
+        bail!("{op}: dtype mismatch, {a:?} and {b:?}")
+    }
+    Ok(())
+}
+
+/// The scalar value of a 0-dim (or one-element) gradient.
+fn scalar<T: Float>(g: &Tensor) -> Result<T> {
+    g.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?.first().copied().ok_or_else(|| candle_core::Error::Msg("empty gradient".into()))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// RMSNorm: (x (.., H), weight (H)).
+pub(crate) struct RmsNorm {
+    pub eps: f64,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "whet-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        same_dtype(self.name(), s1.dtype(), s2.dtype())?;
+        dispatch_float!(s1.dtype(), self.name(), |F| {
+            let x = contiguous::<F>(s1, l1, self.name())?;
+            let w = contiguous::<F>(s2, l2, self.name())?;
+            Ok((F::to_cpu_storage_owned(cpu::rms_norm::fwd(x, w, F::from_f64(self.eps))), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (need_dx, need_dw) = (x.track_op(), w.track_op());
+        let grad = grad.contiguous()?;
+        dispatch_float!(x.dtype(), self.name(), |F| {
+            let (hx, hw, hg) = (Host::new(x, self.name())?, Host::new(w, self.name())?, Host::new(&grad, self.name())?);
+            let (dx, dw) =
+                cpu::rms_norm::bwd(hx.slice::<F>()?, hw.slice::<F>()?, hg.slice::<F>()?, F::from_f64(self.eps), need_dx, need_dw);
+            Ok((opt_tensor(dx, x.shape())?, opt_tensor(dw, w.shape())?))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Rotary embedding: (x (B, T, NH, D), cos (B, T, D/2), sin (B, T, D/2)).
+pub(crate) struct Rope;
+
+impl Rope {
+    fn dims(l: &Layout) -> Result<cpu::rope::Dims> {
+        let (b, t, nh, d) = l.shape().dims4()?;
+        let st = l.stride();
+        if st[3] != 1 && d > 1 {
+            bail!("whet-rope: x needs a unit stride on its last dim, got strides {st:?}")
+        }
+        Ok(cpu::rope::Dims { b, t, nh, d, stride: [st[0], st[1], st[2]] })
+    }
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "whet-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_dtype(self.name(), s1.dtype(), s2.dtype())?;
+        same_dtype(self.name(), s1.dtype(), s3.dtype())?;
+        let dm = Self::dims(l1)?;
+        dispatch_float!(s1.dtype(), self.name(), |F| {
+            let x = &s1.as_slice::<F>()?[l1.start_offset()..];
+            let cos = contiguous::<F>(s2, l2, self.name())?;
+            let sin = contiguous::<F>(s3, l3, self.name())?;
+            let y = cpu::rope::apply(x, cos, sin, dm, F::ONE);
+            Ok((F::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !x.track_op() {
+            return Ok((None, None, None));
+        }
+        let grad = grad.contiguous()?;
+        let dm = Self::dims(grad.layout())?;
+        dispatch_float!(x.dtype(), self.name(), |F| {
+            let (hg, hc, hs) = (Host::new(&grad, self.name())?, Host::new(cos, self.name())?, Host::new(sin, self.name())?);
+            let dx = cpu::rope::apply(hg.slice::<F>()?, hc.slice::<F>()?, hs.slice::<F>()?, dm, -F::ONE);
+            Ok((Some(vec_tensor(dx, x.shape())?), None, None))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Attention: (q (B, T, NH, D), k (B, S, NKV, D), v (B, S, NKV, D)); the segments travel in
+/// the struct. The forward leaves its per-row logsumexp in `lse` for the backward.
+pub(crate) struct Attention {
+    pub scale: f64,
+    pub windows: Arc<cpu::attention::Windows>,
+    /// (B, T, NH), set by the forward.
+    pub lse: Mutex<Option<Tensor>>,
+}
+
+impl Attention {
+    fn dims(lq: &Layout, lk: &Layout, lv: &Layout) -> Result<cpu::attention::Dims> {
+        let (b, t, nh, d) = lq.shape().dims4()?;
+        let (bk, s, nkv, dk) = lk.shape().dims4()?;
+        if lk.shape() != lv.shape() || bk != b || dk != d || s < t || nkv == 0 || nh % nkv != 0 {
+            bail!(
+                "whet-attention: expected q (B, T, NH, D), k and v (B, S, NKV, D) with S >= T and NH a multiple of NKV, got q {:?} k {:?} v {:?}",
+                lq.dims(),
+                lk.dims(),
+                lv.dims()
+            )
+        }
+        Ok(cpu::attention::Dims { b, t, s, nh, nkv, d })
+    }
+
+    fn stash(&self, lse: Tensor) {
+        // A poisoned lock only means another thread panicked mid-store; the value is replaced.
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+    }
+
+    fn stashed(&self) -> Option<Tensor> {
+        self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "whet-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_dtype(self.name(), s1.dtype(), s2.dtype())?;
+        same_dtype(self.name(), s1.dtype(), s3.dtype())?;
+        let dm = Self::dims(l1, l2, l3)?;
+        dispatch_float!(s1.dtype(), self.name(), |F| {
+            let q = contiguous::<F>(s1, l1, self.name())?;
+            let k = contiguous::<F>(s2, l2, self.name())?;
+            let v = contiguous::<F>(s3, l3, self.name())?;
+            let (o, lse) = cpu::attention::fwd(q, k, v, &self.windows, dm, F::from_f64(self.scale));
+            self.stash(Tensor::from_vec(lse, (dm.b, dm.t, dm.nh), &Device::Cpu)?);
+            Ok((F::to_cpu_storage_owned(o), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dm = Self::dims(q.layout(), k.layout(), v.layout())?;
+        let (res, grad) = (res.contiguous()?, grad.contiguous()?);
+        let name = self.name();
+        dispatch_float!(q.dtype(), name, |F| {
+            let (hq, hk, hv) = (Host::new(q, name)?, Host::new(k, name)?, Host::new(v, name)?);
+            let (q_, k_, v_) = (hq.slice::<F>()?, hk.slice::<F>()?, hv.slice::<F>()?);
+            let scale = F::from_f64(self.scale);
+            let lse = match self.stashed() {
+                Some(lse) => lse,
+                // Not reached through apply_op3 (the forward always stashes); kept so the op
+                // stays correct if the forward ever runs elsewhere.
+                None => {
+                    let (_, lse) = cpu::attention::fwd(q_, k_, v_, &self.windows, dm, scale);
+                    Tensor::from_vec(lse, (dm.b, dm.t, dm.nh), &Device::Cpu)?
+                }
+            };
+            let (ho, hg, hl) = (Host::new(&res, name)?, Host::new(&grad, name)?, Host::new(&lse, name)?);
+            let (dq, dk, dv) = cpu::attention::bwd(
+                q_,
+                k_,
+                v_,
+                ho.slice::<F>()?,
+                hg.slice::<F>()?,
+                hl.slice::<F>()?,
+                &self.windows,
+                dm,
+                scale,
+            );
+            let pick = |t: &Tensor, g: Vec<F>| if t.track_op() { vec_tensor(g, t.shape()).map(Some) } else { Ok(None) };
+            Ok((pick(q, dq)?, pick(k, dk)?, pick(v, dv)?))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// SwiGLU: (gate (.., I), up (.., I)).
+pub(crate) struct Swiglu;
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "whet-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        same_dtype(self.name(), s1.dtype(), s2.dtype())?;
+        if l1.shape() != l2.shape() {
+            bail!("whet-swiglu: gate {:?} and up {:?} differ in shape", l1.dims(), l2.dims())
+        }
+        dispatch_float!(s1.dtype(), self.name(), |F| {
+            let g = contiguous::<F>(s1, l1, self.name())?;
+            let u = contiguous::<F>(s2, l2, self.name())?;
+            Ok((F::to_cpu_storage_owned(cpu::swiglu::fwd(g, u)), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        dispatch_float!(gate.dtype(), self.name(), |F| {
+            let (hg, hu, hd) = (Host::new(gate, self.name())?, Host::new(up, self.name())?, Host::new(&grad, self.name())?);
+            let (dg, du) = cpu::swiglu::bwd(hg.slice::<F>()?, hu.slice::<F>()?, hd.slice::<F>()?, gate.track_op(), up.track_op());
+            Ok((opt_tensor(dg, gate.shape())?, opt_tensor(du, up.shape())?))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// `x @ w^T [+ bias]`: x (.., IN) contiguous, w (OUT, IN) any strides, bias (OUT).
+fn linear_fwd(
+    name: &'static str,
+    sx: &CpuStorage,
+    lx: &Layout,
+    sw: &CpuStorage,
+    lw: &Layout,
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    same_dtype(name, sx.dtype(), sw.dtype())?;
+    let (n_out, n_in) = lw.shape().dims2()?;
+    let xd = lx.dims();
+    if xd.is_empty() || xd[xd.len() - 1] != n_in {
+        bail!("{name}: x {xd:?} does not end in IN = {n_in} (w is {:?})", lw.dims())
+    }
+    if let Some((sb, lb)) = bias {
+        same_dtype(name, sx.dtype(), sb.dtype())?;
+        if lb.dims() != [n_out] {
+            bail!("{name}: bias {:?} is not (OUT) = ({n_out})", lb.dims())
+        }
+    }
+    let m = lx.shape().elem_count() / n_in.max(1);
+    let mut out_dims = xd.to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = n_out;
+    dispatch_float!(sx.dtype(), name, |F| {
+        let x = contiguous::<F>(sx, lx, name)?;
+        let w = &sw.as_slice::<F>()?[lw.start_offset()..];
+        let b = bias.map(|(sb, lb)| contiguous::<F>(sb, lb, name)).transpose()?;
+        let st = lw.stride();
+        let y = cpu::linear::fwd(x, w, [st[0], st[1]], b, m, n_in, n_out);
+        Ok((F::to_cpu_storage_owned(y), Shape::from(out_dims)))
+    })
+}
+
+/// Gradients of `x @ w^T + b` with candle matmuls (multi-threaded gemm, any device), each only
+/// if its argument tracks a gradient.
+fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (n_out, n_in) = w.dims2()?;
+    let m = x.elem_count() / n_in.max(1);
+    let g = grad.reshape((m, n_out))?; // (M, OUT)
+    let dx = if x.track_op() { Some(g.matmul(&w.detach())?.reshape(x.shape())?) } else { None };
+    let dw = if w.track_op() { Some(g.t()?.matmul(&x.detach().reshape((m, n_in))?)?) } else { None };
+    let db = match b {
+        Some(b) if b.track_op() => Some(g.sum(0)?),
+        _ => None,
+    };
+    Ok((dx, dw, db))
+}
+
+/// `x @ w^T`.
+pub(crate) struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "whet-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        linear_fwd(self.name(), s1, l1, s2, l2, None)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = linear_bwd(x, w, None, grad)?;
+        Ok((dx, dw))
+    }
+}
+
+/// `x @ w^T + bias`.
+pub(crate) struct LinearBias;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "whet-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        linear_fwd(self.name(), s1, l1, s2, l2, Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        linear_bwd(x, w, Some(b), grad)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn targets_of(name: &str, s: &CpuStorage, l: &Layout, n: usize, v: usize) -> Result<Vec<i64>> {
+    if s.dtype() != DType::I64 {
+        bail!("{name}: targets must be i64, got {:?}", s.dtype())
+    }
+    if l.dims() != [n] {
+        bail!("{name}: targets {:?} is not (N) = ({n})", l.dims())
+    }
+    let t = contiguous::<i64>(s, l, name)?;
+    cpu::cross_entropy::check_targets(t, v)?;
+    Ok(t.to_vec())
+}
+
+/// Summed cross entropy: (logits (N, V), targets (N) i64). The forward leaves the per-row
+/// logsumexp in `lse` for the backward.
+pub(crate) struct CrossEntropy {
+    pub lse: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "whet-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let targets = targets_of(self.name(), s2, l2, n, v)?;
+        dispatch_float!(s1.dtype(), self.name(), |F| {
+            let x = contiguous::<F>(s1, l1, self.name())?;
+            let (loss, lse) = cpu::cross_entropy::fwd(x, &targets, v);
+            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(Tensor::from_vec(lse, n, &Device::Cpu)?);
+            Ok((F::to_cpu_storage_owned(vec![F::from_f64(loss)]), Shape::from(())))
+        })
+    }
+
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !logits.track_op() {
+            return Ok((None, None));
+        }
+        let (_, v) = logits.dims2()?;
+        let t = targets.contiguous()?.to_vec1::<i64>()?;
+        let stashed = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        dispatch_float!(logits.dtype(), self.name(), |F| {
+            let hx = Host::new(logits, self.name())?;
+            let x = hx.slice::<F>()?;
+            let lse = match stashed {
+                Some(l) => l.to_vec1::<F>()?,
+                None => cpu::cross_entropy::fwd(x, &t, v).1,
+            };
+            let d = cpu::cross_entropy::bwd(x, &t, &lse, scalar::<F>(grad)?, v);
+            Ok((Some(vec_tensor(d, logits.shape())?), None))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// LM head + summed cross entropy, `chunk` rows at a time: (h (N, H) contiguous, w (V, H) any
+/// strides, targets (N) i64). The forward leaves the per-row logsumexp in `lse`.
+pub(crate) struct LinearCrossEntropy {
+    pub chunk: usize,
+    pub lse: Mutex<Option<Tensor>>,
+}
+
+impl LinearCrossEntropy {
+    fn dims(&self, lh: &Layout, lw: &Layout) -> Result<cpu::linear_cross_entropy::Dims> {
+        let (n, h) = lh.shape().dims2()?;
+        let (v, hw) = lw.shape().dims2()?;
+        if h != hw {
+            bail!("whet-linear-cross-entropy: h {:?} and w {:?} differ in H", lh.dims(), lw.dims())
+        }
+        let st = lw.stride();
+        Ok(cpu::linear_cross_entropy::Dims { n, h, v, chunk: self.chunk, w_stride: [st[0], st[1]] })
+    }
+}
+
+impl CustomOp3 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "whet-linear-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_dtype(self.name(), s1.dtype(), s2.dtype())?;
+        let dm = self.dims(l1, l2)?;
+        let targets = targets_of(self.name(), s3, l3, dm.n, dm.v)?;
+        dispatch_float!(s1.dtype(), self.name(), |F| {
+            let h = contiguous::<F>(s1, l1, self.name())?;
+            let w = &s2.as_slice::<F>()?[l2.start_offset()..];
+            let (loss, lse) = cpu::linear_cross_entropy::fwd(h, w, &targets, dm);
+            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(Tensor::from_vec(lse, dm.n, &Device::Cpu)?);
+            Ok((F::to_cpu_storage_owned(vec![F::from_f64(loss)]), Shape::from(())))
+        })
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (need_dh, need_dw) = (h.track_op(), w.track_op());
+        if !(need_dh || need_dw) {
+            return Ok((None, None, None));
+        }
+        let dm = self.dims(h.layout(), w.layout())?;
+        let t = targets.contiguous()?.to_vec1::<i64>()?;
+        let stashed = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let name = self.name();
+        dispatch_float!(h.dtype(), name, |F| {
+            let hh = Host::new(h, name)?;
+            let h_ = hh.slice::<F>()?;
+            // w may be strided: read its storage from its start offset.
+            let (sw, lw) = w.storage_and_layout();
+            let candle_core::Storage::Cpu(sw) = &*sw else { bail!("{name}: backward is implemented on the CPU only") };
+            let w_ = &sw.as_slice::<F>()?[lw.start_offset()..];
+            let lse = match stashed {
+                Some(l) => l.to_vec1::<F>()?,
+                None => cpu::linear_cross_entropy::fwd(h_, w_, &t, dm).1,
+            };
+            let (dh, dw) = cpu::linear_cross_entropy::bwd(h_, w_, &t, &lse, scalar::<F>(grad)?, dm, need_dh, need_dw);
+            Ok((opt_tensor(dh, h.shape())?, opt_tensor(dw, w.shape())?, None))
+        })
+    }
+}

@@ -1,0 +1,754 @@
+//! The Llama decoder (Touvron et al. 2023, arXiv:2302.13971), which also covers Mistral
+//! (same graph; sliding window ignored, see [`Config::sliding_window`]) and Qwen2 (q/k/v
+//! bias). Written for training: every op comes from `whet_kernels` (candle's fused
+//! softmax / rms_norm / rope / sdpa have no backward), q/k/v stay (B, T, NH, D) straight from
+//! the projection, and packed rows are handled by `segments` (a query attends only to keys of
+//! its own document) plus per-document `positions`.
+//!
+//! Layout follows candle-transformers `models/llama.rs` and HF `modeling_llama.py`:
+//! `Attention`, `Mlp`, `Block`, `Model`, each with `load` and `forward`.
+//!
+//! Shapes: `B` batch, `T` tokens, `S` keys (T plus cached), `H` hidden, `NH` query heads,
+//! `NKV` key/value heads, `D` head dim, `I` intermediate, `V` vocabulary, `N` rows = B * T.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use whet_kernels::{
+    IGNORE_INDEX, attention, linear, linear_cross_entropy_sum, rms_norm, rope, rope_tables, swiglu,
+};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::load::{CONFIG_FILE, Init, Param, SafetensorsFiles, Source, Vb, WEIGHTS_FILE};
+use crate::lora::{self, Linear, LoraConfig};
+
+/// Rows of hidden states sent through the LM head + cross-entropy at once in [`Model::loss`]:
+/// a 1024 x 128k-vocab f32 logits chunk is 512 MiB, the most we want alive at a time.
+pub const LOSS_CHUNK_ROWS: usize = 1024;
+
+/// Which weights get gradients.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Trainable {
+    /// Everything frozen (evaluation, generation).
+    #[default]
+    None,
+    /// Frozen base, LoRA adapters on the target modules, seeded init and dropout.
+    Lora { config: LoraConfig, seed: u64 },
+    /// Full fine-tuning: every weight is a Var.
+    Full,
+}
+
+// ---------------------------------------------------------------------------------------------
+// layers
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Param, // (H)
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(vb: Vb, size: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: vb.get(&[size], "weight", Init::Ones)?,
+            eps,
+        })
+    }
+
+    /// x: (.., H) -> (.., H)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(x, &self.weight.t, self.eps)?)
+    }
+}
+
+/// One layer's cached keys and values, (B, S, NKV, D) each.
+type KvSlot = Option<(Tensor, Tensor)>;
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: Vb, cfg: &Config) -> Result<Self> {
+        let (h, nh, nkv, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+        );
+        let (qkv_bias, o_bias) = (cfg.qkv_bias(), cfg.o_bias());
+        Ok(Attention {
+            q_proj: Linear::load(vb.pp("q_proj"), h, nh * d, qkv_bias)?,
+            k_proj: Linear::load(vb.pp("k_proj"), h, nkv * d, qkv_bias)?,
+            v_proj: Linear::load(vb.pp("v_proj"), h, nkv * d, qkv_bias)?,
+            o_proj: Linear::load(vb.pp("o_proj"), nh * d, h, o_bias)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: d,
+        })
+    }
+
+    /// x: (B, T, H), cos/sin: (B, T, D/2), segments: (B, S) -> (B, T, H).
+    /// With a cache slot, this step's k/v are appended to it and S = cached + T.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        segments: &Tensor,
+        cache: Option<&mut KvSlot>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x, train)?.reshape((b, t, nh, d))?; // (B, T, NH, D)
+        let k = self.k_proj.forward(x, train)?.reshape((b, t, nkv, d))?; // (B, T, NKV, D)
+        let v = self.v_proj.forward(x, train)?.reshape((b, t, nkv, d))?; // (B, T, NKV, D)
+        let q = rope(&q, cos, sin)?; // (B, T, NH, D)
+        let k = rope(&k, cos, sin)?; // (B, T, NKV, D)
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    None => (k, v),
+                    Some((k0, v0)) => (Tensor::cat(&[&k0, &k], 1)?, Tensor::cat(&[&v0, &v], 1)?),
+                }; // (B, S, NKV, D)
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let y = attention(&q, &k, &v, segments, scale)?; // (B, T, NH, D)
+        let y = y.reshape((b, t, nh * d))?; // (B, T, NH * D)
+        self.o_proj.forward(&y, train) // (B, T, H)
+    }
+
+    fn linears(&self) -> [&Linear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj, &mut self.o_proj]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: Vb, cfg: &Config) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: Linear::load(vb.pp("gate_proj"), h, i, false)?,
+            up_proj: Linear::load(vb.pp("up_proj"), h, i, false)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, h, false)?,
+        })
+    }
+
+    /// x: (B, T, H) -> (B, T, H). SwiGLU (Shazeer 2020, arXiv:2002.05202).
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, train)?; // (B, T, I)
+        let up = self.up_proj.forward(x, train)?; // (B, T, I)
+        let act = swiglu(&gate, &up)?; // (B, T, I)
+        self.down_proj.forward(&act, train) // (B, T, H)
+    }
+
+    fn linears(&self) -> [&Linear; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 3] {
+        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl Block {
+    fn load(vb: Vb, cfg: &Config) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Block {
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), h, eps)?,
+            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), h, eps)?,
+        })
+    }
+
+    /// Pre-norm residual block. x: (B, T, H) -> (B, T, H)
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        segments: &Tensor,
+        cache: Option<&mut KvSlot>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?; // (B, T, H)
+        let h = self.self_attn.forward(&h, cos, sin, segments, cache, train)?; // (B, T, H)
+        let x = (x + h)?; // (B, T, H)
+        let h = self.post_attention_layernorm.forward(&x)?; // (B, T, H)
+        let h = self.mlp.forward(&h, train)?; // (B, T, H)
+        Ok((x + h)?)
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        let mut v: Vec<&Linear> = self.self_attn.linears().into();
+        v.extend(self.mlp.linears());
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v: Vec<&mut Linear> = self.self_attn.linears_mut().into();
+        v.extend(self.mlp.linears_mut());
+        v
+    }
+
+    /// Norm weights in HF state-dict order.
+    fn norms(&self) -> [&Param; 2] {
+        [&self.input_layernorm.weight, &self.post_attention_layernorm.weight]
+    }
+}
+
+/// Keys and values of earlier tokens, per layer, for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<KvSlot>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the model
+
+/// A causal LM (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`), f32.
+#[derive(Debug, Clone)]
+pub struct Model {
+    cfg: Config,
+    embed_tokens: Param, // (V, H)
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    /// (V, H); `None` when `tie_word_embeddings`, the head then reads `embed_tokens`.
+    lm_head: Option<Param>,
+    inv_freq: Vec<f32>, // (D/2)
+    lora: Option<LoraConfig>,
+    training: bool,
+    /// The folder the weights came from (`base_model_name_or_path` of saved adapters).
+    source: Option<PathBuf>,
+    device: Device,
+}
+
+impl Model {
+    fn load_vb(vb: Vb, cfg: &Config) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let m = vb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").get(&[v, h], "weight", Init::Normal)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(m.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), h, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(vb.pp("lm_head").get(&[v, h], "weight", Init::Normal)?)
+        };
+        Ok(Model {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: cfg.inv_freq(),
+            lora: None,
+            training: true,
+            source: None,
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Loads a Hugging Face folder: `config.json` plus `model.safetensors` or the shards of
+    /// `model.safetensors.index.json`, memory-mapped; f32 / bf16 / f16 weights become f32.
+    pub fn load(dir: &Path, trainable: Trainable, device: &Device) -> Result<Model> {
+        let cfg = Config::from_file(&dir.join(CONFIG_FILE))?;
+        let src = Source::Files(SafetensorsFiles::open_dir(dir)?);
+        let mut model = Model::load_vb(Vb::new(&src, device), &cfg)?;
+        model.source = Some(dir.to_path_buf());
+        model.set_trainable(trainable)?;
+        Ok(model)
+    }
+
+    /// Builds a model from named tensors (HF names), e.g. for tests. Errors name `label`.
+    pub fn from_tensors(
+        cfg: &Config,
+        tensors: HashMap<String, Tensor>,
+        trainable: Trainable,
+        device: &Device,
+    ) -> Result<Model> {
+        let label = PathBuf::from("<in-memory tensors>");
+        cfg.validate(&label)?;
+        let src = Source::Map { tensors, label };
+        let mut model = Model::load_vb(Vb::new(&src, device), cfg)?;
+        model.set_trainable(trainable)?;
+        Ok(model)
+    }
+
+    /// A frozen model with HF's init (N(0, 0.02) matrices, unit norms, zero biases), seeded.
+    pub fn random(cfg: &Config, seed: u64, device: &Device) -> Result<Model> {
+        cfg.validate(Path::new("<random model config>"))?;
+        let src = Source::random(seed);
+        Model::load_vb(Vb::new(&src, device), cfg)
+    }
+
+    fn set_trainable(&mut self, trainable: Trainable) -> Result<()> {
+        match trainable {
+            Trainable::None => Ok(()),
+            Trainable::Lora { config, seed } => self.apply_lora(&config, seed),
+            Trainable::Full => self.make_full_trainable(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `loss` applies LoRA dropout while training (the default); `logits` and generation
+    /// never do.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(Block::linears)
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers.iter_mut().flat_map(Block::linears_mut)
+    }
+
+    /// Every weight, HF state-dict order, LoRA A/B right after the layer they adapt.
+    fn params(&self) -> Vec<&Param> {
+        let mut v = vec![&self.embed_tokens];
+        for block in &self.layers {
+            for l in block.linears() {
+                v.extend(l.params());
+            }
+            v.extend(block.norms());
+        }
+        v.push(&self.norm.weight);
+        v.extend(self.lm_head.as_ref());
+        v
+    }
+
+    /// The HF (base) weights only.
+    fn base_params_mut(&mut self) -> Vec<&mut Param> {
+        let mut v = vec![&mut self.embed_tokens];
+        for block in &mut self.layers {
+            for l in block.self_attn.linears_mut() {
+                v.extend(l.base_params_mut());
+            }
+            for l in block.mlp.linears_mut() {
+                v.extend(l.base_params_mut());
+            }
+            v.push(&mut block.input_layernorm.weight);
+            v.push(&mut block.post_attention_layernorm.weight);
+        }
+        v.push(&mut self.norm.weight);
+        v.extend(self.lm_head.as_mut());
+        v
+    }
+
+    /// The weights that get gradients, with their names: PEFT names
+    /// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`) under LoRA, HF
+    /// names (`model.layers.0.self_attn.q_proj.weight`) under full fine-tuning, none when
+    /// frozen. A tied LM head appears once, as `model.embed_tokens.weight`.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.params()
+            .into_iter()
+            .filter(|p| p.t.is_variable())
+            .filter_map(|p| Var::from_tensor(&p.t).ok().map(|v| (p.name.clone(), v)))
+            .collect()
+    }
+
+    /// The base model's weights with HF names (what `model.safetensors` holds).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let lora: Vec<String> = self
+            .linears()
+            .filter_map(|l| l.lora.as_ref())
+            .flat_map(|l| [l.a.name.clone(), l.b.name.clone()])
+            .collect();
+        self.params()
+            .into_iter()
+            .filter(|p| !lora.contains(&p.name))
+            .map(|p| (p.name.clone(), p.t.clone()))
+            .collect()
+    }
+
+    /// (total weights, trainable weights), in elements.
+    pub fn num_params(&self) -> (usize, usize) {
+        let ps = self.params();
+        let total = ps.iter().map(|p| p.t.elem_count()).sum();
+        let trainable = ps.iter().filter(|p| p.t.is_variable()).map(|p| p.t.elem_count()).sum();
+        (total, trainable)
+    }
+
+    /// Full fine-tuning: every base weight becomes a Var (a copy of the frozen tensor).
+    pub fn make_full_trainable(&mut self) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(Error::lora(
+                Path::new("<model>"),
+                "full fine-tuning requested on a model with LoRA adapters; call merge_lora first",
+            ));
+        }
+        for p in self.base_params_mut() {
+            p.make_trainable()?;
+        }
+        Ok(())
+    }
+
+    /// Attaches fresh LoRA adapters (PEFT init, seeded) to the target modules, replacing any
+    /// existing ones. The base stays frozen.
+    pub fn apply_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        let label = Path::new("<lora config>");
+        let modules = cfg.modules(label)?;
+        self.ensure_base_frozen(label)?;
+        let mut init = StdRng::seed_from_u64(seed);
+        for (i, lin) in self.linears_mut().enumerate() {
+            if modules.contains(&lin.module()) {
+                lin.attach_lora(cfg, &mut init, dropout_seed(seed, i))?;
+            } else {
+                lin.lora = None;
+            }
+        }
+        self.lora = Some(cfg.clone());
+        Ok(())
+    }
+
+    fn ensure_base_frozen(&mut self, label: &Path) -> Result<()> {
+        if self.base_params_mut().iter().any(|p| p.t.is_variable()) {
+            return Err(Error::lora(
+                label,
+                "the base weights are trainable (full fine-tuning); LoRA needs a frozen base",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Folds every adapter into its base weight (`W += scale * B @ A`, f32) and removes the
+    /// adapters; the merged model is frozen and saves as a plain HF model.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for lin in self.linears_mut() {
+            lin.merge_lora()?;
+        }
+        self.lora = None;
+        Ok(())
+    }
+
+    /// Writes PEFT's `adapter_config.json` and `adapter_model.safetensors` into `dir`.
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        let Some(cfg) = &self.lora else {
+            return Err(Error::lora(dir, "the model has no LoRA adapters to save"));
+        };
+        let tensors: Vec<(String, Tensor)> = self
+            .linears()
+            .filter_map(|l| l.lora.as_ref())
+            .flat_map(|l| [(l.a.name.clone(), l.a.t.clone()), (l.b.name.clone(), l.b.t.clone())])
+            .collect();
+        let base = self
+            .source
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        lora::write_adapter(dir, cfg, &base, tensors)
+    }
+
+    /// Loads a PEFT LoRA adapter folder onto the (frozen) base, replacing any adapters.
+    /// The loaded A/B are Vars, so training can continue from them. Returns its config.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig> {
+        let (cfg, _base, weights_path) = lora::read_adapter_config(dir)?;
+        let modules = cfg.modules(&dir.join(lora::ADAPTER_CONFIG_FILE))?;
+        self.ensure_base_frozen(dir)?;
+        let files = SafetensorsFiles::open(std::slice::from_ref(&weights_path))?;
+        let mut used = 0;
+        let r = cfg.r;
+        let device = self.device.clone();
+        let mut loaded = Vec::new();
+        for (i, lin) in self.linears().enumerate() {
+            if !modules.contains(&lin.module()) {
+                continue;
+            }
+            let (out_dim, in_dim) = lin.dims()?;
+            let (name_a, name_b) = lin.peft_names();
+            let a = files.load(&name_a, Some(&[r, in_dim]), &device)?; // (R, IN)
+            let b = files.load(&name_b, Some(&[out_dim, r]), &device)?; // (OUT, R)
+            used += 2;
+            loaded.push((i, a, b));
+        }
+        let total = files.names().count();
+        if used != total {
+            let known: Vec<String> = self
+                .linears()
+                .flat_map(|l| {
+                    let (a, b) = l.peft_names();
+                    [a, b]
+                })
+                .collect();
+            let mut extra: Vec<&str> = files.names().filter(|n| !known.iter().any(|k| k == n)).collect();
+            extra.sort();
+            return Err(Error::lora(
+                &weights_path,
+                format!(
+                    "{} tensor(s) match no targeted module of this model (first: {:?}); the adapter was made for another model or targets unsupported modules",
+                    total - used,
+                    extra.first().copied().unwrap_or("a module outside target_modules")
+                ),
+            ));
+        }
+        let mut loaded = loaded.into_iter().peekable();
+        for (i, lin) in self.linears_mut().enumerate() {
+            match loaded.next_if(|(j, _, _)| *j == i) {
+                Some((_, a, b)) => lin.set_lora(&cfg, a, b, dropout_seed(0, i))?,
+                None => lin.lora = None,
+            }
+        }
+        self.lora = Some(cfg.clone());
+        Ok(cfg)
+    }
+
+    /// Writes `config.json` and `model.safetensors` (f32, HF names) into `dir`: a full
+    /// fine-tuning checkpoint, or a merged LoRA model (call [`Model::merge_lora`] first).
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(Error::lora(
+                dir,
+                "save_pretrained writes base weights only; call merge_lora first or use save_adapter",
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create directory", e))?;
+        let cfg_path = dir.join(CONFIG_FILE);
+        let json = serde_json::to_string_pretty(&self.cfg)
+            .map_err(|e| Error::json(&cfg_path, ".".into(), &e))?;
+        std::fs::write(&cfg_path, json).map_err(|e| Error::io(&cfg_path, "write", e))?;
+        let path = dir.join(WEIGHTS_FILE);
+        let map: HashMap<String, Tensor> = self
+            .named_weights()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach()))
+            .collect();
+        candle_core::safetensors::save(&map, &path).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            message: format!("writing failed: {e}"),
+        })?;
+        Ok(())
+    }
+
+    /// A copy whose weights are plain tensors (shared storage, no Vars): running it builds no
+    /// autograd graph. Generation uses it.
+    pub fn detached(&self) -> Model {
+        let mut m = self.clone();
+        for p in m.base_params_mut() {
+            p.t = p.t.detach();
+        }
+        for lin in m.linears_mut() {
+            for p in lin.lora_params_mut() {
+                p.t = p.t.detach();
+            }
+        }
+        m
+    }
+
+    fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head.as_ref().unwrap_or(&self.embed_tokens).t // (V, H)
+    }
+
+    // ---- forward ----
+
+    /// ids, positions, segments: (B, T) u32, checked.
+    fn check_inputs(&self, ids: &Tensor, positions: &Tensor, segments: &Tensor) -> Result<(usize, usize)> {
+        let (b, t) = check_2d(ids, "ids", DType::U32, None)?;
+        check_2d(positions, "positions", DType::U32, Some((b, t)))?;
+        check_2d(segments, "segments", DType::U32, Some((b, t)))?;
+        self.check_id_range(ids)?;
+        Ok((b, t))
+    }
+
+    fn check_id_range(&self, ids: &Tensor) -> Result<()> {
+        let v = self.cfg.vocab_size as u32;
+        if let Some((i, &id)) = ids.flatten_all()?.to_vec1::<u32>()?.iter().enumerate().find(|(_, id)| **id >= v) {
+            return Err(Error::Input {
+                input: "ids",
+                expected: format!("token ids below vocab_size = {v}"),
+                found: format!("{id} at flat position {i}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Final hidden states (after the last norm). ids/positions/segments: (B, T) -> (B, T, H)
+    fn hidden(&self, ids: &Tensor, positions: &Tensor, segments: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let h = self.cfg.hidden_size;
+        let mut x = self
+            .embed_tokens
+            .t
+            .embedding(&ids.flatten_all()?)? // (B * T, H)
+            .reshape((b, t, h))?; // (B, T, H)
+        let (cos, sin) = rope_tables(positions, &self.inv_freq)?; // (B, T, D/2) each
+        for block in &self.layers {
+            x = block.forward(&x, &cos, &sin, segments, None, train)?; // (B, T, H)
+        }
+        self.norm.forward(&x) // (B, T, H)
+    }
+
+    /// Training forward. ids, positions, segments: (B, T) u32 (a packed row restarts
+    /// positions and changes segment at each document); targets: (B, T) i64 next-token ids
+    /// already shifted, [`IGNORE_INDEX`] where unsupervised.
+    ///
+    /// Returns the **sum** of cross-entropy over supervised positions and their count; the
+    /// trainer divides by the count over the whole accumulated batch. Only supervised rows go
+    /// through the LM head, [`LOSS_CHUNK_ROWS`] at a time, so the (N, V) logits never exist.
+    /// LoRA dropout is on while [`Model::is_training`].
+    pub fn loss(&self, ids: &Tensor, positions: &Tensor, segments: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
+        let (b, t) = self.check_inputs(ids, positions, segments)?;
+        check_2d(targets, "targets", DType::I64, Some((b, t)))?;
+        let targets = targets.flatten_all()?; // (N)
+        let v = self.cfg.vocab_size as i64;
+        let mut rows: Vec<u32> = Vec::new();
+        for (i, &tgt) in targets.to_vec1::<i64>()?.iter().enumerate() {
+            if tgt == IGNORE_INDEX {
+                continue;
+            }
+            if !(0..v).contains(&tgt) {
+                return Err(Error::Input {
+                    input: "targets",
+                    expected: format!("token ids in [0, {v}) or {IGNORE_INDEX}"),
+                    found: format!("{tgt} at flat position {i}"),
+                });
+            }
+            rows.push(i as u32);
+        }
+        let n = rows.len();
+        if n == 0 {
+            return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
+        }
+        let hidden = self.hidden(ids, positions, segments, self.training)?; // (B, T, H)
+        let hidden = hidden.reshape((b * t, self.cfg.hidden_size))?; // (N, H)
+        let (hidden, targets) = if n == b * t {
+            (hidden, targets)
+        } else {
+            let idx = Tensor::from_vec(rows, n, &self.device)?; // (n)
+            (hidden.index_select(&idx, 0)?, targets.index_select(&idx, 0)?) // (n, H), (n)
+        };
+        let loss = linear_cross_entropy_sum(&hidden, self.lm_head_weight(), &targets, LOSS_CHUNK_ROWS)?; // ()
+        Ok((loss, n))
+    }
+
+    /// Evaluation forward (no dropout): (B, T) u32 inputs -> logits (B, T, V).
+    pub fn logits(&self, ids: &Tensor, positions: &Tensor, segments: &Tensor) -> Result<Tensor> {
+        self.check_inputs(ids, positions, segments)?;
+        let hidden = self.hidden(ids, positions, segments, false)?; // (B, T, H)
+        Ok(linear(&hidden, self.lm_head_weight(), None)?) // (B, T, V)
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Incremental decoding: runs `ids` (B, T) u32 after the `cache.len()` tokens already in
+    /// `cache` (positions continue from there, one document per row), appends their keys and
+    /// values, and returns the logits of the last position, (B, V). No dropout.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = check_2d(ids, "ids", DType::U32, None)?;
+        let start = cache.len;
+        let s = start + t;
+        let positions: Vec<u32> = (0..b).flat_map(|_| start as u32..s as u32).collect();
+        let positions = Tensor::from_vec(positions, (b, t), &self.device)?; // (B, T)
+        let segments = Tensor::zeros((b, s), DType::U32, &self.device)?; // (B, S)
+        self.check_id_range(ids)?;
+        let h = self.cfg.hidden_size;
+        let mut x = self
+            .embed_tokens
+            .t
+            .embedding(&ids.flatten_all()?)? // (B * T, H)
+            .reshape((b, t, h))?; // (B, T, H)
+        let (cos, sin) = rope_tables(&positions, &self.inv_freq)?; // (B, T, D/2) each
+        for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward(&x, &cos, &sin, &segments, Some(slot), false)?; // (B, T, H)
+        }
+        cache.len = s;
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (B, H)
+        let last = self.norm.forward(&last)?; // (B, H)
+        Ok(linear(&last, self.lm_head_weight(), None)?) // (B, V)
+    }
+}
+
+/// A per-layer dropout seed derived from the run seed (splitmix64 step).
+fn dropout_seed(seed: u64, layer_index: usize) -> u64 {
+    let mut z = seed ^ (layer_index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn check_2d(t: &Tensor, input: &'static str, dtype: DType, dims: Option<(usize, usize)>) -> Result<(usize, usize)> {
+    let want = match dims {
+        Some((b, t)) => format!("({b}, {t}) {dtype:?}"),
+        None => format!("(B, T) {dtype:?} with T >= 1"),
+    };
+    let ok_rank = t.rank() == 2 && t.dtype() == dtype;
+    let found = t.dims().to_vec();
+    if !ok_rank || found[1] == 0 || dims.is_some_and(|(b, tt)| found != [b, tt]) {
+        return Err(Error::Input {
+            input,
+            expected: want,
+            found: format!("{found:?} {:?}", t.dtype()),
+        });
+    }
+    Ok((found[0], found[1]))
+}

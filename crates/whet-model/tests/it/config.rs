@@ -1,0 +1,206 @@
+//! config.json parsing for the supported families, rope frequencies, and config errors.
+
+use std::path::Path;
+
+use whet_model::{Config, Error, ModelType, RopeKind};
+
+fn parse(json: &str) -> whet_model::Result<Config> {
+    Config::from_json_str(json, Path::new("/models/x/config.json"))
+}
+
+const SMOLLM2_135M: &str = r#"{
+  "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576,
+  "initializer_range": 0.041666666666666664, "intermediate_size": 1536,
+  "is_llama_config": true, "max_position_embeddings": 8192, "model_type": "llama",
+  "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3,
+  "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": false, "rope_scaling": null,
+  "rope_theta": 100000, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+  "transformers_version": "4.40.1", "use_cache": true, "vocab_size": 49152
+}"#;
+
+const LLAMA31_8B: &str = r#"{
+  "architectures": ["LlamaForCausalLM"], "attention_bias": false, "bos_token_id": 128000,
+  "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu", "hidden_size": 4096,
+  "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": false,
+  "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+  "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+  "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+  "rope_theta": 500000.0, "tie_word_embeddings": false, "vocab_size": 128256
+}"#;
+
+const QWEN2_05B: &str = r#"{
+  "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+  "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 896, "intermediate_size": 4864,
+  "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+  "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+  "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+  "tie_word_embeddings": true, "torch_dtype": "bfloat16", "use_cache": true,
+  "use_sliding_window": false, "vocab_size": 151936
+}"#;
+
+const MISTRAL_7B: &str = r#"{
+  "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+  "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+  "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32,
+  "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+  "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": false,
+  "vocab_size": 32000
+}"#;
+
+#[test]
+fn real_configs_parse() {
+    let c = parse(SMOLLM2_135M).unwrap();
+    assert_eq!(c.model_type(), ModelType::Llama);
+    assert_eq!((c.head_dim(), c.num_kv_heads()), (64, 3));
+    assert!(c.tie_word_embeddings && !c.qkv_bias() && !c.o_bias());
+    assert_eq!(c.rope_base(), 100000.0);
+    assert_eq!(c.eos_token_ids(), vec![0]);
+
+    let c = parse(LLAMA31_8B).unwrap();
+    assert_eq!(c.eos_token_ids(), vec![128001, 128008, 128009]);
+    assert!(matches!(c.rope_kind(), RopeKind::Llama3 { original_max_position_embeddings: 8192, .. }));
+
+    let c = parse(QWEN2_05B).unwrap();
+    assert_eq!(c.model_type(), ModelType::Qwen2);
+    assert!(c.qkv_bias() && !c.o_bias(), "Qwen2: bias on q/k/v only");
+    assert_eq!(c.head_dim(), 64);
+
+    let c = parse(MISTRAL_7B).unwrap();
+    assert_eq!(c.model_type(), ModelType::Mistral);
+    assert_eq!(c.sliding_window, Some(4096));
+    assert!(!c.qkv_bias());
+
+    // A config with explicit head_dim (Qwen3-style) and no num_key_value_heads.
+    let c = parse(r#"{"model_type":"llama","vocab_size":10,"hidden_size":16,"intermediate_size":8,
+        "num_hidden_layers":1,"num_attention_heads":2,"head_dim":12}"#)
+    .unwrap();
+    assert_eq!((c.head_dim(), c.num_kv_heads()), (12, 2));
+    assert_eq!(c.inv_freq().len(), 6);
+
+    // transformers >= 5 writes theta and rope type under rope_parameters.
+    let v5 = LLAMA31_8B
+        .replace("\"rope_theta\": 500000.0,", "")
+        .replace("\"rope_scaling\"", "\"rope_parameters\"")
+        .replace("\"rope_type\": \"llama3\"", "\"rope_type\": \"llama3\", \"rope_theta\": 500000.0");
+    let c5 = parse(&v5).unwrap();
+    assert_eq!(c5.rope_base(), 500000.0);
+    assert_eq!(c5.inv_freq(), parse(LLAMA31_8B).unwrap().inv_freq());
+}
+
+/// HF `_compute_default_rope_parameters` and `_compute_llama3_parameters`, in f64.
+fn reference_inv_freq(theta: f64, dim: usize, llama3: Option<(f64, f64, f64, f64)>) -> Vec<f64> {
+    let inv: Vec<f64> = (0..dim).step_by(2).map(|i| 1.0 / theta.powf(i as f64 / dim as f64)).collect();
+    let Some((factor, low, high, old)) = llama3 else { return inv };
+    inv.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < old / high {
+                f
+            } else if wavelen > old / low {
+                f / factor
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                (1.0 - smooth) * f / factor + smooth * f
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn inv_freq_matches_transformers_formulas() {
+    for (json, llama3) in [
+        (SMOLLM2_135M, None),
+        (LLAMA31_8B, Some((8.0, 1.0, 4.0, 8192.0))),
+    ] {
+        let c = parse(json).unwrap();
+        let got = c.inv_freq();
+        let want = reference_inv_freq(c.rope_base(), c.head_dim(), llama3);
+        assert_eq!(got.len(), c.head_dim() / 2);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(&g, &w)| (g as f64 - w).abs() / w)
+            .fold(0.0, f64::max);
+        eprintln!("inv_freq ({}): worst rel err {worst:.2e}", c.model_type);
+        assert!(worst < 2e-6, "{worst}");
+    }
+    // llama3: the highest frequencies are untouched, the lowest divided by the factor, and
+    // the band between is interpolated (strictly between the two).
+    let c = parse(LLAMA31_8B).unwrap();
+    let scaled = c.inv_freq();
+    let plain = reference_inv_freq(500000.0, 128, None);
+    assert_eq!(scaled[0] as f64, plain[0] as f32 as f64);
+    assert!(((scaled[63] as f64) - plain[63] / 8.0).abs() / (plain[63] / 8.0) < 1e-5);
+    let medium = (0..64).filter(|&i| {
+        let (s, p) = (scaled[i] as f64, plain[i]);
+        s < p * 0.9999 && s > p / 8.0 * 1.0001
+    });
+    assert!(medium.count() > 0);
+}
+
+fn field_error(json: &str) -> (String, String) {
+    match parse(json) {
+        Err(e @ Error::ConfigField { .. }) => {
+            let Error::ConfigField { ref field, .. } = e else { unreachable!() };
+            (field.clone(), e.to_string())
+        }
+        other => panic!("expected a field error, got {other:?}"),
+    }
+}
+
+#[test]
+fn config_errors_name_the_file_and_the_field() {
+    // wrong type
+    let (field, msg) = field_error(&SMOLLM2_135M.replace("\"hidden_size\": 576", "\"hidden_size\": \"576\""));
+    assert_eq!(field, "hidden_size");
+    assert!(msg.contains("/models/x/config.json") && msg.contains("line 3"), "{msg}");
+    let (field, _) = field_error(&LLAMA31_8B.replace("\"factor\": 8.0", "\"factor\": \"8\""));
+    assert_eq!(field, "rope_scaling.factor");
+    let (field, msg) = field_error(&LLAMA31_8B.replace("128008", "\"x\""));
+    assert_eq!(field, "eos_token_id");
+    assert!(msg.contains("config.json"), "{msg}");
+    // unsupported rope type
+    let (field, msg) = field_error(&LLAMA31_8B.replace("\"llama3\"", "\"yarn\""));
+    assert_eq!(field, "rope_scaling");
+    assert!(msg.contains("yarn") && msg.contains("llama3"), "{msg}");
+    // missing llama3 parameter
+    let (_, msg) = field_error(&LLAMA31_8B.replace("\"low_freq_factor\": 1.0,", ""));
+    assert!(msg.contains("low_freq_factor"), "{msg}");
+    // missing required field
+    let (_, msg) = field_error(&MISTRAL_7B.replace("\"vocab_size\": 32000", "\"vocab\": 32000"));
+    assert!(msg.contains("vocab_size"), "{msg}");
+    // not JSON at all
+    let (_, msg) = field_error("{\"model_type\": \"llama\",");
+    assert!(msg.contains("config.json") && msg.contains("line 1"), "{msg}");
+}
+
+#[test]
+fn unsupported_architectures_and_features_are_refused() {
+    let e = parse(&MISTRAL_7B.replace("\"mistral\"", "\"gpt2\"")).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::UnsupportedModelType { .. }));
+    assert!(msg.contains("/models/x/config.json") && msg.contains("gpt2"), "{msg}");
+    assert!(msg.contains("llama, mistral, qwen2"), "{msg}");
+
+    let e = parse(&LLAMA31_8B.replace("\"mlp_bias\": false", "\"mlp_bias\": true")).unwrap_err();
+    assert!(e.to_string().contains("mlp_bias") && e.to_string().contains("config.json"), "{e}");
+    let e = parse(&QWEN2_05B.replace("\"silu\"", "\"gelu\"")).unwrap_err();
+    assert!(e.to_string().contains("hidden_act") && e.to_string().contains("gelu"), "{e}");
+    let e = parse(&MISTRAL_7B.replace("\"num_key_value_heads\": 8", "\"num_key_value_heads\": 5")).unwrap_err();
+    assert!(e.to_string().contains("num_key_value_heads"), "{e}");
+
+    let missing = Config::from_file(Path::new("/nonexistent/whet/config.json")).unwrap_err();
+    assert!(matches!(missing, Error::MissingFile { .. }), "{missing}");
+    assert!(missing.to_string().contains("/nonexistent/whet/config.json"));
+}
+
+#[test]
+fn config_serializes_back_to_the_same_config() {
+    for json in [SMOLLM2_135M, LLAMA31_8B, QWEN2_05B, MISTRAL_7B] {
+        let c = parse(json).unwrap();
+        let again = parse(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(c, again);
+    }
+}

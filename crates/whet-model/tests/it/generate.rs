@@ -1,0 +1,131 @@
+//! Generation and sampling.
+
+use candle_core::{DType, Tensor};
+use whet_model::generate::{apply_repetition_penalty, softmax, top_k_filter, top_p_filter};
+use whet_model::{GenerationConfig, LoraConfig, Model, Sampler, Trainable, generate};
+
+use crate::common::*;
+use crate::model::spread_model;
+
+/// Greedy decoding without a cache: the full forward over the whole sequence each step.
+fn greedy_reference(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut seq = prompt.to_vec();
+    for _ in 0..n {
+        let t = seq.len();
+        let ids = Tensor::new(seq.as_slice(), &cpu()).unwrap().unsqueeze(0).unwrap();
+        let pos = Tensor::arange(0u32, t as u32, &cpu()).unwrap().unsqueeze(0).unwrap();
+        let seg = Tensor::zeros((1, t), DType::U32, &cpu()).unwrap();
+        let logits = model.logits(&ids, &pos, &seg).unwrap(); // (1, T, V)
+        let last = logits.get(0).unwrap().get(t - 1).unwrap().to_vec1::<f32>().unwrap();
+        let mut best = 0;
+        for (i, &x) in last.iter().enumerate() {
+            if x > last[best] {
+                best = i;
+            }
+        }
+        seq.push(best as u32);
+    }
+    seq[prompt.len()..].to_vec()
+}
+
+#[test]
+fn greedy_generation_matches_argmax_of_the_full_forward() {
+    let cfg = tiny_config("llama");
+    let model = spread_model(&cfg, 31, Trainable::Lora { config: LoraConfig::new(2, 4.0), seed: 0 });
+    let prompt = [1u32, 17, 5, 40];
+    let mut gc = GenerationConfig::greedy(12);
+    gc.eos_token_ids = Some(vec![]);
+    let got = generate(&model, &prompt, &gc).unwrap();
+    assert_eq!(got.len(), 12);
+    assert_eq!(got, greedy_reference(&model, &prompt, 12));
+    // generation builds no graph: the trainable model is untouched and still trainable
+    assert!(!model.trainable().is_empty());
+}
+
+#[test]
+fn generation_stops_at_any_eos_id() {
+    let cfg = tiny_config("llama");
+    let model = spread_model(&cfg, 32, Trainable::None);
+    let prompt = [3u32, 9];
+    let free = greedy_reference(&model, &prompt, 6);
+    let mut gc = GenerationConfig::greedy(6);
+    gc.eos_token_ids = Some(vec![63, free[2]]);
+    let stop_at = free.iter().position(|t| gc.eos_token_ids.as_ref().unwrap().contains(t)).unwrap();
+    let got = generate(&model, &prompt, &gc).unwrap();
+    assert_eq!(got, free[..=stop_at].to_vec(), "the stop token is included, nothing after it");
+    let e = generate(&model, &[], &gc).unwrap_err();
+    assert!(e.to_string().contains("prompt_ids"), "{e}");
+}
+
+#[test]
+fn sampling_is_seeded() {
+    let cfg = tiny_config("qwen2");
+    let model = spread_model(&cfg, 33, Trainable::None);
+    let gc = GenerationConfig {
+        max_new_tokens: 16,
+        temperature: 1.5,
+        top_k: 40,
+        top_p: 0.95,
+        repetition_penalty: 1.1,
+        seed: 5,
+        eos_token_ids: Some(vec![]),
+    };
+    let a = generate(&model, &[1, 2, 3], &gc).unwrap();
+    let b = generate(&model, &[1, 2, 3], &gc).unwrap();
+    assert_eq!(a, b);
+    let c = generate(&model, &[1, 2, 3], &GenerationConfig { seed: 6, ..gc.clone() }).unwrap();
+    assert_ne!(a, c, "16 tokens at temperature 1.5 from another seed");
+    let k1 = GenerationConfig { top_k: 1, repetition_penalty: 1.0, ..gc };
+    assert_eq!(
+        generate(&model, &[1, 2, 3], &k1).unwrap(),
+        greedy_reference(&model, &[1, 2, 3], 16),
+        "top_k = 1 is greedy"
+    );
+}
+
+#[test]
+fn repetition_penalty_follows_hf() {
+    let mut s = vec![2.0f32, -1.0, 0.5, 3.0];
+    apply_repetition_penalty(&mut s, &[0, 1, 1, 0], 2.0);
+    assert_eq!(s, vec![1.0, -2.0, 0.5, 3.0], "positive / penalty, negative * penalty, once each");
+}
+
+#[test]
+fn top_k_and_top_p_keep_the_right_tokens() {
+    let probs = [0.5f64, 0.3, 0.15, 0.05];
+    let logits: Vec<f32> = probs.iter().map(|p| p.ln() as f32).collect();
+    let kept = |s: &[f32]| s.iter().map(|x| x.is_finite()).collect::<Vec<_>>();
+
+    let mut s = logits.clone();
+    top_k_filter(&mut s, 2);
+    assert_eq!(kept(&s), [true, true, false, false]);
+
+    for (p, want) in [
+        (0.45, [true, false, false, false]),
+        (0.6, [true, true, false, false]),
+        (0.9, [true, true, true, false]),
+        (1.0, [true, true, true, true]),
+    ] {
+        let mut s = logits.clone();
+        top_p_filter(&mut s, p);
+        assert_eq!(kept(&s), want, "top_p {p}");
+    }
+}
+
+#[test]
+fn temperature_sampling_draws_from_the_softmax() {
+    let logits = [1.0f32, 0.0, -1.0, 2.0];
+    let temperature = 2.0;
+    let mut sampler = Sampler::new(&GenerationConfig { temperature, seed: 1, ..Default::default() });
+    let n = 40_000;
+    let mut counts = [0usize; 4];
+    for _ in 0..n {
+        counts[sampler.sample(&logits, &[]) as usize] += 1;
+    }
+    let scaled: Vec<f32> = logits.iter().map(|x| x / temperature as f32).collect();
+    let want = softmax(&scaled);
+    for i in 0..4 {
+        let freq = counts[i] as f64 / n as f64;
+        assert!((freq - want[i]).abs() < 0.01, "token {i}: {freq} vs {}", want[i]);
+    }
+}

@@ -1,0 +1,84 @@
+//! Trainer-ready rows and the deterministic order in which they are visited.
+
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+
+/// One packed row, ready for the model: next-token targets already shifted so that no target
+/// crosses a document boundary (`-100` = not supervised).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    pub input_ids: Vec<u32>,
+    pub position_ids: Vec<u32>,
+    pub segment_ids: Vec<u32>,
+    pub targets: Vec<i64>,
+}
+
+impl Row {
+    pub fn supervised(&self) -> usize {
+        self.targets.iter().filter(|&&t| t >= 0).count()
+    }
+}
+
+/// A micro-batch as tensors: ids/positions/segments (B, T) u32, targets (B, T) i64.
+pub struct Batch {
+    pub ids: Tensor,
+    pub positions: Tensor,
+    pub segments: Tensor,
+    pub targets: Tensor,
+    pub supervised: usize,
+    pub tokens: usize,
+}
+
+impl Batch {
+    /// Stacks rows of equal length; shorter rows are padded with unsupervised padding in a
+    /// segment of their own.
+    pub fn from_rows(rows: &[&Row], device: &Device) -> Result<Self> {
+        let t = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
+        let b = rows.len();
+        let (mut ids, mut pos, mut seg, mut tgt) =
+            (Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        let mut tokens = 0;
+        for r in rows {
+            let pad = t - r.input_ids.len();
+            tokens += r.input_ids.len();
+            ids.extend_from_slice(&r.input_ids);
+            ids.extend(std::iter::repeat_n(0, pad));
+            pos.extend_from_slice(&r.position_ids);
+            pos.extend(0..pad as u32);
+            seg.extend_from_slice(&r.segment_ids);
+            let pad_seg = r.segment_ids.iter().max().map_or(0, |m| m + 1);
+            seg.extend(std::iter::repeat_n(pad_seg, pad));
+            tgt.extend_from_slice(&r.targets);
+            tgt.extend(std::iter::repeat_n(-100i64, pad));
+        }
+        let supervised = tgt.iter().filter(|&&x| x >= 0).count();
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (b, t), device)?,
+            positions: Tensor::from_vec(pos, (b, t), device)?,
+            segments: Tensor::from_vec(seg, (b, t), device)?,
+            targets: Tensor::from_vec(tgt, (b, t), device)?,
+            supervised,
+            tokens,
+        })
+    }
+}
+
+/// The visiting order of epoch `epoch`: a seeded shuffle, identical on every run and resume.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// Where the data stream stands: enough to resume exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: u64,
+    /// Rows of this epoch's order already consumed.
+    pub offset: usize,
+}

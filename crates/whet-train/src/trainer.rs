@@ -1,0 +1,316 @@
+//! The training loop: micro-batches, gradient accumulation normalised by supervised tokens,
+//! clipping, evaluation, early stopping, checkpoints and exact resume.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use whet_model::Model;
+use whet_optim::{AdamW, AdamWConfig, Optimizer, OptimizerState, Param, Schedule, Sgd, SgdConfig};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::{Config, Method, OptimizerKind};
+use crate::rows::{Batch, Cursor, Row, epoch_order};
+use crate::{Result, TrainError};
+
+/// One optimizer step, as reported to observers and to `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: f64,
+    /// Mean cross-entropy per supervised token over the whole accumulated batch.
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub supervised_tokens: usize,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalMetrics {
+    pub step: u64,
+    pub val_loss: f64,
+    pub val_ppl: f64,
+    pub val_tokens: usize,
+    pub improved: bool,
+}
+
+/// What the orchestrator shows the user (progress bar, logs).
+pub trait Observer {
+    fn on_start(&mut self, _total_steps: u64, _resumed_from: u64) {}
+    fn on_step(&mut self, _m: &StepMetrics) {}
+    fn on_eval(&mut self, _m: &EvalMetrics) {}
+    fn on_checkpoint(&mut self, _dir: &Path) {}
+}
+
+/// An observer that does nothing.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub resumed_from: u64,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub best_step: Option<u64>,
+    pub best_checkpoint: Option<PathBuf>,
+    pub stopped_early: bool,
+    pub evals: Vec<EvalMetrics>,
+    pub losses: Vec<f64>,
+}
+
+/// Mean cross-entropy of `rows` under `model`, as `(loss, supervised tokens)`.
+pub fn evaluate(model: &Model, rows: &[Row], micro_batch: usize, device: &Device) -> Result<(f64, usize)> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in rows.chunks(micro_batch.max(1)) {
+        let refs: Vec<&Row> = chunk.iter().collect();
+        let batch = Batch::from_rows(&refs, device)?;
+        if batch.supervised == 0 {
+            continue;
+        }
+        let (loss, count) = model.loss(&batch.ids, &batch.positions, &batch.segments, &batch.targets, false)?;
+        sum += loss.to_scalar::<f32>()? as f64;
+        n += count;
+    }
+    Ok((if n == 0 { f64::NAN } else { sum / n as f64 }, n))
+}
+
+pub struct Trainer<'a> {
+    pub model: &'a mut Model,
+    pub config: &'a Config,
+    pub train: &'a [Row],
+    pub validation: &'a [Row],
+    pub out: &'a Path,
+    pub device: Device,
+    /// Identifies this run (config + data); a checkpoint of another run is never resumed.
+    pub run_id: String,
+}
+
+impl Trainer<'_> {
+    fn build_optimizer(&self, params: Vec<Param>) -> Result<Box<dyn Optimizer>> {
+        let t = &self.config.train;
+        Ok(match t.optimizer {
+            OptimizerKind::Adamw => Box::new(AdamW::new(
+                params,
+                AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: 1e-8, weight_decay: t.weight_decay },
+            )?),
+            OptimizerKind::Sgd => Box::new(Sgd::new(
+                params,
+                SgdConfig { momentum: t.momentum, nesterov: false, weight_decay: t.weight_decay },
+            )?),
+        })
+    }
+
+    pub fn steps_per_epoch(&self) -> u64 {
+        let per_step = self.config.train.micro_batch * self.config.train.grad_accum;
+        self.train.len().div_ceil(per_step).max(1) as u64
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        let t = &self.config.train;
+        if t.max_steps > 0 {
+            t.max_steps
+        } else {
+            ((t.epochs * self.steps_per_epoch() as f64).ceil() as u64).max(1)
+        }
+    }
+
+    /// Runs (or resumes) training to the end and returns what happened.
+    pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Summary> {
+        if self.train.is_empty() {
+            return Err(TrainError::EmptySplit { split: "training", hint: "no rows survived reading and tokenization" });
+        }
+        if self.train.iter().all(|r| r.supervised() == 0) {
+            return Err(TrainError::NoSupervisedTokens);
+        }
+        std::fs::create_dir_all(self.out).map_err(|source| TrainError::Io { path: self.out.to_path_buf(), source })?;
+        let params: Vec<Param> = self.model.trainable().into_iter().map(|(name, var)| Param::new(name, var)).collect();
+        let mut optimizer = self.build_optimizer(params)?;
+        let t = self.config.train.clone();
+        let total_steps = self.total_steps();
+        let schedule = Schedule::new(t.schedule, t.lr, t.warmup_steps, total_steps, t.min_lr_ratio)?;
+
+        let mut state = TrainerState {
+            step: 0,
+            cursor: Cursor::default(),
+            run_id: self.run_id.clone(),
+            best_val_loss: None,
+            best_step: None,
+            stale_evals: 0,
+            tokens_seen: 0,
+        };
+        if let Some((_, dir)) = checkpoint::list(self.out).pop() {
+            state = self.resume(&dir, optimizer.as_mut())?;
+        } else if std::fs::read_dir(self.out).is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() == "metrics.jsonl"))) {
+            return Err(TrainError::ForeignOutput {
+                dir: self.out.to_path_buf(),
+                why: "it has metrics.jsonl but no checkpoint to resume".into(),
+            });
+        }
+        let resumed_from = state.step;
+        observer.on_start(total_steps, resumed_from);
+        let mut metrics = crate::metrics::MetricsLog::open(&self.out.join("metrics.jsonl"), resumed_from)?;
+        let mut summary = Summary {
+            steps: 0,
+            resumed_from,
+            first_loss: None,
+            last_loss: None,
+            best_val_loss: state.best_val_loss,
+            best_step: state.best_step,
+            best_checkpoint: None,
+            stopped_early: false,
+            evals: Vec::new(),
+            losses: Vec::new(),
+        };
+        let per_step = t.micro_batch * t.grad_accum;
+        let steps_per_epoch = self.steps_per_epoch();
+        let started = Instant::now();
+        let mut order = epoch_order(self.train.len(), t.seed, state.cursor.epoch);
+
+        while state.step < total_steps {
+            // Gather this step's rows, crossing into the next epoch where needed.
+            let mut rows: Vec<&Row> = Vec::with_capacity(per_step);
+            while rows.len() < per_step {
+                if state.cursor.offset >= order.len() {
+                    state.cursor = Cursor { epoch: state.cursor.epoch + 1, offset: 0 };
+                    order = epoch_order(self.train.len(), t.seed, state.cursor.epoch);
+                    if rows.len() > 0 && t.max_steps == 0 {
+                        break; // an epoch boundary ends a short last step
+                    }
+                }
+                rows.push(&self.train[order[state.cursor.offset]]);
+                state.cursor.offset += 1;
+            }
+            let step_start = Instant::now();
+            // Normalise by the supervised tokens of the whole accumulated batch, not per micro-batch.
+            let supervised: usize = rows.iter().map(|r| r.supervised()).sum();
+            let tokens: usize = rows.iter().map(|r| r.input_ids.len()).sum();
+            let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.params().len()];
+            let mut loss_sum = 0f64;
+            for (micro, chunk) in rows.chunks(t.micro_batch).enumerate() {
+                let batch = Batch::from_rows(chunk, &self.device)?;
+                if batch.supervised == 0 {
+                    continue;
+                }
+                self.model.set_dropout_seed(t.seed.wrapping_mul(1_000_003).wrapping_add(state.step * 1024 + micro as u64));
+                let (loss, _) = self.model.loss(&batch.ids, &batch.positions, &batch.segments, &batch.targets, true)?;
+                let value = loss.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return Err(TrainError::NonFinite { step: state.step + 1, micro, value });
+                }
+                loss_sum += value as f64;
+                let store = loss.backward()?;
+                for (slot, p) in grads.iter_mut().zip(optimizer.params()) {
+                    if let Some(g) = store.get(p.var.as_tensor()) {
+                        *slot = Some(match slot.take() {
+                            Some(acc) => (acc + g)?,
+                            None => g.clone(),
+                        });
+                    }
+                }
+            }
+            let scale = 1.0 / supervised.max(1) as f64;
+            let grad_norm = whet_optim::global_norm(&grads, scale)?;
+            if !grad_norm.is_finite() {
+                return Err(TrainError::NonFinite { step: state.step + 1, micro: 0, value: grad_norm as f32 });
+            }
+            let factor = whet_optim::clip_factor(grad_norm, t.max_grad_norm);
+            let lr = schedule.lr(state.step);
+            optimizer.step(&grads, lr, scale * factor)?;
+            drop(grads);
+            state.step += 1;
+            state.tokens_seen += tokens as u64;
+            let loss = loss_sum * scale;
+            summary.first_loss.get_or_insert(loss);
+            summary.last_loss = Some(loss);
+            summary.losses.push(loss);
+            let m = StepMetrics {
+                step: state.step,
+                total_steps,
+                epoch: state.cursor.epoch as f64 + state.cursor.offset as f64 / self.train.len() as f64,
+                loss,
+                lr,
+                grad_norm,
+                supervised_tokens: supervised,
+                tokens,
+                tokens_per_s: tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9),
+                elapsed_s: started.elapsed().as_secs_f64(),
+            };
+            metrics.step(&m)?;
+            observer.on_step(&m);
+
+            let end_of_epoch = state.step % steps_per_epoch == 0;
+            let last = state.step == total_steps;
+            let eval_now = if t.eval_every > 0 { state.step % t.eval_every == 0 || last } else { end_of_epoch || last };
+            let mut stop = false;
+            if eval_now && !self.validation.is_empty() {
+                let (val_loss, val_tokens) = evaluate(self.model, self.validation, t.micro_batch, &self.device)?;
+                let improved = state.best_val_loss.is_none_or(|b| val_loss < b - t.min_delta);
+                if improved {
+                    state.best_val_loss = Some(val_loss);
+                    state.best_step = Some(state.step);
+                    state.stale_evals = 0;
+                } else {
+                    state.stale_evals += 1;
+                }
+                let e = EvalMetrics { step: state.step, val_loss, val_ppl: val_loss.exp(), val_tokens, improved };
+                metrics.eval(&e)?;
+                observer.on_eval(&e);
+                summary.evals.push(e);
+                stop = t.patience > 0 && state.stale_evals >= t.patience;
+            }
+            let save_now = eval_now || (self.config.output.save_every > 0 && state.step % self.config.output.save_every == 0);
+            if save_now || stop || last {
+                let dir = self.save(&state, optimizer.as_ref())?;
+                observer.on_checkpoint(&dir);
+                if state.best_step == Some(state.step) {
+                    checkpoint::mark_best(self.out, state.step)?;
+                }
+                checkpoint::prune(self.out, self.config.output.keep_last, state.best_step)?;
+            }
+            if stop {
+                summary.stopped_early = true;
+                break;
+            }
+        }
+        summary.steps = state.step;
+        summary.best_val_loss = state.best_val_loss;
+        summary.best_step = state.best_step;
+        summary.best_checkpoint = state.best_step.map(|s| self.out.join(checkpoint::checkpoint_name(s)));
+        Ok(summary)
+    }
+
+    fn save(&self, state: &TrainerState, optimizer: &dyn Optimizer) -> Result<PathBuf> {
+        let opt_state = optimizer.state();
+        checkpoint::write(self.out, state, &self.config.to_toml(), |dir| {
+            match self.config.method {
+                Method::Lora => self.model.save_adapter(dir)?,
+                Method::Full => self.model.save_weights(&dir.join("model.safetensors"))?,
+            }
+            crate::state_io::write_optimizer(&dir.join(checkpoint::OPTIMIZER_FILE), &opt_state)
+        })
+    }
+
+    fn resume(&mut self, dir: &Path, optimizer: &mut dyn Optimizer) -> Result<TrainerState> {
+        let state = checkpoint::read_state(dir)?;
+        if state.run_id != self.run_id {
+            return Err(TrainError::ForeignOutput {
+                dir: self.out.to_path_buf(),
+                why: format!("checkpoint {} was written by run {}, this is run {}", dir.display(), state.run_id, self.run_id),
+            });
+        }
+        match self.config.method {
+            Method::Lora => self.model.load_adapter_weights(dir)?,
+            Method::Full => self.model.load_weights(&dir.join("model.safetensors"))?,
+        }
+        let opt: OptimizerState = crate::state_io::read_optimizer(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+        optimizer.load_state(&opt)?;
+        Ok(state)
+    }
+}
