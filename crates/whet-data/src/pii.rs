@@ -11,7 +11,7 @@
 //! | `national_id` | `[ID]`      | US SSN `ddd-dd-dddd` (invalid ranges excluded), UK NINO         |
 //! | `ipv6`        | `[IP]`      | anything `std::net::Ipv6Addr` parses, with at least 4 hex digits |
 //! | `ipv4`        | `[IP]`      | dotted quads with octets 0..=255, no leading zeros              |
-//! | `phone`       | `[PHONE]`   | `+CC ...` (8..15 digits), NANP `(555) 123-4567`, trunk-0 national `020 7946 0958` |
+//! | `phone`       | `[PHONE]`   | `+CC ...` (8..15 digits), NANP `(555) 123-4567`, trunk-0 national `020 7946 0958`, `06 12 34 56 78` |
 //!
 //! Plain digit runs are never phone numbers (a phone needs a `+`, parentheses or separators),
 //! and a 13..19-digit number that fails Luhn is left alone, so order numbers survive. A digit
@@ -115,6 +115,7 @@ struct Patterns {
     phone_intl: Regex,
     phone_nanp: Regex,
     phone_trunk: Regex,
+    phone_pairs: Regex,
 }
 
 impl Patterns {
@@ -133,6 +134,8 @@ impl Patterns {
             phone_intl: re(r"\+\d{1,3}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,5})){1,6}"),
             phone_nanp: re(r"(?:\b1[ .-]?)?(?:\(\d{3}\) ?|\b\d{3}[ .-])\d{3}[ .-]\d{4}\b"),
             phone_trunk: re(r"\b0\d{1,4}[ ./-]\d{3,8}(?:[ .-]\d{2,4}){0,3}\b"),
+            // 0X XX XX XX XX (France, Belgium, ...), one separator style throughout.
+            phone_pairs: re(r"\b0\d(?: \d{2}){4}\b|\b0\d(?:\.\d{2}){4}\b|\b0\d(?:-\d{2}){4}\b"),
         }
     }
 }
@@ -354,7 +357,7 @@ impl Scrubber {
                 .ipv4
                 .find_iter(text)
                 .map(|m| m.range())
-                .filter(|r| valid_ipv4(&text[r.clone()]) && isolated(text, r))
+                .filter(|r| valid_ipv4(&text[r.clone()]) && isolated_by(text, r, ".", false))
                 .collect(),
             Rule::Phone => {
                 let mut v = Vec::new();
@@ -362,10 +365,14 @@ impl Scrubber {
                     (&p.phone_intl, 8, 15),
                     (&p.phone_nanp, 10, 11),
                     (&p.phone_trunk, 9, 12),
+                    (&p.phone_pairs, 10, 10),
                 ] {
                     v.extend(re.find_iter(text).map(|m| m.range()).filter(|r| {
                         let n = text[r.clone()].bytes().filter(u8::is_ascii_digit).count();
-                        (min..=max).contains(&n) && isolated(text, r)
+                        // A phone written with spaces must not run on into more
+                        // space-separated digits (e.g. a grouped 16-digit number).
+                        let spaced = text[r.clone()].contains(' ');
+                        (min..=max).contains(&n) && isolated_by(text, r, ".,-:/", spaced)
                     }));
                 }
                 v
@@ -391,7 +398,7 @@ pub fn luhn_valid(digits: &str) -> bool {
         sum += d;
         n += 1;
     }
-    n > 0 && sum % 10 == 0
+    n > 0 && sum.is_multiple_of(10)
 }
 
 /// ISO 13616 check: 15..=34 alphanumerics (spaces ignored), country letters, check digits, and
@@ -401,7 +408,9 @@ pub fn iban_valid(iban: &str) -> bool {
     if !(15..=34).contains(&compact.len())
         || !compact[..2].iter().all(u8::is_ascii_uppercase)
         || !compact[2..4].iter().all(u8::is_ascii_digit)
-        || !compact.iter().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        || !compact
+            .iter()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
     {
         return false;
     }
@@ -430,7 +439,9 @@ fn valid_nino_prefix(prefix: &str) -> bool {
 
 fn valid_ipv4(s: &str) -> bool {
     s.split('.').all(|o| {
-        !o.is_empty() && (o == "0" || !o.starts_with('0')) && o.parse::<u16>().is_ok_and(|v| v <= 255)
+        !o.is_empty()
+            && (o == "0" || !o.starts_with('0'))
+            && o.parse::<u16>().is_ok_and(|v| v <= 255)
     })
 }
 
@@ -446,12 +457,17 @@ fn valid_ipv6(text: &str, r: &Range<usize>) -> bool {
 }
 
 /// True unless the span is glued to a word or continues a longer number: no letter, digit or
-/// `_` right next to it, and no `.`, `,`, `-` or `:` that joins it to another digit.
+/// `_` right next to it, and no `.`, `,`, `-`, `:` or `/` (or a space, when `space_joins`)
+/// that joins it to another digit.
 fn isolated(text: &str, r: &Range<usize>) -> bool {
+    isolated_by(text, r, ".,-:/", false)
+}
+
+fn isolated_by(text: &str, r: &Range<usize>, joiners: &str, space_joins: bool) -> bool {
     let mut before = text[..r.start].chars().rev();
     let mut after = text[r.end..].chars();
     let word = |c: char| c.is_alphanumeric() || c == '_';
-    let joiner = |c: char| matches!(c, '.' | ',' | '-' | ':' | '/');
+    let joiner = |c: char| joiners.contains(c) || (space_joins && c == ' ');
     let ok_side = |first: Option<char>, second: Option<char>| match first {
         None => true,
         Some(c) if word(c) => false,

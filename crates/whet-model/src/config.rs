@@ -135,7 +135,10 @@ impl TryFrom<RopeRaw> for RopeScaling {
     type Error = String;
 
     fn try_from(raw: RopeRaw) -> std::result::Result<Self, String> {
-        let ty = raw.rope_type.or(raw.type_).unwrap_or_else(|| "default".to_string());
+        let ty = raw
+            .rope_type
+            .or(raw.type_)
+            .unwrap_or_else(|| "default".to_string());
         let kind = match ty.as_str() {
             "default" => RopeKind::Default,
             "llama3" => {
@@ -237,27 +240,38 @@ impl Config {
             return unsupported("hidden_act", format!("{:?}", self.hidden_act), "\"silu\"");
         }
         if self.mlp_bias {
-            return unsupported("mlp_bias", "true".into(), "false: MLP biases are not implemented");
+            return unsupported(
+                "mlp_bias",
+                "true".into(),
+                "false: MLP biases are not implemented",
+            );
         }
         let heads = self.num_attention_heads;
         let kv = self.num_kv_heads();
-        if heads == 0 || kv == 0 || heads % kv != 0 {
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
             return unsupported(
                 "num_key_value_heads",
                 kv.to_string(),
                 &format!("a positive divisor of num_attention_heads = {heads}"),
             );
         }
-        if self.head_dim.is_none() && self.hidden_size % heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads) {
             return unsupported(
                 "num_attention_heads",
                 heads.to_string(),
-                &format!("a divisor of hidden_size = {} (or set head_dim)", self.hidden_size),
+                &format!(
+                    "a divisor of hidden_size = {} (or set head_dim)",
+                    self.hidden_size
+                ),
             );
         }
         let d = self.head_dim();
-        if d == 0 || d % 2 != 0 {
-            return unsupported("head_dim", d.to_string(), "a positive even number (rotary pairs)");
+        if d == 0 || !d.is_multiple_of(2) {
+            return unsupported(
+                "head_dim",
+                d.to_string(),
+                "a positive even number (rotary pairs)",
+            );
         }
         for (field, v) in [
             ("vocab_size", self.vocab_size),
@@ -365,7 +379,11 @@ impl Config {
         else {
             return inv;
         };
-        let (factor, low, high) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+        let (factor, low, high) = (
+            factor as f32,
+            low_freq_factor as f32,
+            high_freq_factor as f32,
+        );
         let old_context_len = original_max_position_embeddings as f32;
         let low_freq_wavelen = old_context_len / low;
         let high_freq_wavelen = old_context_len / high;
@@ -373,9 +391,14 @@ impl Config {
             .map(|f| {
                 let wavelen = 2.0 * std::f32::consts::PI / f;
                 // wavelen > low_freq_wavelen: divide by factor
-                let f_llama = if wavelen > low_freq_wavelen { f / factor } else { f };
+                let f_llama = if wavelen > low_freq_wavelen {
+                    f / factor
+                } else {
+                    f
+                };
                 // wavelen < high_freq_wavelen: keep; otherwise interpolate smoothly.
-                let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                // HF: `~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)` (no NaN here).
+                let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                 if is_medium {
                     let smooth = (old_context_len / wavelen - low) / (high - low);
                     (1.0 - smooth) * f_llama / factor + smooth * f_llama

@@ -170,6 +170,7 @@ pub(crate) fn from_json_str<T: serde::de::DeserializeOwned>(text: &str, path: &P
         let field = e.path().to_string();
         Error::json(path, field, e.inner())
     })?;
-    de.end().map_err(|e| Error::json(path, ".".to_string(), &e))?;
+    de.end()
+        .map_err(|e| Error::json(path, ".".to_string(), &e))?;
     Ok(value)
 }

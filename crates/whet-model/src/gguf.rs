@@ -415,39 +415,25 @@ impl GgufFile {
                 source,
             }
         };
-        let mut file = File::open(&path).map_err(io("open the GGUF file"))?;
+        let file = File::open(&path).map_err(io("open the GGUF file"))?;
         let file_len = file.metadata().map_err(io("stat the GGUF file"))?.len();
-        check_counts(&path, &mut file, file_len)?;
+        HeaderScan {
+            r: BufReader::new(&file),
+            pos: 0,
+            len: file_len,
+            path: &path,
+            wide: true,
+        }
+        .run()?;
 
         let mut reader = BufReader::new(&file);
-        // candle's reader bounds every count by the file size, but divides by `general.alignment`
-        // unchecked; a crafted file with alignment 0 panics there. Turn that into an error.
-        let read =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
-        let content = match read {
-            Ok(Ok(content)) => content,
-            Ok(Err(e)) => return Err(candle_header_error(&path, &e.to_string())),
-            Err(_) => {
-                return Err(GgufError::Malformed {
-                    path,
-                    detail: "the header reader failed on it (is general.alignment 0?)".into(),
-                });
-            }
-        };
-        match content.metadata.get("general.alignment") {
-            None => {}
-            Some(v) => match value_u64(v) {
-                Some(a) if a.is_power_of_two() => {}
-                _ => {
-                    return Err(GgufError::BadValue {
-                        path,
-                        key: "general.alignment".into(),
-                        expected: "a power of two".into(),
-                        found: describe(v),
-                    });
-                }
-            },
-        }
+        reader
+            .seek(SeekFrom::Start(0))
+            .map_err(io("seek in the GGUF file"))?;
+        let content = Content::read(&mut reader).map_err(|e| GgufError::Malformed {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
 
         // SAFETY: the map is read-only and lives as long as `self`; as with every mmap-based
         // loader, the file must not be truncated or rewritten while it is open.
@@ -1185,104 +1171,255 @@ struct TokenizerParts<'a> {
     add_eos: bool,
 }
 
-/// Checks the header's declared counts against the file size before candle allocates for them.
-fn check_counts(path: &Path, file: &mut File, file_len: u64) -> Result<()> {
-    let io = |source| GgufError::Io {
-        path: path.to_path_buf(),
-        action: "read the GGUF header",
-        source,
-    };
-    let mut first = Vec::with_capacity(24);
-    Read::by_ref(file)
-        .take(24)
-        .read_to_end(&mut first)
-        .map_err(io)?;
-    file.seek(SeekFrom::Start(0)).map_err(io)?;
-    let got = first.len();
-    let mut head = [0u8; 24];
-    head[..got].copy_from_slice(&first);
-    if got < 4 || &head[..4] != b"GGUF" {
-        return Err(GgufError::NotGguf {
-            path: path.to_path_buf(),
-            detail: format!(
-                "it starts with {:?}, not the magic \"GGUF\"",
-                String::from_utf8_lossy(&head[..got.min(4)])
-            ),
-        });
-    }
-    let version = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    let (prefix, header_len) = match version {
-        1 => (4u64, 16u64),
-        2 | 3 => (8, 24),
-        v => {
-            return Err(GgufError::Unsupported {
-                path: path.to_path_buf(),
-                detail: format!("GGUF version {v}: whet reads versions 1 to 3"),
-            });
-        }
-    };
-    if file_len < header_len {
-        return Err(GgufError::Truncated {
-            path: path.to_path_buf(),
-            detail: format!(
-                "the file is {file_len} bytes, shorter than the {header_len}-byte header"
-            ),
-        });
-    }
-    let (tensor_count, kv_count) = if version == 1 {
-        let r = |o: usize| {
-            u64::from(u32::from_le_bytes(
-                head[o..o + 4].try_into().unwrap_or([0; 4]),
-            ))
-        };
-        (r(8), r(12))
-    } else {
-        let r = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap_or([0; 8]));
-        (r(8), r(16))
-    };
-    // Smallest possible entries: a key (length prefix) + type (u32) + one byte of value; a tensor
-    // info with an empty name: length prefix + n_dims (u32) + type (u32) + offset (u64).
-    let needed = kv_count
-        .saturating_mul(prefix + 4 + 1)
-        .saturating_add(tensor_count.saturating_mul(prefix + 4 + 4 + 8));
-    let available = file_len - header_len;
-    if needed > available {
-        return Err(GgufError::Truncated {
-            path: path.to_path_buf(),
-            detail: format!(
-                "the header declares {tensor_count} tensors and {kv_count} metadata entries, which need at least {needed} bytes, but only {available} follow the header"
-            ),
-        });
-    }
-    Ok(())
+/// GGML type ids candle's reader knows; any other id makes it fail without naming the tensor.
+fn candle_knows_type(id: u32) -> bool {
+    matches!(id, 0..=3 | 6..=15 | 30)
 }
 
-/// Turns a candle header error into ours; an unknown tensor type gets its own variant.
-fn candle_header_error(path: &Path, msg: &str) -> GgufError {
-    if let Some(id) = msg
-        .split("unknown dtype for tensor ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse::<u32>().ok())
-    {
-        return GgufError::UnsupportedQuantization {
-            path: path.to_path_buf(),
-            what: "a tensor".into(),
-            type_id: id,
-            type_name: ggml_type_name(id).into(),
-        };
-    }
-    let eof = msg.contains("fill whole buffer") || msg.contains("remaining");
-    if eof {
+/// Walks the header once before candle reads it: checks the declared counts against the file
+/// size (so nothing is allocated from an absurd count), that every length-prefixed field fits in
+/// the file, and every tensor's type id; and checks `general.alignment`, which candle divides by
+/// unchecked. Keys and tensor names are read; values are skipped.
+struct HeaderScan<'a, R> {
+    r: R,
+    pos: u64,
+    len: u64,
+    path: &'a Path,
+    /// Length prefixes and counts are u32 in GGUF v1, u64 after.
+    wide: bool,
+}
+
+impl<R: Read + Seek> HeaderScan<'_, R> {
+    fn truncated(&self, what: &str, need: u64) -> GgufError {
         GgufError::Truncated {
-            path: path.to_path_buf(),
-            detail: format!("the header ends early ({msg})"),
+            path: self.path.to_path_buf(),
+            detail: format!(
+                "{what} at byte {} needs {need} bytes, but the file ends at byte {}",
+                self.pos, self.len
+            ),
         }
-    } else {
-        GgufError::Malformed {
-            path: path.to_path_buf(),
-            detail: msg.to_string(),
+    }
+
+    fn need(&self, what: &str, n: u64) -> Result<()> {
+        if n > self.len - self.pos {
+            return Err(self.truncated(what, n));
         }
+        Ok(())
+    }
+
+    fn bytes<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        self.need(what, N as u64)?;
+        let mut b = [0u8; N];
+        self.r.read_exact(&mut b).map_err(|source| GgufError::Io {
+            path: self.path.to_path_buf(),
+            action: "read the GGUF header",
+            source,
+        })?;
+        self.pos += N as u64;
+        Ok(b)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        self.bytes::<4>(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        self.bytes::<8>(what).map(u64::from_le_bytes)
+    }
+
+    fn length(&mut self, what: &str) -> Result<u64> {
+        if self.wide {
+            self.u64(what)
+        } else {
+            self.u32(what).map(u64::from)
+        }
+    }
+
+    fn skip(&mut self, what: &str, n: u64) -> Result<()> {
+        self.need(what, n)?;
+        let step = i64::try_from(n).map_err(|_| self.truncated(what, n))?;
+        self.r.seek_relative(step).map_err(|source| GgufError::Io {
+            path: self.path.to_path_buf(),
+            action: "seek in the GGUF header",
+            source,
+        })?;
+        self.pos += n;
+        Ok(())
+    }
+
+    /// A key or tensor name: read in full (bounded by the file size and 64 KiB).
+    fn name(&mut self, what: &str) -> Result<String> {
+        let n = self.length(what)?;
+        self.need(what, n)?;
+        if n > 1 << 16 {
+            return Err(GgufError::Malformed {
+                path: self.path.to_path_buf(),
+                detail: format!("{what} at byte {} is {n} bytes long", self.pos),
+            });
+        }
+        let mut buf = vec![0u8; n as usize];
+        self.r
+            .read_exact(&mut buf)
+            .map_err(|source| GgufError::Io {
+                path: self.path.to_path_buf(),
+                action: "read the GGUF header",
+                source,
+            })?;
+        self.pos += n;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    /// Skips one value of type `ty`; returns it when it is an integer (for `general.alignment`).
+    fn skip_value(&mut self, key: &str, ty: u32, depth: usize) -> Result<Option<u64>> {
+        let fixed = |ty: u32| match ty {
+            0 | 1 | 7 => Some(1u64),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        // Integers are returned (negative ones as None), everything else skipped.
+        match ty {
+            0 => Ok(Some(u64::from(self.bytes::<1>(key)?[0]))),
+            1 => Ok(u64::try_from(i8::from_le_bytes(self.bytes::<1>(key)?)).ok()),
+            2 => Ok(Some(u64::from(u16::from_le_bytes(self.bytes::<2>(key)?)))),
+            3 => Ok(u64::try_from(i16::from_le_bytes(self.bytes::<2>(key)?)).ok()),
+            4 => Ok(Some(u64::from(self.u32(key)?))),
+            5 => Ok(u64::try_from(i32::from_le_bytes(self.bytes::<4>(key)?)).ok()),
+            10 => Ok(Some(self.u64(key)?)),
+            11 => Ok(u64::try_from(i64::from_le_bytes(self.bytes::<8>(key)?)).ok()),
+            8 => {
+                let n = self.length(key)?;
+                self.skip(key, n)?;
+                Ok(None)
+            }
+            9 => {
+                if depth > 8 {
+                    return Err(GgufError::Malformed {
+                        path: self.path.to_path_buf(),
+                        detail: format!("metadata {key}: arrays nested more than 8 deep"),
+                    });
+                }
+                let elem = self.u32(key)?;
+                let count = self.length(key)?;
+                if let Some(size) = fixed(elem) {
+                    self.skip(key, count.saturating_mul(size))?;
+                } else if elem == 8 || elem == 9 {
+                    // Each element has at least a length prefix: bound the count first.
+                    let prefix = if self.wide { 8 } else { 4 };
+                    self.need(key, count.saturating_mul(prefix))?;
+                    for _ in 0..count {
+                        self.skip_value(key, elem, depth + 1)?;
+                    }
+                } else {
+                    return Err(self.bad_type(key, elem));
+                }
+                Ok(None)
+            }
+            _ => match fixed(ty) {
+                Some(size) => self.skip(key, size).map(|()| None),
+                None => Err(self.bad_type(key, ty)),
+            },
+        }
+    }
+
+    fn bad_type(&self, key: &str, ty: u32) -> GgufError {
+        GgufError::BadValue {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            expected: "a GGUF value type (0..=12)".into(),
+            found: format!("type id {ty}"),
+        }
+    }
+
+    fn run(mut self) -> Result<()> {
+        let path = self.path.to_path_buf();
+        if self.len < 8 {
+            return Err(GgufError::Truncated {
+                path,
+                detail: format!("the file is {} bytes, shorter than a GGUF header", self.len),
+            });
+        }
+        let magic = self.bytes::<4>("the magic")?;
+        if &magic != b"GGUF" {
+            return Err(GgufError::NotGguf {
+                path,
+                detail: format!(
+                    "it starts with {:?}, not the magic \"GGUF\"",
+                    String::from_utf8_lossy(&magic)
+                ),
+            });
+        }
+        match self.u32("the version")? {
+            1 => self.wide = false,
+            2 | 3 => self.wide = true,
+            v => {
+                return Err(GgufError::Unsupported {
+                    path,
+                    detail: format!("GGUF version {v}: whet reads versions 1 to 3"),
+                });
+            }
+        }
+        let tensor_count = self.length("the tensor count")?;
+        let kv_count = self.length("the metadata count")?;
+        // Smallest possible entries: a key (length prefix) + type (u32) + one byte of value; a
+        // tensor info with an empty name: length prefix + n_dims (u32) + type (u32) + offset (u64).
+        let prefix = if self.wide { 8u64 } else { 4 };
+        let needed = kv_count
+            .saturating_mul(prefix + 4 + 1)
+            .saturating_add(tensor_count.saturating_mul(prefix + 4 + 4 + 8));
+        let available = self.len - self.pos;
+        if needed > available {
+            return Err(GgufError::Truncated {
+                path,
+                detail: format!(
+                    "the header declares {tensor_count} tensors and {kv_count} metadata entries, which need at least {needed} bytes, but only {available} follow"
+                ),
+            });
+        }
+        for _ in 0..kv_count {
+            let key = self.name("a metadata key")?;
+            let ty = self.u32(&key)?;
+            let value = self.skip_value(&key, ty, 0)?;
+            if key == "general.alignment" {
+                match value {
+                    Some(a) if a.is_power_of_two() => {}
+                    _ => {
+                        return Err(GgufError::BadValue {
+                            path,
+                            key,
+                            expected: "a power of two (an unsigned integer)".into(),
+                            found: value.map_or(format!("value type {ty}"), |a| a.to_string()),
+                        });
+                    }
+                }
+            }
+        }
+        for _ in 0..tensor_count {
+            let name = self.name("a tensor name")?;
+            let n_dims = self.u32(&name)?;
+            if n_dims > 4 {
+                return Err(GgufError::BadTensor {
+                    path,
+                    tensor: name,
+                    expected: "at most 4 dimensions".into(),
+                    found: n_dims.to_string(),
+                });
+            }
+            let dim_size = if self.wide { 8 } else { 4 };
+            self.skip(&name, u64::from(n_dims) * dim_size)?;
+            let ty = self.u32(&name)?;
+            if !candle_knows_type(ty) {
+                return Err(GgufError::UnsupportedQuantization {
+                    path,
+                    what: format!("tensor {name}"),
+                    type_id: ty,
+                    type_name: ggml_type_name(ty).into(),
+                });
+            }
+            self.skip(&name, 8)?; // offset
+        }
+        Ok(())
     }
 }
 
@@ -1314,7 +1451,7 @@ fn check_tensor(
         })?;
     let block = dtype.block_size() as u64;
     let inner = dims.last().copied().unwrap_or(1) as u64;
-    if inner % block != 0 {
+    if !inner.is_multiple_of(block) {
         return Err(bad(
             format!(
                 "a row length divisible by the {} block size {block}",
@@ -1469,6 +1606,15 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path) -> Result<ConvertReport> {
         let target = out.join(name);
         write_json(gguf, &target, &value)?;
         files.push(target);
+    }
+    // safetensors writes through a 0600 temp file; give the weights the permissions the JSON
+    // files got from the umask.
+    if let Ok(meta) = std::fs::metadata(&files[1]) {
+        std::fs::set_permissions(&files[0], meta.permissions()).map_err(|e| GgufError::Write {
+            path: gguf.to_path_buf(),
+            out: files[0].clone(),
+            detail: format!("set permissions: {e}"),
+        })?;
     }
     Ok(ConvertReport {
         config,

@@ -139,7 +139,12 @@ impl Attention {
     }
 
     fn linears_mut(&mut self) -> [&mut Linear; 4] {
-        [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj, &mut self.o_proj]
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+        ]
     }
 }
 
@@ -207,7 +212,9 @@ impl Block {
         train: bool,
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?; // (B, T, H)
-        let h = self.self_attn.forward(&h, cos, sin, segments, cache, train)?; // (B, T, H)
+        let h = self
+            .self_attn
+            .forward(&h, cos, sin, segments, cache, train)?; // (B, T, H)
         let x = (x + h)?; // (B, T, H)
         let h = self.post_attention_layernorm.forward(&x)?; // (B, T, H)
         let h = self.mlp.forward(&h, train)?; // (B, T, H)
@@ -228,7 +235,10 @@ impl Block {
 
     /// Norm weights in HF state-dict order.
     fn norms(&self) -> [&Param; 2] {
-        [&self.input_layernorm.weight, &self.post_attention_layernorm.weight]
+        [
+            &self.input_layernorm.weight,
+            &self.post_attention_layernorm.weight,
+        ]
     }
 }
 
@@ -353,6 +363,17 @@ impl Model {
         self.training = training;
     }
 
+    /// Restarts every LoRA dropout stream from `seed`. The trainer calls this before each
+    /// micro-batch with a seed derived from the step, so a resumed run draws the same masks
+    /// as an uninterrupted one.
+    pub fn reseed_dropout(&mut self, seed: u64) {
+        for (i, lin) in self.linears_mut().enumerate() {
+            if let Some(lora) = lin.lora.as_mut() {
+                *lora.rng.lock().unwrap_or_else(|e| e.into_inner()) = StdRng::seed_from_u64(dropout_seed(seed, i));
+            }
+        }
+    }
+
     pub fn is_training(&self) -> bool {
         self.training
     }
@@ -431,7 +452,11 @@ impl Model {
     pub fn num_params(&self) -> (usize, usize) {
         let ps = self.params();
         let total = ps.iter().map(|p| p.t.elem_count()).sum();
-        let trainable = ps.iter().filter(|p| p.t.is_variable()).map(|p| p.t.elem_count()).sum();
+        let trainable = ps
+            .iter()
+            .filter(|p| p.t.is_variable())
+            .map(|p| p.t.elem_count())
+            .sum();
         (total, trainable)
     }
 
@@ -495,7 +520,12 @@ impl Model {
         let tensors: Vec<(String, Tensor)> = self
             .linears()
             .filter_map(|l| l.lora.as_ref())
-            .flat_map(|l| [(l.a.name.clone(), l.a.t.clone()), (l.b.name.clone(), l.b.t.clone())])
+            .flat_map(|l| {
+                [
+                    (l.a.name.clone(), l.a.t.clone()),
+                    (l.b.name.clone(), l.b.t.clone()),
+                ]
+            })
             .collect();
         let base = self
             .source
@@ -536,14 +566,20 @@ impl Model {
                     [a, b]
                 })
                 .collect();
-            let mut extra: Vec<&str> = files.names().filter(|n| !known.iter().any(|k| k == n)).collect();
+            let mut extra: Vec<&str> = files
+                .names()
+                .filter(|n| !known.iter().any(|k| k == n))
+                .collect();
             extra.sort();
             return Err(Error::lora(
                 &weights_path,
                 format!(
                     "{} tensor(s) match no targeted module of this model (first: {:?}); the adapter was made for another model or targets unsupported modules",
                     total - used,
-                    extra.first().copied().unwrap_or("a module outside target_modules")
+                    extra
+                        .first()
+                        .copied()
+                        .unwrap_or("a module outside target_modules")
                 ),
             ));
         }
@@ -607,7 +643,12 @@ impl Model {
     // ---- forward ----
 
     /// ids, positions, segments: (B, T) u32, checked.
-    fn check_inputs(&self, ids: &Tensor, positions: &Tensor, segments: &Tensor) -> Result<(usize, usize)> {
+    fn check_inputs(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        segments: &Tensor,
+    ) -> Result<(usize, usize)> {
         let (b, t) = check_2d(ids, "ids", DType::U32, None)?;
         check_2d(positions, "positions", DType::U32, Some((b, t)))?;
         check_2d(segments, "segments", DType::U32, Some((b, t)))?;
@@ -617,7 +658,13 @@ impl Model {
 
     fn check_id_range(&self, ids: &Tensor) -> Result<()> {
         let v = self.cfg.vocab_size as u32;
-        if let Some((i, &id)) = ids.flatten_all()?.to_vec1::<u32>()?.iter().enumerate().find(|(_, id)| **id >= v) {
+        if let Some((i, &id)) = ids
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id >= v)
+        {
             return Err(Error::Input {
                 input: "ids",
                 expected: format!("token ids below vocab_size = {v}"),
@@ -628,7 +675,13 @@ impl Model {
     }
 
     /// Final hidden states (after the last norm). ids/positions/segments: (B, T) -> (B, T, H)
-    fn hidden(&self, ids: &Tensor, positions: &Tensor, segments: &Tensor, train: bool) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        segments: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let h = self.cfg.hidden_size;
         let mut x = self
@@ -651,7 +704,13 @@ impl Model {
     /// trainer divides by the count over the whole accumulated batch. Only supervised rows go
     /// through the LM head, [`LOSS_CHUNK_ROWS`] at a time, so the (N, V) logits never exist.
     /// LoRA dropout is on while [`Model::is_training`].
-    pub fn loss(&self, ids: &Tensor, positions: &Tensor, segments: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
+    pub fn loss(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        segments: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(Tensor, usize)> {
         let (b, t) = self.check_inputs(ids, positions, segments)?;
         check_2d(targets, "targets", DType::I64, Some((b, t)))?;
         let targets = targets.flatten_all()?; // (N)
@@ -680,9 +739,13 @@ impl Model {
             (hidden, targets)
         } else {
             let idx = Tensor::from_vec(rows, n, &self.device)?; // (n)
-            (hidden.index_select(&idx, 0)?, targets.index_select(&idx, 0)?) // (n, H), (n)
+            (
+                hidden.index_select(&idx, 0)?,
+                targets.index_select(&idx, 0)?,
+            ) // (n, H), (n)
         };
-        let loss = linear_cross_entropy_sum(&hidden, self.lm_head_weight(), &targets, LOSS_CHUNK_ROWS)?; // ()
+        let loss =
+            linear_cross_entropy_sum(&hidden, self.lm_head_weight(), &targets, LOSS_CHUNK_ROWS)?; // ()
         Ok((loss, n))
     }
 
@@ -736,7 +799,12 @@ fn dropout_seed(seed: u64, layer_index: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-fn check_2d(t: &Tensor, input: &'static str, dtype: DType, dims: Option<(usize, usize)>) -> Result<(usize, usize)> {
+fn check_2d(
+    t: &Tensor,
+    input: &'static str,
+    dtype: DType,
+    dims: Option<(usize, usize)>,
+) -> Result<(usize, usize)> {
     let want = match dims {
         Some((b, t)) => format!("({b}, {t}) {dtype:?}"),
         None => format!("(B, T) {dtype:?} with T >= 1"),

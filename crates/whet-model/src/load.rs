@@ -72,8 +72,8 @@ impl SafetensorsFiles {
                 hint: "expected model.safetensors or model.safetensors.index.json in the model folder (.bin checkpoints are not read; convert them to safetensors)",
             });
         }
-        let text = std::fs::read_to_string(&index_path)
-            .map_err(|e| Error::io(&index_path, "read", e))?;
+        let text =
+            std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, "read", e))?;
         #[derive(serde::Deserialize)]
         struct Index {
             weight_map: HashMap<String, String>,
@@ -186,13 +186,16 @@ pub(crate) enum Source {
         label: PathBuf,
     },
     /// HF init: N(0, std) for matrices, zeros for biases, ones for norms.
-    Random { rng: Mutex<StdRng>, std: f32 },
+    Random {
+        rng: Box<Mutex<StdRng>>,
+        std: f32,
+    },
 }
 
 impl Source {
     pub fn random(seed: u64) -> Source {
         Source::Random {
-            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            rng: Box::new(Mutex::new(StdRng::seed_from_u64(seed))),
             std: 0.02,
         }
     }

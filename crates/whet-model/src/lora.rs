@@ -122,7 +122,9 @@ impl LoraConfig {
             if !LINEAR_MODULES.contains(w) {
                 return Err(Error::lora(
                     path,
-                    format!("target module `{w}` is not supported; supported: {LINEAR_MODULES:?} or \"all-linear\""),
+                    format!(
+                        "target module `{w}` is not supported; supported: {LINEAR_MODULES:?} or \"all-linear\""
+                    ),
                 ));
             }
         }
@@ -164,7 +166,8 @@ impl LoraConfig {
             "use_dora": false,
             "use_rslora": self.use_rslora,
         });
-        Ok(serde_json::to_string_pretty(&v).map_err(|e| Error::json(Path::new(ADAPTER_CONFIG_FILE), ".".into(), &e))?)
+        serde_json::to_string_pretty(&v)
+            .map_err(|e| Error::json(Path::new(ADAPTER_CONFIG_FILE), ".".into(), &e))
     }
 
     /// Reads PEFT's `adapter_config.json` text (`path` labels errors). Returns the recipe and
@@ -173,7 +176,10 @@ impl LoraConfig {
         let f: PeftAdapterConfig = crate::error::from_json_str(text, path)?;
         let fail = |what: String| Err(Error::lora(path, what));
         if f.peft_type != "LORA" {
-            return fail(format!("peft_type = {:?}; only \"LORA\" adapters are supported", f.peft_type));
+            return fail(format!(
+                "peft_type = {:?}; only \"LORA\" adapters are supported",
+                f.peft_type
+            ));
         }
         if f.bias != "none" {
             return fail(format!("bias = {:?}; only \"none\" is supported", f.bias));
@@ -187,7 +193,9 @@ impl LoraConfig {
         if f.rank_pattern.as_ref().is_some_and(|m| !m.is_empty())
             || f.alpha_pattern.as_ref().is_some_and(|m| !m.is_empty())
         {
-            return fail("rank_pattern / alpha_pattern (per-module ranks) are not supported".into());
+            return fail(
+                "rank_pattern / alpha_pattern (per-module ranks) are not supported".into(),
+            );
         }
         if f.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             return fail("modules_to_save (fully trained extra modules) is not supported".into());
@@ -202,7 +210,9 @@ impl LoraConfig {
             ("layer_replication", &f.layer_replication),
         ] {
             if value.as_ref().is_some_and(|v| !v.is_null()) {
-                return fail(format!("{field} is set; this PEFT feature is not supported"));
+                return fail(format!(
+                    "{field} is set; this PEFT feature is not supported"
+                ));
             }
         }
         if f.lora_bias {
@@ -214,9 +224,9 @@ impl LoraConfig {
             dropout: f.lora_dropout,
             // PEFT's default for llama / mistral / qwen2
             // (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
-            target_modules: f.target_modules.unwrap_or_else(|| {
-                TargetModules::Many(vec!["q_proj".into(), "v_proj".into()])
-            }),
+            target_modules: f
+                .target_modules
+                .unwrap_or_else(|| TargetModules::Many(vec!["q_proj".into(), "v_proj".into()])),
             use_rslora: f.use_rslora,
         };
         cfg.modules(path)?;
@@ -276,7 +286,7 @@ fn bias_none() -> String {
 pub struct Linear {
     /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
     prefix: String,
-    pub(crate) weight: Param, // (OUT, IN)
+    pub(crate) weight: Param,       // (OUT, IN)
     pub(crate) bias: Option<Param>, // (OUT)
     pub(crate) lora: Option<Lora>,
 }
@@ -349,7 +359,12 @@ impl Linear {
 
     /// Attaches a fresh adapter, PEFT init: A ~ kaiming_uniform(a = sqrt(5)), which is
     /// U(-1/sqrt(IN), 1/sqrt(IN)); B = 0, so the model starts unchanged.
-    pub(crate) fn attach_lora(&mut self, cfg: &LoraConfig, init: &mut StdRng, dropout_seed: u64) -> Result<()> {
+    pub(crate) fn attach_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        init: &mut StdRng,
+        dropout_seed: u64,
+    ) -> Result<()> {
         let (out_dim, in_dim) = self.dims()?;
         let dev = self.weight.t.device().clone();
         let bound = 1.0 / (in_dim as f32).sqrt();
@@ -362,7 +377,13 @@ impl Linear {
     }
 
     /// Installs A (R, IN) and B (OUT, R) as trainable Vars.
-    pub(crate) fn set_lora(&mut self, cfg: &LoraConfig, a: Tensor, b: Tensor, dropout_seed: u64) -> Result<()> {
+    pub(crate) fn set_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        a: Tensor,
+        b: Tensor,
+        dropout_seed: u64,
+    ) -> Result<()> {
         let (name_a, name_b) = self.peft_names();
         let mut a = Param { name: name_a, t: a };
         let mut b = Param { name: name_b, t: b };

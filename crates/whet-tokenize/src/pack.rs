@@ -280,10 +280,8 @@ pub fn padding_free(examples: &[TokenizedExample]) -> PackedRow {
         position_ids: Vec::with_capacity(total),
         segment_ids: Vec::with_capacity(total),
     };
-    let mut seg = 0u32;
-    for ex in examples.iter().filter(|e| !e.is_empty()) {
-        push_doc(&mut row, ex, seg);
-        seg += 1;
+    for (seg, ex) in examples.iter().filter(|e| !e.is_empty()).enumerate() {
+        push_doc(&mut row, ex, seg as u32);
     }
     row
 }

@@ -14,4 +14,4 @@ pub mod trainer;
 pub use config::Config;
 pub use error::{Result, TrainError};
 pub use rows::{Batch, Cursor, Row};
-pub use trainer::{EvalMetrics, Observer, Quiet, StepMetrics, Summary, Trainer, evaluate};
+pub use trainer::{EvalMetrics, Observer, Quiet, StepMetrics, Summary, Trainer, evaluate, load_trainable};

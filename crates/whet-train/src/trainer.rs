@@ -65,7 +65,8 @@ pub struct Summary {
     pub losses: Vec<f64>,
 }
 
-/// Mean cross-entropy of `rows` under `model`, as `(loss, supervised tokens)`.
+/// Mean cross-entropy of `rows` under `model`, as `(loss, supervised tokens)`. The model should
+/// be in evaluation mode (`set_training(false)`: no dropout).
 pub fn evaluate(model: &Model, rows: &[Row], micro_batch: usize, device: &Device) -> Result<(f64, usize)> {
     let (mut sum, mut n) = (0f64, 0usize);
     for chunk in rows.chunks(micro_batch.max(1)) {
@@ -74,7 +75,7 @@ pub fn evaluate(model: &Model, rows: &[Row], micro_batch: usize, device: &Device
         if batch.supervised == 0 {
             continue;
         }
-        let (loss, count) = model.loss(&batch.ids, &batch.positions, &batch.segments, &batch.targets, false)?;
+        let (loss, count) = model.loss(&batch.ids, &batch.positions, &batch.segments, &batch.targets)?;
         sum += loss.to_scalar::<f32>()? as f64;
         n += count;
     }
@@ -172,6 +173,7 @@ impl Trainer<'_> {
         let steps_per_epoch = self.steps_per_epoch();
         let started = Instant::now();
         let mut order = epoch_order(self.train.len(), t.seed, state.cursor.epoch);
+        self.model.set_training(true);
 
         while state.step < total_steps {
             // Gather this step's rows, crossing into the next epoch where needed.
@@ -198,8 +200,8 @@ impl Trainer<'_> {
                 if batch.supervised == 0 {
                     continue;
                 }
-                self.model.set_dropout_seed(t.seed.wrapping_mul(1_000_003).wrapping_add(state.step * 1024 + micro as u64));
-                let (loss, _) = self.model.loss(&batch.ids, &batch.positions, &batch.segments, &batch.targets, true)?;
+                self.model.reseed_dropout(t.seed ^ (state.step << 16) ^ micro as u64);
+                let (loss, _) = self.model.loss(&batch.ids, &batch.positions, &batch.segments, &batch.targets)?;
                 let value = loss.to_scalar::<f32>()?;
                 if !value.is_finite() {
                     return Err(TrainError::NonFinite { step: state.step + 1, micro, value });
@@ -250,7 +252,9 @@ impl Trainer<'_> {
             let eval_now = if t.eval_every > 0 { state.step % t.eval_every == 0 || last } else { end_of_epoch || last };
             let mut stop = false;
             if eval_now && !self.validation.is_empty() {
+                self.model.set_training(false);
                 let (val_loss, val_tokens) = evaluate(self.model, self.validation, t.micro_batch, &self.device)?;
+                self.model.set_training(true);
                 let improved = state.best_val_loss.is_none_or(|b| val_loss < b - t.min_delta);
                 if improved {
                     state.best_val_loss = Some(val_loss);
@@ -279,6 +283,7 @@ impl Trainer<'_> {
                 break;
             }
         }
+        self.model.set_training(false);
         summary.steps = state.step;
         summary.best_val_loss = state.best_val_loss;
         summary.best_step = state.best_step;
@@ -291,7 +296,7 @@ impl Trainer<'_> {
         checkpoint::write(self.out, state, &self.config.to_toml(), |dir| {
             match self.config.method {
                 Method::Lora => self.model.save_adapter(dir)?,
-                Method::Full => self.model.save_weights(&dir.join("model.safetensors"))?,
+                Method::Full => self.model.save_pretrained(dir)?,
             }
             crate::state_io::write_optimizer(&dir.join(checkpoint::OPTIMIZER_FILE), &opt_state)
         })
@@ -305,12 +310,33 @@ impl Trainer<'_> {
                 why: format!("checkpoint {} was written by run {}, this is run {}", dir.display(), state.run_id, self.run_id),
             });
         }
-        match self.config.method {
-            Method::Lora => self.model.load_adapter_weights(dir)?,
-            Method::Full => self.model.load_weights(&dir.join("model.safetensors"))?,
-        }
+        load_trainable(self.model, dir, self.config.method)?;
         let opt: OptimizerState = crate::state_io::read_optimizer(&dir.join(checkpoint::OPTIMIZER_FILE))?;
         optimizer.load_state(&opt)?;
         Ok(state)
     }
+}
+
+/// The weights file a checkpoint of `method` holds.
+pub fn weights_file(dir: &Path, method: Method) -> PathBuf {
+    dir.join(match method {
+        Method::Lora => "adapter_model.safetensors",
+        Method::Full => "model.safetensors",
+    })
+}
+
+/// Copies a checkpoint's values into the model's existing trainable `Var`s, so an optimizer
+/// that holds those `Var`s keeps working (resume, and "load the best checkpoint").
+pub fn load_trainable(model: &Model, dir: &Path, method: Method) -> Result<()> {
+    let path = weights_file(dir, method);
+    let bad = |message: String| TrainError::CheckpointRead { path: path.clone(), message };
+    let tensors = candle_core::safetensors::load(&path, model.device()).map_err(|e| bad(e.to_string()))?;
+    for (name, var) in model.trainable() {
+        let t = tensors.get(&name).ok_or_else(|| bad(format!("no tensor `{name}`")))?;
+        if t.dims() != var.dims() {
+            return Err(bad(format!("`{name}` has shape {:?}, the model needs {:?}", t.dims(), var.dims())));
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
 }

@@ -1,1 +1,10 @@
-//! whet
+//! whet's orchestrator: the only crate that knows every other crate. The `whet` binary
+//! (`src/main.rs`) parses arguments and calls [`commands`].
+
+pub mod cli;
+pub mod commands;
+pub mod inspect;
+pub mod kfold;
+pub mod pipeline;
+pub mod plot;
+pub mod report;

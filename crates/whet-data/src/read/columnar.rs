@@ -10,7 +10,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::Schema;
+use arrow::datatypes::{DataType, Schema};
 use arrow::error::ArrowError;
 use arrow::ipc::reader::{FileReader, StreamReader};
 use arrow::json::writer::{LineDelimited, WriterBuilder};
@@ -63,12 +63,18 @@ pub(crate) fn open_parquet(path: &Path, opts: &ReadOptions) -> Result<BatchSourc
     let builder = ParquetRecordBatchReaderBuilder::try_new(open_file(path)?)
         .map_err(|e| corrupt(path, 0, FMT, e))?;
     let mut builder = builder.with_batch_size(opts.batch_size.max(1));
-    if let Some(idx) = projection(builder.schema(), &opts.mapping.columns) {
-        let mask = ProjectionMask::roots(builder.parquet_schema(), idx);
-        builder = builder.with_projection(mask);
-    }
+    let projected = match projection(builder.schema(), &opts.mapping.columns) {
+        Some(idx) => {
+            let mask = ProjectionMask::roots(builder.parquet_schema(), idx);
+            builder = builder.with_projection(mask);
+            true
+        }
+        None => false,
+    };
     let reader = builder.build().map_err(|e| corrupt(path, 0, FMT, e))?;
-    Ok(BatchSource::new(path, FMT, Box::new(reader), None))
+    let mut source = BatchSource::new(path, FMT, Box::new(reader), None);
+    source.check_types = projected;
+    Ok(source)
 }
 
 const ARROW_MAGIC: &[u8; 6] = b"ARROW1";
@@ -95,7 +101,9 @@ pub(crate) fn open_arrow(path: &Path, opts: &ReadOptions) -> Result<BatchSource>
         (Box::new(r), schema)
     };
     let idx = projection(&schema, &opts.mapping.columns);
-    Ok(BatchSource::new(path, FMT, batches, idx))
+    let mut source = BatchSource::new(path, FMT, batches, idx);
+    source.check_types = source.projection.is_some();
+    Ok(source)
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -113,6 +121,9 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 pub(crate) struct BatchSource {
     batches: Batches,
     projection: Option<Vec<usize>>,
+    /// Reject columns whose JSON encoding would be lossy (only when reading mapped columns;
+    /// otherwise the rows fail as an unknown shape anyway).
+    check_types: bool,
     path: PathBuf,
     format: &'static str,
     next_row: u64,
@@ -131,6 +142,7 @@ impl BatchSource {
         BatchSource {
             batches,
             projection,
+            check_types: false,
             path: path.to_path_buf(),
             format,
             next_row: 0,
@@ -173,6 +185,26 @@ impl BatchSource {
             }
         }
         corrupt(&self.path, self.next_row, self.format, e)
+    }
+}
+
+/// Types whose JSON encoding is faithful to what a record field means: strings (and
+/// dictionaries of them), numbers, booleans, nulls, and lists/structs of those. Numbers and
+/// booleans still fail the mapping with a `WrongType` naming the field. Binary, dates,
+/// timestamps and the like would be silently stringified, so they are rejected.
+fn json_friendly(dt: &DataType) -> bool {
+    match dt {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Null => true,
+        DataType::Boolean => true,
+        dt if dt.is_numeric() => true,
+        DataType::Dictionary(_, value) => json_friendly(value),
+        DataType::List(f)
+        | DataType::LargeList(f)
+        | DataType::ListView(f)
+        | DataType::LargeListView(f)
+        | DataType::FixedSizeList(f, _) => json_friendly(f.data_type()),
+        DataType::Struct(fields) => fields.iter().all(|f| json_friendly(f.data_type())),
+        _ => false,
     }
 }
 
@@ -225,6 +257,23 @@ impl RowSource for BatchSource {
                 },
                 None => batch,
             };
+            if self.check_types
+                && let Some(field) = batch
+                    .schema()
+                    .fields()
+                    .iter()
+                    .find(|f| !json_friendly(f.data_type()))
+            {
+                self.done = true;
+                return Some(Err(DataError::UnsupportedColumn {
+                    origin: Origin {
+                        file: self.path.clone(),
+                        row: self.next_row,
+                    },
+                    field: field.name().clone(),
+                    data_type: field.data_type().to_string(),
+                }));
+            }
             if let Err(e) = self.encode(&batch) {
                 self.done = true;
                 return Some(Err(e));

@@ -157,7 +157,10 @@ pub fn resolve(source: impl AsRef<Path>, format: Option<Format>) -> Result<Vec<(
             return Err(DataError::Io {
                 path: source.to_path_buf(),
                 action: "open",
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
             });
         }
         let paths = glob::glob(&pattern).map_err(|e| DataError::BadGlob {
@@ -250,7 +253,10 @@ pub fn open(source: impl AsRef<Path>, opts: &ReadOptions) -> Result<DataReader> 
 }
 
 /// Reads a whole source into memory; stops at the first error that `skip_invalid` does not skip.
-pub fn read_all(source: impl AsRef<Path>, opts: &ReadOptions) -> Result<(Vec<Example>, ReadReport)> {
+pub fn read_all(
+    source: impl AsRef<Path>,
+    opts: &ReadOptions,
+) -> Result<(Vec<Example>, ReadReport)> {
     let mut reader = open(source, opts)?;
     let examples = reader.by_ref().collect::<Result<Vec<_>>>()?;
     Ok((examples, reader.into_report()))

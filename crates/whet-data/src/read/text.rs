@@ -173,7 +173,9 @@ impl JsonArraySource {
     fn scan(&mut self) -> io::Result<Option<Scan>> {
         self.buf.clear();
         let Some(first) = skip_ws(&mut self.reader)? else {
-            return Ok(Some(Scan::Fatal("unexpected end of file inside the array".into())));
+            return Ok(Some(Scan::Fatal(
+                "unexpected end of file inside the array".into(),
+            )));
         };
         if self.state == ArrayState::First && first == b']' {
             self.reader.consume(1);
@@ -191,7 +193,9 @@ impl JsonArraySource {
         'outer: loop {
             let buf = self.reader.fill_buf()?;
             if buf.is_empty() {
-                return Ok(Some(Scan::Fatal("unexpected end of file inside an element".into())));
+                return Ok(Some(Scan::Fatal(
+                    "unexpected end of file inside an element".into(),
+                )));
             }
             let mut used = 0;
             for &b in buf {

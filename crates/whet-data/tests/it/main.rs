@@ -1,1 +1,9 @@
-mod smoke { #[test] fn builds() {} }
+//! The one integration-test binary of whet-data.
+
+mod common;
+mod dedup;
+mod errors;
+mod mapping;
+mod pii;
+mod read;
+mod split;

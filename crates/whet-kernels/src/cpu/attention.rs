@@ -7,10 +7,11 @@
 //! (and, when a row's segment ids are not contiguous runs, only to keys with its segment id).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use rayon::prelude::*;
 
-use super::{Float, axpy, dot, max, scal, threads};
+use super::{Float, axpy, dot, max, multiversion, scal, threads};
 
 /// Query positions per task (all NH heads of each).
 const QB: usize = 16;
@@ -59,10 +60,11 @@ impl Windows {
             for p in 0..s {
                 let start = p == 0 || row[p] != row[p - 1];
                 if start {
-                    if first.contains_key(&row[p]) {
-                        runs[bi] = false;
-                    } else {
-                        first.insert(row[p], p);
+                    match first.entry(row[p]) {
+                        Entry::Occupied(_) => runs[bi] = false,
+                        Entry::Vacant(e) => {
+                            e.insert(p);
+                        }
                     }
                 }
                 lo[p] = if start { p } else { lo[p - 1] };
@@ -144,9 +146,17 @@ pub(crate) fn fwd<T: Float>(q: &[T], k: &[T], v: &[T], win: &Windows, dm: Dims, 
     (o, lse)
 }
 
+multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    fn fwd_block<T: Float>(
+        q: &[T], k: &[T], v: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, i0: usize, o: &mut [T], lse: &mut [T],
+    ) = fwd_block_impl;
+}
+
 /// Queries i0 .. i0 + nq of batch row bi, all heads. o: (nq, NH, D) zeroed, lse: (nq, NH).
 #[allow(clippy::too_many_arguments)]
-fn fwd_block<T: Float>(q: &[T], k: &[T], v: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, i0: usize, o: &mut [T], lse: &mut [T]) {
+#[inline(always)]
+fn fwd_block_impl<T: Float>(q: &[T], k: &[T], v: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, i0: usize, o: &mut [T], lse: &mut [T]) {
     let Dims { t, s, nh, nkv, d, .. } = dm;
     let (rep, off) = (dm.rep(), dm.off());
     let nq = lse.len() / nh;
@@ -268,9 +278,18 @@ pub(crate) fn bwd<T: Float>(
     (dq, dk, dv)
 }
 
+multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_chunk<T: Float>(
+        q: &[T], k: &[T], v: &[T], o: &[T], dout: &[T], lse: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, c0: usize,
+        dq: &mut [T],
+    ) -> KeyPart<T> = bwd_chunk_impl;
+}
+
 /// Queries c0 .. c0 + nq of batch row bi: fills dq (nq, NH, D), returns the partial dk/dv.
 #[allow(clippy::too_many_arguments)]
-fn bwd_chunk<T: Float>(
+#[inline(always)]
+fn bwd_chunk_impl<T: Float>(
     q: &[T],
     k: &[T],
     v: &[T],

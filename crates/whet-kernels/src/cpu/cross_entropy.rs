@@ -3,7 +3,7 @@
 use candle_core::{Result, bail};
 use rayon::prelude::*;
 
-use super::{Float, max};
+use super::{Float, max, multiversion};
 use crate::IGNORE_INDEX;
 
 /// Rows per rayon task.
@@ -39,17 +39,26 @@ pub(crate) fn row_lse<T: Float>(x: &[T]) -> T {
     m + s.ln()
 }
 
-/// Turns a row of logits into `g * (softmax(row) - onehot(target))`.
+multiversion! {
+    /// Turns a row of logits into `g * (softmax(row) - onehot(target))`.
+    pub(crate) fn row_grad_in_place<T: Float>(row: &mut [T], lse: T, target: usize, g: T) = row_grad_in_place_impl;
+}
+
 #[inline(always)]
-pub(crate) fn row_grad_in_place<T: Float>(row: &mut [T], lse: T, target: usize, g: T) {
+fn row_grad_in_place_impl<T: Float>(row: &mut [T], lse: T, target: usize, g: T) {
     for x in row.iter_mut() {
         *x = (*x - lse).exp() * g;
     }
     row[target] -= g;
 }
 
-/// Per row: (lse, loss) of a block of rows; ignored rows give (0, 0).
-pub(crate) fn rows_fwd<T: Float>(logits: &[T], targets: &[i64], v: usize, lse: &mut [T]) -> f64 {
+multiversion! {
+    /// A block of rows: writes each row's lse (0 for ignored rows), returns the summed loss.
+    pub(crate) fn rows_fwd<T: Float>(logits: &[T], targets: &[i64], v: usize, lse: &mut [T]) -> f64 = rows_fwd_impl;
+}
+
+#[inline(always)]
+fn rows_fwd_impl<T: Float>(logits: &[T], targets: &[i64], v: usize, lse: &mut [T]) -> f64 {
     let mut loss = 0f64;
     for ((x, &t), lse) in logits.chunks_exact(v).zip(targets).zip(lse.iter_mut()) {
         if t == IGNORE_INDEX {

@@ -58,6 +58,7 @@ pub(crate) fn fwd<T: Float>(h: &[T], w: &[T], targets: &[i64], dm: Dims) -> (f64
 }
 
 /// -> (dh (N, H) if `need_dh`, dw (V, H) if `need_dw`), for the loss scaled by `g`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn bwd<T: Float>(
     h: &[T],
     w: &[T],

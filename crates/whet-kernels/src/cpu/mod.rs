@@ -252,6 +252,67 @@ pub(crate) fn gemm<T: Float>(dst: &mut [T], accumulate: bool, lhs: Mat<'_, T>, r
     }
 }
 
+/// Instruction sets the kernels are compiled for, picked once at runtime.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Simd {
+    /// The build target's baseline (SSE2 on x86-64).
+    Base,
+    /// x86-64-v3: AVX2 + FMA.
+    V3,
+    /// x86-64-v4: AVX-512.
+    V4,
+}
+
+pub(crate) fn simd_level() -> Simd {
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512vl") && has!("avx512dq") && has!("avx512bw") && has!("avx2") && has!("fma") {
+                return Simd::V4;
+            }
+            if has!("avx2") && has!("fma") {
+                return Simd::V3;
+            }
+        }
+        Simd::Base
+    })
+}
+
+/// Defines `$name`, which runs `$imp` (an `#[inline(always)]` generic kernel) compiled for
+/// AVX-512 or AVX2 when the CPU has them, else for the baseline target. Kernels are written as
+/// plain loops over slices; the wider instruction sets let them vectorise 8 or 16 lanes wide.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident<T: Float>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $imp:ident;) => {
+        $(#[$m])*
+        $vis fn $name<T: $crate::cpu::Float>($($a: $t),*) $(-> $r)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn v4<T: $crate::cpu::Float>($($a: $t),*) $(-> $r)? {
+                    $imp::<T>($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn v3<T: $crate::cpu::Float>($($a: $t),*) $(-> $r)? {
+                    $imp::<T>($($a),*)
+                }
+                match $crate::cpu::simd_level() {
+                    // SAFETY: simd_level() detected these features on this CPU.
+                    $crate::cpu::Simd::V4 => return unsafe { v4::<T>($($a),*) },
+                    // SAFETY: as above.
+                    $crate::cpu::Simd::V3 => return unsafe { v3::<T>($($a),*) },
+                    $crate::cpu::Simd::Base => {}
+                }
+            }
+            $imp::<T>($($a),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
 /// Runs `$body` with `$t` bound to the Rust type of `$dtype` (f32 or f64); any other dtype
 /// is a candle `UnsupportedDTypeForOp` error.
 macro_rules! dispatch_float {

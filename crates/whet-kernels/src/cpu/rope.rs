@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::Float;
+use super::{Float, multiversion};
 
 /// Shape and element strides of x (the offset of x[0, 0, 0, 0] is the start of `x`).
 #[derive(Clone, Copy)]
@@ -28,19 +28,29 @@ pub(crate) fn apply<T: Float>(x: &[T], cos: &[T], sin: &[T], dm: Dims, sign: T) 
     }
     // One task per (b, t) row: (NH, D) outputs sharing one cos/sin row.
     y.par_chunks_mut(nh * d).enumerate().for_each(|(bt, y)| {
-        let (bi, ti) = (bt / t, bt % t);
-        let c = &cos[bt * half..(bt + 1) * half];
-        let s = &sin[bt * half..(bt + 1) * half];
-        for (h, y) in y.chunks_exact_mut(d).enumerate() {
-            let o = bi * stride[0] + ti * stride[1] + h * stride[2];
-            let (x1, x2) = x[o..o + d].split_at(half);
-            let (lo, hi) = y.split_at_mut(half);
-            for i in 0..half {
-                let ss = sign * s[i];
-                lo[i] = x1[i] * c[i] - x2[i] * ss;
-                hi[i] = x2[i] * c[i] + x1[i] * ss;
-            }
-        }
+        let (c, s) = (&cos[bt * half..(bt + 1) * half], &sin[bt * half..(bt + 1) * half]);
+        let o = (bt / t) * stride[0] + (bt % t) * stride[1];
+        rotate_row(y, &x[o..], c, s, stride[2], sign)
     });
     y
+}
+
+multiversion! {
+    fn rotate_row<T: Float>(y: &mut [T], x: &[T], c: &[T], s: &[T], head_stride: usize, sign: T) = rotate_row_impl;
+}
+
+/// One (b, t) row: y (NH, D) from x (head h at h * head_stride).
+#[inline(always)]
+fn rotate_row_impl<T: Float>(y: &mut [T], x: &[T], c: &[T], s: &[T], head_stride: usize, sign: T) {
+    let half = c.len();
+    for (h, y) in y.chunks_exact_mut(2 * half).enumerate() {
+        let o = h * head_stride;
+        let (x1, x2) = x[o..o + 2 * half].split_at(half);
+        let (lo, hi) = y.split_at_mut(half);
+        for i in 0..half {
+            let ss = sign * s[i];
+            lo[i] = x1[i] * c[i] - x2[i] * ss;
+            hi[i] = x2[i] * c[i] + x1[i] * ss;
+        }
+    }
 }

@@ -52,7 +52,9 @@ pub fn packed_batch(vocab: u32, seed: u32) -> Batch {
     let pos0: Vec<u32> = (0..t).collect();
     let pos1: Vec<u32> = (0..5).chain(0..7).collect();
     let seg0 = vec![0u32; t as usize];
-    let seg1: Vec<u32> = std::iter::repeat_n(0, 5).chain(std::iter::repeat_n(1, 7)).collect();
+    let seg1: Vec<u32> = std::iter::repeat_n(0, 5)
+        .chain(std::iter::repeat_n(1, 7))
+        .collect();
     let shift = |ids: &[u32], seg: &[u32]| -> Vec<i64> {
         (0..ids.len())
             .map(|i| {
@@ -75,7 +77,12 @@ pub fn packed_batch(vocab: u32, seed: u32) -> Batch {
         ids: t2(&row0, &row1),
         positions: t2(&pos0, &pos1),
         segments: t2(&seg0, &seg1),
-        targets: Tensor::from_vec([tgt0.as_slice(), tgt1.as_slice()].concat(), (2, tgt0.len()), &dev).unwrap(),
+        targets: Tensor::from_vec(
+            [tgt0.as_slice(), tgt1.as_slice()].concat(),
+            (2, tgt0.len()),
+            &dev,
+        )
+        .unwrap(),
         ids_rows: vec![row0, row1],
         targets_rows: vec![tgt0, tgt1],
     }
@@ -119,7 +126,8 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("whet-model-it-{}-{n}-{tag}", std::process::id()));
+        let p =
+            std::env::temp_dir().join(format!("whet-model-it-{}-{n}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
@@ -139,6 +147,34 @@ impl Drop for TempDir {
 /// Log-sum-exp cross-entropy of one logits row, in f64: the test's own reference.
 pub fn ce_row(logits: &[f32], target: usize) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lse = logits
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     lse - logits[target] as f64
+}
+
+/// d f / d var[i] by central differences with Richardson extrapolation (steps `eps` and
+/// `eps / 2`, truncation error O(eps^4)); `var` is restored afterwards.
+pub fn finite_difference(var: &candle_core::Var, i: usize, eps: f32, f: impl Fn() -> f64) -> f64 {
+    let orig = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let at = |d: f32| {
+        let mut v = orig.clone();
+        v[i] += d;
+        var.set(&Tensor::from_vec(v, var.shape(), var.device()).unwrap())
+            .unwrap();
+        f()
+    };
+    let wide = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+    let narrow = (at(eps / 2.0) - at(-eps / 2.0)) / eps as f64;
+    var.set(&Tensor::from_vec(orig, var.shape(), var.device()).unwrap())
+        .unwrap();
+    (4.0 * narrow - wide) / 3.0
 }

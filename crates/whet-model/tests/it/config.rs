@@ -60,7 +60,13 @@ fn real_configs_parse() {
 
     let c = parse(LLAMA31_8B).unwrap();
     assert_eq!(c.eos_token_ids(), vec![128001, 128008, 128009]);
-    assert!(matches!(c.rope_kind(), RopeKind::Llama3 { original_max_position_embeddings: 8192, .. }));
+    assert!(matches!(
+        c.rope_kind(),
+        RopeKind::Llama3 {
+            original_max_position_embeddings: 8192,
+            ..
+        }
+    ));
 
     let c = parse(QWEN2_05B).unwrap();
     assert_eq!(c.model_type(), ModelType::Qwen2);
@@ -73,8 +79,10 @@ fn real_configs_parse() {
     assert!(!c.qkv_bias());
 
     // A config with explicit head_dim (Qwen3-style) and no num_key_value_heads.
-    let c = parse(r#"{"model_type":"llama","vocab_size":10,"hidden_size":16,"intermediate_size":8,
-        "num_hidden_layers":1,"num_attention_heads":2,"head_dim":12}"#)
+    let c = parse(
+        r#"{"model_type":"llama","vocab_size":10,"hidden_size":16,"intermediate_size":8,
+        "num_hidden_layers":1,"num_attention_heads":2,"head_dim":12}"#,
+    )
     .unwrap();
     assert_eq!((c.head_dim(), c.num_kv_heads()), (12, 2));
     assert_eq!(c.inv_freq().len(), 6);
@@ -83,7 +91,10 @@ fn real_configs_parse() {
     let v5 = LLAMA31_8B
         .replace("\"rope_theta\": 500000.0,", "")
         .replace("\"rope_scaling\"", "\"rope_parameters\"")
-        .replace("\"rope_type\": \"llama3\"", "\"rope_type\": \"llama3\", \"rope_theta\": 500000.0");
+        .replace(
+            "\"rope_type\": \"llama3\"",
+            "\"rope_type\": \"llama3\", \"rope_theta\": 500000.0",
+        );
     let c5 = parse(&v5).unwrap();
     assert_eq!(c5.rope_base(), 500000.0);
     assert_eq!(c5.inv_freq(), parse(LLAMA31_8B).unwrap().inv_freq());
@@ -91,8 +102,13 @@ fn real_configs_parse() {
 
 /// HF `_compute_default_rope_parameters` and `_compute_llama3_parameters`, in f64.
 fn reference_inv_freq(theta: f64, dim: usize, llama3: Option<(f64, f64, f64, f64)>) -> Vec<f64> {
-    let inv: Vec<f64> = (0..dim).step_by(2).map(|i| 1.0 / theta.powf(i as f64 / dim as f64)).collect();
-    let Some((factor, low, high, old)) = llama3 else { return inv };
+    let inv: Vec<f64> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / theta.powf(i as f64 / dim as f64))
+        .collect();
+    let Some((factor, low, high, old)) = llama3 else {
+        return inv;
+    };
     inv.into_iter()
         .map(|f| {
             let wavelen = 2.0 * std::f64::consts::PI / f;
@@ -143,7 +159,9 @@ fn inv_freq_matches_transformers_formulas() {
 fn field_error(json: &str) -> (String, String) {
     match parse(json) {
         Err(e @ Error::ConfigField { .. }) => {
-            let Error::ConfigField { ref field, .. } = e else { unreachable!() };
+            let Error::ConfigField { ref field, .. } = e else {
+                unreachable!()
+            };
             (field.clone(), e.to_string())
         }
         other => panic!("expected a field error, got {other:?}"),
@@ -153,9 +171,13 @@ fn field_error(json: &str) -> (String, String) {
 #[test]
 fn config_errors_name_the_file_and_the_field() {
     // wrong type
-    let (field, msg) = field_error(&SMOLLM2_135M.replace("\"hidden_size\": 576", "\"hidden_size\": \"576\""));
+    let (field, msg) =
+        field_error(&SMOLLM2_135M.replace("\"hidden_size\": 576", "\"hidden_size\": \"576\""));
     assert_eq!(field, "hidden_size");
-    assert!(msg.contains("/models/x/config.json") && msg.contains("line 3"), "{msg}");
+    assert!(
+        msg.contains("/models/x/config.json") && msg.contains("line 3"),
+        "{msg}"
+    );
     let (field, _) = field_error(&LLAMA31_8B.replace("\"factor\": 8.0", "\"factor\": \"8\""));
     assert_eq!(field, "rope_scaling.factor");
     let (field, msg) = field_error(&LLAMA31_8B.replace("128008", "\"x\""));
@@ -173,7 +195,10 @@ fn config_errors_name_the_file_and_the_field() {
     assert!(msg.contains("vocab_size"), "{msg}");
     // not JSON at all
     let (_, msg) = field_error("{\"model_type\": \"llama\",");
-    assert!(msg.contains("config.json") && msg.contains("line 1"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("line 1"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -181,19 +206,33 @@ fn unsupported_architectures_and_features_are_refused() {
     let e = parse(&MISTRAL_7B.replace("\"mistral\"", "\"gpt2\"")).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, Error::UnsupportedModelType { .. }));
-    assert!(msg.contains("/models/x/config.json") && msg.contains("gpt2"), "{msg}");
+    assert!(
+        msg.contains("/models/x/config.json") && msg.contains("gpt2"),
+        "{msg}"
+    );
     assert!(msg.contains("llama, mistral, qwen2"), "{msg}");
 
     let e = parse(&LLAMA31_8B.replace("\"mlp_bias\": false", "\"mlp_bias\": true")).unwrap_err();
-    assert!(e.to_string().contains("mlp_bias") && e.to_string().contains("config.json"), "{e}");
+    assert!(
+        e.to_string().contains("mlp_bias") && e.to_string().contains("config.json"),
+        "{e}"
+    );
     let e = parse(&QWEN2_05B.replace("\"silu\"", "\"gelu\"")).unwrap_err();
-    assert!(e.to_string().contains("hidden_act") && e.to_string().contains("gelu"), "{e}");
-    let e = parse(&MISTRAL_7B.replace("\"num_key_value_heads\": 8", "\"num_key_value_heads\": 5")).unwrap_err();
+    assert!(
+        e.to_string().contains("hidden_act") && e.to_string().contains("gelu"),
+        "{e}"
+    );
+    let e = parse(&MISTRAL_7B.replace("\"num_key_value_heads\": 8", "\"num_key_value_heads\": 5"))
+        .unwrap_err();
     assert!(e.to_string().contains("num_key_value_heads"), "{e}");
 
     let missing = Config::from_file(Path::new("/nonexistent/whet/config.json")).unwrap_err();
     assert!(matches!(missing, Error::MissingFile { .. }), "{missing}");
-    assert!(missing.to_string().contains("/nonexistent/whet/config.json"));
+    assert!(
+        missing
+            .to_string()
+            .contains("/nonexistent/whet/config.json")
+    );
 }
 
 #[test]

@@ -17,7 +17,11 @@ fn logits(m: &Model) -> Tensor {
 }
 
 fn write_config(dir: &Path, cfg: &Config) {
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(cfg).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(cfg).unwrap(),
+    )
+    .unwrap();
 }
 
 fn save(dir: &Path, tensors: &HashMap<String, Tensor>) {
@@ -52,15 +56,25 @@ fn sharded_checkpoints_load() {
     names.sort();
     let (a, b) = names.split_at(names.len() / 2);
     let mut weight_map = serde_json::Map::new();
-    for (file, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
-        let shard: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), weights[*n].clone())).collect();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let shard: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), weights[*n].clone()))
+            .collect();
         candle_core::safetensors::save(&shard, dir.path().join(file)).unwrap();
         for n in part {
             weight_map.insert((*n).clone(), file.into());
         }
     }
     let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
-    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     let loaded = Model::load(dir.path(), Trainable::None, &cpu()).unwrap();
     assert_eq!(max_abs_diff(&logits(&loaded), &logits(&model)), 0.0);
 
@@ -68,15 +82,20 @@ fn sharded_checkpoints_load() {
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
     let e = Model::load(dir.path(), Trainable::None, &cpu()).unwrap_err();
     assert!(matches!(e, Error::MissingFile { .. }), "{e}");
-    assert!(e.to_string().contains("model-00002-of-00002.safetensors"), "{e}");
+    assert!(
+        e.to_string().contains("model-00002-of-00002.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
 fn half_precision_weights_become_f32() {
     for dtype in [DType::BF16, DType::F16] {
         let (dir, _, weights) = saved("half");
-        let half: HashMap<String, Tensor> =
-            weights.iter().map(|(n, t)| (n.clone(), t.to_dtype(dtype).unwrap())).collect();
+        let half: HashMap<String, Tensor> = weights
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_dtype(dtype).unwrap()))
+            .collect();
         save(dir.path(), &half);
         let loaded = Model::load(dir.path(), Trainable::None, &cpu()).unwrap();
         for (name, t) in loaded.named_weights() {
@@ -108,7 +127,10 @@ fn unsupported_model_type_names_the_file() {
     let e = Model::load(dir.path(), Trainable::None, &cpu()).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, Error::UnsupportedModelType { .. }), "{msg}");
-    assert!(msg.contains(&dir.path().join("config.json").display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&dir.path().join("config.json").display().to_string()),
+        "{msg}"
+    );
     assert!(msg.contains("gemma") && msg.contains("qwen2"), "{msg}");
 }
 
@@ -137,19 +159,30 @@ fn missing_tensor_names_tensor_and_file() {
     let msg = e.to_string();
     assert!(matches!(e, Error::MissingTensor { .. }), "{msg}");
     assert!(msg.contains("model.layers.1.mlp.up_proj.weight"), "{msg}");
-    assert!(msg.contains(&dir.path().join("model.safetensors").display().to_string()), "{msg}");
+    assert!(
+        msg.contains(&dir.path().join("model.safetensors").display().to_string()),
+        "{msg}"
+    );
 }
 
 #[test]
 fn mis_shaped_tensor_names_tensor_shapes_and_file() {
     let (dir, _, mut weights) = saved("shape");
     let name = "model.layers.0.self_attn.k_proj.weight";
-    weights.insert(name.into(), Tensor::zeros((16, 31), DType::F32, &cpu()).unwrap());
+    weights.insert(
+        name.into(),
+        Tensor::zeros((16, 31), DType::F32, &cpu()).unwrap(),
+    );
     save(dir.path(), &weights);
     let e = Model::load(dir.path(), Trainable::None, &cpu()).unwrap_err();
     let msg = e.to_string();
     match &e {
-        Error::ShapeMismatch { tensor, expected, found, path } => {
+        Error::ShapeMismatch {
+            tensor,
+            expected,
+            found,
+            path,
+        } => {
             assert_eq!(tensor, name);
             assert_eq!(expected, &[16, 32]);
             assert_eq!(found, &[16, 31]);
@@ -157,7 +190,10 @@ fn mis_shaped_tensor_names_tensor_shapes_and_file() {
         }
         _ => panic!("expected a shape mismatch, got {msg}"),
     }
-    assert!(msg.contains(name) && msg.contains("[16, 31]") && msg.contains("[16, 32]"), "{msg}");
+    assert!(
+        msg.contains(name) && msg.contains("[16, 31]") && msg.contains("[16, 32]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -169,7 +205,10 @@ fn truncated_safetensors_names_the_file() {
         std::fs::write(&path, &bytes[..keep]).unwrap();
         let e = Model::load(dir.path(), Trainable::None, &cpu()).unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(e, Error::Safetensors { .. }), "{keep} bytes: {msg}");
+        assert!(
+            matches!(e, Error::Safetensors { .. }),
+            "{keep} bytes: {msg}"
+        );
         assert!(msg.contains(&path.display().to_string()), "{msg}");
         eprintln!("truncated to {keep} bytes: {msg}");
     }

@@ -12,11 +12,23 @@ fn greedy_reference(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut seq = prompt.to_vec();
     for _ in 0..n {
         let t = seq.len();
-        let ids = Tensor::new(seq.as_slice(), &cpu()).unwrap().unsqueeze(0).unwrap();
-        let pos = Tensor::arange(0u32, t as u32, &cpu()).unwrap().unsqueeze(0).unwrap();
+        let ids = Tensor::new(seq.as_slice(), &cpu())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let pos = Tensor::arange(0u32, t as u32, &cpu())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let seg = Tensor::zeros((1, t), DType::U32, &cpu()).unwrap();
         let logits = model.logits(&ids, &pos, &seg).unwrap(); // (1, T, V)
-        let last = logits.get(0).unwrap().get(t - 1).unwrap().to_vec1::<f32>().unwrap();
+        let last = logits
+            .get(0)
+            .unwrap()
+            .get(t - 1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let mut best = 0;
         for (i, &x) in last.iter().enumerate() {
             if x > last[best] {
@@ -31,7 +43,14 @@ fn greedy_reference(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
 #[test]
 fn greedy_generation_matches_argmax_of_the_full_forward() {
     let cfg = tiny_config("llama");
-    let model = spread_model(&cfg, 31, Trainable::Lora { config: LoraConfig::new(2, 4.0), seed: 0 });
+    let model = spread_model(
+        &cfg,
+        31,
+        Trainable::Lora {
+            config: LoraConfig::new(2, 4.0),
+            seed: 0,
+        },
+    );
     let prompt = [1u32, 17, 5, 40];
     let mut gc = GenerationConfig::greedy(12);
     gc.eos_token_ids = Some(vec![]);
@@ -50,9 +69,16 @@ fn generation_stops_at_any_eos_id() {
     let free = greedy_reference(&model, &prompt, 6);
     let mut gc = GenerationConfig::greedy(6);
     gc.eos_token_ids = Some(vec![63, free[2]]);
-    let stop_at = free.iter().position(|t| gc.eos_token_ids.as_ref().unwrap().contains(t)).unwrap();
+    let stop_at = free
+        .iter()
+        .position(|t| gc.eos_token_ids.as_ref().unwrap().contains(t))
+        .unwrap();
     let got = generate(&model, &prompt, &gc).unwrap();
-    assert_eq!(got, free[..=stop_at].to_vec(), "the stop token is included, nothing after it");
+    assert_eq!(
+        got,
+        free[..=stop_at].to_vec(),
+        "the stop token is included, nothing after it"
+    );
     let e = generate(&model, &[], &gc).unwrap_err();
     assert!(e.to_string().contains("prompt_ids"), "{e}");
 }
@@ -73,9 +99,21 @@ fn sampling_is_seeded() {
     let a = generate(&model, &[1, 2, 3], &gc).unwrap();
     let b = generate(&model, &[1, 2, 3], &gc).unwrap();
     assert_eq!(a, b);
-    let c = generate(&model, &[1, 2, 3], &GenerationConfig { seed: 6, ..gc.clone() }).unwrap();
+    let c = generate(
+        &model,
+        &[1, 2, 3],
+        &GenerationConfig {
+            seed: 6,
+            ..gc.clone()
+        },
+    )
+    .unwrap();
     assert_ne!(a, c, "16 tokens at temperature 1.5 from another seed");
-    let k1 = GenerationConfig { top_k: 1, repetition_penalty: 1.0, ..gc };
+    let k1 = GenerationConfig {
+        top_k: 1,
+        repetition_penalty: 1.0,
+        ..gc
+    };
     assert_eq!(
         generate(&model, &[1, 2, 3], &k1).unwrap(),
         greedy_reference(&model, &[1, 2, 3], 16),
@@ -87,7 +125,11 @@ fn sampling_is_seeded() {
 fn repetition_penalty_follows_hf() {
     let mut s = vec![2.0f32, -1.0, 0.5, 3.0];
     apply_repetition_penalty(&mut s, &[0, 1, 1, 0], 2.0);
-    assert_eq!(s, vec![1.0, -2.0, 0.5, 3.0], "positive / penalty, negative * penalty, once each");
+    assert_eq!(
+        s,
+        vec![1.0, -2.0, 0.5, 3.0],
+        "positive / penalty, negative * penalty, once each"
+    );
 }
 
 #[test]
@@ -116,7 +158,11 @@ fn top_k_and_top_p_keep_the_right_tokens() {
 fn temperature_sampling_draws_from_the_softmax() {
     let logits = [1.0f32, 0.0, -1.0, 2.0];
     let temperature = 2.0;
-    let mut sampler = Sampler::new(&GenerationConfig { temperature, seed: 1, ..Default::default() });
+    let mut sampler = Sampler::new(&GenerationConfig {
+        temperature,
+        seed: 1,
+        ..Default::default()
+    });
     let n = 40_000;
     let mut counts = [0usize; 4];
     for _ in 0..n {
@@ -126,6 +172,10 @@ fn temperature_sampling_draws_from_the_softmax() {
     let want = softmax(&scaled);
     for i in 0..4 {
         let freq = counts[i] as f64 / n as f64;
-        assert!((freq - want[i]).abs() < 0.01, "token {i}: {freq} vs {}", want[i]);
+        assert!(
+            (freq - want[i]).abs() < 0.01,
+            "token {i}: {freq} vs {}",
+            want[i]
+        );
     }
 }

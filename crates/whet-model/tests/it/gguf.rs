@@ -60,6 +60,16 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Largest difference relative to `max(1, |reference|)`: for sums over many elements, whose
+/// reference values carry 8 significant digits.
+fn max_rel_diff(a: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(a.len(), reference.len(), "length mismatch");
+    a.iter()
+        .zip(reference)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        .fold(0.0, f64::max)
+}
+
 /// Reads `model.safetensors` back as name -> (shape, f32 values).
 fn read_safetensors(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap();
@@ -93,7 +103,7 @@ fn check_summary(name: &str, shape: &[usize], data: &[f32], want: &Value) -> f64
     let mut worst = 0f64;
     if let Some(w) = want.get("row_sums") {
         let got: Vec<f64> = (0..rows).map(|r| row(r).sum()).collect();
-        worst = worst.max(max_abs_diff(&got, &f64s(w)));
+        worst = worst.max(max_rel_diff(&got, &f64s(w)));
     }
     if let Some(w) = want.get("col_sums") {
         let mut got = vec![0f64; cols];
@@ -102,7 +112,7 @@ fn check_summary(name: &str, shape: &[usize], data: &[f32], want: &Value) -> f64
                 *g += x;
             }
         }
-        worst = worst.max(max_abs_diff(&got, &f64s(w)));
+        worst = worst.max(max_rel_diff(&got, &f64s(w)));
     }
     let abs: f64 = data.iter().map(|&x| f64::from(x).abs()).sum();
     worst = worst.max((abs - want["abs_sum"].as_f64().unwrap()).abs() / abs.max(1.0));
@@ -170,6 +180,10 @@ fn check_tiny(file: &str) {
         ],
         "exactly the five files, no .partial leftovers"
     );
+
+    // The weights get the same permissions as the JSON files (not the 0600 of a temp file).
+    let mode = |name: &str| std::fs::metadata(out.join(name)).unwrap().permissions();
+    assert_eq!(mode("model.safetensors"), mode("config.json"));
 
     // config.json: transformers' config for the same file, and whet's own loader accepts it.
     let cfg = read_json(&out.join("config.json"));
@@ -462,7 +476,7 @@ fn unknown_architecture_names_file_and_value() {
         }
     });
     let f = GgufFile::open(&path).unwrap(); // the header itself is fine
-    let e = f.config().err().expect("gpt2 is not llama");
+    let e = f.config().expect_err("gpt2 is not llama");
     let msg = err_text(&e);
     assert!(
         matches!(e, GgufError::UnsupportedArchitecture { .. }),
@@ -474,9 +488,7 @@ fn unknown_architecture_names_file_and_value() {
         "{msg}"
     );
     let out = path.with_extension("hf");
-    let e = convert_gguf_to_hf(&path, &out)
-        .err()
-        .expect("convert must refuse");
+    let e = convert_gguf_to_hf(&path, &out).expect_err("convert must refuse");
     assert!(
         matches!(e, GgufError::UnsupportedArchitecture { .. }),
         "{e}"
@@ -507,8 +519,7 @@ fn missing_metadata_key_is_named() {
     let e = GgufFile::open(&path)
         .unwrap()
         .config()
-        .err()
-        .expect("head count is required");
+        .expect_err("head count is required");
     assert!(matches!(e, GgufError::MissingKey { .. }), "{e}");
     assert!(e.to_string().contains("llama.attention.head_count"), "{e}");
 }

@@ -27,7 +27,10 @@ fn fixture(name: &str) -> Option<(PathBuf, HashMap<String, Tensor>)> {
     let dir = golden_root().join(name);
     let path = dir.join("golden.safetensors");
     if !path.is_file() {
-        eprintln!("SKIP golden {name}: {} is absent (see fixtures/gen/README.md)", path.display());
+        eprintln!(
+            "SKIP golden {name}: {} is absent (see fixtures/gen/README.md)",
+            path.display()
+        );
         return None;
     }
     let g = candle_core::safetensors::load(&path, &cpu()).unwrap();
@@ -58,16 +61,25 @@ fn scalar(g: &HashMap<String, Tensor>, k: &str) -> f32 {
 }
 
 /// Checks logits and mean loss against `prefix`logits / `prefix`loss; returns (dlogits, dloss).
-fn check_forward(model: &Model, g: &HashMap<String, Tensor>, prefix: &str, what: &str) -> (f32, f32) {
+fn check_forward(
+    model: &Model,
+    g: &HashMap<String, Tensor>,
+    prefix: &str,
+    what: &str,
+) -> (f32, f32) {
     let x = inputs(g);
     let logits = model.logits(&x.ids, &x.positions, &x.segments).unwrap();
     let dl = max_abs_diff(&logits, &g[&format!("{prefix}logits")]);
-    let (sum, n) = model.loss(&x.ids, &x.positions, &x.segments, &x.targets).unwrap();
+    let (sum, n) = model
+        .loss(&x.ids, &x.positions, &x.segments, &x.targets)
+        .unwrap();
     assert_eq!(n, x.n, "{what}: supervised count");
     let mean = sum.to_scalar::<f32>().unwrap() / n as f32;
     let want = scalar(g, &format!("{prefix}loss"));
     let dloss = (mean - want).abs();
-    eprintln!("{what}: max |logits - golden| = {dl:.2e}, |loss - golden| = {dloss:.2e} (loss {mean})");
+    eprintln!(
+        "{what}: max |logits - golden| = {dl:.2e}, |loss - golden| = {dloss:.2e} (loss {mean})"
+    );
     assert!(dl <= LOGITS_TOL, "{what}: logits differ by {dl}");
     assert!(dloss <= LOSS_TOL, "{what}: loss {mean} vs {want}");
     (dl, dloss)
@@ -76,31 +88,52 @@ fn check_forward(model: &Model, g: &HashMap<String, Tensor>, prefix: &str, what:
 /// Backward of the mean loss; every trainable weight's gradient against `prefix`<name>.
 fn check_grads(model: &Model, g: &HashMap<String, Tensor>, prefix: &str, what: &str) {
     let x = inputs(g);
-    let (sum, n) = model.loss(&x.ids, &x.positions, &x.segments, &x.targets).unwrap();
+    let (sum, n) = model
+        .loss(&x.ids, &x.positions, &x.segments, &x.targets)
+        .unwrap();
     let grads = (sum / n as f64).unwrap().backward().unwrap();
     let vars = model.trainable();
     let mut ours: Vec<String> = vars.iter().map(|(n, _)| format!("{prefix}{n}")).collect();
-    let mut theirs: Vec<String> = g.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+    let mut theirs: Vec<String> = g
+        .keys()
+        .filter(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
     ours.sort();
     theirs.sort();
-    assert_eq!(ours, theirs, "{what}: trainable weights vs golden gradients");
+    assert_eq!(
+        ours, theirs,
+        "{what}: trainable weights vs golden gradients"
+    );
     let mut worst = (0f32, String::new());
     for (name, var) in &vars {
-        let got = grads.get(var).unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+        let got = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
         let want = &g[&format!("{prefix}{name}")];
         let e = rel_err(got, want);
         if e > worst.0 {
             worst = (e, name.clone());
         }
-        assert!(e <= GRAD_TOL, "{what}: gradient of {name} off by {e} (relative to max |grad|)");
+        assert!(
+            e <= GRAD_TOL,
+            "{what}: gradient of {name} off by {e} (relative to max |grad|)"
+        );
     }
-    eprintln!("{what}: {} gradients, worst relative error {:.2e} ({})", vars.len(), worst.0, worst.1);
+    eprintln!(
+        "{what}: {} gradients, worst relative error {:.2e} ({})",
+        vars.len(),
+        worst.0,
+        worst.1
+    );
 }
 
 #[test]
 fn golden_logits_loss_and_rope() {
     for name in ["llama_tiny", "llama3_tiny", "qwen2_tiny", "llama_tiny_bf16"] {
-        let Some((dir, g)) = fixture(name) else { continue };
+        let Some((dir, g)) = fixture(name) else {
+            continue;
+        };
         let model = Model::load(&dir, Trainable::None, &cpu()).unwrap();
         check_forward(&model, &g, "", name);
         if let Some(want) = g.get("rope.inv_freq") {
@@ -115,10 +148,16 @@ fn golden_logits_loss_and_rope() {
 #[test]
 fn golden_transformers_4_config_gives_the_same_model() {
     for name in ["llama_tiny", "llama3_tiny", "qwen2_tiny"] {
-        let Some((dir, g)) = fixture(name) else { continue };
+        let Some((dir, g)) = fixture(name) else {
+            continue;
+        };
         let v4 = TempDir::new(&format!("v4-{name}"));
         std::fs::copy(dir.join("config_v4.json"), v4.path().join("config.json")).unwrap();
-        std::fs::copy(dir.join("model.safetensors"), v4.path().join("model.safetensors")).unwrap();
+        std::fs::copy(
+            dir.join("model.safetensors"),
+            v4.path().join("model.safetensors"),
+        )
+        .unwrap();
         let a = Model::load(&dir, Trainable::None, &cpu()).unwrap();
         let b = Model::load(v4.path(), Trainable::None, &cpu()).unwrap();
         assert_eq!(a.config().inv_freq(), b.config().inv_freq(), "{name}");
@@ -129,7 +168,9 @@ fn golden_transformers_4_config_gives_the_same_model() {
 #[test]
 fn golden_full_fine_tuning_gradients() {
     for name in ["llama_tiny", "llama3_tiny", "qwen2_tiny"] {
-        let Some((dir, g)) = fixture(name) else { continue };
+        let Some((dir, g)) = fixture(name) else {
+            continue;
+        };
         let model = Model::load(&dir, Trainable::Full, &cpu()).unwrap();
         check_grads(&model, &g, "grad.", name);
     }
@@ -138,12 +179,17 @@ fn golden_full_fine_tuning_gradients() {
 #[test]
 fn golden_lora_and_rslora() {
     for name in ["llama_tiny", "qwen2_tiny"] {
-        let Some((dir, g)) = fixture(name) else { continue };
+        let Some((dir, g)) = fixture(name) else {
+            continue;
+        };
         for (adapter, prefix) in [("lora", "lora."), ("lora_rs", "rslora.")] {
             let what = format!("{name} {adapter}");
             let mut model = Model::load(&dir, Trainable::None, &cpu()).unwrap();
             let cfg = model.load_adapter(&dir.join(adapter)).unwrap();
-            assert_eq!((cfg.r, cfg.alpha, cfg.use_rslora), (4, 8.0, adapter == "lora_rs"));
+            assert_eq!(
+                (cfg.r, cfg.alpha, cfg.use_rslora),
+                (4, 8.0, adapter == "lora_rs")
+            );
             check_forward(&model, &g, prefix, &what);
             check_grads(&model, &g, &format!("{prefix}grad."), &what);
 
@@ -161,10 +207,24 @@ fn golden_lora_and_rslora() {
 #[test]
 fn golden_greedy_generation() {
     for name in ["llama_tiny", "llama3_tiny", "qwen2_tiny"] {
-        let Some((dir, g)) = fixture(name) else { continue };
+        let Some((dir, g)) = fixture(name) else {
+            continue;
+        };
         let model = Model::load(&dir, Trainable::None, &cpu()).unwrap();
-        let prompt: Vec<u32> = g["gen.prompt_ids"].to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let want: Vec<u32> = g["gen.greedy_ids"].to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let prompt: Vec<u32> = g["gen.prompt_ids"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<u32> = g["gen.greedy_ids"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let new = want.len() - prompt.len();
         let mut cfg = GenerationConfig::greedy(new);
         cfg.eos_token_ids = Some(vec![]); // HF ran with eos_token_id=None
@@ -173,10 +233,17 @@ fn golden_greedy_generation() {
 
         // The cached decoding logits behind each pick.
         let mut cache = model.new_cache();
-        let mut step = Tensor::new(prompt.as_slice(), &cpu()).unwrap().unsqueeze(0).unwrap();
+        let mut step = Tensor::new(prompt.as_slice(), &cpu())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let mut worst = 0f32;
         for (i, &tok) in got.iter().enumerate() {
-            let logits = model.forward_cached(&step, &mut cache).unwrap().squeeze(0).unwrap(); // (V)
+            let logits = model
+                .forward_cached(&step, &mut cache)
+                .unwrap()
+                .squeeze(0)
+                .unwrap(); // (V)
             worst = worst.max(max_abs_diff(&logits, &g["gen.step_logits"].get(i).unwrap()));
             step = Tensor::new(&[tok], &cpu()).unwrap().unsqueeze(0).unwrap();
         }

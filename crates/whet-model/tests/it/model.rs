@@ -39,7 +39,9 @@ fn loss_is_the_summed_cross_entropy_of_the_logits() {
         let cfg = tiny_config(model_type);
         let model = spread_model(&cfg, 1, Trainable::None);
         let b = packed_batch(cfg.vocab_size as u32, 1);
-        let (loss, n) = model.loss(&b.ids, &b.positions, &b.segments, &b.targets).unwrap();
+        let (loss, n) = model
+            .loss(&b.ids, &b.positions, &b.segments, &b.targets)
+            .unwrap();
         let logits = model.logits(&b.ids, &b.positions, &b.segments).unwrap();
         assert_eq!(logits.dims(), &[2, 12, cfg.vocab_size]);
         let logits = logits.to_vec3::<f32>().unwrap();
@@ -67,7 +69,9 @@ fn no_supervised_target_gives_zero_loss() {
     let model = Model::random(&cfg, 0, &cpu()).unwrap();
     let b = packed_batch(64, 0);
     let targets = Tensor::full(-100i64, (2, 12), &cpu()).unwrap();
-    let (loss, n) = model.loss(&b.ids, &b.positions, &b.segments, &targets).unwrap();
+    let (loss, n) = model
+        .loss(&b.ids, &b.positions, &b.segments, &targets)
+        .unwrap();
     assert_eq!(n, 0);
     assert_eq!(loss.to_scalar::<f32>().unwrap(), 0.0);
 }
@@ -82,12 +86,22 @@ fn packed_documents_do_not_see_each_other() {
     for (start, len) in [(0usize, 5usize), (5, 7)] {
         let doc = &row1[start..start + len];
         let ids = Tensor::new(doc, &cpu()).unwrap().unsqueeze(0).unwrap();
-        let pos = Tensor::arange(0u32, len as u32, &cpu()).unwrap().unsqueeze(0).unwrap();
+        let pos = Tensor::arange(0u32, len as u32, &cpu())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let seg = Tensor::zeros((1, len), DType::U32, &cpu()).unwrap();
         let alone = model.logits(&ids, &pos, &seg).unwrap(); // (1, len, V)
-        let inside = packed.narrow(0, 1, 1).unwrap().narrow(1, start, len).unwrap();
+        let inside = packed
+            .narrow(0, 1, 1)
+            .unwrap()
+            .narrow(1, start, len)
+            .unwrap();
         let d = max_abs_diff(&inside, &alone);
-        eprintln!("document at {start}..{}: max |packed - alone| = {d:.2e}", start + len);
+        eprintln!(
+            "document at {start}..{}: max |packed - alone| = {d:.2e}",
+            start + len
+        );
         assert!(d < 1e-5, "document {start}: {d}");
     }
 }
@@ -97,8 +111,14 @@ fn kv_cache_decoding_matches_the_full_forward() {
     let cfg = tiny_config("llama");
     let model = spread_model(&cfg, 3, Trainable::None);
     let seq: Vec<u32> = (0..10).map(|i| (i * 11 + 5) % 64).collect();
-    let ids = Tensor::new(seq.as_slice(), &cpu()).unwrap().unsqueeze(0).unwrap();
-    let pos = Tensor::arange(0u32, 10, &cpu()).unwrap().unsqueeze(0).unwrap();
+    let ids = Tensor::new(seq.as_slice(), &cpu())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let pos = Tensor::arange(0u32, 10, &cpu())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let seg = Tensor::zeros((1, 10), DType::U32, &cpu()).unwrap();
     let full = model.logits(&ids, &pos, &seg).unwrap().squeeze(0).unwrap(); // (10, V)
     let mut cache = model.new_cache();
@@ -108,7 +128,10 @@ fn kv_cache_decoding_matches_the_full_forward() {
     for t in 4..10 {
         let step = ids.narrow(1, t, 1).unwrap();
         let last = model.forward_cached(&step, &mut cache).unwrap();
-        worst = worst.max(max_abs_diff(&last.squeeze(0).unwrap(), &full.get(t).unwrap()));
+        worst = worst.max(max_abs_diff(
+            &last.squeeze(0).unwrap(),
+            &full.get(t).unwrap(),
+        ));
     }
     assert_eq!(cache.len(), 10);
     eprintln!("kv cache: max |cached - full| = {worst:.2e}");
@@ -125,21 +148,33 @@ fn full_fine_tuning_gradients_match_finite_differences() {
         let vars = model.trainable();
         let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
         let want: Vec<String> = model.named_weights().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, want, "full fine-tuning trains exactly the HF weights");
+        assert_eq!(
+            names, want,
+            "full fine-tuning trains exactly the HF weights"
+        );
         assert_eq!(names.contains(&"lm_head.weight"), !tie);
-        assert_eq!(names.contains(&"model.layers.0.self_attn.q_proj.bias"), model_type == "qwen2");
+        assert_eq!(
+            names.contains(&"model.layers.0.self_attn.q_proj.bias"),
+            model_type == "qwen2"
+        );
         assert!(!names.contains(&"model.layers.0.self_attn.o_proj.bias"));
 
         let loss_of = || -> f64 {
-            let (l, _) = model.loss(&b.ids, &b.positions, &b.segments, &b.targets).unwrap();
+            let (l, _) = model
+                .loss(&b.ids, &b.positions, &b.segments, &b.targets)
+                .unwrap();
             l.to_scalar::<f32>().unwrap() as f64
         };
-        let (loss, _) = model.loss(&b.ids, &b.positions, &b.segments, &b.targets).unwrap();
+        let (loss, _) = model
+            .loss(&b.ids, &b.positions, &b.segments, &b.targets)
+            .unwrap();
         let grads = loss.backward().unwrap();
-        let eps = 1e-2f32;
+        let eps = 2e-2f32;
         let mut worst = 0f64;
         for (name, var) in &vars {
-            let g = grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
             let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             // the element with the largest gradient: the most signal against f32 noise
             let (i, &gi) = g
@@ -147,18 +182,7 @@ fn full_fine_tuning_gradients_match_finite_differences() {
                 .enumerate()
                 .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
                 .unwrap();
-            let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let set = |delta: f32| {
-                let mut v = orig.clone();
-                v[i] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &cpu()).unwrap()).unwrap();
-            };
-            set(eps);
-            let up = loss_of();
-            set(-eps);
-            let down = loss_of();
-            set(0.0);
-            let fd = (up - down) / (2.0 * eps as f64);
+            let fd = finite_difference(var, i, eps, loss_of);
             let err = (fd - gi as f64).abs();
             worst = worst.max(err / (gi.abs() as f64).max(0.1));
             assert!(
@@ -166,7 +190,10 @@ fn full_fine_tuning_gradients_match_finite_differences() {
                 "{model_type} {name}[{i}]: autograd {gi} vs finite difference {fd}"
             );
         }
-        eprintln!("{model_type} (tied {tie}): {} weights, worst FD rel err {worst:.2e}", vars.len());
+        eprintln!(
+            "{model_type} (tied {tie}): {} weights, worst FD rel err {worst:.2e}",
+            vars.len()
+        );
     }
 }
 
@@ -190,16 +217,31 @@ fn bad_inputs_are_errors_not_panics() {
     let b = packed_batch(64, 0);
     let big = (b.ids.clone() + 64.0).unwrap();
     match model.logits(&big, &b.positions, &b.segments) {
-        Err(Error::Input { input: "ids", found, .. }) => assert!(found.contains("64"), "{found}"),
+        Err(e @ Error::Input { input: "ids", .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("vocab_size = 64") && msg.contains("flat position 0"),
+                "{msg}"
+            );
+        }
         other => panic!("expected an ids error, got {other:?}"),
     }
     let short = b.targets.narrow(1, 0, 5).unwrap();
-    let e = model.loss(&b.ids, &b.positions, &b.segments, &short).unwrap_err();
+    let e = model
+        .loss(&b.ids, &b.positions, &b.segments, &short)
+        .unwrap_err();
     assert!(e.to_string().contains("targets"), "{e}");
     let bad_target = Tensor::full(64i64, (2, 12), &cpu()).unwrap();
-    let e = model.loss(&b.ids, &b.positions, &b.segments, &bad_target).unwrap_err();
-    assert!(e.to_string().contains("targets") && e.to_string().contains("64"), "{e}");
+    let e = model
+        .loss(&b.ids, &b.positions, &b.segments, &bad_target)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("targets") && e.to_string().contains("64"),
+        "{e}"
+    );
     let f32_ids = b.ids.to_dtype(DType::F32).unwrap();
-    let e = model.logits(&f32_ids, &b.positions, &b.segments).unwrap_err();
+    let e = model
+        .logits(&f32_ids, &b.positions, &b.segments)
+        .unwrap_err();
     assert!(e.to_string().contains("ids"), "{e}");
 }

@@ -85,7 +85,7 @@ fn build(system: bool, turns: &[(String, String)], sys_ok: bool) -> Vec<Message>
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn learned_tokens_decode_to_assistant_content_and_end_of_turn(

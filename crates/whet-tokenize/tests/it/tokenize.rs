@@ -33,9 +33,8 @@ fn text_learns_every_token_and_eos() {
     want.push(tok.eos_id());
     assert_eq!(ex.input_ids, want);
     assert_eq!(ex.labels[0], IGNORE_INDEX, "nothing predicts BOS");
-    for i in 1..want.len() {
-        assert_eq!(ex.labels[i], want[i] as i64);
-    }
+    let learned: Vec<i64> = want[1..].iter().map(|&t| t as i64).collect();
+    assert_eq!(&ex.labels[1..], &learned[..]);
 }
 
 #[test]
@@ -122,11 +121,11 @@ fn eos_is_learned_when_pad_equals_eos() {
         "text EOS, completion EOS, two assistant <|im_end|>"
     );
     let pad_seg = *row.segment_ids.last().unwrap();
-    for t in 0..row.len() {
+    for (t, &target) in targets.iter().enumerate() {
         if row.segment_ids[t] == pad_seg {
             assert_eq!(row.input_ids[t], eos);
             assert_eq!(row.labels[t], IGNORE_INDEX);
-            assert_eq!(targets[t], IGNORE_INDEX);
+            assert_eq!(target, IGNORE_INDEX);
         }
     }
 }

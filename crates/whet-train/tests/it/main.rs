@@ -1,1 +1,5 @@
-mod smoke { #[test] fn builds() {} }
+//! whet-train integration tests: the loop on a tiny random model.
+
+mod common;
+mod loop_;
+mod resume;

@@ -1,0 +1,109 @@
+//! `whet data inspect`: what the model will be taught, before paying for training.
+
+use std::path::Path;
+
+use anyhow::Result;
+use whet_data::dedup::DedupConfig;
+use whet_data::pii::Scrubber;
+use whet_tokenize::{TokenizedExample, Tokenizer};
+use whet_train::config::Format;
+
+use crate::commands::load_tokenizer;
+use crate::pipeline::{self, DataSpec};
+
+/// Decodes `ex` with every learned span wrapped in `⟦...⟧`.
+pub fn marked(tok: &Tokenizer, ex: &TokenizedExample) -> Result<String> {
+    let mut s = String::new();
+    let mut i = 0;
+    while i < ex.input_ids.len() {
+        let learned = ex.labels[i] >= 0;
+        let start = i;
+        while i < ex.input_ids.len() && (ex.labels[i] >= 0) == learned {
+            i += 1;
+        }
+        let text = tok.decode(&ex.input_ids[start..i], false)?;
+        if learned {
+            s.push_str(&format!("⟦{text}⟧"));
+        } else {
+            s.push_str(&text);
+        }
+    }
+    Ok(s)
+}
+
+pub fn inspect(
+    data: &Path,
+    validation: Option<&Path>,
+    model: &Path,
+    format: Format,
+    max_len: usize,
+    skip_invalid: bool,
+) -> Result<()> {
+    let tok = load_tokenizer(model)?;
+    let spec = DataSpec { format, max_len, pack: true, all_assistant_turns: true, skip_invalid, system_prompt: None };
+    let (examples, read) = pipeline::read(data, &spec)?;
+    println!("source: {} ({} file(s))", data.display(), read.files.len());
+    println!("rows read: {}, examples: {}, skipped: {}", read.rows, read.examples, read.skipped_total());
+    for (reason, n) in &read.skipped {
+        println!("  skipped {n} row(s): {reason:?}");
+    }
+    for s in &read.samples {
+        println!("  e.g. {}", s.message);
+    }
+    let (tokenized, rep) = pipeline::tokenize(&tok, &examples, &spec)?;
+    let ratio = rep.supervised_tokens_out as f64 / rep.tokens_out.max(1) as f64;
+    println!(
+        "tokens: {} total, {} supervised ({:.1}%), mean {:.1} tokens per example",
+        rep.tokens_out,
+        rep.supervised_tokens_out,
+        100.0 * ratio,
+        rep.tokens_out as f64 / tokenized.len().max(1) as f64
+    );
+    println!(
+        "truncated to {max_len}: {} row(s) ({} supervised tokens cut); excluded: {} with no supervised token, {} emptied by truncation, {} template errors",
+        rep.rows_truncated,
+        rep.supervised_tokens_cut,
+        rep.rows_without_supervision,
+        rep.rows_supervision_emptied,
+        rep.rows_template_error
+    );
+    for e in rep.excluded.iter().take(5) {
+        println!("  excluded {}: row {}: {:?}", e.file.display(), e.row, e.reason);
+    }
+    // BOS/EOS: every example starts with at most one BOS and ends with a learned EOS/end-of-turn.
+    let bos = tok.bos_id();
+    let double_bos = tokenized
+        .iter()
+        .filter(|t| bos.is_some() && t.input_ids.len() > 1 && t.input_ids[0] == t.input_ids[1] && Some(t.input_ids[0]) == bos)
+        .count();
+    let eos = tok.eos_id();
+    let eos_learned = tokenized.iter().filter(|t| t.input_ids.iter().zip(&t.labels).any(|(&id, &l)| id == eos && l >= 0)).count();
+    println!(
+        "BOS: {} ({} example(s) with a double BOS); EOS/end-of-turn `{}` learned in {}/{} examples{}",
+        bos.map_or("none".into(), |b| tok.decode(&[b], false).unwrap_or_default()),
+        double_bos,
+        tok.eos().text,
+        eos_learned,
+        tokenized.len(),
+        if tok.pad_id() == eos { " (pad == eos: the EOS label is kept)" } else { "" }
+    );
+    let (_, audit) = Scrubber::new().scrub_all(examples.iter().cloned());
+    let pii: Vec<String> = audit.redactions.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "PII: {} example(s) with personal data{}",
+        audit.examples_touched,
+        if pii.is_empty() { String::new() } else { format!(" ({})", pii.join(", ")) }
+    );
+    let (kept, dups) = whet_data::dedup::dedup(examples.iter().cloned(), &DedupConfig::default())?;
+    println!("duplicates: {} exact or near ({} kept)", examples.len() - kept.len(), kept.len());
+    let _ = dups;
+    if let Some(v) = validation {
+        let (val, _) = pipeline::read(v, &spec)?;
+        let leak = whet_data::dedup::leakage(&examples, &val, &DedupConfig::default())?;
+        println!("leakage: {:.1}% of {} validation examples overlap train", 100.0 * leak.leaked_fraction(), val.len());
+    }
+    if let Some(ex) = tokenized.first() {
+        println!("\nexample 1 (learned tokens in ⟦ ⟧):\n{}", marked(&tok, ex)?);
+    }
+    Ok(())
+}

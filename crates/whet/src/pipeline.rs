@@ -1,0 +1,182 @@
+//! Files to trainer rows: read, scrub, dedup, split, tokenize, pack. Each stage's report is kept
+//! so `whet data inspect`, the training log and the final report can show what happened.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use whet_data::dedup::{DedupConfig, DedupReport, LeakageReport};
+use whet_data::pii::{Audit, Scrubber};
+use whet_data::{Example, Mapping, ReadOptions, ReadReport, Shape};
+use whet_tokenize::{
+    AssistantTurns, PackConfig, PackReport, TokenizeConfig, TokenizeReport, TokenizedExample, Tokenizer, Truncation,
+};
+use whet_train::Row;
+use whet_train::config::{DataSection, Format};
+
+/// How to turn files into rows; built from a training config or from CLI flags.
+#[derive(Debug, Clone)]
+pub struct DataSpec {
+    pub format: Format,
+    pub max_len: usize,
+    pub pack: bool,
+    pub all_assistant_turns: bool,
+    pub skip_invalid: bool,
+    pub system_prompt: Option<String>,
+}
+
+impl From<&DataSection> for DataSpec {
+    fn from(d: &DataSection) -> Self {
+        Self {
+            format: d.format,
+            max_len: d.max_len,
+            pack: d.pack,
+            all_assistant_turns: d.all_assistant_turns,
+            skip_invalid: d.skip_invalid,
+            system_prompt: d.system_prompt.clone(),
+        }
+    }
+}
+
+pub fn shape_of(format: Format) -> Shape {
+    match format {
+        Format::Auto => Shape::Auto,
+        Format::Text => Shape::Text,
+        Format::PromptCompletion => Shape::PromptCompletion,
+        Format::Chat => Shape::Conversation,
+    }
+}
+
+/// Reads every example of `path` (file, directory or glob).
+pub fn read(path: &Path, spec: &DataSpec) -> Result<(Vec<Example>, ReadReport)> {
+    let opts = ReadOptions {
+        mapping: Mapping { shape: shape_of(spec.format), system_prompt: spec.system_prompt.clone(), ..Default::default() },
+        skip_invalid: spec.skip_invalid,
+        ..Default::default()
+    };
+    whet_data::read_all(path, &opts).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Tokenizes with the settings training uses (TRL conventions: text gets EOS, prompt/completion
+/// learns completion + EOS, chat learns assistant turns + end-of-turn).
+pub fn tokenize(tok: &Tokenizer, examples: &[Example], spec: &DataSpec) -> Result<(Vec<TokenizedExample>, TokenizeReport)> {
+    let cfg = TokenizeConfig {
+        max_len: Some(spec.max_len),
+        truncation: Truncation::Right,
+        assistant_turns: if spec.all_assistant_turns { AssistantTurns::All } else { AssistantTurns::Last },
+        ..Default::default()
+    };
+    Ok(tok.tokenize_examples(examples, &cfg)?)
+}
+
+/// Packs (or pads one example per row) and shifts labels into next-token targets.
+pub fn rows(tok: &Tokenizer, examples: &[TokenizedExample], spec: &DataSpec) -> Result<(Vec<Row>, Option<PackReport>)> {
+    let (packed, report) = if spec.pack {
+        let cfg = PackConfig {
+            seq_len: spec.max_len,
+            pad_id: tok.pad_id(),
+            truncation: Truncation::Right,
+            bos_id: tok.bos_id(),
+        };
+        let (rows, report) = whet_tokenize::pack(examples, &cfg)?;
+        (rows, Some(report))
+    } else {
+        (whet_tokenize::pad_each(examples, tok.pad_id(), None)?, None)
+    };
+    let rows = packed
+        .into_iter()
+        .map(|r| {
+            let targets = r.targets();
+            Row { input_ids: r.input_ids, position_ids: r.position_ids, segment_ids: r.segment_ids, targets }
+        })
+        .collect();
+    Ok((rows, report))
+}
+
+/// Everything the data stages reported, for logs and the final report.
+#[derive(Debug, Default, Serialize)]
+pub struct DataReport {
+    pub train_read: Option<ReadReport>,
+    pub validation_read: Option<ReadReport>,
+    pub pii_audit: Option<PathBuf>,
+    pub pii_redactions: u64,
+    pub dedup: Option<DedupReport>,
+    pub leakage: Option<LeakageReport>,
+    pub train_tokenize: Option<TokenizeReport>,
+    pub validation_tokenize: Option<TokenizeReport>,
+    pub train_pack: Option<PackReport>,
+    pub train_examples: usize,
+    pub validation_examples: usize,
+}
+
+pub struct Prepared {
+    pub train_examples: Vec<Example>,
+    pub validation_examples: Vec<Example>,
+    pub train: Vec<Row>,
+    pub validation: Vec<Row>,
+    pub report: DataReport,
+}
+
+/// The full data path of a training run. Writes `pii_audit.json` into `out` when scrubbing.
+pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Result<Prepared> {
+    let spec = DataSpec::from(data);
+    let mut report = DataReport::default();
+    let (mut train, read_report) = read(&data.train, &spec)?;
+    report.train_read = Some(read_report);
+    let mut validation = match &data.validation {
+        Some(path) => {
+            let (v, r) = read(path, &spec)?;
+            report.validation_read = Some(r);
+            Some(v)
+        }
+        None => None,
+    };
+    if data.scrub_pii {
+        let scrubber = Scrubber::new();
+        let (t, mut audit) = scrubber.scrub_all(train);
+        train = t;
+        if let Some(v) = validation.take() {
+            let (v, a) = scrubber.scrub_all(v);
+            audit.merge(a);
+            validation = Some(v);
+        }
+        let path = out.join("pii_audit.json");
+        audit.write_json(&path)?;
+        report.pii_redactions = audit_total(&audit);
+        report.pii_audit = Some(path);
+    }
+    if data.dedup {
+        let (t, r) = whet_data::dedup::dedup(train, &DedupConfig::default())?;
+        train = t;
+        report.dedup = Some(r);
+    }
+    let validation = match validation {
+        Some(v) => v,
+        None if data.validation_fraction > 0.0 => {
+            let split = whet_data::split::train_validation_split(std::mem::take(&mut train), data.validation_fraction, seed)?;
+            train = split.train;
+            split.validation
+        }
+        None => Vec::new(),
+    };
+    if !validation.is_empty() {
+        report.leakage = Some(whet_data::dedup::leakage(&train, &validation, &DedupConfig::default())?);
+    }
+    if train.is_empty() {
+        bail!("{}: no training examples were read", data.train.display());
+    }
+    let (train_tok, r) = tokenize(tok, &train, &spec)?;
+    report.train_tokenize = Some(r);
+    let (val_tok, r) = tokenize(tok, &validation, &spec)?;
+    report.validation_tokenize = Some(r);
+    let (train_rows, pack) = rows(tok, &train_tok, &spec)?;
+    report.train_pack = pack;
+    let (val_rows, _) = rows(tok, &val_tok, &spec)?;
+    report.train_examples = train.len();
+    report.validation_examples = validation.len();
+    Ok(Prepared { train_examples: train, validation_examples: validation, train: train_rows, validation: val_rows, report })
+}
+
+fn audit_total(audit: &Audit) -> u64 {
+    audit.redactions.values().sum()
+}

@@ -1,0 +1,203 @@
+//! The end-of-run report: base vs tuned validation loss and perplexity, loss on held-out
+//! general text (what general ability was lost), and generations side by side.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use serde::Serialize;
+use whet_model::{GenerationConfig, Model};
+use whet_tokenize::Tokenizer;
+use whet_train::config::{Config, Format};
+use whet_train::{Row, Summary, evaluate};
+
+use crate::pipeline::DataReport;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Losses {
+    pub val_loss: Option<f64>,
+    pub val_tokens: usize,
+    pub general_loss: Option<f64>,
+    pub general_tokens: usize,
+}
+
+pub struct Measured {
+    pub losses: Losses,
+    /// (prompt, completion)
+    pub generations: Vec<(String, String)>,
+}
+
+/// Validation loss, general-text loss and the evaluation prompts' generations of `model` now.
+pub fn measure(
+    model: &Model,
+    tok: &Tokenizer,
+    cfg: &Config,
+    validation: &[Row],
+    general: Option<&[Row]>,
+    generations: bool,
+    device: &Device,
+) -> Result<Measured> {
+    let mb = cfg.train.micro_batch;
+    let mut losses = Losses::default();
+    if !validation.is_empty() {
+        let (l, n) = evaluate(model, validation, mb, device)?;
+        losses.val_loss = Some(l);
+        losses.val_tokens = n;
+    }
+    if let Some(rows) = general {
+        let (l, n) = evaluate(model, rows, mb, device)?;
+        losses.general_loss = Some(l);
+        losses.general_tokens = n;
+    }
+    let mut gens = Vec::new();
+    if generations {
+        let chat = tok.chat_template().is_some() && matches!(cfg.data.format, Format::Chat | Format::Auto);
+        let mut gcfg = GenerationConfig::greedy(cfg.eval.max_new_tokens);
+        let mut eos = model.config().eos_token_ids();
+        eos.push(tok.eos_id());
+        gcfg.eos_token_ids = Some(eos);
+        gcfg.repetition_penalty = 1.1;
+        for prompt in &cfg.eval.prompts {
+            let ids = crate::commands::prompt_ids(tok, prompt, chat, cfg.data.system_prompt.as_deref())?;
+            gens.push((prompt.clone(), crate::commands::complete(model, tok, &ids, &gcfg)?));
+        }
+    }
+    Ok(Measured { losses, generations: gens })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub prompt: String,
+    pub base: String,
+    pub tuned: String,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub config: Config,
+    pub summary: Summary,
+    pub data: DataReport,
+    pub before: Losses,
+    pub after: Losses,
+    pub generations: Vec<Generation>,
+    pub wall_time_s: f64,
+    pub output: PathBuf,
+}
+
+fn fmt_loss(l: Option<f64>) -> String {
+    l.map_or("-".into(), |l| format!("{l:.4}"))
+}
+
+fn fmt_ppl(l: Option<f64>) -> String {
+    l.map_or("-".into(), |l| format!("{:.2}", l.exp()))
+}
+
+fn delta(before: Option<f64>, after: Option<f64>) -> String {
+    match (before, after) {
+        (Some(b), Some(a)) => format!("{:+.4} ({:+.1}%)", a - b, 100.0 * (a - b) / b),
+        _ => "-".into(),
+    }
+}
+
+impl Report {
+    pub fn headline(&self) -> String {
+        format!(
+            "validation loss {} -> {}, general-text loss {} -> {}, {} steps in {:.0} s",
+            fmt_loss(self.before.val_loss),
+            fmt_loss(self.after.val_loss),
+            fmt_loss(self.before.general_loss),
+            fmt_loss(self.after.general_loss),
+            self.summary.steps,
+            self.wall_time_s
+        )
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let c = &self.config;
+        let _ = writeln!(s, "# whet report\n");
+        let _ = writeln!(
+            s,
+            "Model `{}`, method {:?}{}, {} optimizer steps ({} resumed), wall time {:.0} s.\n",
+            c.model.path.display(),
+            c.method,
+            if c.method == whet_train::config::Method::Lora {
+                format!(" (r={}, alpha={}, targets {:?})", c.lora.r, c.lora.alpha, c.lora.target_modules)
+            } else {
+                String::new()
+            },
+            self.summary.steps,
+            self.summary.resumed_from,
+            self.wall_time_s
+        );
+        let _ = writeln!(s, "## Loss\n");
+        let _ = writeln!(s, "| | base | tuned | change |\n|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| validation loss ({} tokens) | {} | {} | {} |",
+            self.after.val_tokens,
+            fmt_loss(self.before.val_loss),
+            fmt_loss(self.after.val_loss),
+            delta(self.before.val_loss, self.after.val_loss)
+        );
+        let _ = writeln!(
+            s,
+            "| validation perplexity | {} | {} | |",
+            fmt_ppl(self.before.val_loss),
+            fmt_ppl(self.after.val_loss)
+        );
+        let _ = writeln!(
+            s,
+            "| general-text loss ({} tokens, forgetting check) | {} | {} | {} |",
+            self.after.general_tokens,
+            fmt_loss(self.before.general_loss),
+            fmt_loss(self.after.general_loss),
+            delta(self.before.general_loss, self.after.general_loss)
+        );
+        let _ = writeln!(s, "\nTraining loss {} -> {}. Best validation loss {} at step {}{}.\n", fmt_loss(self.summary.first_loss), fmt_loss(self.summary.last_loss), fmt_loss(self.summary.best_val_loss), self.summary.best_step.map_or("-".into(), |s| s.to_string()), if self.summary.stopped_early { " (stopped early)" } else { "" });
+        let _ = writeln!(s, "![loss curve](loss.svg)\n");
+        if !self.generations.is_empty() {
+            let _ = writeln!(s, "## Generations (greedy)\n");
+            for g in &self.generations {
+                let _ = writeln!(s, "### Prompt\n\n> {}\n", g.prompt.replace('\n', "\n> "));
+                let _ = writeln!(s, "**Base model**\n\n```text\n{}\n```\n", g.base.trim());
+                let _ = writeln!(s, "**Tuned model**\n\n```text\n{}\n```\n", g.tuned.trim());
+            }
+        }
+        let _ = writeln!(s, "## Data\n");
+        let d = &self.data;
+        let _ = writeln!(s, "- training examples: {}, validation examples: {}", d.train_examples, d.validation_examples);
+        if let Some(t) = &d.train_tokenize {
+            let _ = writeln!(
+                s,
+                "- training tokens: {} ({} supervised); rows truncated: {}, rows excluded: {}",
+                t.tokens_out,
+                t.supervised_tokens_out,
+                t.rows_truncated,
+                t.rows_excluded()
+            );
+        }
+        if let Some(p) = &d.train_pack {
+            let _ = writeln!(s, "- packed into {} rows of {} tokens ({:.1}% filled)", p.rows, c.data.max_len, 100.0 * p.efficiency());
+        }
+        if let Some(path) = &d.pii_audit {
+            let _ = writeln!(s, "- PII redactions: {} (audit: `{}`)", d.pii_redactions, path.display());
+        }
+        if let Some(l) = &d.leakage {
+            let _ = writeln!(s, "- train/validation leakage: {:.1}% of validation examples overlap train", 100.0 * l.leaked_fraction());
+        }
+        let _ = writeln!(s, "\nWeights: `{}`. Metrics per step: `metrics.jsonl`.", self.output.display());
+        s
+    }
+
+    /// Writes `report.md` and `report.json` into `out`; returns the Markdown path.
+    pub fn write(&self, out: &Path) -> Result<PathBuf> {
+        let md = out.join("report.md");
+        whet_train::checkpoint::write_file(&md, self.markdown().as_bytes()).with_context(|| format!("writing {}", md.display()))?;
+        let json = serde_json::to_string_pretty(self)?;
+        let jp = out.join("report.json");
+        whet_train::checkpoint::write_file(&jp, json.as_bytes()).with_context(|| format!("writing {}", jp.display()))?;
+        Ok(md)
+    }
+}
