@@ -13,9 +13,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand::rngs::StdRng;
 use whet_kernels::{
     IGNORE_INDEX, attention, linear, linear_cross_entropy_sum, rms_norm, rope, rope_tables, swiglu,
@@ -275,6 +276,10 @@ pub struct Model {
     inv_freq: Vec<f32>, // (D/2)
     lora: Option<LoraConfig>,
     training: bool,
+    /// NEFTune (Jain et al. 2023, arXiv:2310.05914): uniform noise of magnitude
+    /// `alpha / sqrt(T * H)` on the input embeddings while training; 0 is off.
+    neftune_alpha: f64,
+    neftune_rng: Arc<Mutex<StdRng>>,
     /// The folder the weights came from (`base_model_name_or_path` of saved adapters).
     source: Option<PathBuf>,
     device: Device,
@@ -303,6 +308,8 @@ impl Model {
             inv_freq: cfg.inv_freq(),
             lora: None,
             training: true,
+            neftune_alpha: 0.0,
+            neftune_rng: Arc::new(Mutex::new(StdRng::seed_from_u64(0))),
             source: None,
             device: vb.device().clone(),
         })
@@ -367,11 +374,17 @@ impl Model {
     /// micro-batch with a seed derived from the step, so a resumed run draws the same masks
     /// as an uninterrupted one.
     pub fn reseed_dropout(&mut self, seed: u64) {
+        *self.neftune_rng.lock().unwrap_or_else(|e| e.into_inner()) = StdRng::seed_from_u64(dropout_seed(seed, usize::MAX - 1));
         for (i, lin) in self.linears_mut().enumerate() {
             if let Some(lora) = lin.lora.as_mut() {
                 *lora.rng.lock().unwrap_or_else(|e| e.into_inner()) = StdRng::seed_from_u64(dropout_seed(seed, i));
             }
         }
+    }
+
+    /// Turns NEFTune embedding noise on (`alpha > 0`, typically 5) or off (0) for training.
+    pub fn set_neftune(&mut self, alpha: f64) {
+        self.neftune_alpha = alpha.max(0.0);
     }
 
     pub fn is_training(&self) -> bool {
@@ -689,6 +702,13 @@ impl Model {
             .t
             .embedding(&ids.flatten_all()?)? // (B * T, H)
             .reshape((b, t, h))?; // (B, T, H)
+        if train && self.neftune_alpha > 0.0 {
+            // HF `neftune_post_forward_hook`: U(-mag, mag) with mag = alpha / sqrt(T * H).
+            let mag = (self.neftune_alpha / ((t * h) as f64).sqrt()) as f32;
+            let mut rng = self.neftune_rng.lock().unwrap_or_else(|e| e.into_inner());
+            let noise: Vec<f32> = (0..b * t * h).map(|_| rng.random_range(-mag..=mag)).collect();
+            x = (x + Tensor::from_vec(noise, (b, t, h), &self.device)?)?; // (B, T, H)
+        }
         let (cos, sin) = rope_tables(positions, &self.inv_freq)?; // (B, T, D/2) each
         for block in &self.layers {
             x = block.forward(&x, &cos, &sin, segments, None, train)?; // (B, T, H)

@@ -12,5 +12,10 @@ fn main() {
     let t = Instant::now(); for d in &docs { let _ = tok.inner().encode(d.as_str(), false).unwrap(); } let e = t.elapsed().as_secs_f64(); println!("encode {:.2} MB/s", mb/e);
     let pt = tok.inner().get_pre_tokenizer().unwrap();
     let t = Instant::now(); for d in &docs { let mut p = tokenizers::PreTokenizedString::from(d.as_str()); pt.pre_tokenize(&mut p).unwrap(); } let e = t.elapsed().as_secs_f64(); println!("pretokenize only {:.2} MB/s", mb/e);
+    let exs: Vec<whet_data::Example> = docs.iter().enumerate().map(|(i,d)| whet_data::Example{id: i as u64, origin: whet_data::Origin{file: "x".into(), row: i as u64}, record: whet_data::Record::Text{text: d.clone()}}).collect();
+    let cfg = whet_tokenize::TokenizeConfig{max_len: Some(2048), parallel: false, ..Default::default()};
+    let t = Instant::now(); let (out, _) = tok.tokenize_examples(&exs, &cfg).unwrap(); let e = t.elapsed().as_secs_f64(); println!("tokenize_examples {:.2} MB/s", mb/e);
+    let pc = whet_tokenize::PackConfig{seq_len: 2048, pad_id: 0, truncation: whet_tokenize::Truncation::Right, bos_id: None};
+    let t = Instant::now(); let _ = whet_tokenize::pack(&out, &pc).unwrap(); let e = t.elapsed().as_secs_f64(); println!("pack {:.2} MB/s", mb/e);
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod cache;
 pub mod error;
+mod fast;
 pub mod fingerprint;
 pub mod pack;
 pub mod template;

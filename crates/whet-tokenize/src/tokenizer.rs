@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
+use crate::fast::FastByteLevelBpe;
 use crate::fingerprint::Fnv128;
 use crate::template::ChatTemplate;
 
@@ -35,6 +38,8 @@ pub struct Tokenizer {
     add_bos: bool,
     chat_template: Option<ChatTemplate>,
     content_hash: u128,
+    /// Exact shortcut for plain-text ids with GPT-2-style byte-level BPE (see `fast.rs`).
+    fast: Option<FastByteLevelBpe>,
 }
 
 const SPECIAL_TOKEN_FIELDS: [&str; 7] = [
@@ -203,7 +208,9 @@ impl Tokenizer {
             }
         };
 
+        let fast = FastByteLevelBpe::new(&inner);
         Ok(Tokenizer {
+            fast,
             inner,
             source: tj.to_path_buf(),
             bos,
@@ -299,6 +306,11 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Whether plain-text encoding uses the byte-level BPE shortcut.
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
     /// The wrapped `tokenizers::Tokenizer`.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
@@ -317,8 +329,13 @@ impl Tokenizer {
         })
     }
 
-    /// Encode without special tokens and without computing offsets.
+    /// Encode without special tokens and without computing offsets. Same ids as
+    /// `encode(text).ids`; GPT-2-style byte-level BPE tokenizers take a faster route to
+    /// them for text without special tokens.
     pub fn encode_ids(&self, text: &str) -> Result<Vec<u32>> {
+        if let Some(ids) = self.fast.as_ref().and_then(|f| f.encode(text)) {
+            return Ok(ids);
+        }
         self.inner
             .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
@@ -328,9 +345,11 @@ impl Tokenizer {
             })
     }
 
-    /// Encode many texts in parallel (the `tokenizers` rayon pool), without special
-    /// tokens or offsets.
+    /// Encode many texts in parallel (rayon), without special tokens or offsets.
     pub fn encode_batch_ids(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        if self.fast.is_some() {
+            return texts.par_iter().map(|t| self.encode_ids(t)).collect();
+        }
         let encs = self
             .inner
             .encode_batch_fast(texts.to_vec(), false)

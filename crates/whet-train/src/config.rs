@@ -245,7 +245,11 @@ impl Config {
     }
 
     fn rebased(mut self, base: &Path) -> Self {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
         let fix = |p: &mut PathBuf| {
+            if let (Ok(rest), Some(home)) = (p.strip_prefix("~"), home.as_ref()) {
+                *p = home.join(rest);
+            }
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }

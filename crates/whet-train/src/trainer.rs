@@ -174,6 +174,7 @@ impl Trainer<'_> {
         let started = Instant::now();
         let mut order = epoch_order(self.train.len(), t.seed, state.cursor.epoch);
         self.model.set_training(true);
+        self.model.set_neftune(t.neftune_alpha);
 
         while state.step < total_steps {
             // Gather this step's rows, crossing into the next epoch where needed.

@@ -60,9 +60,9 @@ pub fn prompt_ids(tok: &Tokenizer, prompt: &str, chat: bool, system: Option<&str
 
 /// Generates and decodes the completion only.
 pub fn complete(model: &Model, tok: &Tokenizer, ids: &[u32], cfg: &GenerationConfig) -> Result<String> {
-    let out = whet_model::generate(model, ids, cfg)?;
-    let new = out.get(ids.len()..).unwrap_or(&[]);
-    Ok(tok.decode(new, true)?)
+    // `whet_model::generate` returns the new tokens only (the stop token included).
+    let new = whet_model::generate(model, ids, cfg)?;
+    Ok(tok.decode(&new, true)?)
 }
 
 fn generation_config(g: &GenerateArgs) -> GenerationConfig {
@@ -176,6 +176,15 @@ struct Progress {
 }
 
 impl Progress {
+    /// A line above the bar, or on stderr when there is no terminal to draw the bar on.
+    fn line(&self, text: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+
     fn new() -> Self {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -191,7 +200,7 @@ impl Observer for Progress {
         self.bar.set_length(total_steps);
         self.bar.set_position(resumed_from);
         if resumed_from > 0 {
-            self.bar.println(format!("resuming at step {resumed_from}"));
+            self.line(format!("resuming at step {resumed_from}"));
         }
     }
 
@@ -211,7 +220,7 @@ impl Observer for Progress {
 
     fn on_eval(&mut self, m: &EvalMetrics) {
         self.last_eval = Some(m.val_loss);
-        self.bar.println(format!(
+        self.line(format!(
             "eval @ step {}: validation loss {:.4} (perplexity {:.2}){}",
             m.step,
             m.val_loss,
@@ -272,7 +281,7 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
         return crate::kfold::run(&cfg, &tok, &data, &out);
     }
     let mut model = Model::load(&cfg.model.path, trainable(&cfg, cfg.train.seed), &device())?;
-    let (trainable_params, total_params) = model.num_params();
+    let (total_params, trainable_params) = model.num_params();
     eprintln!("model: {total_params} parameters, {trainable_params} trainable ({:?})", cfg.method);
     let general = match &cfg.eval.general_data {
         Some(p) => Some(eval_rows(&tok, p, Format::Auto, cfg.data.max_len)?),

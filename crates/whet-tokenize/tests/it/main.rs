@@ -2,6 +2,7 @@
 
 mod cache;
 mod common;
+mod fastpath;
 mod masking;
 mod pack;
 mod parity;

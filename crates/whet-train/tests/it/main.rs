@@ -3,3 +3,4 @@
 mod common;
 mod loop_;
 mod resume;
+mod recipes;

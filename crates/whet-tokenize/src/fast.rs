@@ -1,0 +1,151 @@
+//! A faster, exactly equivalent path for encoding plain text (ids only) with GPT-2-style
+//! byte-level BPE tokenizers.
+//!
+//! `tokenizers` spends most of its time in the byte-level pre-tokenizer, which tracks
+//! alignments for every byte through its `NormalizedString` machinery; ids alone do not
+//! need them. This path applies only when the pipeline is exactly: no normalizer, the
+//! `ByteLevel` pre-tokenizer with the GPT-2 regex (`use_regex`, no `add_prefix_space`),
+//! and a BPE model without dropout; and only to texts that contain no added-token string.
+//! It splits with the same GPT-2 pattern (the `\s+(?!\S)` look-ahead emulated), maps
+//! bytes to the byte-level alphabet, and asks the same BPE model for each word's ids,
+//! caching them per word. Everything else goes through `tokenizers` unchanged. The
+//! integration tests compare both paths on random text.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use regex::Regex;
+use tokenizers::models::bpe::BPE;
+use tokenizers::{Model, ModelWrapper, PreTokenizerWrapper};
+
+/// The GPT-2 pattern without its look-ahead alternative `\s+(?!\S)`, which is applied by
+/// giving the last character of a whitespace run back when a non-space follows.
+const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+";
+const CACHE_LIMIT: usize = 1 << 18;
+
+pub(crate) struct FastByteLevelBpe {
+    re: Regex,
+    bpe: BPE,
+    /// Strings that the added vocabulary would split out; texts containing any of them
+    /// take the general path.
+    added: Vec<String>,
+    byte_char: [char; 256],
+    cache: RwLock<HashMap<Box<str>, Box<[u32]>>>,
+}
+
+impl std::fmt::Debug for FastByteLevelBpe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastByteLevelBpe").finish_non_exhaustive()
+    }
+}
+
+/// GPT-2's `bytes_to_unicode`: printable bytes map to themselves, the rest to U+0100...
+fn byte_chars() -> [char; 256] {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+    let mut map = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..=255u8 {
+        map[b as usize] = if printable(b) {
+            char::from(b)
+        } else {
+            n += 1;
+            char::from_u32(255 + n).expect("U+0100..U+0143 are chars")
+        };
+    }
+    map
+}
+
+impl FastByteLevelBpe {
+    /// The fast path for this tokenizer, if its pipeline is one it reproduces exactly.
+    pub(crate) fn new(tok: &tokenizers::Tokenizer) -> Option<Self> {
+        if tok.get_normalizer().is_some() {
+            return None;
+        }
+        match tok.get_pre_tokenizer() {
+            Some(PreTokenizerWrapper::ByteLevel(bl)) if bl.use_regex && !bl.add_prefix_space => {}
+            _ => return None,
+        }
+        let bpe = match tok.get_model() {
+            ModelWrapper::BPE(b) if b.dropout.is_none() => b.clone(),
+            _ => return None,
+        };
+        let added = tok
+            .get_added_tokens_decoder()
+            .into_values()
+            .map(|t| t.content)
+            .filter(|c| !c.is_empty())
+            .collect();
+        Some(FastByteLevelBpe {
+            re: Regex::new(GPT2_SPLIT).ok()?,
+            bpe,
+            added,
+            byte_char: byte_chars(),
+            cache: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Ids of `text` without special tokens, or `None` when the text needs the general
+    /// path (it contains an added token) or the model fails.
+    pub(crate) fn encode(&self, text: &str) -> Option<Vec<u32>> {
+        if self.added.iter().any(|a| text.contains(a.as_str())) {
+            return None;
+        }
+        let mut ids = Vec::with_capacity(text.len() / 3 + 4);
+        let mut pos = 0;
+        while pos < text.len() {
+            // Every character is matched by some alternative, so the match starts at pos.
+            let m = self.re.find_at(text, pos)?;
+            let mut end = m.end();
+            let piece = m.as_str();
+            if end < text.len() && piece.chars().all(char::is_whitespace) {
+                // `\s+` stopped before a non-space: `\s+(?!\S)` would leave out the last
+                // whitespace character (unless that leaves nothing).
+                let last = piece.chars().next_back()?.len_utf8();
+                if piece.len() > last {
+                    end -= last;
+                }
+            }
+            self.word(&text[m.start()..end], &mut ids)?;
+            pos = end;
+        }
+        Some(ids)
+    }
+
+    fn word(&self, word: &str, out: &mut Vec<u32>) -> Option<()> {
+        if let Ok(cache) = self.cache.read()
+            && let Some(ids) = cache.get(word)
+        {
+            out.extend_from_slice(ids);
+            return Some(());
+        }
+        let mapped: String = word.bytes().map(|b| self.byte_char[b as usize]).collect();
+        let toks = self.bpe.tokenize(&mapped).ok()?;
+        let ids: Box<[u32]> = toks.iter().map(|t| t.id).collect();
+        out.extend_from_slice(&ids);
+        if let Ok(mut cache) = self.cache.write()
+            && cache.len() < CACHE_LIMIT
+        {
+            cache.insert(word.into(), ids);
+        }
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_map_is_gpt2s() {
+        let m = byte_chars();
+        assert_eq!(m[b'A' as usize], 'A');
+        assert_eq!(m[b' ' as usize], 'Ġ');
+        assert_eq!(m[b'\n' as usize], 'Ċ');
+        assert_eq!(m[0], 'Ā');
+        assert_eq!(m[0xAD], 'Ń');
+        let mut all: Vec<char> = m.to_vec();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 256);
+    }
+}
