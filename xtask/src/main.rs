@@ -58,6 +58,7 @@ fn cargo(args: &[&str], rest: &[String]) -> Result<()> {
 
 fn bench(rest: &[String]) -> Result<()> {
     match rest.first().map(String::as_str) {
+        Some("train-step") => train_step(&rest[1..]),
         Some(name) if !name.starts_with('-') => {
             cargo(&["bench", "-p", "whet-benches", "--bench", name, "--"], &rest[1..])
         }
@@ -115,4 +116,61 @@ fn train(rest: &[String]) -> Result<()> {
     ];
     args.extend(rest.iter().cloned());
     cargo(&["run", "--release", "--quiet", "-p", "whet", "--"], &args)
+}
+
+/// `cargo xtask bench train-step [--method lora|full] [--rounds N] [--steps N]`: whet and
+/// PyTorch + PEFT run the same step on SmolLM2-135M (batch 4 x 256), alternating, in one run.
+/// Python comes from `$WHET_PYTHON` (default `python3`) and needs torch, transformers and peft;
+/// without them only whet's figure is printed.
+fn train_step(args: &[String]) -> Result<()> {
+    let get = |flag: &str, default: &str| -> String {
+        args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+    };
+    let method = get("--method", "lora");
+    let rounds: usize = get("--rounds", "2").parse().context("--rounds")?;
+    let steps = get("--steps", "5");
+    let (batch, seq) = (get("--batch", "4"), get("--seq", "256"));
+    let model = fetch_model()?;
+    cargo(&["build", "--release", "--quiet", "-p", "whet"], &[])?;
+    let whet = root().join("target/release/whet");
+    let python = env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = root().join("benches/train_step.py");
+    let common = ["--method", &method, "--batch", &batch, "--seq", &seq, "--steps", &steps];
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for round in 0..rounds {
+        let out = Command::new(&whet).arg("bench-step").arg("--model").arg(&model).args(common).output()?;
+        if !out.status.success() {
+            bail!("whet bench-step failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        println!("round {round} {line}");
+        ours.push(field(&line, "tokens_per_s"));
+        let out = Command::new(&python).arg(&script).arg("--model").arg(&model).args(common).output();
+        match out {
+            Ok(o) if o.status.success() => {
+                let line = String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("").to_string();
+                println!("round {round} {line}");
+                theirs.push(field(&line, "tokens_per_s"));
+            }
+            Ok(o) => eprintln!("PyTorch side skipped: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")),
+            Err(e) => eprintln!("PyTorch side skipped: {python}: {e}"),
+        }
+    }
+    let best = |v: &[f64]| v.iter().cloned().fold(f64::NAN, f64::max);
+    println!("whet {method}: {:.1} tokens/s (best of {rounds})", best(&ours));
+    if !theirs.is_empty() {
+        println!("pytorch+peft {method}: {:.1} tokens/s (best of {rounds})", best(&theirs));
+        println!("ratio whet / pytorch: {:.2}x", best(&ours) / best(&theirs));
+    }
+    Ok(())
+}
+
+/// A number field of a one-line JSON object, without a JSON dependency in xtask.
+fn field(line: &str, key: &str) -> f64 {
+    line.split(&format!("\"{key}\":"))
+        .nth(1)
+        .and_then(|rest| rest.split([',', '}']).next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
 }

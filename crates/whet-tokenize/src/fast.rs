@@ -12,6 +12,7 @@
 //! integration tests compare both paths on random text.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::RwLock;
 
 use regex::Regex;
@@ -23,6 +24,31 @@ use tokenizers::{Model, ModelWrapper, PreTokenizerWrapper};
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+";
 const CACHE_LIMIT: usize = 1 << 18;
 
+/// FxHash (rustc's hasher): fast for short keys; the keys are words of the input, and a
+/// collision only costs speed.
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(K);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type WordCache = HashMap<Box<str>, Box<[u32]>, BuildHasherDefault<FxHasher>>;
+
 pub(crate) struct FastByteLevelBpe {
     re: Regex,
     bpe: BPE,
@@ -30,7 +56,7 @@ pub(crate) struct FastByteLevelBpe {
     /// take the general path.
     added: Vec<String>,
     byte_char: [char; 256],
-    cache: RwLock<HashMap<Box<str>, Box<[u32]>>>,
+    cache: RwLock<WordCache>,
 }
 
 impl std::fmt::Debug for FastByteLevelBpe {
@@ -80,7 +106,7 @@ impl FastByteLevelBpe {
             bpe,
             added,
             byte_char: byte_chars(),
-            cache: RwLock::new(HashMap::new()),
+            cache: RwLock::new(WordCache::default()),
         })
     }
 
@@ -112,7 +138,8 @@ impl FastByteLevelBpe {
     }
 
     fn word(&self, word: &str, out: &mut Vec<u32>) -> Option<()> {
-        if let Ok(cache) = self.cache.read()
+        // Never wait for the lock (as `tokenizers` does): a busy cache is skipped.
+        if let Ok(cache) = self.cache.try_read()
             && let Some(ids) = cache.get(word)
         {
             out.extend_from_slice(ids);
@@ -122,7 +149,7 @@ impl FastByteLevelBpe {
         let toks = self.bpe.tokenize(&mapped).ok()?;
         let ids: Box<[u32]> = toks.iter().map(|t| t.id).collect();
         out.extend_from_slice(&ids);
-        if let Ok(mut cache) = self.cache.write()
+        if let Ok(mut cache) = self.cache.try_write()
             && cache.len() < CACHE_LIMIT
         {
             cache.insert(word.into(), ids);

@@ -1,6 +1,7 @@
 //! whet's orchestrator: the only crate that knows every other crate. The `whet` binary
 //! (`src/main.rs`) parses arguments and calls [`commands`].
 
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod inspect;

@@ -53,6 +53,23 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Time a training step on random tokens (what `cargo xtask bench train-step` compares
+    /// with PyTorch + PEFT); prints one JSON line.
+    #[command(hide = true)]
+    BenchStep {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "lora")]
+        method: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+    },
     /// Look at a dataset before training on it.
     Data {
         #[command(subcommand)]
@@ -98,6 +115,9 @@ fn main() -> Result<()> {
         Command::Eval { model, data, format, max_len } => whet::commands::eval(&model, &data, format.into(), max_len),
         Command::Generate { model, sampling } => whet::commands::generate(&model, &sampling),
         Command::Convert(a) => whet::commands::convert(&a.from_gguf, &a.out, a.check_sha256.as_deref()),
+        Command::BenchStep { model, method, batch, seq, steps, warmup } => {
+            whet::bench::train_step(&model, &method, batch, seq, steps, warmup)
+        }
         Command::Merge { model, out } => whet::commands::merge(&model, &out),
         Command::Data { command: DataCommand::Inspect { data, model, validation, format, max_len, skip_invalid } } => {
             whet::inspect::inspect(&data, validation.as_deref(), &model, format.into(), max_len, skip_invalid)

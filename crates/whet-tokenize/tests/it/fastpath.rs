@@ -22,8 +22,21 @@ fn atom() -> impl Strategy<Value = String> {
         prop::sample::select(vec!["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'"])
             .prop_map(str::to_string),
         "[!-/:-@\\[-`{-~]{1,3}",
-        prop::sample::select(vec!["é", "e\u{301}", "日本語", "мир", "Straße", "🚀", "😀✓", "\u{0}", "\u{7f}", "٣", "Ⅻ", "ǅ"])
-            .prop_map(str::to_string),
+        prop::sample::select(vec![
+            "é",
+            "e\u{301}",
+            "日本語",
+            "мир",
+            "Straße",
+            "🚀",
+            "😀✓",
+            "\u{0}",
+            "\u{7f}",
+            "٣",
+            "Ⅻ",
+            "ǅ"
+        ])
+        .prop_map(str::to_string),
         prop::sample::select(vec!["<|im_end|>", "<s>", "[INST]", "<eos>"]).prop_map(str::to_string),
         any::<char>().prop_map(|c| c.to_string()),
     ]
@@ -47,9 +60,23 @@ proptest! {
 #[test]
 fn batch_encoding_matches_single() {
     let tok = load("llama3");
-    let texts = ["Hello world", "  two  spaces\n\nnew lines ", "", "日本語 🚀 'll", "<|eot_id|> special"];
+    let texts = [
+        "Hello world",
+        "  two  spaces\n\nnew lines ",
+        "",
+        "日本語 🚀 'll",
+        "<|eot_id|> special",
+    ];
     let batch = tok.encode_batch_ids(&texts).unwrap();
     for (t, ids) in texts.iter().zip(&batch) {
-        assert_eq!(ids, &tok.inner().encode_fast(*t, false).unwrap().get_ids().to_vec(), "{t:?}");
+        assert_eq!(
+            ids,
+            &tok.inner()
+                .encode_fast(*t, false)
+                .unwrap()
+                .get_ids()
+                .to_vec(),
+            "{t:?}"
+        );
     }
 }

@@ -1,1 +1,11 @@
-mod smoke { #[test] fn builds() {} }
+//! End-to-end tests of the `whet` binary on a tiny Llama converted from a GGUF fixture.
+
+mod common;
+mod errors;
+mod eval_merge;
+mod formats;
+mod generate;
+mod inspect;
+mod kfold;
+mod resume;
+mod train;

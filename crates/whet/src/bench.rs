@@ -1,0 +1,83 @@
+//! `whet bench-step`: the training step that `cargo xtask bench train-step` measures against
+//! PyTorch + PEFT (`benches/train_step.py` runs the same workload there).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use whet_model::{LoraConfig, Model, TargetModules, Trainable};
+use whet_optim::{AdamW, AdamWConfig, Optimizer, Param};
+
+use crate::commands::device;
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Times `steps` optimizer steps (forward, backward, AdamW) on random tokens after `warmup`
+/// untimed ones; prints one JSON line.
+pub fn train_step(model_dir: &Path, method: &str, batch: usize, seq: usize, steps: usize, warmup: usize) -> Result<()> {
+    let trainable = match method {
+        "lora" => {
+            let mut l = LoraConfig::new(16, 32.0);
+            l.target_modules = TargetModules::One("all-linear".into());
+            Trainable::Lora { config: l, seed: 0 }
+        }
+        "full" => Trainable::Full,
+        other => anyhow::bail!("--method must be lora or full, not `{other}`"),
+    };
+    let dev = device();
+    let mut model = Model::load(model_dir, trainable, &dev)?;
+    model.set_training(true);
+    let params: Vec<Param> = model.trainable().into_iter().map(|(n, v)| Param::new(n, v)).collect();
+    let mut opt = AdamW::new(params, AdamWConfig::default())?;
+    let vocab = model.config().vocab_size as u32;
+    // Fixed pseudo-random tokens (an LCG), the same every run.
+    let mut state = 12345u64;
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as u32) % vocab
+        })
+        .collect();
+    let targets: Vec<i64> = (0..batch * seq).map(|i| if (i + 1) % seq == 0 { -100 } else { ids[i + 1] as i64 }).collect();
+    let ids = Tensor::from_vec(ids, (batch, seq), &dev)?;
+    let targets = Tensor::from_vec(targets, (batch, seq), &dev)?;
+    let pos = Tensor::arange(0u32, seq as u32, &dev)?.unsqueeze(0)?.repeat((batch, 1))?;
+    let seg = Tensor::zeros((batch, seq), DType::U32, &dev)?;
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        let (loss, n) = model.loss(&ids, &pos, &seg, &targets)?;
+        let grads = loss.backward()?;
+        let g: Vec<Option<Tensor>> = opt.params().iter().map(|p| grads.get(p.var.as_tensor()).cloned()).collect();
+        drop(grads);
+        opt.step(&g, 1e-4, 1.0 / n as f64)?;
+        losses.push(loss.to_scalar::<f32>()? as f64 / n as f64);
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "whet",
+            "method": method,
+            "batch": batch,
+            "seq": seq,
+            "steps": steps,
+            "step_s": mean,
+            "tokens_per_s": (batch * seq) as f64 / mean,
+            "peak_rss_mib": peak_rss_mib(),
+            "losses": losses,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! `whet data inspect`: token counts, supervision, and the example with learned tokens marked.
+
+use std::fs;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// The numbers of a line such as "tokens: 1391 total, 848 supervised (61.0%), ...".
+fn numbers(line: &str) -> Vec<f64> {
+    line.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|w| w.trim_matches('.').parse().ok())
+        .collect()
+}
+
+fn line<'a>(stdout: &'a str, prefix: &str) -> &'a str {
+    stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no `{prefix}` line in:\n{stdout}"))
+}
+
+/// The ⟦...⟧ spans of `text`.
+fn learned(text: &str) -> Vec<&str> {
+    text.split('⟦').skip(1).map(|s| s.split_once('⟧').expect("unclosed ⟦").0).collect()
+}
+
+#[test]
+fn inspect_shows_tokens_supervision_and_the_learned_tokens() {
+    let tmp = Tmp::new("inspect");
+    let m = model(&tmp);
+    let data = fixture("data/support/validation.jsonl");
+    let r = whet(["data", "inspect", "--data", s(&data), "--model", s(&m)]).ok();
+    let out = &r.stdout;
+    let rows = fs::read_to_string(&data).unwrap().lines().count() as f64;
+    let read = numbers(line(out, "rows read:"));
+    assert_eq!(read[..2], [rows, rows], "{out}");
+
+    let t = numbers(line(out, "tokens:"));
+    let (total, supervised, pct) = (t[0], t[1], t[2]);
+    assert!(total > rows * 20.0, "{out}");
+    assert!(supervised > 0.0 && supervised < total, "chat data learns the assistant turns only:\n{out}");
+    assert!((pct - 100.0 * supervised / total).abs() < 0.051, "supervised ratio {pct}% vs {supervised}/{total}");
+    assert!(line(out, "BOS:").contains(&format!("learned in {rows}/{rows}")), "{out}");
+
+    // The marked example: the assistant answer (and its end-of-turn) is learned, the rest is not.
+    let first: Value = serde_json::from_str(fs::read_to_string(&data).unwrap().lines().next().unwrap()).unwrap();
+    let turn = |role: &str| {
+        first["messages"].as_array().unwrap().iter().find(|m| m["role"] == role).unwrap()["content"].as_str().unwrap().to_string()
+    };
+    let example = out.split_once("(learned tokens in ⟦ ⟧):\n").expect("no marked example").1;
+    let spans = learned(example);
+    assert_eq!(spans.len(), 1, "one assistant turn, one learned span: {example}");
+    assert_eq!(spans[0], format!("{}<|im_end|>", turn("assistant")), "{example}");
+    assert!(example.contains(&turn("user")) && !spans[0].contains(&turn("user")));
+    assert!(example.contains(&turn("system")) && !spans[0].contains(&turn("system")));
+    assert!(example.contains("<|im_start|>assistant\n⟦"), "{example}");
+}
+
+#[test]
+fn inspect_counts_duplicates_and_train_validation_leakage() {
+    let tmp = Tmp::new("inspect-leak");
+    let m = model(&tmp);
+    let lines: Vec<String> = CHATS.iter().map(|(u, a)| chat(u, a)).collect();
+    let train = tmp.join("train.jsonl");
+    write(&train, &format!("{}\n{}\n", lines.join("\n"), lines[2]));
+    let val = tmp.join("val.jsonl");
+    write(&val, &format!("{}\n{}\n", lines[5], chat("Where is my parcel?", "We do not ship parcels, sorry.")));
+    let r = whet(["data", "inspect", "--data", s(&train), "--validation", s(&val), "--model", s(&m), "--format", "chat"]).ok();
+    assert_eq!(numbers(line(&r.stdout, "duplicates:"))[..2], [1.0, 8.0], "{}", r.stdout);
+    assert!(line(&r.stdout, "leakage:").contains("50.0% of 2 validation examples"), "{}", r.stdout);
+
+    // Truncation is reported: a max_len shorter than every example.
+    let r = whet(["data", "inspect", "--data", s(&train), "--model", s(&m), "--max-len", "16"]).ok();
+    let trunc = numbers(line(&r.stdout, "truncated to 16:"));
+    assert!(trunc[1] > 0.0, "no row reported truncated:\n{}", r.stdout);
+}
