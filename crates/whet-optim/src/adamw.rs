@@ -18,7 +18,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -48,9 +53,21 @@ impl AdamW {
                 });
             }
         }
-        let m = params.iter().map(|p| vec![0f32; p.var.elem_count()]).collect();
-        let v = params.iter().map(|p| vec![0f32; p.var.elem_count()]).collect();
-        Ok(Self { params, m, v, cfg, step: 0 })
+        let m = params
+            .iter()
+            .map(|p| vec![0f32; p.var.elem_count()])
+            .collect();
+        let v = params
+            .iter()
+            .map(|p| vec![0f32; p.var.elem_count()])
+            .collect();
+        Ok(Self {
+            params,
+            m,
+            v,
+            cfg,
+            step: 0,
+        })
     }
 }
 
@@ -61,7 +78,10 @@ impl Optimizer for AdamW {
 
     fn step(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
         if grads.len() != self.params.len() {
-            return Err(OptimError::GradCount { expected: self.params.len(), found: grads.len() });
+            return Err(OptimError::GradCount {
+                expected: self.params.len(),
+                found: grads.len(),
+            });
         }
         self.step += 1;
         let t = self.step as i32;
@@ -75,7 +95,11 @@ impl Optimizer for AdamW {
         for (i, param) in self.params.iter().enumerate() {
             let Some(grad) = &grads[i] else { continue };
             check_grad(&param.name, param.var.as_tensor(), grad)?;
-            let decay = if param.decay { (1.0 - lr * self.cfg.weight_decay) as f32 } else { 1.0 };
+            let decay = if param.decay {
+                (1.0 - lr * self.cfg.weight_decay) as f32
+            } else {
+                1.0
+            };
             let m = std::sync::Mutex::new(&mut self.m[i]);
             let v = std::sync::Mutex::new(&mut self.v[i]);
             let op = Update {
@@ -97,7 +121,10 @@ impl Optimizer for AdamW {
                         });
                 },
             };
-            param.var.as_tensor().inplace_op2(&grad.contiguous()?, &op)?;
+            param
+                .var
+                .as_tensor()
+                .inplace_op2(&grad.contiguous()?, &op)?;
         }
         Ok(())
     }
@@ -112,7 +139,10 @@ impl Optimizer for AdamW {
             buffers.push((format!("exp_avg.{}", p.name), self.m[i].clone()));
             buffers.push((format!("exp_avg_sq.{}", p.name), self.v[i].clone()));
         }
-        OptimizerState { step: self.step, buffers }
+        OptimizerState {
+            step: self.step,
+            buffers,
+        }
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {

@@ -6,9 +6,16 @@ use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
 use crate::{OptimError, Result};
 
 /// A contiguous f32 slice of a CPU storage, or a clear error.
-pub(crate) fn contiguous_f32<'a>(name: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(
+    name: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
-        candle_core::bail!("parameter `{name}`: only f32 is supported, found {:?}", s.dtype())
+        candle_core::bail!(
+            "parameter `{name}`: only f32 is supported, found {:?}",
+            s.dtype()
+        )
     };
     let Some((start, end)) = l.contiguous_offsets() else {
         candle_core::bail!("parameter `{name}`: gradient is not contiguous")
@@ -27,13 +34,23 @@ impl<F: Fn(&mut [f32], &[f32])> InplaceOp2 for Update<'_, F> {
         "whet-optim-update"
     }
 
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
         let grad = contiguous_f32(self.name, gs, gl)?;
         let Some((start, end)) = dst_l.contiguous_offsets() else {
             candle_core::bail!("parameter `{}` is not contiguous", self.name)
         };
         let CpuStorage::F32(param) = dst else {
-            candle_core::bail!("parameter `{}`: only f32 is supported, found {:?}", self.name, dst.dtype())
+            candle_core::bail!(
+                "parameter `{}`: only f32 is supported, found {:?}",
+                self.name,
+                dst.dtype()
+            )
         };
         (self.update)(&mut param[start..end], grad);
         Ok(())
@@ -51,7 +68,10 @@ pub(crate) fn check_grad(name: &str, param: &Tensor, grad: &Tensor) -> Result<()
     }
     for t in [param, grad] {
         if t.dtype() != candle_core::DType::F32 {
-            return Err(OptimError::DType { name: name.to_string(), dtype: format!("{:?}", t.dtype()) });
+            return Err(OptimError::DType {
+                name: name.to_string(),
+                dtype: format!("{:?}", t.dtype()),
+            });
         }
     }
     Ok(())
@@ -63,9 +83,15 @@ pub(crate) fn restore(state: &crate::OptimizerState, name: &str, into: &mut [f32
         .buffers
         .iter()
         .find(|(n, _)| n == name)
-        .ok_or_else(|| OptimError::MissingState { name: name.to_string() })?;
+        .ok_or_else(|| OptimError::MissingState {
+            name: name.to_string(),
+        })?;
     if values.len() != into.len() {
-        return Err(OptimError::StateSize { name: name.to_string(), expected: into.len(), found: values.len() });
+        return Err(OptimError::StateSize {
+            name: name.to_string(),
+            expected: into.len(),
+            found: values.len(),
+        });
     }
     into.copy_from_slice(values);
     Ok(())

@@ -17,7 +17,10 @@ pub fn global_norm(grads: &[Option<Tensor>], scale: f64) -> Result<f64> {
             }
             _ => {
                 drop(storage);
-                g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?
+                g.to_dtype(candle_core::DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?
             }
         };
         sum += sq;
@@ -28,5 +31,9 @@ pub fn global_norm(grads: &[Option<Tensor>], scale: f64) -> Result<f64> {
 /// The factor that brings a gradient of norm `norm` down to `max_norm` (1 when it is already
 /// within bounds, or when clipping is off with `max_norm <= 0`).
 pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
-    if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 }
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
 }

@@ -39,7 +39,13 @@ impl Schedule {
                 expected: "a fraction of the peak learning rate in [0, 1]",
             });
         }
-        Ok(Self { kind, peak, warmup, total: total.max(1), floor })
+        Ok(Self {
+            kind,
+            peak,
+            warmup,
+            total: total.max(1),
+            floor,
+        })
     }
 
     /// The learning rate for update number `step` (0-based).

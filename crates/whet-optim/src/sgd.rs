@@ -17,7 +17,11 @@ pub struct SgdConfig {
 
 impl Default for SgdConfig {
     fn default() -> Self {
-        Self { momentum: 0.9, nesterov: false, weight_decay: 0.0 }
+        Self {
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -38,8 +42,16 @@ impl Sgd {
                 expected: "momentum in [0, 1) and weight_decay >= 0",
             });
         }
-        let buf = params.iter().map(|p| vec![0f32; p.var.elem_count()]).collect();
-        Ok(Self { params, buf, cfg, step: 0 })
+        let buf = params
+            .iter()
+            .map(|p| vec![0f32; p.var.elem_count()])
+            .collect();
+        Ok(Self {
+            params,
+            buf,
+            cfg,
+            step: 0,
+        })
     }
 }
 
@@ -50,7 +62,10 @@ impl Optimizer for Sgd {
 
     fn step(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
         if grads.len() != self.params.len() {
-            return Err(OptimError::GradCount { expected: self.params.len(), found: grads.len() });
+            return Err(OptimError::GradCount {
+                expected: self.params.len(),
+                found: grads.len(),
+            });
         }
         let first = self.step == 0;
         self.step += 1;
@@ -59,25 +74,33 @@ impl Optimizer for Sgd {
         for (i, param) in self.params.iter().enumerate() {
             let Some(grad) = &grads[i] else { continue };
             check_grad(&param.name, param.var.as_tensor(), grad)?;
-            let decay = if param.decay { (1.0 - lr * self.cfg.weight_decay) as f32 } else { 1.0 };
+            let decay = if param.decay {
+                (1.0 - lr * self.cfg.weight_decay) as f32
+            } else {
+                1.0
+            };
             let buf = std::sync::Mutex::new(&mut self.buf[i]);
             let op = Update {
                 name: &param.name,
                 update: |p: &mut [f32], g: &[f32]| {
                     let mut buf = buf.lock().unwrap_or_else(|e| e.into_inner());
-                    p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(buf.par_chunks_mut(CHUNK)).for_each(
-                        |((p, g), b)| {
+                    p.par_chunks_mut(CHUNK)
+                        .zip(g.par_chunks(CHUNK))
+                        .zip(buf.par_chunks_mut(CHUNK))
+                        .for_each(|((p, g), b)| {
                             for j in 0..p.len() {
                                 let g = g[j] * gs;
                                 b[j] = if first { g } else { mu * b[j] + g };
                                 let d = if nesterov { g + mu * b[j] } else { b[j] };
                                 p[j] = p[j] * decay - lr32 * d;
                             }
-                        },
-                    );
+                        });
                 },
             };
-            param.var.as_tensor().inplace_op2(&grad.contiguous()?, &op)?;
+            param
+                .var
+                .as_tensor()
+                .inplace_op2(&grad.contiguous()?, &op)?;
         }
         Ok(())
     }
@@ -87,8 +110,16 @@ impl Optimizer for Sgd {
     }
 
     fn state(&self) -> OptimizerState {
-        let buffers = self.params.iter().zip(&self.buf).map(|(p, b)| (format!("momentum.{}", p.name), b.clone())).collect();
-        OptimizerState { step: self.step, buffers }
+        let buffers = self
+            .params
+            .iter()
+            .zip(&self.buf)
+            .map(|(p, b)| (format!("momentum.{}", p.name), b.clone()))
+            .collect();
+        OptimizerState {
+            step: self.step,
+            buffers,
+        }
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {

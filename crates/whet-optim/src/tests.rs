@@ -29,20 +29,39 @@ fn adamw_reference(p0: f64, grads: &[f64], lr: f64, cfg: AdamWConfig, decay: boo
 
 #[test]
 fn adamw_matches_the_torch_formula() {
-    let cfg = AdamWConfig { weight_decay: 0.1, ..Default::default() };
+    let cfg = AdamWConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    };
     let start = [0.5f32, -1.5, 2.0];
     let grad_seq: Vec<[f32; 3]> = vec![[0.1, -0.2, 0.3], [0.05, 0.4, -0.3], [-0.2, 0.1, 0.0]];
     let w = var(&start);
-    let mut opt = AdamW::new(vec![Param { name: "w".into(), var: w.clone(), decay: true }], cfg).unwrap();
+    let mut opt = AdamW::new(
+        vec![Param {
+            name: "w".into(),
+            var: w.clone(),
+            decay: true,
+        }],
+        cfg,
+    )
+    .unwrap();
     for g in &grad_seq {
         // grads arrive unscaled (x2) and the optimizer folds in the 0.5 scale.
         let g2: Vec<f32> = g.iter().map(|x| x * 2.0).collect();
-        opt.step(&[Some(Tensor::new(g2.as_slice(), &Device::Cpu).unwrap())], 1e-2, 0.5).unwrap();
+        opt.step(
+            &[Some(Tensor::new(g2.as_slice(), &Device::Cpu).unwrap())],
+            1e-2,
+            0.5,
+        )
+        .unwrap();
     }
     for (j, got) in values(&w).into_iter().enumerate() {
         let gs: Vec<f64> = grad_seq.iter().map(|g| g[j] as f64).collect();
         let want = adamw_reference(start[j] as f64, &gs, 1e-2, cfg, true);
-        assert!((got as f64 - want).abs() < 1e-6, "element {j}: {got} vs {want}");
+        assert!(
+            (got as f64 - want).abs() < 1e-6,
+            "element {j}: {got} vs {want}"
+        );
     }
 }
 
@@ -53,17 +72,30 @@ fn no_decay_for_norms_biases_and_embeddings() {
     assert!(!decays_by_default("model.layers.0.self_attn.q_proj.bias"));
     assert!(!decays_by_default("model.embed_tokens.weight"));
     assert!(decays_by_default("model.layers.0.self_attn.q_proj.weight"));
-    assert!(decays_by_default("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"));
+    assert!(decays_by_default(
+        "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+    ));
 }
 
 #[test]
 fn weight_decay_is_skipped_where_excluded() {
-    let cfg = AdamWConfig { weight_decay: 0.5, ..Default::default() };
+    let cfg = AdamWConfig {
+        weight_decay: 0.5,
+        ..Default::default()
+    };
     let decayed = var(&[1.0]);
     let kept = var(&[1.0]);
     let params = vec![
-        Param { name: "a".into(), var: decayed.clone(), decay: true },
-        Param { name: "b".into(), var: kept.clone(), decay: false },
+        Param {
+            name: "a".into(),
+            var: decayed.clone(),
+            decay: true,
+        },
+        Param {
+            name: "b".into(),
+            var: kept.clone(),
+            decay: false,
+        },
     ];
     let mut opt = AdamW::new(params, cfg).unwrap();
     let zero = || Some(Tensor::new(&[0f32], &Device::Cpu).unwrap());
@@ -74,10 +106,13 @@ fn weight_decay_is_skipped_where_excluded() {
 
 #[test]
 fn resumed_state_continues_bit_identically() {
-    let grads: Vec<Vec<f32>> = (0..6).map(|i| vec![(i as f32 * 0.37).sin(), (i as f32).cos()]).collect();
+    let grads: Vec<Vec<f32>> = (0..6)
+        .map(|i| vec![(i as f32 * 0.37).sin(), (i as f32).cos()])
+        .collect();
     let run = |split: Option<usize>| -> Vec<f32> {
         let w = var(&[0.3, -0.7]);
-        let mk = |w: &Var| AdamW::new(vec![Param::new("w", w.clone())], AdamWConfig::default()).unwrap();
+        let mk =
+            |w: &Var| AdamW::new(vec![Param::new("w", w.clone())], AdamWConfig::default()).unwrap();
         let mut opt = mk(&w);
         for (i, g) in grads.iter().enumerate() {
             if Some(i) == split {
@@ -85,7 +120,12 @@ fn resumed_state_continues_bit_identically() {
                 opt = mk(&w);
                 opt.load_state(&saved).unwrap();
             }
-            opt.step(&[Some(Tensor::new(g.as_slice(), &Device::Cpu).unwrap())], 1e-2, 1.0).unwrap();
+            opt.step(
+                &[Some(Tensor::new(g.as_slice(), &Device::Cpu).unwrap())],
+                1e-2,
+                1.0,
+            )
+            .unwrap();
         }
         values(&w)
     };
@@ -100,15 +140,30 @@ fn sgd_momentum_matches_the_torch_formula() {
     for (t, g) in [0.5f64, -0.25, 1.0].iter().enumerate() {
         b = if t == 0 { *g } else { 0.9 * b + g };
         p -= 0.1 * b;
-        opt.step(&[Some(Tensor::new(&[*g as f32], &Device::Cpu).unwrap())], 0.1, 1.0).unwrap();
+        opt.step(
+            &[Some(Tensor::new(&[*g as f32], &Device::Cpu).unwrap())],
+            0.1,
+            1.0,
+        )
+        .unwrap();
     }
     assert!((values(&w)[0] as f64 - p).abs() < 1e-6);
 }
 
 #[test]
 fn mismatched_gradient_is_an_error() {
-    let mut opt = AdamW::new(vec![Param::new("w", var(&[1.0, 2.0]))], AdamWConfig::default()).unwrap();
-    let err = opt.step(&[Some(Tensor::new(&[1f32], &Device::Cpu).unwrap())], 0.1, 1.0).unwrap_err();
+    let mut opt = AdamW::new(
+        vec![Param::new("w", var(&[1.0, 2.0]))],
+        AdamWConfig::default(),
+    )
+    .unwrap();
+    let err = opt
+        .step(
+            &[Some(Tensor::new(&[1f32], &Device::Cpu).unwrap())],
+            0.1,
+            1.0,
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("`w`"), "{err}");
 }
 

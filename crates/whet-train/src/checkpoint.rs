@@ -53,7 +53,10 @@ pub fn list(out: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let step = name.strip_prefix(PREFIX)?.parse().ok()?;
-            e.path().join(STATE_FILE).is_file().then(|| (step, e.path()))
+            e.path()
+                .join(STATE_FILE)
+                .is_file()
+                .then(|| (step, e.path()))
         })
         .collect();
     found.sort();
@@ -62,8 +65,14 @@ pub fn list(out: &Path) -> Vec<(u64, PathBuf)> {
 
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE_FILE);
-    let text = fs::read_to_string(&path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
-    serde_json::from_str(&text).map_err(|e| TrainError::CheckpointRead { path, message: e.to_string() })
+    let text = fs::read_to_string(&path).map_err(|source| TrainError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| TrainError::CheckpointRead {
+        path,
+        message: e.to_string(),
+    })
 }
 
 /// Writes a checkpoint atomically. `write_tensors` fills the temporary folder with the weight
@@ -91,7 +100,9 @@ pub fn write(
         write_file(&tmp.join(CONFIG_FILE), config_toml.as_bytes()).map_err(werr(&tmp))?;
         for entry in fs::read_dir(&tmp).map_err(werr(&tmp))? {
             let path = entry.map_err(werr(&tmp))?.path();
-            File::open(&path).and_then(|f| f.sync_all()).map_err(werr(&path))?;
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(werr(&path))?;
         }
         if final_dir.exists() {
             fs::remove_dir_all(&final_dir).map_err(werr(&final_dir))?;
@@ -129,13 +140,20 @@ pub fn prune(out: &Path, keep_last: usize, best_step: Option<u64>) -> Result<()>
     let cut = all.len().saturating_sub(keep_last.max(1));
     for (step, dir) in &all[..cut] {
         if Some(*step) != best_step {
-            fs::remove_dir_all(dir).map_err(|source| TrainError::Io { path: dir.clone(), source })?;
+            fs::remove_dir_all(dir).map_err(|source| TrainError::Io {
+                path: dir.clone(),
+                source,
+            })?;
         }
     }
     Ok(())
 }
 
 pub fn mark_best(out: &Path, step: u64) -> Result<()> {
-    write_file(&out.join(BEST_FILE), checkpoint_name(step).as_bytes())
-        .map_err(|source| TrainError::CheckpointWrite { path: out.join(BEST_FILE), source })
+    write_file(&out.join(BEST_FILE), checkpoint_name(step).as_bytes()).map_err(|source| {
+        TrainError::CheckpointWrite {
+            path: out.join(BEST_FILE),
+            source,
+        }
+    })
 }

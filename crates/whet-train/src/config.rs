@@ -188,7 +188,11 @@ pub struct EvalSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        Self { prompts: Vec::new(), general_data: None, max_new_tokens: 64 }
+        Self {
+            prompts: Vec::new(),
+            general_data: None,
+            max_new_tokens: 64,
+        }
     }
 }
 
@@ -222,7 +226,10 @@ mod defaults {
 impl Config {
     /// Reads a TOML file, applies `key=value` overrides, and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_toml(&text, path, overrides)
     }
 
@@ -273,19 +280,40 @@ impl Config {
         };
         let t = &self.train;
         if !(t.lr.is_finite() && t.lr > 0.0) {
-            return Err(bad("train.lr", format!("{} is not a usable learning rate; use a value > 0 such as 2e-4", t.lr)));
+            return Err(bad(
+                "train.lr",
+                format!(
+                    "{} is not a usable learning rate; use a value > 0 such as 2e-4",
+                    t.lr
+                ),
+            ));
         }
         if t.micro_batch == 0 || t.grad_accum == 0 {
-            return Err(bad("train.micro_batch / train.grad_accum", "must be at least 1".into()));
+            return Err(bad(
+                "train.micro_batch / train.grad_accum",
+                "must be at least 1".into(),
+            ));
         }
         if t.epochs <= 0.0 && t.max_steps == 0 {
-            return Err(bad("train.epochs", "set epochs > 0 or max_steps > 0".into()));
+            return Err(bad(
+                "train.epochs",
+                "set epochs > 0 or max_steps > 0".into(),
+            ));
         }
         if t.k_folds == 1 {
-            return Err(bad("train.k_folds", "k-fold cross-validation needs k >= 2 (0 turns it off)".into()));
+            return Err(bad(
+                "train.k_folds",
+                "k-fold cross-validation needs k >= 2 (0 turns it off)".into(),
+            ));
         }
         if self.data.max_len < 8 {
-            return Err(bad("data.max_len", format!("{} tokens is too short for a training row", self.data.max_len)));
+            return Err(bad(
+                "data.max_len",
+                format!(
+                    "{} tokens is too short for a training row",
+                    self.data.max_len
+                ),
+            ));
         }
         if !(0.0..1.0).contains(&self.data.validation_fraction) {
             return Err(bad("data.validation_fraction", "must be in [0, 1)".into()));
@@ -301,27 +329,37 @@ impl Config {
 
     /// The resolved config as TOML, as saved next to each checkpoint.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not serialise config: {e}\n"))
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# could not serialise config: {e}\n"))
     }
 }
 
 /// `train.lr=1e-4`: the value is parsed as TOML (number, bool, array, inline table), falling back
 /// to a plain string.
 fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
-    let bad = |message: String| TrainError::Override { assignment: assignment.to_string(), message };
+    let bad = |message: String| TrainError::Override {
+        assignment: assignment.to_string(),
+        message,
+    };
     let (key, raw) = assignment
         .split_once('=')
         .ok_or_else(|| bad("expected `section.key=value`, e.g. `train.lr=1e-4`".into()))?;
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     };
     let parts: Vec<&str> = key.trim().split('.').collect();
     let (last, sections) = parts.split_last().ok_or_else(|| bad("empty key".into()))?;
     let mut table = root;
     for part in sections {
-        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
-        table = entry.as_table_mut().ok_or_else(|| bad(format!("`{part}` is not a section")))?;
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| bad(format!("`{part}` is not a section")))?;
     }
     table.insert(last.to_string(), value);
     Ok(())
@@ -329,8 +367,12 @@ fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
 
 /// serde says "unknown field `lr_rate`, expected one of `seed`, `lr`, ..."; add the closest name.
 fn with_suggestion(message: &str) -> String {
-    let Some(rest) = message.split("unknown field `").nth(1) else { return message.to_string() };
-    let Some((unknown, expected)) = rest.split_once('`') else { return message.to_string() };
+    let Some(rest) = message.split("unknown field `").nth(1) else {
+        return message.to_string();
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
     let best = expected
         .split('`')
         .skip(1)
@@ -338,7 +380,9 @@ fn with_suggestion(message: &str) -> String {
         .map(|cand| (edit_distance(unknown, cand), cand))
         .min();
     match best {
-        Some((d, cand)) if d <= unknown.len().max(3) / 2 + 1 => format!("{message} (did you mean `{cand}`?)"),
+        Some((d, cand)) if d <= unknown.len().max(3) / 2 + 1 => {
+            format!("{message} (did you mean `{cand}`?)")
+        }
         _ => message.to_string(),
     }
 }
@@ -349,7 +393,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -372,8 +418,13 @@ mod tests {
     #[test]
     fn unknown_keys_are_rejected_with_a_suggestion() {
         let text = format!("{MINIMAL}\n[train]\nlearning_rate = 1e-4\n");
-        let err = Config::from_toml(&text, Path::new("run.toml"), &[]).unwrap_err().to_string();
-        assert!(err.contains("run.toml") && err.contains("learning_rate"), "{err}");
+        let err = Config::from_toml(&text, Path::new("run.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("run.toml") && err.contains("learning_rate"),
+            "{err}"
+        );
         let err = Config::from_toml(MINIMAL, Path::new("run.toml"), &["train.lrr=1e-4".into()])
             .unwrap_err()
             .to_string();
@@ -385,7 +436,11 @@ mod tests {
         let c = Config::from_toml(
             MINIMAL,
             Path::new("/cfg/run.toml"),
-            &["train.lr=1e-4".into(), "lora.target_modules=[\"q_proj\"]".into(), "method=full".into()],
+            &[
+                "train.lr=1e-4".into(),
+                "lora.target_modules=[\"q_proj\"]".into(),
+                "method=full".into(),
+            ],
         )
         .unwrap();
         assert_eq!(c.train.lr, 1e-4);
@@ -398,7 +453,9 @@ mod tests {
 
     #[test]
     fn a_zero_learning_rate_is_an_error() {
-        let err = Config::from_toml(MINIMAL, Path::new("run.toml"), &["train.lr=0".into()]).unwrap_err().to_string();
+        let err = Config::from_toml(MINIMAL, Path::new("run.toml"), &["train.lr=0".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("train.lr"), "{err}");
     }
 }

@@ -13,25 +13,38 @@ pub enum TrainError {
     Override { assignment: String, message: String },
 
     // ---- data ----
-    #[error("the training set has no supervised token: every label is masked. Check the data format (`data.format`) and the chat template; `whet data inspect` shows what would be learned")]
+    #[error(
+        "the training set has no supervised token: every label is masked. Check the data format (`data.format`) and the chat template; `whet data inspect` shows what would be learned"
+    )]
     NoSupervisedTokens,
     #[error("the {split} set is empty: {hint}")]
-    EmptySplit { split: &'static str, hint: &'static str },
+    EmptySplit {
+        split: &'static str,
+        hint: &'static str,
+    },
 
     // ---- the run ----
-    #[error("loss became {value} at step {step} (micro-batch {micro}); stopping. Lower `train.lr`, keep `train.max_grad_norm` on, or check the data for empty rows. The last good checkpoint is untouched")]
+    #[error(
+        "loss became {value} at step {step} (micro-batch {micro}); stopping. Lower `train.lr`, keep `train.max_grad_norm` on, or check the data for empty rows. The last good checkpoint is untouched"
+    )]
     NonFinite { step: u64, micro: usize, value: f32 },
     #[error("{dir} holds a different run ({why}); pass a new `output.dir`, or resume that run with the same config", dir = dir.display())]
     ForeignOutput { dir: PathBuf, why: String },
 
     // ---- checkpoints ----
     #[error("writing checkpoint {path}: {source}; the previous checkpoints are intact", path = path.display())]
-    CheckpointWrite { path: PathBuf, source: std::io::Error },
+    CheckpointWrite {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("checkpoint {path} is unusable: {message}", path = path.display())]
     CheckpointRead { path: PathBuf, message: String },
 
     #[error("{path}: {source}", path = path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Model(#[from] whet_model::Error),
     #[error(transparent)]

@@ -14,4 +14,6 @@ pub mod trainer;
 pub use config::Config;
 pub use error::{Result, TrainError};
 pub use rows::{Batch, Cursor, Row};
-pub use trainer::{EvalMetrics, Observer, Quiet, StepMetrics, Summary, Trainer, evaluate, load_trainable};
+pub use trainer::{
+    EvalMetrics, Observer, Quiet, StepMetrics, Summary, Trainer, evaluate, load_trainable,
+};

@@ -18,7 +18,10 @@ pub struct MetricsLog {
 
 impl MetricsLog {
     pub fn open(path: &Path, resumed_from: u64) -> Result<Self> {
-        let io = |source| TrainError::Io { path: path.to_path_buf(), source };
+        let io = |source| TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         if path.exists() {
             let kept: Vec<String> = BufReader::new(File::open(path).map_err(io)?)
                 .lines()
@@ -36,14 +39,24 @@ impl MetricsLog {
             }
             crate::checkpoint::write_file(path, text.as_bytes()).map_err(io)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
-        Ok(Self { path: path.to_path_buf(), file })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     fn line(&mut self, kind: &str, value: &impl Serialize) -> Result<()> {
         let mut v = serde_json::to_value(value).expect("metrics serialise");
         v["kind"] = serde_json::Value::String(kind.into());
-        writeln!(self.file, "{v}").map_err(|source| TrainError::Io { path: self.path.clone(), source })
+        writeln!(self.file, "{v}").map_err(|source| TrainError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     pub fn step(&mut self, m: &StepMetrics) -> Result<()> {

@@ -39,8 +39,12 @@ impl Batch {
     pub fn from_rows(rows: &[&Row], device: &Device) -> Result<Self> {
         let t = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
         let b = rows.len();
-        let (mut ids, mut pos, mut seg, mut tgt) =
-            (Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        let (mut ids, mut pos, mut seg, mut tgt) = (
+            Vec::with_capacity(b * t),
+            Vec::with_capacity(b * t),
+            Vec::with_capacity(b * t),
+            Vec::with_capacity(b * t),
+        );
         let mut tokens = 0;
         for r in rows {
             let pad = t - r.input_ids.len();
@@ -70,7 +74,8 @@ impl Batch {
 /// The visiting order of epoch `epoch`: a seeded shuffle, identical on every run and resume.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     order.shuffle(&mut rng);
     order
 }

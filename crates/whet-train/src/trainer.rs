@@ -67,7 +67,12 @@ pub struct Summary {
 
 /// Mean cross-entropy of `rows` under `model`, as `(loss, supervised tokens)`. The model should
 /// be in evaluation mode (`set_training(false)`: no dropout).
-pub fn evaluate(model: &Model, rows: &[Row], micro_batch: usize, device: &Device) -> Result<(f64, usize)> {
+pub fn evaluate(
+    model: &Model,
+    rows: &[Row],
+    micro_batch: usize,
+    device: &Device,
+) -> Result<(f64, usize)> {
     let (mut sum, mut n) = (0f64, 0usize);
     for chunk in rows.chunks(micro_batch.max(1)) {
         let refs: Vec<&Row> = chunk.iter().collect();
@@ -75,7 +80,12 @@ pub fn evaluate(model: &Model, rows: &[Row], micro_batch: usize, device: &Device
         if batch.supervised == 0 {
             continue;
         }
-        let (loss, count) = model.loss(&batch.ids, &batch.positions, &batch.segments, &batch.targets)?;
+        let (loss, count) = model.loss(
+            &batch.ids,
+            &batch.positions,
+            &batch.segments,
+            &batch.targets,
+        )?;
         sum += loss.to_scalar::<f32>()? as f64;
         n += count;
     }
@@ -99,11 +109,20 @@ impl Trainer<'_> {
         Ok(match t.optimizer {
             OptimizerKind::Adamw => Box::new(AdamW::new(
                 params,
-                AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: 1e-8, weight_decay: t.weight_decay },
+                AdamWConfig {
+                    beta1: t.beta1,
+                    beta2: t.beta2,
+                    eps: 1e-8,
+                    weight_decay: t.weight_decay,
+                },
             )?),
             OptimizerKind::Sgd => Box::new(Sgd::new(
                 params,
-                SgdConfig { momentum: t.momentum, nesterov: false, weight_decay: t.weight_decay },
+                SgdConfig {
+                    momentum: t.momentum,
+                    nesterov: false,
+                    weight_decay: t.weight_decay,
+                },
             )?),
         })
     }
@@ -125,17 +144,34 @@ impl Trainer<'_> {
     /// Runs (or resumes) training to the end and returns what happened.
     pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Summary> {
         if self.train.is_empty() {
-            return Err(TrainError::EmptySplit { split: "training", hint: "no rows survived reading and tokenization" });
+            return Err(TrainError::EmptySplit {
+                split: "training",
+                hint: "no rows survived reading and tokenization",
+            });
         }
         if self.train.iter().all(|r| r.supervised() == 0) {
             return Err(TrainError::NoSupervisedTokens);
         }
-        std::fs::create_dir_all(self.out).map_err(|source| TrainError::Io { path: self.out.to_path_buf(), source })?;
-        let params: Vec<Param> = self.model.trainable().into_iter().map(|(name, var)| Param::new(name, var)).collect();
+        std::fs::create_dir_all(self.out).map_err(|source| TrainError::Io {
+            path: self.out.to_path_buf(),
+            source,
+        })?;
+        let params: Vec<Param> = self
+            .model
+            .trainable()
+            .into_iter()
+            .map(|(name, var)| Param::new(name, var))
+            .collect();
         let mut optimizer = self.build_optimizer(params)?;
         let t = self.config.train.clone();
         let total_steps = self.total_steps();
-        let schedule = Schedule::new(t.schedule, t.lr, t.warmup_steps, total_steps, t.min_lr_ratio)?;
+        let schedule = Schedule::new(
+            t.schedule,
+            t.lr,
+            t.warmup_steps,
+            total_steps,
+            t.min_lr_ratio,
+        )?;
 
         let mut state = TrainerState {
             step: 0,
@@ -148,7 +184,9 @@ impl Trainer<'_> {
         };
         if let Some((_, dir)) = checkpoint::list(self.out).pop() {
             state = self.resume(&dir, optimizer.as_mut())?;
-        } else if std::fs::read_dir(self.out).is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() == "metrics.jsonl"))) {
+        } else if std::fs::read_dir(self.out)
+            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() == "metrics.jsonl")))
+        {
             return Err(TrainError::ForeignOutput {
                 dir: self.out.to_path_buf(),
                 why: "it has metrics.jsonl but no checkpoint to resume".into(),
@@ -156,7 +194,8 @@ impl Trainer<'_> {
         }
         let resumed_from = state.step;
         observer.on_start(total_steps, resumed_from);
-        let mut metrics = crate::metrics::MetricsLog::open(&self.out.join("metrics.jsonl"), resumed_from)?;
+        let mut metrics =
+            crate::metrics::MetricsLog::open(&self.out.join("metrics.jsonl"), resumed_from)?;
         let mut summary = Summary {
             steps: 0,
             resumed_from,
@@ -181,9 +220,12 @@ impl Trainer<'_> {
             let mut rows: Vec<&Row> = Vec::with_capacity(per_step);
             while rows.len() < per_step {
                 if state.cursor.offset >= order.len() {
-                    state.cursor = Cursor { epoch: state.cursor.epoch + 1, offset: 0 };
+                    state.cursor = Cursor {
+                        epoch: state.cursor.epoch + 1,
+                        offset: 0,
+                    };
                     order = epoch_order(self.train.len(), t.seed, state.cursor.epoch);
-                    if rows.len() > 0 && t.max_steps == 0 {
+                    if !rows.is_empty() && t.max_steps == 0 {
                         break; // an epoch boundary ends a short last step
                     }
                 }
@@ -201,11 +243,21 @@ impl Trainer<'_> {
                 if batch.supervised == 0 {
                     continue;
                 }
-                self.model.reseed_dropout(t.seed ^ (state.step << 16) ^ micro as u64);
-                let (loss, _) = self.model.loss(&batch.ids, &batch.positions, &batch.segments, &batch.targets)?;
+                self.model
+                    .reseed_dropout(t.seed ^ (state.step << 16) ^ micro as u64);
+                let (loss, _) = self.model.loss(
+                    &batch.ids,
+                    &batch.positions,
+                    &batch.segments,
+                    &batch.targets,
+                )?;
                 let value = loss.to_scalar::<f32>()?;
                 if !value.is_finite() {
-                    return Err(TrainError::NonFinite { step: state.step + 1, micro, value });
+                    return Err(TrainError::NonFinite {
+                        step: state.step + 1,
+                        micro,
+                        value,
+                    });
                 }
                 loss_sum += value as f64;
                 let store = loss.backward()?;
@@ -221,7 +273,11 @@ impl Trainer<'_> {
             let scale = 1.0 / supervised.max(1) as f64;
             let grad_norm = whet_optim::global_norm(&grads, scale)?;
             if !grad_norm.is_finite() {
-                return Err(TrainError::NonFinite { step: state.step + 1, micro: 0, value: grad_norm as f32 });
+                return Err(TrainError::NonFinite {
+                    step: state.step + 1,
+                    micro: 0,
+                    value: grad_norm as f32,
+                });
             }
             let factor = whet_optim::clip_factor(grad_norm, t.max_grad_norm);
             let lr = schedule.lr(state.step);
@@ -236,7 +292,8 @@ impl Trainer<'_> {
             let m = StepMetrics {
                 step: state.step,
                 total_steps,
-                epoch: state.cursor.epoch as f64 + state.cursor.offset as f64 / self.train.len() as f64,
+                epoch: state.cursor.epoch as f64
+                    + state.cursor.offset as f64 / self.train.len() as f64,
                 loss,
                 lr,
                 grad_norm,
@@ -248,15 +305,22 @@ impl Trainer<'_> {
             metrics.step(&m)?;
             observer.on_step(&m);
 
-            let end_of_epoch = state.step % steps_per_epoch == 0;
+            let end_of_epoch = state.step.is_multiple_of(steps_per_epoch);
             let last = state.step == total_steps;
-            let eval_now = if t.eval_every > 0 { state.step % t.eval_every == 0 || last } else { end_of_epoch || last };
+            let eval_now = if t.eval_every > 0 {
+                state.step.is_multiple_of(t.eval_every) || last
+            } else {
+                end_of_epoch || last
+            };
             let mut stop = false;
             if eval_now && !self.validation.is_empty() {
                 self.model.set_training(false);
-                let (val_loss, val_tokens) = evaluate(self.model, self.validation, t.micro_batch, &self.device)?;
+                let (val_loss, val_tokens) =
+                    evaluate(self.model, self.validation, t.micro_batch, &self.device)?;
                 self.model.set_training(true);
-                let improved = state.best_val_loss.is_none_or(|b| val_loss < b - t.min_delta);
+                let improved = state
+                    .best_val_loss
+                    .is_none_or(|b| val_loss < b - t.min_delta);
                 if improved {
                     state.best_val_loss = Some(val_loss);
                     state.best_step = Some(state.step);
@@ -264,13 +328,21 @@ impl Trainer<'_> {
                 } else {
                     state.stale_evals += 1;
                 }
-                let e = EvalMetrics { step: state.step, val_loss, val_ppl: val_loss.exp(), val_tokens, improved };
+                let e = EvalMetrics {
+                    step: state.step,
+                    val_loss,
+                    val_ppl: val_loss.exp(),
+                    val_tokens,
+                    improved,
+                };
                 metrics.eval(&e)?;
                 observer.on_eval(&e);
                 summary.evals.push(e);
                 stop = t.patience > 0 && state.stale_evals >= t.patience;
             }
-            let save_now = eval_now || (self.config.output.save_every > 0 && state.step % self.config.output.save_every == 0);
+            let save_now = eval_now
+                || (self.config.output.save_every > 0
+                    && state.step.is_multiple_of(self.config.output.save_every));
             if save_now || stop || last {
                 let dir = self.save(&state, optimizer.as_ref())?;
                 observer.on_checkpoint(&dir);
@@ -288,7 +360,9 @@ impl Trainer<'_> {
         summary.steps = state.step;
         summary.best_val_loss = state.best_val_loss;
         summary.best_step = state.best_step;
-        summary.best_checkpoint = state.best_step.map(|s| self.out.join(checkpoint::checkpoint_name(s)));
+        summary.best_checkpoint = state
+            .best_step
+            .map(|s| self.out.join(checkpoint::checkpoint_name(s)));
         Ok(summary)
     }
 
@@ -308,11 +382,17 @@ impl Trainer<'_> {
         if state.run_id != self.run_id {
             return Err(TrainError::ForeignOutput {
                 dir: self.out.to_path_buf(),
-                why: format!("checkpoint {} was written by run {}, this is run {}", dir.display(), state.run_id, self.run_id),
+                why: format!(
+                    "checkpoint {} was written by run {}, this is run {}",
+                    dir.display(),
+                    state.run_id,
+                    self.run_id
+                ),
             });
         }
         load_trainable(self.model, dir, self.config.method)?;
-        let opt: OptimizerState = crate::state_io::read_optimizer(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+        let opt: OptimizerState =
+            crate::state_io::read_optimizer(&dir.join(checkpoint::OPTIMIZER_FILE))?;
         optimizer.load_state(&opt)?;
         Ok(state)
     }
@@ -330,12 +410,22 @@ pub fn weights_file(dir: &Path, method: Method) -> PathBuf {
 /// that holds those `Var`s keeps working (resume, and "load the best checkpoint").
 pub fn load_trainable(model: &Model, dir: &Path, method: Method) -> Result<()> {
     let path = weights_file(dir, method);
-    let bad = |message: String| TrainError::CheckpointRead { path: path.clone(), message };
-    let tensors = candle_core::safetensors::load(&path, model.device()).map_err(|e| bad(e.to_string()))?;
+    let bad = |message: String| TrainError::CheckpointRead {
+        path: path.clone(),
+        message,
+    };
+    let tensors =
+        candle_core::safetensors::load(&path, model.device()).map_err(|e| bad(e.to_string()))?;
     for (name, var) in model.trainable() {
-        let t = tensors.get(&name).ok_or_else(|| bad(format!("no tensor `{name}`")))?;
+        let t = tensors
+            .get(&name)
+            .ok_or_else(|| bad(format!("no tensor `{name}`")))?;
         if t.dims() != var.dims() {
-            return Err(bad(format!("`{name}` has shape {:?}, the model needs {:?}", t.dims(), var.dims())));
+            return Err(bad(format!(
+                "`{name}` has shape {:?}, the model needs {:?}",
+                t.dims(),
+                var.dims()
+            )));
         }
         var.set(&t.to_dtype(var.dtype())?)?;
     }

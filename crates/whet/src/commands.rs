@@ -348,8 +348,11 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
     Ok(())
 }
 
-/// (train, validation) loss points from `metrics.jsonl`.
-pub fn read_curves(path: &Path) -> Result<(Vec<(u64, f64)>, Vec<(u64, f64)>)> {
+/// (step, loss) points of one curve.
+pub type Curve = Vec<(u64, f64)>;
+
+/// (train, validation) loss curves from `metrics.jsonl`.
+pub fn read_curves(path: &Path) -> Result<(Curve, Curve)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for line in text.lines() {

@@ -13,27 +13,52 @@ fn fit(make: impl Fn(Vec<Param>) -> Box<dyn Optimizer>, lr: f64, steps: u64) -> 
     let mut first = None;
     let mut last = 0.0;
     for step in 0..steps {
-        let loss = x.matmul(w.as_tensor()).unwrap().sub(&y).unwrap().sqr().unwrap().sum_all().unwrap();
+        let loss = x
+            .matmul(w.as_tensor())
+            .unwrap()
+            .sub(&y)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
         last = loss.to_scalar::<f32>().unwrap();
         first.get_or_insert(last);
         let grads = loss.backward().unwrap();
         let g = grads.get(w.as_tensor()).cloned();
         opt.step(&[g], sched.lr(step), 1.0).unwrap();
     }
-    let dist = w.as_tensor().sub(&w_star).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let dist = w
+        .as_tensor()
+        .sub(&w_star)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     (first.unwrap(), last, dist.sqrt())
 }
 
 #[test]
 fn adamw_solves_least_squares() {
-    let (first, last, dist) = fit(|p| Box::new(AdamW::new(p, AdamWConfig::default()).unwrap()), 0.1, 300);
+    let (first, last, dist) = fit(
+        |p| Box::new(AdamW::new(p, AdamWConfig::default()).unwrap()),
+        0.1,
+        300,
+    );
     assert!(last < first * 1e-3, "loss {first} -> {last}");
     assert!(dist < 0.05, "distance to the solution {dist}");
 }
 
 #[test]
 fn sgd_solves_least_squares() {
-    let (first, last, dist) = fit(|p| Box::new(Sgd::new(p, SgdConfig::default()).unwrap()), 0.01, 300);
+    let (first, last, dist) = fit(
+        |p| Box::new(Sgd::new(p, SgdConfig::default()).unwrap()),
+        0.01,
+        300,
+    );
     assert!(last < first * 1e-3, "loss {first} -> {last}");
     assert!(dist < 0.05, "distance to the solution {dist}");
 }

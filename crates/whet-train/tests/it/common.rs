@@ -30,7 +30,12 @@ pub fn rows(n: usize, len: usize) -> Vec<Row> {
     (0..n)
         .map(|i| {
             let split = if i % 3 == 0 { len / 2 } else { len };
-            let mut row = Row { input_ids: vec![], position_ids: vec![], segment_ids: vec![], targets: vec![] };
+            let mut row = Row {
+                input_ids: vec![],
+                position_ids: vec![],
+                segment_ids: vec![],
+                targets: vec![],
+            };
             for (seg, (start, end)) in [(0, split), (split, len)].into_iter().enumerate() {
                 let first = 3 + (i * 5 + seg * 7) % 40;
                 for p in 0..end - start {
@@ -41,7 +46,11 @@ pub fn rows(n: usize, len: usize) -> Vec<Row> {
                 for p in 0..end - start {
                     let last = p + 1 == end - start;
                     let supervised = p >= 2 + i % 3 && !last;
-                    row.targets.push(if supervised { ((first + p + 1) % 45 + 3) as i64 } else { -100 });
+                    row.targets.push(if supervised {
+                        ((first + p + 1) % 45 + 3) as i64
+                    } else {
+                        -100
+                    });
                 }
             }
             row
@@ -89,7 +98,16 @@ pub fn trainable_values(model: &Model) -> Vec<(String, Vec<f32>)> {
     let mut v: Vec<(String, Vec<f32>)> = model
         .trainable()
         .into_iter()
-        .map(|(n, var)| (n, var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .map(|(n, var)| {
+            (
+                n,
+                var.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v

@@ -1,15 +1,26 @@
 use candle_core::Device;
-use whet_train::{Quiet, Trainer, TrainError};
+use whet_train::{Quiet, TrainError, Trainer};
 
 use crate::common::*;
 
 #[test]
 fn lora_training_lowers_train_and_validation_loss() {
     let out = tempdir("lowers");
-    let cfg = config(&out, &["train.max_steps=60", "train.eval_every=20", "train.lr=2e-2"]);
+    let cfg = config(
+        &out,
+        &["train.max_steps=60", "train.eval_every=20", "train.lr=2e-2"],
+    );
     let (train, val) = (rows(16, 16), rows(4, 16));
     let mut model = tiny_model(true);
-    let mut t = Trainer { model: &mut model, config: &cfg, train: &train, validation: &val, out: &out, device: Device::Cpu, run_id: "r".into() };
+    let mut t = Trainer {
+        model: &mut model,
+        config: &cfg,
+        train: &train,
+        validation: &val,
+        out: &out,
+        device: Device::Cpu,
+        run_id: "r".into(),
+    };
     let s = t.run(&mut Quiet).unwrap();
     assert_eq!(s.steps, 60);
     let (first, last) = (s.first_loss.unwrap(), s.last_loss.unwrap());
@@ -20,15 +31,27 @@ fn lora_training_lowers_train_and_validation_loss() {
     let ckpts = whet_train::checkpoint::list(&out);
     assert!(ckpts.len() >= 2 && ckpts.len() <= 3, "{ckpts:?}");
     for (_, dir) in &ckpts {
-        for f in ["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "trainer_state.json", "config.toml"] {
+        for f in [
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "optimizer.safetensors",
+            "trainer_state.json",
+            "config.toml",
+        ] {
             assert!(dir.join(f).is_file(), "{} lacks {f}", dir.display());
         }
     }
     let best = std::fs::read_to_string(out.join("best")).unwrap();
     assert!(out.join(best.trim()).is_dir());
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().filter(|l| l.contains("\"train\"")).count(), 60);
-    assert_eq!(metrics.lines().filter(|l| l.contains("\"eval\"")).count(), 3);
+    assert_eq!(
+        metrics.lines().filter(|l| l.contains("\"train\"")).count(),
+        60
+    );
+    assert_eq!(
+        metrics.lines().filter(|l| l.contains("\"eval\"")).count(),
+        3
+    );
 }
 
 /// One step over 4 rows gives the same update whether the rows come as one micro-batch of 4,
@@ -39,15 +62,35 @@ fn lora_training_lowers_train_and_validation_loss() {
 fn gradient_accumulation_normalises_by_supervised_tokens() {
     let train = rows(4, 12);
     let counts: Vec<usize> = train.iter().map(|r| r.supervised()).collect();
-    assert!(counts.iter().any(|&c| c != counts[0]), "rows must differ in supervised tokens: {counts:?}");
+    assert!(
+        counts.iter().any(|&c| c != counts[0]),
+        "rows must differ in supervised tokens: {counts:?}"
+    );
     let run = |mb: usize, acc: usize| {
         let out = tempdir("accum");
         let cfg = config(
             &out,
-            &[&format!("train.micro_batch={mb}"), &format!("train.grad_accum={acc}"), "train.max_steps=1", "method=full", "train.max_grad_norm=0.0", "train.optimizer=\"sgd\"", "train.lr=1.0", "train.warmup_steps=0"],
+            &[
+                &format!("train.micro_batch={mb}"),
+                &format!("train.grad_accum={acc}"),
+                "train.max_steps=1",
+                "method=full",
+                "train.max_grad_norm=0.0",
+                "train.optimizer=\"sgd\"",
+                "train.lr=1.0",
+                "train.warmup_steps=0",
+            ],
         );
         let mut model = tiny_model(false);
-        let mut t = Trainer { model: &mut model, config: &cfg, train: &train, validation: &[], out: &out, device: Device::Cpu, run_id: "r".into() };
+        let mut t = Trainer {
+            model: &mut model,
+            config: &cfg,
+            train: &train,
+            validation: &[],
+            out: &out,
+            device: Device::Cpu,
+            run_id: "r".into(),
+        };
         let s = t.run(&mut Quiet).unwrap();
         (s.first_loss.unwrap(), trainable_values(&model))
     };
@@ -56,8 +99,15 @@ fn gradient_accumulation_normalises_by_supervised_tokens() {
         let (l, p) = run(mb, acc);
         assert!((l - l4).abs() < 1e-5, "loss {l} vs {l4}");
         for ((name, a), (_, b)) in p.iter().zip(&p4) {
-            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(diff < 1e-5, "{name}: micro_batch {mb} x accum {acc} differs by {diff}");
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-5,
+                "{name}: micro_batch {mb} x accum {acc} differs by {diff}"
+            );
         }
     }
 }
@@ -65,15 +115,37 @@ fn gradient_accumulation_normalises_by_supervised_tokens() {
 #[test]
 fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
     let out = tempdir("nan");
-    let cfg = config(&out, &["method=full", "train.max_steps=40", "train.lr=1e30", "train.max_grad_norm=0.0", "output.save_every=1", "train.warmup_steps=0", "train.schedule=\"constant\""]);
+    let cfg = config(
+        &out,
+        &[
+            "method=full",
+            "train.max_steps=40",
+            "train.lr=1e30",
+            "train.max_grad_norm=0.0",
+            "output.save_every=1",
+            "train.warmup_steps=0",
+            "train.schedule=\"constant\"",
+        ],
+    );
     let train = rows(8, 12);
     let mut model = tiny_model(false);
-    let mut t = Trainer { model: &mut model, config: &cfg, train: &train, validation: &[], out: &out, device: Device::Cpu, run_id: "r".into() };
+    let mut t = Trainer {
+        model: &mut model,
+        config: &cfg,
+        train: &train,
+        validation: &[],
+        out: &out,
+        device: Device::Cpu,
+        run_id: "r".into(),
+    };
     let err = t.run(&mut Quiet).unwrap_err();
     assert!(matches!(err, TrainError::NonFinite { .. }), "{err}");
     assert!(err.to_string().contains("train.lr"), "{err}");
     let ckpts = whet_train::checkpoint::list(&out);
-    assert!(!ckpts.is_empty(), "the checkpoint before the divergence survives");
+    assert!(
+        !ckpts.is_empty(),
+        "the checkpoint before the divergence survives"
+    );
     whet_train::checkpoint::read_state(&ckpts.last().unwrap().1).unwrap();
 }
 
@@ -81,15 +153,36 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
 fn early_stopping_stops_after_patience_evaluations_without_improvement() {
     let out = tempdir("early");
     // min_delta is huge: only the first evaluation counts as an improvement.
-    let cfg = config(&out, &["train.max_steps=50", "train.eval_every=2", "train.patience=2", "train.min_delta=1e9"]);
+    let cfg = config(
+        &out,
+        &[
+            "train.max_steps=50",
+            "train.eval_every=2",
+            "train.patience=2",
+            "train.min_delta=1e9",
+        ],
+    );
     let (train, val) = (rows(8, 12), rows(2, 12));
     let mut model = tiny_model(true);
-    let mut t = Trainer { model: &mut model, config: &cfg, train: &train, validation: &val, out: &out, device: Device::Cpu, run_id: "r".into() };
+    let mut t = Trainer {
+        model: &mut model,
+        config: &cfg,
+        train: &train,
+        validation: &val,
+        out: &out,
+        device: Device::Cpu,
+        run_id: "r".into(),
+    };
     let s = t.run(&mut Quiet).unwrap();
     assert!(s.stopped_early);
     assert_eq!(s.steps, 6, "evals at 2 (best), 4 and 6 (stale x2)");
     assert_eq!(s.best_step, Some(2));
-    assert!(whet_train::checkpoint::list(&out).iter().any(|(step, _)| *step == 2), "the best checkpoint is kept");
+    assert!(
+        whet_train::checkpoint::list(&out)
+            .iter()
+            .any(|(step, _)| *step == 2),
+        "the best checkpoint is kept"
+    );
 }
 
 #[test]
@@ -101,7 +194,15 @@ fn a_dataset_without_supervised_tokens_is_refused() {
         r.targets.iter_mut().for_each(|t| *t = -100);
     }
     let mut model = tiny_model(true);
-    let mut t = Trainer { model: &mut model, config: &cfg, train: &train, validation: &[], out: &out, device: Device::Cpu, run_id: "r".into() };
+    let mut t = Trainer {
+        model: &mut model,
+        config: &cfg,
+        train: &train,
+        validation: &[],
+        out: &out,
+        device: Device::Cpu,
+        run_id: "r".into(),
+    };
     let err = t.run(&mut Quiet).unwrap_err();
     assert!(matches!(err, TrainError::NoSupervisedTokens), "{err}");
 }
@@ -113,11 +214,25 @@ fn neftune_noise_is_applied_and_reproducible() {
     let train = rows(6, 12);
     let run = |alpha: f64| {
         let out = tempdir("neftune");
-        let cfg = config(&out, &["train.max_steps=3", &format!("train.neftune_alpha={alpha:.1}")]);
+        let cfg = config(
+            &out,
+            &[
+                "train.max_steps=3",
+                &format!("train.neftune_alpha={alpha:.1}"),
+            ],
+        );
         let mut model = tiny_model(true);
-        let s = Trainer { model: &mut model, config: &cfg, train: &train, validation: &[], out: &out, device: Device::Cpu, run_id: "r".into() }
-            .run(&mut Quiet)
-            .unwrap();
+        let s = Trainer {
+            model: &mut model,
+            config: &cfg,
+            train: &train,
+            validation: &[],
+            out: &out,
+            device: Device::Cpu,
+            run_id: "r".into(),
+        }
+        .run(&mut Quiet)
+        .unwrap();
         s.losses
     };
     let (plain, noisy, again) = (run(0.0), run(5.0), run(5.0));

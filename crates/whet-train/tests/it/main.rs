@@ -2,5 +2,5 @@
 
 mod common;
 mod loop_;
-mod resume;
 mod recipes;
+mod resume;

@@ -10,13 +10,29 @@ fn every_recipe_is_a_valid_config() {
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
-        let cfg = whet_train::Config::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert!(cfg.data.train.is_file(), "{}: {} is missing", path.display(), cfg.data.train.display());
+        let cfg = whet_train::Config::load(&path, &[])
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            cfg.data.train.is_file(),
+            "{}: {} is missing",
+            path.display(),
+            cfg.data.train.display()
+        );
         if let Some(v) = &cfg.data.validation {
-            assert!(v.is_file(), "{}: {} is missing", path.display(), v.display());
+            assert!(
+                v.is_file(),
+                "{}: {} is missing",
+                path.display(),
+                v.display()
+            );
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with('#') && text.contains("whet train --config") || text.contains("cargo xtask train"), "{}: the header comment gives the command", path.display());
+        assert!(
+            text.starts_with('#') && text.contains("whet train --config")
+                || text.contains("cargo xtask train"),
+            "{}: the header comment gives the command",
+            path.display()
+        );
         seen += 1;
     }
     assert!(seen >= 5, "recipes for each method: found {seen}");

@@ -1,5 +1,5 @@
 use candle_core::Device;
-use whet_train::{Quiet, Trainer, TrainError};
+use whet_train::{Quiet, TrainError, Trainer};
 
 use crate::common::*;
 
@@ -18,14 +18,27 @@ fn losses(out: &std::path::Path) -> Vec<String> {
 /// (optimizer moments, schedule position, data cursor and dropout streams are all restored).
 #[test]
 fn resume_is_bit_identical() {
-    let overrides = ["train.max_steps=8", "output.save_every=1", "output.keep_last=20", "train.eval_every=4"];
+    let overrides = [
+        "train.max_steps=8",
+        "output.save_every=1",
+        "output.keep_last=20",
+        "train.eval_every=4",
+    ];
     let (train, val) = (rows(10, 12), rows(2, 12));
     let full_out = tempdir("resume-full");
     let cfg = config(&full_out, &overrides);
     let mut model = tiny_model(true);
-    Trainer { model: &mut model, config: &cfg, train: &train, validation: &val, out: &full_out, device: Device::Cpu, run_id: "r".into() }
-        .run(&mut Quiet)
-        .unwrap();
+    Trainer {
+        model: &mut model,
+        config: &cfg,
+        train: &train,
+        validation: &val,
+        out: &full_out,
+        device: Device::Cpu,
+        run_id: "r".into(),
+    }
+    .run(&mut Quiet)
+    .unwrap();
     let want_losses = losses(&full_out);
     let want_weights = trainable_values(&model);
 
@@ -44,12 +57,24 @@ fn resume_is_bit_identical() {
         std::fs::write(out.join("metrics.jsonl"), metrics.join("\n") + "\n").unwrap();
         let cfg = config(&out, &overrides);
         let mut model = tiny_model(true);
-        let s = Trainer { model: &mut model, config: &cfg, train: &train, validation: &val, out: &out, device: Device::Cpu, run_id: "r".into() }
-            .run(&mut Quiet)
-            .unwrap();
+        let s = Trainer {
+            model: &mut model,
+            config: &cfg,
+            train: &train,
+            validation: &val,
+            out: &out,
+            device: Device::Cpu,
+            run_id: "r".into(),
+        }
+        .run(&mut Quiet)
+        .unwrap();
         assert_eq!(s.resumed_from, stop_after);
         assert_eq!(losses(&out), want_losses, "resumed after step {stop_after}");
-        assert_eq!(trainable_values(&model), want_weights, "resumed after step {stop_after}");
+        assert_eq!(
+            trainable_values(&model),
+            want_weights,
+            "resumed after step {stop_after}"
+        );
     }
 }
 
@@ -59,18 +84,37 @@ fn an_output_folder_of_another_run_is_refused_and_left_intact() {
     let cfg = config(&out, &["train.max_steps=2"]);
     let train = rows(4, 12);
     let mut model = tiny_model(true);
-    Trainer { model: &mut model, config: &cfg, train: &train, validation: &[], out: &out, device: Device::Cpu, run_id: "first".into() }
-        .run(&mut Quiet)
-        .unwrap();
+    Trainer {
+        model: &mut model,
+        config: &cfg,
+        train: &train,
+        validation: &[],
+        out: &out,
+        device: Device::Cpu,
+        run_id: "first".into(),
+    }
+    .run(&mut Quiet)
+    .unwrap();
     let before = whet_train::checkpoint::list(&out);
     let state_before = std::fs::read(before[0].1.join("trainer_state.json")).unwrap();
     let mut model = tiny_model(true);
-    let err = Trainer { model: &mut model, config: &cfg, train: &train, validation: &[], out: &out, device: Device::Cpu, run_id: "second".into() }
-        .run(&mut Quiet)
-        .unwrap_err();
+    let err = Trainer {
+        model: &mut model,
+        config: &cfg,
+        train: &train,
+        validation: &[],
+        out: &out,
+        device: Device::Cpu,
+        run_id: "second".into(),
+    }
+    .run(&mut Quiet)
+    .unwrap_err();
     assert!(matches!(err, TrainError::ForeignOutput { .. }), "{err}");
     assert_eq!(whet_train::checkpoint::list(&out), before);
-    assert_eq!(std::fs::read(before[0].1.join("trainer_state.json")).unwrap(), state_before);
+    assert_eq!(
+        std::fs::read(before[0].1.join("trainer_state.json")).unwrap(),
+        state_before
+    );
 }
 
 /// A checkpoint whose writing fails (a full disk, say) leaves no partial folder and does not
@@ -100,10 +144,23 @@ fn a_failed_checkpoint_write_leaves_earlier_checkpoints_intact() {
         })
     })
     .unwrap_err();
-    assert!(err.to_string().contains("previous checkpoints are intact"), "{err}");
-    let names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    assert_eq!(names, vec!["checkpoint-000001".to_string()], "no temporary or partial folder left");
-    assert_eq!(std::fs::read(out.join("checkpoint-000001/weights.bin")).unwrap(), b"good");
+    assert!(
+        err.to_string().contains("previous checkpoints are intact"),
+        "{err}"
+    );
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["checkpoint-000001".to_string()],
+        "no temporary or partial folder left"
+    );
+    assert_eq!(
+        std::fs::read(out.join("checkpoint-000001/weights.bin")).unwrap(),
+        b"good"
+    );
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

@@ -28,10 +28,6 @@ impl Tmp {
         Tmp(dir)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
     pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.0.join(rel)
     }

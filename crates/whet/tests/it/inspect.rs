@@ -67,8 +67,10 @@ fn inspect_counts_duplicates_and_train_validation_leakage() {
     assert_eq!(numbers(line(&r.stdout, "duplicates:"))[..2], [1.0, 8.0], "{}", r.stdout);
     assert!(line(&r.stdout, "leakage:").contains("50.0% of 2 validation examples"), "{}", r.stdout);
 
-    // Truncation is reported: a max_len shorter than every example.
-    let r = whet(["data", "inspect", "--data", s(&train), "--model", s(&m), "--max-len", "16"]).ok();
-    let trunc = numbers(line(&r.stdout, "truncated to 16:"));
-    assert!(trunc[1] > 0.0, "no row reported truncated:\n{}", r.stdout);
+    // Truncation is reported: 40 tokens hold every prompt but cut most answers.
+    let r = whet(["data", "inspect", "--data", s(&train), "--model", s(&m), "--max-len", "40"]).ok();
+    let trunc = numbers(line(&r.stdout, "truncated to 40:"));
+    assert!(trunc[1] > 0.0 && trunc[2] > 0.0, "no truncation reported:\n{}", r.stdout);
+    let total = numbers(line(&r.stdout, "tokens:"))[0];
+    assert!(total > 0.0 && total <= 9.0 * 40.0, "no example is longer than 40 tokens:\n{}", r.stdout);
 }
