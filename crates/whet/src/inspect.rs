@@ -40,10 +40,22 @@ pub fn inspect(
     skip_invalid: bool,
 ) -> Result<()> {
     let tok = load_tokenizer(model)?;
-    let spec = DataSpec { format, max_len, pack: true, all_assistant_turns: true, skip_invalid, system_prompt: None };
+    let spec = DataSpec {
+        format,
+        max_len,
+        pack: true,
+        all_assistant_turns: true,
+        skip_invalid,
+        system_prompt: None,
+    };
     let (examples, read) = pipeline::read(data, &spec)?;
     println!("source: {} ({} file(s))", data.display(), read.files.len());
-    println!("rows read: {}, examples: {}, skipped: {}", read.rows, read.examples, read.skipped_total());
+    println!(
+        "rows read: {}, examples: {}, skipped: {}",
+        read.rows,
+        read.examples,
+        read.skipped_total()
+    );
     for (reason, n) in &read.skipped {
         println!("  skipped {n} row(s): {reason:?}");
     }
@@ -68,42 +80,85 @@ pub fn inspect(
         rep.rows_template_error
     );
     for e in rep.excluded.iter().take(5) {
-        println!("  excluded {}: row {}: {:?}", e.file.display(), e.row, e.reason);
+        println!(
+            "  excluded {}: row {}: {:?}",
+            e.file.display(),
+            e.row,
+            e.reason
+        );
     }
     // BOS/EOS: every example starts with at most one BOS and ends with a learned EOS/end-of-turn.
     let bos = tok.bos_id();
     let double_bos = tokenized
         .iter()
-        .filter(|t| bos.is_some() && t.input_ids.len() > 1 && t.input_ids[0] == t.input_ids[1] && Some(t.input_ids[0]) == bos)
+        .filter(|t| {
+            bos.is_some()
+                && t.input_ids.len() > 1
+                && t.input_ids[0] == t.input_ids[1]
+                && Some(t.input_ids[0]) == bos
+        })
         .count();
     let eos = tok.eos_id();
-    let eos_learned = tokenized.iter().filter(|t| t.input_ids.iter().zip(&t.labels).any(|(&id, &l)| id == eos && l >= 0)).count();
+    let eos_learned = tokenized
+        .iter()
+        .filter(|t| {
+            t.input_ids
+                .iter()
+                .zip(&t.labels)
+                .any(|(&id, &l)| id == eos && l >= 0)
+        })
+        .count();
     println!(
         "BOS: {} ({} example(s) with a double BOS); EOS/end-of-turn `{}` learned in {}/{} examples{}",
-        bos.map_or("none".into(), |b| tok.decode(&[b], false).unwrap_or_default()),
+        bos.map_or("none".into(), |b| tok
+            .decode(&[b], false)
+            .unwrap_or_default()),
         double_bos,
         tok.eos().text,
         eos_learned,
         tokenized.len(),
-        if tok.pad_id() == eos { " (pad == eos: the EOS label is kept)" } else { "" }
+        if tok.pad_id() == eos {
+            " (pad == eos: the EOS label is kept)"
+        } else {
+            ""
+        }
     );
     let (_, audit) = Scrubber::new().scrub_all(examples.iter().cloned());
-    let pii: Vec<String> = audit.redactions.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let pii: Vec<String> = audit
+        .redactions
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     println!(
         "PII: {} example(s) with personal data{}",
         audit.examples_touched,
-        if pii.is_empty() { String::new() } else { format!(" ({})", pii.join(", ")) }
+        if pii.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", pii.join(", "))
+        }
     );
     let (kept, dups) = whet_data::dedup::dedup(examples.iter().cloned(), &DedupConfig::default())?;
-    println!("duplicates: {} exact or near ({} kept)", examples.len() - kept.len(), kept.len());
+    println!(
+        "duplicates: {} exact or near ({} kept)",
+        examples.len() - kept.len(),
+        kept.len()
+    );
     let _ = dups;
     if let Some(v) = validation {
         let (val, _) = pipeline::read(v, &spec)?;
         let leak = whet_data::dedup::leakage(&examples, &val, &DedupConfig::default())?;
-        println!("leakage: {:.1}% of {} validation examples overlap train", 100.0 * leak.leaked_fraction(), val.len());
+        println!(
+            "leakage: {:.1}% of {} validation examples overlap train",
+            100.0 * leak.leaked_fraction(),
+            val.len()
+        );
     }
     if let Some(ex) = tokenized.first() {
-        println!("\nexample 1 (learned tokens in ⟦ ⟧):\n{}", marked(&tok, ex)?);
+        println!(
+            "\nexample 1 (learned tokens in ⟦ ⟧):\n{}",
+            marked(&tok, ex)?
+        );
     }
     Ok(())
 }

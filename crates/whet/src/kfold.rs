@@ -43,20 +43,33 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
 pub fn run(cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &Path) -> Result<()> {
     let k = cfg.train.k_folds as usize;
     let spec = DataSpec::from(&cfg.data);
-    let all: Vec<_> = data.train_examples.iter().chain(&data.validation_examples).cloned().collect();
+    let all: Vec<_> = data
+        .train_examples
+        .iter()
+        .chain(&data.validation_examples)
+        .cloned()
+        .collect();
     let mut folds = Vec::with_capacity(k);
     for fold in 0..k {
         let split = whet_data::split::fold_split(all.iter().cloned(), k, fold, cfg.train.seed)?;
         if split.validation.is_empty() || split.train.is_empty() {
-            bail!("fold {fold} of {k} is empty: {} examples are too few for {k} folds", all.len());
+            bail!(
+                "fold {fold} of {k} is empty: {} examples are too few for {k} folds",
+                all.len()
+            );
         }
         let (train_tok, _) = pipeline::tokenize(tok, &split.train, &spec)?;
         let (val_tok, _) = pipeline::tokenize(tok, &split.validation, &spec)?;
         let (train, _) = pipeline::rows(tok, &train_tok, &spec)?;
         let (validation, _) = pipeline::rows(tok, &val_tok, &spec)?;
-        let mut model = Model::load(&cfg.model.path, crate::commands::trainable(cfg, cfg.train.seed), &device())?;
+        let mut model = Model::load(
+            &cfg.model.path,
+            crate::commands::trainable(cfg, cfg.train.seed),
+            &device(),
+        )?;
         model.set_training(false);
-        let (base, _) = whet_train::evaluate(&model, &validation, cfg.train.micro_batch, &device())?;
+        let (base, _) =
+            whet_train::evaluate(&model, &validation, cfg.train.micro_batch, &device())?;
         let fold_out = out.join(format!("fold-{fold}"));
         let mut trainer = Trainer {
             model: &mut model,
@@ -81,9 +94,17 @@ pub fn run(cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &Path) -> Result
     }
     let losses: Vec<f64> = folds.iter().map(|f| f.best_val_loss).collect();
     let (mean, std) = mean_std(&losses);
-    let report = KFoldReport { k, folds, mean_val_loss: mean, std_val_loss: std };
+    let report = KFoldReport {
+        k,
+        folds,
+        mean_val_loss: mean,
+        std_val_loss: std,
+    };
     let path = out.join("kfold.json");
     whet_train::checkpoint::write_file(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
-    eprintln!("{k}-fold cross-validation: validation loss {mean:.4} ± {std:.4} (report: {})", path.display());
+    eprintln!(
+        "{k}-fold cross-validation: validation loss {mean:.4} ± {std:.4} (report: {})",
+        path.display()
+    );
     Ok(())
 }

@@ -7,7 +7,11 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "whet", version, about = "Fine-tune Llama-family language models: continued pre-training, SFT and instruction tuning, with LoRA or full fine-tuning")]
+#[command(
+    name = "whet",
+    version,
+    about = "Fine-tune Llama-family language models: continued pre-training, SFT and instruction tuning, with LoRA or full fine-tuning"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -108,19 +112,60 @@ enum DataCommand {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain, not a backtrace: the message names the file, row and field.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, overrides, no_report } => whet::commands::train(&config, &overrides, !no_report),
-        Command::Eval { model, data, format, max_len } => whet::commands::eval(&model, &data, format.into(), max_len),
+        Command::Train {
+            config,
+            overrides,
+            no_report,
+        } => whet::commands::train(&config, &overrides, !no_report),
+        Command::Eval {
+            model,
+            data,
+            format,
+            max_len,
+        } => whet::commands::eval(&model, &data, format.into(), max_len),
         Command::Generate { model, sampling } => whet::commands::generate(&model, &sampling),
-        Command::Convert(a) => whet::commands::convert(&a.from_gguf, &a.out, a.check_sha256.as_deref()),
-        Command::BenchStep { model, method, batch, seq, steps, warmup } => {
-            whet::bench::train_step(&model, &method, batch, seq, steps, warmup)
+        Command::Convert(a) => {
+            whet::commands::convert(&a.from_gguf, &a.out, a.check_sha256.as_deref())
         }
+        Command::BenchStep {
+            model,
+            method,
+            batch,
+            seq,
+            steps,
+            warmup,
+        } => whet::bench::train_step(&model, &method, batch, seq, steps, warmup),
         Command::Merge { model, out } => whet::commands::merge(&model, &out),
-        Command::Data { command: DataCommand::Inspect { data, model, validation, format, max_len, skip_invalid } } => {
-            whet::inspect::inspect(&data, validation.as_deref(), &model, format.into(), max_len, skip_invalid)
-        }
+        Command::Data {
+            command:
+                DataCommand::Inspect {
+                    data,
+                    model,
+                    validation,
+                    format,
+                    max_len,
+                    skip_invalid,
+                },
+        } => whet::inspect::inspect(
+            &data,
+            validation.as_deref(),
+            &model,
+            format.into(),
+            max_len,
+            skip_invalid,
+        ),
     }
 }

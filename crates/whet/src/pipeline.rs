@@ -9,7 +9,8 @@ use whet_data::dedup::{DedupConfig, DedupReport, LeakageReport};
 use whet_data::pii::{Audit, Scrubber};
 use whet_data::{Example, Mapping, ReadOptions, ReadReport, Shape};
 use whet_tokenize::{
-    AssistantTurns, PackConfig, PackReport, TokenizeConfig, TokenizeReport, TokenizedExample, Tokenizer, Truncation,
+    AssistantTurns, PackConfig, PackReport, TokenizeConfig, TokenizeReport, TokenizedExample,
+    Tokenizer, Truncation,
 };
 use whet_train::Row;
 use whet_train::config::{DataSection, Format};
@@ -50,7 +51,11 @@ pub fn shape_of(format: Format) -> Shape {
 /// Reads every example of `path` (file, directory or glob).
 pub fn read(path: &Path, spec: &DataSpec) -> Result<(Vec<Example>, ReadReport)> {
     let opts = ReadOptions {
-        mapping: Mapping { shape: shape_of(spec.format), system_prompt: spec.system_prompt.clone(), ..Default::default() },
+        mapping: Mapping {
+            shape: shape_of(spec.format),
+            system_prompt: spec.system_prompt.clone(),
+            ..Default::default()
+        },
         skip_invalid: spec.skip_invalid,
         ..Default::default()
     };
@@ -59,18 +64,30 @@ pub fn read(path: &Path, spec: &DataSpec) -> Result<(Vec<Example>, ReadReport)> 
 
 /// Tokenizes with the settings training uses (TRL conventions: text gets EOS, prompt/completion
 /// learns completion + EOS, chat learns assistant turns + end-of-turn).
-pub fn tokenize(tok: &Tokenizer, examples: &[Example], spec: &DataSpec) -> Result<(Vec<TokenizedExample>, TokenizeReport)> {
+pub fn tokenize(
+    tok: &Tokenizer,
+    examples: &[Example],
+    spec: &DataSpec,
+) -> Result<(Vec<TokenizedExample>, TokenizeReport)> {
     let cfg = TokenizeConfig {
         max_len: Some(spec.max_len),
         truncation: Truncation::Right,
-        assistant_turns: if spec.all_assistant_turns { AssistantTurns::All } else { AssistantTurns::Last },
+        assistant_turns: if spec.all_assistant_turns {
+            AssistantTurns::All
+        } else {
+            AssistantTurns::Last
+        },
         ..Default::default()
     };
     Ok(tok.tokenize_examples(examples, &cfg)?)
 }
 
 /// Packs (or pads one example per row) and shifts labels into next-token targets.
-pub fn rows(tok: &Tokenizer, examples: &[TokenizedExample], spec: &DataSpec) -> Result<(Vec<Row>, Option<PackReport>)> {
+pub fn rows(
+    tok: &Tokenizer,
+    examples: &[TokenizedExample],
+    spec: &DataSpec,
+) -> Result<(Vec<Row>, Option<PackReport>)> {
     let (packed, report) = if spec.pack {
         let cfg = PackConfig {
             seq_len: spec.max_len,
@@ -87,7 +104,12 @@ pub fn rows(tok: &Tokenizer, examples: &[TokenizedExample], spec: &DataSpec) -> 
         .into_iter()
         .map(|r| {
             let targets = r.targets();
-            Row { input_ids: r.input_ids, position_ids: r.position_ids, segment_ids: r.segment_ids, targets }
+            Row {
+                input_ids: r.input_ids,
+                position_ids: r.position_ids,
+                segment_ids: r.segment_ids,
+                targets,
+            }
         })
         .collect();
     Ok((rows, report))
@@ -153,19 +175,38 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
     let validation = match validation {
         Some(v) => v,
         None if data.validation_fraction > 0.0 => {
-            let split = whet_data::split::train_validation_split(std::mem::take(&mut train), data.validation_fraction, seed)?;
+            let split = whet_data::split::train_validation_split(
+                std::mem::take(&mut train),
+                data.validation_fraction,
+                seed,
+            )?;
             train = split.train;
             split.validation
         }
         None => Vec::new(),
     };
     if !validation.is_empty() {
-        report.leakage = Some(whet_data::dedup::leakage(&train, &validation, &DedupConfig::default())?);
+        report.leakage = Some(whet_data::dedup::leakage(
+            &train,
+            &validation,
+            &DedupConfig::default(),
+        )?);
     }
     if train.is_empty() {
         bail!("{}: no training examples were read", data.train.display());
     }
     let (train_tok, r) = tokenize(tok, &train, &spec)?;
+    if train_tok.is_empty() {
+        bail!(
+            "{}: none of the {} training examples has a supervised token left: {} have none at all, {} lost theirs to truncation at data.max_len = {} ({} template errors). Raise data.max_len or check data.format",
+            data.train.display(),
+            train.len(),
+            r.rows_without_supervision,
+            r.rows_supervision_emptied + r.rows_dropped_too_long,
+            data.max_len,
+            r.rows_template_error
+        );
+    }
     report.train_tokenize = Some(r);
     let (val_tok, r) = tokenize(tok, &validation, &spec)?;
     report.validation_tokenize = Some(r);
@@ -174,7 +215,13 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
     let (val_rows, _) = rows(tok, &val_tok, &spec)?;
     report.train_examples = train.len();
     report.validation_examples = validation.len();
-    Ok(Prepared { train_examples: train, validation_examples: validation, train: train_rows, validation: val_rows, report })
+    Ok(Prepared {
+        train_examples: train,
+        validation_examples: validation,
+        train: train_rows,
+        validation: val_rows,
+        report,
+    })
 }
 
 fn audit_total(audit: &Audit) -> u64 {

@@ -52,18 +52,26 @@ pub fn measure(
     }
     let mut gens = Vec::new();
     if generations {
-        let chat = tok.chat_template().is_some() && matches!(cfg.data.format, Format::Chat | Format::Auto);
+        let chat =
+            tok.chat_template().is_some() && matches!(cfg.data.format, Format::Chat | Format::Auto);
         let mut gcfg = GenerationConfig::greedy(cfg.eval.max_new_tokens);
         let mut eos = model.config().eos_token_ids();
         eos.push(tok.eos_id());
         gcfg.eos_token_ids = Some(eos);
         gcfg.repetition_penalty = 1.1;
         for prompt in &cfg.eval.prompts {
-            let ids = crate::commands::prompt_ids(tok, prompt, chat, cfg.data.system_prompt.as_deref())?;
-            gens.push((prompt.clone(), crate::commands::complete(model, tok, &ids, &gcfg)?));
+            let ids =
+                crate::commands::prompt_ids(tok, prompt, chat, cfg.data.system_prompt.as_deref())?;
+            gens.push((
+                prompt.clone(),
+                crate::commands::complete(model, tok, &ids, &gcfg)?,
+            ));
         }
     }
-    Ok(Measured { losses, generations: gens })
+    Ok(Measured {
+        losses,
+        generations: gens,
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,7 +131,10 @@ impl Report {
             c.model.path.display(),
             c.method,
             if c.method == whet_train::config::Method::Lora {
-                format!(" (r={}, alpha={}, targets {:?})", c.lora.r, c.lora.alpha, c.lora.target_modules)
+                format!(
+                    " (r={}, alpha={}, targets {:?})",
+                    c.lora.r, c.lora.alpha, c.lora.target_modules
+                )
             } else {
                 String::new()
             },
@@ -155,7 +166,19 @@ impl Report {
             fmt_loss(self.after.general_loss),
             delta(self.before.general_loss, self.after.general_loss)
         );
-        let _ = writeln!(s, "\nTraining loss {} -> {}. Best validation loss {} at step {}{}.\n", fmt_loss(self.summary.first_loss), fmt_loss(self.summary.last_loss), fmt_loss(self.summary.best_val_loss), self.summary.best_step.map_or("-".into(), |s| s.to_string()), if self.summary.stopped_early { " (stopped early)" } else { "" });
+        let _ = writeln!(
+            s,
+            "\nTraining loss {} -> {}. Best validation loss {} at step {}{}.\n",
+            fmt_loss(self.summary.first_loss),
+            fmt_loss(self.summary.last_loss),
+            fmt_loss(self.summary.best_val_loss),
+            self.summary.best_step.map_or("-".into(), |s| s.to_string()),
+            if self.summary.stopped_early {
+                " (stopped early)"
+            } else {
+                ""
+            }
+        );
         let _ = writeln!(s, "![loss curve](loss.svg)\n");
         if !self.generations.is_empty() {
             let _ = writeln!(s, "## Generations (greedy)\n");
@@ -167,7 +190,11 @@ impl Report {
         }
         let _ = writeln!(s, "## Data\n");
         let d = &self.data;
-        let _ = writeln!(s, "- training examples: {}, validation examples: {}", d.train_examples, d.validation_examples);
+        let _ = writeln!(
+            s,
+            "- training examples: {}, validation examples: {}",
+            d.train_examples, d.validation_examples
+        );
         if let Some(t) = &d.train_tokenize {
             let _ = writeln!(
                 s,
@@ -179,25 +206,46 @@ impl Report {
             );
         }
         if let Some(p) = &d.train_pack {
-            let _ = writeln!(s, "- packed into {} rows of {} tokens ({:.1}% filled)", p.rows, c.data.max_len, 100.0 * p.efficiency());
+            let _ = writeln!(
+                s,
+                "- packed into {} rows of {} tokens ({:.1}% filled)",
+                p.rows,
+                c.data.max_len,
+                100.0 * p.efficiency()
+            );
         }
         if let Some(path) = &d.pii_audit {
-            let _ = writeln!(s, "- PII redactions: {} (audit: `{}`)", d.pii_redactions, path.display());
+            let _ = writeln!(
+                s,
+                "- PII redactions: {} (audit: `{}`)",
+                d.pii_redactions,
+                path.display()
+            );
         }
         if let Some(l) = &d.leakage {
-            let _ = writeln!(s, "- train/validation leakage: {:.1}% of validation examples overlap train", 100.0 * l.leaked_fraction());
+            let _ = writeln!(
+                s,
+                "- train/validation leakage: {:.1}% of validation examples overlap train",
+                100.0 * l.leaked_fraction()
+            );
         }
-        let _ = writeln!(s, "\nWeights: `{}`. Metrics per step: `metrics.jsonl`.", self.output.display());
+        let _ = writeln!(
+            s,
+            "\nWeights: `{}`. Metrics per step: `metrics.jsonl`.",
+            self.output.display()
+        );
         s
     }
 
     /// Writes `report.md` and `report.json` into `out`; returns the Markdown path.
     pub fn write(&self, out: &Path) -> Result<PathBuf> {
         let md = out.join("report.md");
-        whet_train::checkpoint::write_file(&md, self.markdown().as_bytes()).with_context(|| format!("writing {}", md.display()))?;
+        whet_train::checkpoint::write_file(&md, self.markdown().as_bytes())
+            .with_context(|| format!("writing {}", md.display()))?;
         let json = serde_json::to_string_pretty(self)?;
         let jp = out.join("report.json");
-        whet_train::checkpoint::write_file(&jp, json.as_bytes()).with_context(|| format!("writing {}", jp.display()))?;
+        whet_train::checkpoint::write_file(&jp, json.as_bytes())
+            .with_context(|| format!("writing {}", jp.display()))?;
         Ok(md)
     }
 }

@@ -18,7 +18,9 @@ pub struct Tmp(PathBuf);
 impl Tmp {
     pub fn new(name: &str) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
         let dir = std::env::temp_dir().join(format!(
             "whet-it-{name}-{}-{}-{nanos}",
             std::process::id(),
@@ -44,7 +46,9 @@ impl Drop for Tmp {
 }
 
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(rel)
 }
 
 /// The `whet` command with a clean environment for error-message checks.
@@ -54,7 +58,9 @@ where
     S: AsRef<OsStr>,
 {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
+    cmd.args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
     cmd
 }
 
@@ -69,21 +75,51 @@ impl Run {
     /// Asserts exit 0.
     #[track_caller]
     pub fn ok(self) -> Self {
-        assert!(self.status.success(), "`whet {}` failed ({}):\n{}\n{}", self.what, self.status, self.stdout, self.stderr);
+        assert!(
+            self.status.success(),
+            "`whet {}` failed ({}):\n{}\n{}",
+            self.what,
+            self.status,
+            self.stdout,
+            self.stderr
+        );
         self
     }
 
     /// Asserts a non-zero exit and no panic.
     #[track_caller]
     pub fn fails(self) -> Self {
-        assert!(!self.status.success(), "`whet {}` should have failed:\n{}\n{}", self.what, self.stdout, self.stderr);
-        assert_eq!(self.status.code(), Some(1), "`whet {}`: {}\n{}", self.what, self.status, self.stderr);
-        assert!(!self.stderr.contains("panicked"), "`whet {}` panicked:\n{}", self.what, self.stderr);
+        assert!(
+            !self.status.success(),
+            "`whet {}` should have failed:\n{}\n{}",
+            self.what,
+            self.stdout,
+            self.stderr
+        );
+        assert_eq!(
+            self.status.code(),
+            Some(1),
+            "`whet {}`: {}\n{}",
+            self.what,
+            self.status,
+            self.stderr
+        );
+        assert!(
+            !self.stderr.contains("panicked"),
+            "`whet {}` panicked:\n{}",
+            self.what,
+            self.stderr
+        );
         self
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("`whet {}` stdout is not JSON ({e}): {}", self.what, self.stdout))
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "`whet {}` stdout is not JSON ({e}): {}",
+                self.what, self.stdout
+            )
+        })
     }
 }
 
@@ -92,9 +128,20 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_os_string()).collect();
-    let what = args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
-    let Output { status, stdout, stderr } = whet_cmd(&args).output().expect("running whet");
+    let args: Vec<std::ffi::OsString> = args
+        .into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect();
+    let what = args
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = whet_cmd(&args).output().expect("running whet");
     Run {
         status,
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -106,7 +153,14 @@ where
 /// `whet convert` of the tiny BPE GGUF into `tmp/model`: an HF folder with a ChatML template.
 pub fn model(tmp: &Tmp) -> PathBuf {
     let out = tmp.join("model");
-    whet(["convert", "--from-gguf", s(&fixture("gguf/tiny_llama_bpe.gguf")), "--out", s(&out)]).ok();
+    whet([
+        "convert",
+        "--from-gguf",
+        s(&fixture("gguf/tiny_llama_bpe.gguf")),
+        "--out",
+        s(&out),
+    ])
+    .ok();
     out
 }
 
@@ -142,7 +196,10 @@ pub const CHATS: [(&str, &str); 8] = [
 pub fn chat_data(tmp: &Tmp) {
     let train: Vec<String> = CHATS.iter().map(|(u, a)| chat(u, a)).collect();
     write(&tmp.join("train.jsonl"), &(train.join("\n") + "\n"));
-    let val = [chat("Hello", "Hello! How can I help?"), chat("Router reset?", "Unplug it for ten seconds.")];
+    let val = [
+        chat("Hello", "Hello! How can I help?"),
+        chat("Router reset?", "Unplug it for ten seconds."),
+    ];
     write(&tmp.join("val.jsonl"), &(val.join("\n") + "\n"));
     write(
         &tmp.join("general.jsonl"),
@@ -159,7 +216,10 @@ pub fn toml_str(p: &Path) -> String {
 /// paths are relative to the config file, i.e. to `tmp`). Returns its absolute path.
 pub fn config(tmp: &Tmp, model: &Path, body: &str) -> PathBuf {
     let path = tmp.join("run.toml");
-    write(&path, &format!("{body}\n[model]\npath = {}\n", toml_str(model)));
+    write(
+        &path,
+        &format!("{body}\n[model]\npath = {}\n", toml_str(model)),
+    );
     path
 }
 
@@ -206,7 +266,12 @@ pub fn trained_chat_run(tmp: &Tmp) -> (PathBuf, PathBuf) {
 pub fn metrics(out: &Path) -> Vec<Value> {
     let path = out.join("metrics.jsonl");
     let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display()))).collect()
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display()))
+        })
+        .collect()
 }
 
 /// (step, value of `field`) of the lines of `kind` ("train" or "eval").
@@ -214,7 +279,14 @@ pub fn series(out: &Path, kind: &str, field: &str) -> Vec<(u64, f64)> {
     metrics(out)
         .iter()
         .filter(|v| v["kind"] == kind)
-        .map(|v| (v["step"].as_u64().unwrap(), v[field].as_f64().unwrap_or_else(|| panic!("no {field} in {v}"))))
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v[field]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("no {field} in {v}")),
+            )
+        })
         .collect()
 }
 
@@ -222,7 +294,8 @@ pub fn series(out: &Path, kind: &str, field: &str) -> Vec<(u64, f64)> {
 pub fn safetensors_header(path: &Path) -> serde_json::Map<String, Value> {
     let bytes = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     header.remove("__metadata__");
     header
 }
@@ -237,7 +310,10 @@ pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    fs::read(&p).unwrap(),
+                );
             }
         }
     }

@@ -55,8 +55,13 @@ fn generate(tmp: &Tmp, extra: &[&str]) -> String {
 fn continued_pretraining_on_text_lowers_the_loss() {
     let tmp = Tmp::new("text");
     model(&tmp);
-    let docs = ["The cat sat on the mat. The dog sat on the log.", "Red fish, blue fish, one fish, two fish."];
-    let lines: Vec<String> = (0..4).flat_map(|_| docs.map(|t| serde_json::json!({ "text": t }).to_string())).collect();
+    let docs = [
+        "The cat sat on the mat. The dog sat on the log.",
+        "Red fish, blue fish, one fish, two fish.",
+    ];
+    let lines: Vec<String> = (0..4)
+        .flat_map(|_| docs.map(|t| serde_json::json!({ "text": t }).to_string()))
+        .collect();
     write(&tmp.join("text.jsonl"), &(lines.join("\n") + "\n"));
     let losses = train(&tmp, &run_body("text.jsonl", "text", 10, 3e-2, "constant"));
     assert_eq!(losses.len(), 10);
@@ -66,8 +71,26 @@ fn continued_pretraining_on_text_lowers_the_loss() {
     let text = s(&tmp.join("text.jsonl")).to_string();
     let m = s(&tmp.join("model")).to_string();
     let adapter = s(&tmp.join("out/adapter")).to_string();
-    let base = whet(["eval", "--model", &m, "--data", &text, "--format", "text"]).ok().json()["loss"].as_f64().unwrap();
-    let tuned = whet(["eval", "--model", &m, "--adapter", &adapter, "--data", &text, "--format", "text"]).ok().json()["loss"].as_f64().unwrap();
+    let base = whet(["eval", "--model", &m, "--data", &text, "--format", "text"])
+        .ok()
+        .json()["loss"]
+        .as_f64()
+        .unwrap();
+    let tuned = whet([
+        "eval",
+        "--model",
+        &m,
+        "--adapter",
+        &adapter,
+        "--data",
+        &text,
+        "--format",
+        "text",
+    ])
+    .ok()
+    .json()["loss"]
+        .as_f64()
+        .unwrap();
     assert!(tuned < 0.5 * base, "eval: base {base}, tuned {tuned}");
 }
 
@@ -76,19 +99,32 @@ fn prompt_completion_sft_learns_the_completions() {
     let tmp = Tmp::new("prompt-completion");
     model(&tmp);
     let pairs = [("2+2=", " four"), ("Capital of France?", " Paris")];
-    let lines: Vec<String> =
-        (0..4).flat_map(|_| pairs.map(|(p, c)| serde_json::json!({ "prompt": p, "completion": c }).to_string())).collect();
+    let lines: Vec<String> = (0..4)
+        .flat_map(|_| {
+            pairs.map(|(p, c)| serde_json::json!({ "prompt": p, "completion": c }).to_string())
+        })
+        .collect();
     write(&tmp.join("pc.jsonl"), &(lines.join("\n") + "\n"));
-    let losses = train(&tmp, &run_body("pc.jsonl", "prompt-completion", 10, 3e-2, "constant"));
+    let losses = train(
+        &tmp,
+        &run_body("pc.jsonl", "prompt-completion", 10, 3e-2, "constant"),
+    );
     assert_eq!(losses.len(), 10);
     let (first, last) = (mean(&losses[..3]), mean(&losses[7..]));
-    assert!(last < 0.5 * first, "prompt-completion loss did not fall: {losses:?}");
+    assert!(
+        last < 0.5 * first,
+        "prompt-completion loss did not fall: {losses:?}"
+    );
     let adapter = tmp.join("out/adapter");
     for (prompt, completion) in pairs {
         let tuned = generate(&tmp, &["--adapter", s(&adapter), "--prompt", prompt]);
         assert_eq!(tuned.trim(), completion.trim(), "prompt {prompt:?}");
         let base = generate(&tmp, &["--prompt", prompt]);
-        assert_ne!(base.trim(), completion.trim(), "the base model already knew {prompt:?}");
+        assert_ne!(
+            base.trim(),
+            completion.trim(),
+            "the base model already knew {prompt:?}"
+        );
     }
 }
 
@@ -96,14 +132,28 @@ fn prompt_completion_sft_learns_the_completions() {
 fn chat_instruction_tuning_teaches_the_answers() {
     let tmp = Tmp::new("chat");
     model(&tmp);
-    let taught = [("Hi", "Hello! How can I help?"), ("Slow Wi-Fi", "Move the hub up high.")];
-    let lines: Vec<String> = (0..4).flat_map(|_| taught.map(|(u, a)| chat(u, a))).collect();
+    let taught = [
+        ("Hi", "Hello! How can I help?"),
+        ("Slow Wi-Fi", "Move the hub up high."),
+    ];
+    let lines: Vec<String> = (0..4)
+        .flat_map(|_| taught.map(|(u, a)| chat(u, a)))
+        .collect();
     write(&tmp.join("chat.jsonl"), &(lines.join("\n") + "\n"));
     let losses = train(&tmp, &run_body("chat.jsonl", "chat", 30, 1e-2, "cosine"));
-    assert!(mean(&losses[27..]) < 0.1 * mean(&losses[..3]), "chat loss did not fall: {losses:?}");
+    assert!(
+        mean(&losses[27..]) < 0.1 * mean(&losses[..3]),
+        "chat loss did not fall: {losses:?}"
+    );
     let adapter = tmp.join("out/adapter");
     for (user, assistant) in taught {
-        assert_eq!(generate(&tmp, &["--adapter", s(&adapter), "--chat", "--prompt", user]), assistant);
+        assert_eq!(
+            generate(
+                &tmp,
+                &["--adapter", s(&adapter), "--chat", "--prompt", user]
+            ),
+            assistant
+        );
         assert_ne!(generate(&tmp, &["--chat", "--prompt", user]), assistant);
     }
 }

@@ -14,12 +14,18 @@ fn numbers(line: &str) -> Vec<f64> {
 }
 
 fn line<'a>(stdout: &'a str, prefix: &str) -> &'a str {
-    stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no `{prefix}` line in:\n{stdout}"))
+    stdout
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{stdout}"))
 }
 
 /// The ⟦...⟧ spans of `text`.
 fn learned(text: &str) -> Vec<&str> {
-    text.split('⟦').skip(1).map(|s| s.split_once('⟧').expect("unclosed ⟦").0).collect()
+    text.split('⟦')
+        .skip(1)
+        .map(|s| s.split_once('⟧').expect("unclosed ⟦").0)
+        .collect()
 }
 
 #[test]
@@ -36,19 +42,48 @@ fn inspect_shows_tokens_supervision_and_the_learned_tokens() {
     let t = numbers(line(out, "tokens:"));
     let (total, supervised, pct) = (t[0], t[1], t[2]);
     assert!(total > rows * 20.0, "{out}");
-    assert!(supervised > 0.0 && supervised < total, "chat data learns the assistant turns only:\n{out}");
-    assert!((pct - 100.0 * supervised / total).abs() < 0.051, "supervised ratio {pct}% vs {supervised}/{total}");
-    assert!(line(out, "BOS:").contains(&format!("learned in {rows}/{rows}")), "{out}");
+    assert!(
+        supervised > 0.0 && supervised < total,
+        "chat data learns the assistant turns only:\n{out}"
+    );
+    assert!(
+        (pct - 100.0 * supervised / total).abs() < 0.051,
+        "supervised ratio {pct}% vs {supervised}/{total}"
+    );
+    assert!(
+        line(out, "BOS:").contains(&format!("learned in {rows}/{rows}")),
+        "{out}"
+    );
 
     // The marked example: the assistant answer (and its end-of-turn) is learned, the rest is not.
-    let first: Value = serde_json::from_str(fs::read_to_string(&data).unwrap().lines().next().unwrap()).unwrap();
+    let first: Value =
+        serde_json::from_str(fs::read_to_string(&data).unwrap().lines().next().unwrap()).unwrap();
     let turn = |role: &str| {
-        first["messages"].as_array().unwrap().iter().find(|m| m["role"] == role).unwrap()["content"].as_str().unwrap().to_string()
+        first["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["role"] == role)
+            .unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
-    let example = out.split_once("(learned tokens in ⟦ ⟧):\n").expect("no marked example").1;
+    let example = out
+        .split_once("(learned tokens in ⟦ ⟧):\n")
+        .expect("no marked example")
+        .1;
     let spans = learned(example);
-    assert_eq!(spans.len(), 1, "one assistant turn, one learned span: {example}");
-    assert_eq!(spans[0], format!("{}<|im_end|>", turn("assistant")), "{example}");
+    assert_eq!(
+        spans.len(),
+        1,
+        "one assistant turn, one learned span: {example}"
+    );
+    assert_eq!(
+        spans[0],
+        format!("{}<|im_end|>", turn("assistant")),
+        "{example}"
+    );
     assert!(example.contains(&turn("user")) && !spans[0].contains(&turn("user")));
     assert!(example.contains(&turn("system")) && !spans[0].contains(&turn("system")));
     assert!(example.contains("<|im_start|>assistant\n⟦"), "{example}");
@@ -62,15 +97,61 @@ fn inspect_counts_duplicates_and_train_validation_leakage() {
     let train = tmp.join("train.jsonl");
     write(&train, &format!("{}\n{}\n", lines.join("\n"), lines[2]));
     let val = tmp.join("val.jsonl");
-    write(&val, &format!("{}\n{}\n", lines[5], chat("Where is my parcel?", "We do not ship parcels, sorry.")));
-    let r = whet(["data", "inspect", "--data", s(&train), "--validation", s(&val), "--model", s(&m), "--format", "chat"]).ok();
-    assert_eq!(numbers(line(&r.stdout, "duplicates:"))[..2], [1.0, 8.0], "{}", r.stdout);
-    assert!(line(&r.stdout, "leakage:").contains("50.0% of 2 validation examples"), "{}", r.stdout);
+    write(
+        &val,
+        &format!(
+            "{}\n{}\n",
+            lines[5],
+            chat("Where is my parcel?", "We do not ship parcels, sorry.")
+        ),
+    );
+    let r = whet([
+        "data",
+        "inspect",
+        "--data",
+        s(&train),
+        "--validation",
+        s(&val),
+        "--model",
+        s(&m),
+        "--format",
+        "chat",
+    ])
+    .ok();
+    assert_eq!(
+        numbers(line(&r.stdout, "duplicates:"))[..2],
+        [1.0, 8.0],
+        "{}",
+        r.stdout
+    );
+    assert!(
+        line(&r.stdout, "leakage:").contains("50.0% of 2 validation examples"),
+        "{}",
+        r.stdout
+    );
 
     // Truncation is reported: 40 tokens hold every prompt but cut most answers.
-    let r = whet(["data", "inspect", "--data", s(&train), "--model", s(&m), "--max-len", "40"]).ok();
+    let r = whet([
+        "data",
+        "inspect",
+        "--data",
+        s(&train),
+        "--model",
+        s(&m),
+        "--max-len",
+        "40",
+    ])
+    .ok();
     let trunc = numbers(line(&r.stdout, "truncated to 40:"));
-    assert!(trunc[1] > 0.0 && trunc[2] > 0.0, "no truncation reported:\n{}", r.stdout);
+    assert!(
+        trunc[1] > 0.0 && trunc[2] > 0.0,
+        "no truncation reported:\n{}",
+        r.stdout
+    );
     let total = numbers(line(&r.stdout, "tokens:"))[0];
-    assert!(total > 0.0 && total <= 9.0 * 40.0, "no example is longer than 40 tokens:\n{}", r.stdout);
+    assert!(
+        total > 0.0 && total <= 9.0 * 40.0,
+        "no example is longer than 40 tokens:\n{}",
+        r.stdout
+    );
 }

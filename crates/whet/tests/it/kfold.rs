@@ -25,22 +25,43 @@ fn two_fold_cross_validation_writes_kfold_json() {
     let mut held_out = 0;
     for (i, f) in folds.iter().enumerate() {
         assert_eq!(f["fold"], i);
-        let (t, v) = (f["train_rows"].as_u64().unwrap(), f["validation_rows"].as_u64().unwrap());
+        let (t, v) = (
+            f["train_rows"].as_u64().unwrap(),
+            f["validation_rows"].as_u64().unwrap(),
+        );
         assert_eq!(t + v, examples, "{f}");
         assert!(t > 0 && v > 0, "{f}");
         held_out += v;
-        let (base, best) = (f["base_val_loss"].as_f64().unwrap(), f["best_val_loss"].as_f64().unwrap());
-        assert!(best.is_finite() && best < base, "fold {i} did not improve: {f}");
-        assert!(fs::read_to_string(out.join(format!("fold-{i}/metrics.jsonl"))).is_ok_and(|m| m.lines().count() >= 6));
+        let (base, best) = (
+            f["base_val_loss"].as_f64().unwrap(),
+            f["best_val_loss"].as_f64().unwrap(),
+        );
+        assert!(
+            best.is_finite() && best < base,
+            "fold {i} did not improve: {f}"
+        );
+        assert!(
+            fs::read_to_string(out.join(format!("fold-{i}/metrics.jsonl")))
+                .is_ok_and(|m| m.lines().count() >= 6)
+        );
         let evals = series(&out.join(format!("fold-{i}")), "eval", "val_loss");
         let min = evals.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         assert_eq!(best, min, "fold {i}: best_val_loss is the best evaluation");
     }
     assert_eq!(held_out, examples, "every example is held out exactly once");
-    let losses: Vec<f64> = folds.iter().map(|f| f["best_val_loss"].as_f64().unwrap()).collect();
+    let losses: Vec<f64> = folds
+        .iter()
+        .map(|f| f["best_val_loss"].as_f64().unwrap())
+        .collect();
     let mean = (losses[0] + losses[1]) / 2.0;
     let std = (losses[0] - losses[1]).abs() / 2.0;
-    assert!((report["mean_val_loss"].as_f64().unwrap() - mean).abs() < 1e-12, "{report}");
-    assert!((report["std_val_loss"].as_f64().unwrap() - std).abs() < 1e-12, "{report}");
+    assert!(
+        (report["mean_val_loss"].as_f64().unwrap() - mean).abs() < 1e-12,
+        "{report}"
+    );
+    assert!(
+        (report["std_val_loss"].as_f64().unwrap() - std).abs() < 1e-12,
+        "{report}"
+    );
     assert!(r.stderr.contains("2-fold cross-validation"), "{}", r.stderr);
 }

@@ -46,7 +46,15 @@ fn kill_9_then_rerun_resumes_bit_identically() {
 
     // The uninterrupted reference, in another folder.
     let reference = tmp.join("reference");
-    whet(["train", "--config", s(&cfg), "--no-report", "--set", &format!("output.dir={}", s(&reference))]).ok();
+    whet([
+        "train",
+        "--config",
+        s(&cfg),
+        "--no-report",
+        "--set",
+        &format!("output.dir={}", s(&reference)),
+    ])
+    .ok();
 
     // Start, wait for the third checkpoint, SIGKILL.
     let log = tmp.join("first.log");
@@ -58,15 +66,28 @@ fn kill_9_then_rerun_resumes_bit_identically() {
     let started = Instant::now();
     while !out.join("checkpoint-000003").is_dir() {
         if let Some(status) = child.try_wait().unwrap() {
-            panic!("whet train exited ({status}) before checkpoint 3:\n{}", fs::read_to_string(&log).unwrap());
+            panic!(
+                "whet train exited ({status}) before checkpoint 3:\n{}",
+                fs::read_to_string(&log).unwrap()
+            );
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint-000003 after 60 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no checkpoint-000003 after 60 s"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     child.kill().unwrap();
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), None, "whet train finished before it was killed ({status}); the test needs a longer run");
-    assert!(!out.join("checkpoint-000040").exists(), "the run finished before it was killed");
+    assert_eq!(
+        status.code(),
+        None,
+        "whet train finished before it was killed ({status}); the test needs a longer run"
+    );
+    assert!(
+        !out.join("checkpoint-000040").exists(),
+        "the run finished before it was killed"
+    );
 
     // The same command again.
     let r = whet(args).ok();
@@ -79,19 +100,36 @@ fn kill_9_then_rerun_resumes_bit_identically() {
         .parse()
         .unwrap();
     assert!((3..40).contains(&resumed_at), "resumed at {resumed_at}");
-    assert!(!r.stderr.contains("step 1/40 "), "the resumed run redid step 1:\n{}", r.stderr);
+    assert!(
+        !r.stderr.contains("step 1/40 "),
+        "the resumed run redid step 1:\n{}",
+        r.stderr
+    );
 
     // Bit-identical history: every train loss, grad norm and validation loss.
     let expected = series(&reference, "train", "loss");
     assert_eq!(expected.len(), 40);
-    assert_eq!(series(&out, "train", "loss"), expected, "train losses differ from the uninterrupted run");
-    assert_eq!(series(&out, "train", "grad_norm"), series(&reference, "train", "grad_norm"));
-    assert_eq!(series(&out, "eval", "val_loss"), series(&reference, "eval", "val_loss"));
+    assert_eq!(
+        series(&out, "train", "loss"),
+        expected,
+        "train losses differ from the uninterrupted run"
+    );
+    assert_eq!(
+        series(&out, "train", "grad_norm"),
+        series(&reference, "train", "grad_norm")
+    );
+    assert_eq!(
+        series(&out, "eval", "val_loss"),
+        series(&reference, "eval", "val_loss")
+    );
     assert_eq!(
         fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
         fs::read(reference.join("adapter/adapter_model.safetensors")).unwrap(),
         "the final adapters differ"
     );
-    let leftovers: Vec<_> = walk(&out).into_iter().filter(|p| p.to_string_lossy().ends_with(".tmp")).collect();
+    let leftovers: Vec<_> = walk(&out)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }

@@ -14,37 +14,71 @@ fn a_lora_chat_run_writes_metrics_plot_report_adapter_and_checkpoints() {
 
     // metrics.jsonl: one train line per step, evaluations at 3 and 6.
     let train = series(&out, "train", "loss");
-    assert_eq!(train.iter().map(|p| p.0).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
-    assert!(train.iter().all(|p| p.1.is_finite() && p.1 > 0.0), "{train:?}");
+    assert_eq!(
+        train.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>()
+    );
+    assert!(
+        train.iter().all(|p| p.1.is_finite() && p.1 > 0.0),
+        "{train:?}"
+    );
     for v in metrics(&out).iter().filter(|v| v["kind"] == "train") {
         assert_eq!(v["total_steps"], 6);
-        assert!(v["supervised_tokens"].as_u64().unwrap() > 0 && v["tokens"].as_u64().unwrap() > 0, "{v}");
+        assert!(
+            v["supervised_tokens"].as_u64().unwrap() > 0 && v["tokens"].as_u64().unwrap() > 0,
+            "{v}"
+        );
         assert!(v["grad_norm"].as_f64().unwrap().is_finite(), "{v}");
-        assert!(v["lr"].as_f64().unwrap() > 0.0 && v["lr"].as_f64().unwrap() <= 1e-2, "{v}");
+        assert!(
+            v["lr"].as_f64().unwrap() > 0.0 && v["lr"].as_f64().unwrap() <= 1e-2,
+            "{v}"
+        );
     }
     let evals = series(&out, "eval", "val_loss");
     assert_eq!(evals.iter().map(|p| p.0).collect::<Vec<_>>(), vec![3, 6]);
 
     // loss.svg: an SVG document with one marker per evaluation.
     let svg = fs::read_to_string(out.join("loss.svg")).unwrap();
-    assert!(svg.trim_start().starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "not an SVG document");
+    assert!(
+        svg.trim_start().starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "not an SVG document"
+    );
     assert!(svg.contains("xmlns=\"http://www.w3.org/2000/svg\""));
     assert!(svg.contains("<polyline"), "no curve drawn");
-    assert_eq!(svg.matches("<circle").count(), evals.len(), "one validation marker per evaluation");
-    assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count(), "unbalanced <text>");
+    assert_eq!(
+        svg.matches("<circle").count(),
+        evals.len(),
+        "one validation marker per evaluation"
+    );
+    assert_eq!(
+        svg.matches("<text").count(),
+        svg.matches("</text>").count(),
+        "unbalanced <text>"
+    );
 
     // report.json: base vs tuned, consistent with the metrics.
-    let report: Value = serde_json::from_slice(&fs::read(out.join("report.json")).unwrap()).unwrap();
+    let report: Value =
+        serde_json::from_slice(&fs::read(out.join("report.json")).unwrap()).unwrap();
     let (before, after) = (&report["before"], &report["after"]);
     for side in [before, after] {
         assert!(side["val_loss"].as_f64().unwrap().is_finite(), "{side}");
         assert!(side["general_loss"].as_f64().unwrap().is_finite(), "{side}");
-        assert!(side["val_tokens"].as_u64().unwrap() > 0 && side["general_tokens"].as_u64().unwrap() > 0, "{side}");
+        assert!(
+            side["val_tokens"].as_u64().unwrap() > 0
+                && side["general_tokens"].as_u64().unwrap() > 0,
+            "{side}"
+        );
     }
     let best_eval = evals.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
     let tuned = after["val_loss"].as_f64().unwrap();
-    assert!((tuned - best_eval).abs() < 1e-6, "the tuned model is the best checkpoint: {tuned} vs {best_eval}");
-    assert_ne!(before["val_loss"], after["val_loss"], "training changed nothing");
+    assert!(
+        (tuned - best_eval).abs() < 1e-6,
+        "the tuned model is the best checkpoint: {tuned} vs {best_eval}"
+    );
+    assert_ne!(
+        before["val_loss"], after["val_loss"],
+        "training changed nothing"
+    );
     assert_eq!(report["summary"]["steps"], 6);
     let gens = report["generations"].as_array().unwrap();
     assert_eq!(gens.len(), 2);
@@ -54,18 +88,35 @@ fn a_lora_chat_run_writes_metrics_plot_report_adapter_and_checkpoints() {
     // report.md: a base and a tuned column with those numbers, and the prompts.
     let md = fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| | base | tuned | change |"), "{md}");
-    let row = md.lines().find(|l| l.starts_with("| validation loss")).expect("a validation loss row");
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| validation loss"))
+        .expect("a validation loss row");
     let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-    assert_eq!(cells[2], format!("{:.4}", before["val_loss"].as_f64().unwrap()), "{row}");
+    assert_eq!(
+        cells[2],
+        format!("{:.4}", before["val_loss"].as_f64().unwrap()),
+        "{row}"
+    );
     assert_eq!(cells[3], format!("{:.4}", tuned), "{row}");
-    assert!(md.lines().any(|l| l.starts_with("| general-text loss")), "{md}");
-    assert!(md.contains("> Hi\n") && md.contains("> Slow Wi-Fi\n"), "prompts missing:\n{md}");
-    assert!(md.contains("**Base model**") && md.contains("**Tuned model**"), "{md}");
+    assert!(
+        md.lines().any(|l| l.starts_with("| general-text loss")),
+        "{md}"
+    );
+    assert!(
+        md.contains("> Hi\n") && md.contains("> Slow Wi-Fi\n"),
+        "prompts missing:\n{md}"
+    );
+    assert!(
+        md.contains("**Base model**") && md.contains("**Tuned model**"),
+        "{md}"
+    );
     assert!(md.contains("loss.svg"));
 
     // The PEFT adapter.
     let adapter = out.join("adapter");
-    let ac: Value = serde_json::from_slice(&fs::read(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    let ac: Value =
+        serde_json::from_slice(&fs::read(adapter.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(ac["peft_type"], "LORA");
     assert_eq!(ac["r"], 4);
     assert_eq!(ac["lora_alpha"].as_f64(), Some(8.0));
@@ -76,27 +127,49 @@ fn a_lora_chat_run_writes_metrics_plot_report_adapter_and_checkpoints() {
     assert_eq!(b["shape"], serde_json::json!([64, 4]), "{b}");
     // all-linear on 2 layers: 7 projections x (A, B) x 2.
     assert_eq!(header.len(), 28, "{:?}", header.keys());
-    assert!(header.keys().all(|k| k.starts_with("base_model.model.model.layers.") && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))));
+    assert!(
+        header
+            .keys()
+            .all(|k| k.starts_with("base_model.model.model.layers.")
+                && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")))
+    );
 
     // Checkpoints at the evaluations, each with the resolved config.
     for step in [3, 6] {
         let dir = out.join(format!("checkpoint-{step:06}"));
-        assert!(dir.join("adapter_model.safetensors").is_file(), "{}", dir.display());
+        assert!(
+            dir.join("adapter_model.safetensors").is_file(),
+            "{}",
+            dir.display()
+        );
         assert!(dir.join("optimizer.safetensors").is_file());
-        let state: Value = serde_json::from_slice(&fs::read(dir.join("trainer_state.json")).unwrap()).unwrap();
+        let state: Value =
+            serde_json::from_slice(&fs::read(dir.join("trainer_state.json")).unwrap()).unwrap();
         assert_eq!(state["step"], step);
-        let resolved: toml::Table = toml::from_str(&fs::read_to_string(dir.join("config.toml")).unwrap()).unwrap();
+        let resolved: toml::Table =
+            toml::from_str(&fs::read_to_string(dir.join("config.toml")).unwrap()).unwrap();
         assert_eq!(resolved["train"]["lr"].as_float(), Some(1e-2));
         assert_eq!(resolved["train"]["max_steps"].as_integer(), Some(6));
         // defaults filled in, paths resolved against the config file's folder
         assert_eq!(resolved["train"]["beta2"].as_float(), Some(0.999));
-        assert_eq!(resolved["data"]["train"].as_str(), Some(s(&tmp.join("train.jsonl"))));
+        assert_eq!(
+            resolved["data"]["train"].as_str(),
+            Some(s(&tmp.join("train.jsonl")))
+        );
         assert_eq!(resolved["model"]["path"].as_str(), Some(s(&m)));
         assert_eq!(resolved["output"]["dir"].as_str(), Some(s(&out)));
     }
     let best_step = evals.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
-    assert_eq!(fs::read_to_string(out.join("best")).unwrap().trim(), format!("checkpoint-{best_step:06}"));
-    assert!(!walk(&out).iter().any(|p| p.to_string_lossy().ends_with(".tmp")), "temporary files left behind");
+    assert_eq!(
+        fs::read_to_string(out.join("best")).unwrap().trim(),
+        format!("checkpoint-{best_step:06}")
+    );
+    assert!(
+        !walk(&out)
+            .iter()
+            .any(|p| p.to_string_lossy().ends_with(".tmp")),
+        "temporary files left behind"
+    );
 }
 
 #[test]
