@@ -246,7 +246,13 @@ impl Config {
             message: with_suggestion(&e.to_string()),
         })?;
         // Relative paths in a config file are relative to that file.
-        let config = config.rebased(path.parent().unwrap_or(Path::new(".")));
+        // Absolute, so the config saved next to a checkpoint still points at the same files.
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let config =
+            config.rebased(&std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf()));
         config.validate(path)?;
         Ok(config)
     }

@@ -337,9 +337,27 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
     let started = Instant::now();
     let cfg = Config::load(config, overrides)?;
     let out = cfg.output.dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let tok = load_tokenizer(&cfg.model.path)?;
     let data = pipeline::prepare(&tok, &cfg.data, cfg.train.seed, &out)?;
+    let id = run_id(&cfg, &data.train);
+    // Refuse a folder of another run before writing anything into it.
+    if let Some((_, last)) = whet_train::checkpoint::list(&out).pop() {
+        let state = whet_train::checkpoint::read_state(&last)?;
+        if state.run_id != id {
+            return Err(whet_train::TrainError::ForeignOutput {
+                dir: out.clone(),
+                why: format!(
+                    "its checkpoints belong to run {}, this config and data make run {id}",
+                    state.run_id
+                ),
+            }
+            .into());
+        }
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    if let (Some(audit), Some(path)) = (&data.pii_audit, &data.report.pii_audit) {
+        audit.write_json(path)?;
+    }
     eprintln!(
         "data: {} train examples -> {} rows, {} validation examples -> {} rows",
         data.report.train_examples,
@@ -374,7 +392,6 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
         &dev,
     )?;
 
-    let id = run_id(&cfg, &data.train);
     let mut trainer = Trainer {
         model: &mut model,
         config: &cfg,

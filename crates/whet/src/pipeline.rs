@@ -132,6 +132,8 @@ pub struct DataReport {
 }
 
 pub struct Prepared {
+    /// The scrubber's audit, written to `report.pii_audit` once the run is known to own `out`.
+    pub pii_audit: Option<Audit>,
     pub train_examples: Vec<Example>,
     pub validation_examples: Vec<Example>,
     pub train: Vec<Row>,
@@ -139,10 +141,12 @@ pub struct Prepared {
     pub report: DataReport,
 }
 
-/// The full data path of a training run. Writes `pii_audit.json` into `out` when scrubbing.
+/// The full data path of a training run. Writes nothing: the PII audit comes back in
+/// [`Prepared::pii_audit`] for the caller to write once it knows it owns `out`.
 pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Result<Prepared> {
     let spec = DataSpec::from(data);
     let mut report = DataReport::default();
+    let mut pii_audit = None;
     let (mut train, read_report) = read(&data.train, &spec)?;
     report.train_read = Some(read_report);
     let mut validation = match &data.validation {
@@ -162,10 +166,9 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
             audit.merge(a);
             validation = Some(v);
         }
-        let path = out.join("pii_audit.json");
-        audit.write_json(&path)?;
         report.pii_redactions = audit_total(&audit);
-        report.pii_audit = Some(path);
+        report.pii_audit = Some(out.join("pii_audit.json"));
+        pii_audit = Some(audit);
     }
     if data.dedup {
         let (t, r) = whet_data::dedup::dedup(train, &DedupConfig::default())?;
@@ -221,6 +224,7 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
         train: train_rows,
         validation: val_rows,
         report,
+        pii_audit,
     })
 }
 

@@ -119,14 +119,46 @@ fn transpose_tile<T: Float>(dst: &mut [T], src: &[T], dm: Dims, bi: usize, g: us
     }
 }
 
-/// sc[a..e] = x . tile[:, a..e] for a (D, KT) tile: D axpys over keys, no horizontal sums.
+/// `y += sum_i w[i] * src[base + i * stride ..][..y.len()]`: a small (1 x n) @ (n x len)
+/// product. y is held in registers C lanes at a time while the rows stream past, so the inner
+/// loop is loads and multiply-adds only.
 #[inline(always)]
-fn scores<T: Float>(sc: &mut [T], x: &[T], tile: &[T], a: usize, e: usize) {
-    let sc = &mut sc[a..e];
-    sc.fill(T::ZERO);
-    for (dd, xd) in x.iter().enumerate() {
-        axpy(sc, *xd, &tile[dd * KT + a..dd * KT + e]);
+fn accumulate_rows<T: Float>(y: &mut [T], w: &[T], src: &[T], base: usize, stride: usize) {
+    let len = y.len();
+    let mut c0 = 0;
+    c0 = accumulate_chunks::<T, 64>(y, w, src, base, stride, c0);
+    c0 = accumulate_chunks::<T, 16>(y, w, src, base, stride, c0);
+    if c0 < len {
+        for (i, wi) in w.iter().enumerate() {
+            let o = base + i * stride;
+            axpy(&mut y[c0..], *wi, &src[o + c0..o + len]);
+        }
     }
+}
+
+/// The part of [`accumulate_rows`] for columns c0.. in whole chunks of C; returns where it stopped.
+#[inline(always)]
+fn accumulate_chunks<T: Float, const C: usize>(y: &mut [T], w: &[T], src: &[T], base: usize, stride: usize, mut c0: usize) -> usize {
+    while c0 + C <= y.len() {
+        let mut acc: [T; C] = y[c0..c0 + C].try_into().expect("chunk");
+        for (i, wi) in w.iter().enumerate() {
+            let o = base + i * stride + c0;
+            let r: &[T; C] = src[o..o + C].try_into().expect("chunk");
+            for l in 0..C {
+                acc[l] += *wi * r[l];
+            }
+        }
+        y[c0..c0 + C].copy_from_slice(&acc);
+        c0 += C;
+    }
+    c0
+}
+
+/// sc[0..KT] = x . tile for a (D, KT) tile (the whole tile; callers read the part they need).
+#[inline(always)]
+fn scores<T: Float>(sc: &mut [T], x: &[T], tile: &[T]) {
+    sc.fill(T::ZERO);
+    accumulate_rows(&mut sc[..KT], x, tile, 0, KT);
 }
 
 /// -> (o (B, T, NH, D), lse (B, T, NH)).
@@ -178,7 +210,7 @@ fn fwd_block_impl<T: Float>(q: &[T], k: &[T], v: &[T], win: &Windows, dm: Dims, 
                 let Some((a, e)) = win.overlap(bi, p, js, n) else { continue };
                 for r in 0..rep {
                     let row = ii * nh + g * rep + r;
-                    scores(&mut sc, &qs[row * d..(row + 1) * d], &kt, a, e);
+                    scores(&mut sc, &qs[row * d..(row + 1) * d], &kt);
                     win.mask(bi, p, js, &mut sc, a, e);
                     let mt = max(&sc[a..e]);
                     if mt == T::NEG_INF {
@@ -192,14 +224,14 @@ fn fwd_block_impl<T: Float>(q: &[T], k: &[T], v: &[T], win: &Windows, dm: Dims, 
                         m[row] = mt;
                     }
                     let mr = m[row];
+                    let mut sum = T::ZERO;
                     for x in &mut sc[a..e] {
                         *x = (*x - mr).exp();
+                        sum += *x;
                     }
-                    for (jj, pj) in sc[a..e].iter().enumerate() {
-                        den[row] += *pj;
-                        let vo = ((bi * s + js + a + jj) * nkv + g) * d;
-                        axpy(acc, *pj, &v[vo..vo + d]);
-                    }
+                    den[row] += sum;
+                    // acc += P[a..e] @ V[js + a .. js + e]
+                    accumulate_rows(acc, &sc[a..e], v, ((bi * s + js + a) * nkv + g) * d, nkv * d);
                 }
             }
             js += n;
@@ -287,6 +319,10 @@ multiversion! {
 }
 
 /// Queries c0 .. c0 + nq of batch row bi: fills dq (nq, NH, D), returns the partial dk/dv.
+///
+/// Per query block, kv head g and key tile: each of the block's rows of head group g
+/// (R = qn * rep rows) gets its scores and probabilities P, dP = dO . V and dS = P (dP - delta);
+/// then dq_row += dS_row @ K_tile, and for each key dv_j += P[:, j] . dO, dk_j += dS[:, j] . Q.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn bwd_chunk_impl<T: Float>(
@@ -303,59 +339,78 @@ fn bwd_chunk_impl<T: Float>(
     c0: usize,
     dq: &mut [T],
 ) -> KeyPart<T> {
-    let Dims { t, nh, nkv, d, .. } = dm;
+    let Dims { t, s, nh, nkv, d, .. } = dm;
     let (rep, off) = (dm.rep(), dm.off());
     let nq = dq.len() / (nh * d);
     let base = (bi * t + c0) * nh; // global (B, T, NH) row of the chunk's first row
     let p_last = off + c0 + nq - 1;
     let klo = (0..nq).map(|ii| win.lo(bi, off + c0 + ii)).min().unwrap_or(0);
     let nk = p_last + 1 - klo;
-    let mut dk = vec![T::ZERO; nk * nkv * d];
-    let mut dv = vec![T::ZERO; nk * nkv * d];
-    // delta = rowsum(dO * O), per (query, head)
-    let delta: Vec<T> = (0..nq * nh).map(|r| dot(&dout[(base + r) * d..][..d], &o[(base + r) * d..][..d])).collect();
+    let kvrow = nkv * d;
+    let mut dk = vec![T::ZERO; nk * kvrow];
+    let mut dv = vec![T::ZERO; nk * kvrow];
+    let rmax = QB * rep;
+    // Group-g rows of the current query block, gathered contiguous: (R, D) each.
+    let mut qg = vec![T::ZERO; rmax * d]; // scaled q
+    let mut dog = vec![T::ZERO; rmax * d];
+    let mut lg = vec![T::ZERO; rmax]; // lse
+    let mut delta = vec![T::ZERO; rmax]; // rowsum(dO * O)
     let mut kt = vec![T::ZERO; d * KT];
     let mut vt = vec![T::ZERO; d * KT];
     let mut pr = vec![T::ZERO; KT]; // scores, then probabilities
     let mut ds = vec![T::ZERO; KT]; // dP, then dS
+    let mut pt = vec![T::ZERO; KT * rmax]; // P transposed: (KT, R)
+    let mut dst = vec![T::ZERO; KT * rmax]; // dS transposed: (KT, R)
     for qb0 in (0..nq).step_by(QB) {
         let qn = QB.min(nq - qb0);
-        let q0 = (base + qb0 * nh) * d;
-        let qs: Vec<T> = q[q0..q0 + qn * nh * d].iter().map(|x| *x * scale).collect(); // (qn, NH, D)
+        let nr = qn * rep;
         let pb_last = off + c0 + qb0 + qn - 1;
         let kl = (0..qn).map(|ii| win.lo(bi, off + c0 + qb0 + ii)).min().unwrap_or(0);
         for g in 0..nkv {
+            for ii in 0..qn {
+                for r in 0..rep {
+                    let (row, grow) = (ii * rep + r, base + (qb0 + ii) * nh + g * rep + r);
+                    for (x, y) in qg[row * d..(row + 1) * d].iter_mut().zip(&q[grow * d..(grow + 1) * d]) {
+                        *x = *y * scale;
+                    }
+                    dog[row * d..(row + 1) * d].copy_from_slice(&dout[grow * d..(grow + 1) * d]);
+                    lg[row] = lse[grow];
+                    delta[row] = dot(&dout[grow * d..(grow + 1) * d], &o[grow * d..(grow + 1) * d]);
+                }
+            }
             let mut js = kl;
             while js <= pb_last {
                 let n = KT.min(pb_last + 1 - js);
                 transpose_tile(&mut kt, k, dm, bi, g, js, n);
                 transpose_tile(&mut vt, v, dm, bi, g, js, n);
+                pt[..KT * nr].fill(T::ZERO);
+                dst[..KT * nr].fill(T::ZERO);
                 for ii in 0..qn {
                     let p = off + c0 + qb0 + ii;
                     let Some((a, e)) = win.overlap(bi, p, js, n) else { continue };
                     for r in 0..rep {
-                        let h = g * rep + r;
-                        let lrow = (qb0 + ii) * nh + h; // row within the chunk
-                        let qr = &qs[(ii * nh + h) * d..][..d];
-                        let dor = &dout[(base + lrow) * d..][..d];
-                        scores(&mut pr, qr, &kt, a, e);
+                        let row = ii * rep + r;
+                        scores(&mut pr, &qg[row * d..(row + 1) * d], &kt);
                         win.mask(bi, p, js, &mut pr, a, e);
-                        scores(&mut ds, dor, &vt, a, e);
-                        let (l, dl) = (lse[base + lrow], delta[lrow]);
+                        scores(&mut ds, &dog[row * d..(row + 1) * d], &vt);
+                        let (l, dl) = (lg[row], delta[row]);
                         for (p, ds) in pr[a..e].iter_mut().zip(&mut ds[a..e]) {
                             *p = (*p - l).exp();
                             *ds = *p * (*ds - dl);
                         }
-                        let dqr = &mut dq[lrow * d..(lrow + 1) * d];
                         for jj in a..e {
-                            let j = js + jj;
-                            let kv = ((j - klo) * nkv + g) * d;
-                            axpy(&mut dv[kv..kv + d], pr[jj], dor);
-                            axpy(&mut dk[kv..kv + d], ds[jj], qr);
-                            let ko = ((bi * dm.s + j) * nkv + g) * d;
-                            axpy(dqr, ds[jj], &k[ko..ko + d]);
+                            pt[jj * rmax + row] = pr[jj];
+                            dst[jj * rmax + row] = ds[jj];
                         }
+                        // dq_row += dS[a..e] @ K[js + a .. js + e] (scaled at the end)
+                        let lrow = (qb0 + ii) * nh + g * rep + r;
+                        accumulate_rows(&mut dq[lrow * d..(lrow + 1) * d], &ds[a..e], k, ((bi * s + js + a) * nkv + g) * d, kvrow);
                     }
+                }
+                for jj in 0..n {
+                    let kv = (js + jj - klo) * kvrow + g * d;
+                    accumulate_rows(&mut dv[kv..kv + d], &pt[jj * rmax..jj * rmax + nr], &dog, 0, d);
+                    accumulate_rows(&mut dk[kv..kv + d], &dst[jj * rmax..jj * rmax + nr], &qg, 0, d);
                 }
                 js += n;
             }
