@@ -4,7 +4,10 @@
 //! they silently cut the gradient. Every op here has one, and every op exists twice:
 //! - [`reference`]: the op composed from candle primitives, differentiated by candle's autograd.
 //!   Slow and memory hungry, but obviously right; the tests compare against it.
-//! - the public functions at the crate root: the fast version used by the model.
+//! - the public functions at the crate root: the fast version used by the model, candle custom
+//!   ops (`src/ops.rs`) over CPU kernels (`src/cpu/`, one file per op). They run on CPU tensors
+//!   in f32 (and f64, which the finite-difference tests use); any other dtype or device is a
+//!   candle error. Their backward computes a gradient only for arguments that track one.
 //!
 //! Shapes follow the llm.c habit of a comment per tensor. `B` batch, `T` tokens (queries),
 //! `S` keys, `H` hidden, `NH` query heads, `NKV` key/value heads, `D` head dim, `V` vocabulary.
@@ -27,9 +30,14 @@ pub const IGNORE_INDEX: i64 = -100;
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let h = x.dim(candle_core::D::Minus1)?;
     if weight.dims() != [h] {
-        bail!("rms_norm: weight {:?} is not (H) = ({h}) for x {:?}", weight.dims(), x.dims())
+        bail!(
+            "rms_norm: weight {:?} is not (H) = ({h}) for x {:?}",
+            weight.dims(),
+            x.dims()
+        )
     }
-    x.contiguous()?.apply_op2(&weight.contiguous()?, ops::RmsNorm { eps })
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, ops::RmsNorm { eps })
 }
 
 /// Rotary embedding, Hugging Face `rotate_half` convention (first half / second half pairs).
@@ -37,10 +45,19 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, t, _, d) = x.dims4()?;
     if d % 2 != 0 || cos.dims() != [b, t, d / 2] || sin.dims() != [b, t, d / 2] {
-        bail!("rope: x {:?} needs an even D and cos/sin (B, T, D/2), got {:?} and {:?}", x.dims(), cos.dims(), sin.dims())
+        bail!(
+            "rope: x {:?} needs an even D and cos/sin (B, T, D/2), got {:?} and {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        )
     }
     // The kernel takes any strides on (B, T, NH) but needs D contiguous.
-    let x = if x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
+    let x = if x.stride()[3] == 1 {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
     x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, ops::Rope)
 }
 
@@ -63,10 +80,20 @@ pub fn rope_tables(positions: &Tensor, inv_freq: &[f32]) -> Result<(Tensor, Tens
 /// Query at position p attends to key j iff `j <= p` and `segments[j] == segments[p]`:
 /// a packed row never attends across documents. Query head h reads key/value head
 /// `h / (NH / NKV)` (Hugging Face `repeat_kv`).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, s, _, _) = k.dims4()?;
     if segments.dtype() != DType::U32 || segments.dims() != [b, s] {
-        bail!("attention: segments must be (B, S) = ({b}, {s}) u32, got {:?} {:?}", segments.dims(), segments.dtype())
+        bail!(
+            "attention: segments must be (B, S) = ({b}, {s}) u32, got {:?} {:?}",
+            segments.dims(),
+            segments.dtype()
+        )
     }
     let seg = segments.flatten_all()?.to_vec1::<u32>()?;
     let op = ops::Attention {
@@ -74,7 +101,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &Tensor, scale: f
         windows: Arc::new(cpu::attention::Windows::new(&seg, b, s)),
         lse: Mutex::new(None),
     };
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 /// SwiGLU activation: `silu(gate) * up`. gate, up: (.., I) -> (.., I)
@@ -97,17 +125,31 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 /// Sum over supervised rows of `-log softmax(logits)[target]`; rows whose target is
 /// [`IGNORE_INDEX`] contribute nothing. logits: (N, V) f32, targets: (N) i64 -> scalar f32.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    logits.contiguous()?.apply_op2(&targets.contiguous()?, ops::CrossEntropy { lse: Mutex::new(None) })
+    logits.contiguous()?.apply_op2(
+        &targets.contiguous()?,
+        ops::CrossEntropy {
+            lse: Mutex::new(None),
+        },
+    )
 }
 
 /// LM head fused with [`cross_entropy_sum`]: `cross_entropy_sum(h @ w^T, targets)` computed
 /// `chunk` rows at a time, so the (N, V) logits never exist at once, forward or backward.
 /// h: (N, H), w: (V, H), targets: (N) i64 -> scalar f32.
-/// `chunk` must be at least 1.
-pub fn linear_cross_entropy_sum(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
+/// Rows whose target is [`IGNORE_INDEX`] are dropped before the matmuls; `chunk` (at least 1)
+/// counts supervised rows.
+pub fn linear_cross_entropy_sum(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+) -> Result<Tensor> {
     if chunk == 0 {
         bail!("linear_cross_entropy_sum: chunk must be at least 1")
     }
-    let op = ops::LinearCrossEntropy { chunk, lse: Mutex::new(None) };
+    let op = ops::LinearCrossEntropy {
+        chunk,
+        lse: Mutex::new(None),
+    };
     h.contiguous()?.apply_op3(w, &targets.contiguous()?, op)
 }

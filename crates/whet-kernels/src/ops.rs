@@ -10,7 +10,9 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, bail};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, bail,
+};
 
 use crate::cpu::{self, Float, Host, contiguous, dispatch_float};
 
@@ -31,7 +33,12 @@ fn same_dtype(op: &str, a: DType, b: DType) -> Result<()> {
 
 /// The scalar value of a 0-dim (or one-element) gradient.
 fn scalar<T: Float>(g: &Tensor) -> Result<T> {
-    g.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?.first().copied().ok_or_else(|| candle_core::Error::Msg("empty gradient".into()))
+    g.flatten_all()?
+        .to_dtype(T::DTYPE)?
+        .to_vec1::<T>()?
+        .first()
+        .copied()
+        .ok_or_else(|| candle_core::Error::Msg("empty gradient".into()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -46,22 +53,47 @@ impl CustomOp2 for RmsNorm {
         "whet-rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         same_dtype(self.name(), s1.dtype(), s2.dtype())?;
         dispatch_float!(s1.dtype(), self.name(), |F| {
             let x = contiguous::<F>(s1, l1, self.name())?;
             let w = contiguous::<F>(s2, l2, self.name())?;
-            Ok((F::to_cpu_storage_owned(cpu::rms_norm::fwd(x, w, F::from_f64(self.eps))), l1.shape().clone()))
+            Ok((
+                F::to_cpu_storage_owned(cpu::rms_norm::fwd(x, w, F::from_f64(self.eps))),
+                l1.shape().clone(),
+            ))
         })
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (need_dx, need_dw) = (x.track_op(), w.track_op());
         let grad = grad.contiguous()?;
         dispatch_float!(x.dtype(), self.name(), |F| {
-            let (hx, hw, hg) = (Host::new(x, self.name())?, Host::new(w, self.name())?, Host::new(&grad, self.name())?);
-            let (dx, dw) =
-                cpu::rms_norm::bwd(hx.slice::<F>()?, hw.slice::<F>()?, hg.slice::<F>()?, F::from_f64(self.eps), need_dx, need_dw);
+            let (hx, hw, hg) = (
+                Host::new(x, self.name())?,
+                Host::new(w, self.name())?,
+                Host::new(&grad, self.name())?,
+            );
+            let (dx, dw) = cpu::rms_norm::bwd(
+                hx.slice::<F>()?,
+                hw.slice::<F>()?,
+                hg.slice::<F>()?,
+                F::from_f64(self.eps),
+                need_dx,
+                need_dw,
+            );
             Ok((opt_tensor(dx, x.shape())?, opt_tensor(dw, w.shape())?))
         })
     }
@@ -79,7 +111,13 @@ impl Rope {
         if st[3] != 1 && d > 1 {
             bail!("whet-rope: x needs a unit stride on its last dim, got strides {st:?}")
         }
-        Ok(cpu::rope::Dims { b, t, nh, d, stride: [st[0], st[1], st[2]] })
+        Ok(cpu::rope::Dims {
+            b,
+            t,
+            nh,
+            d,
+            stride: [st[0], st[1], st[2]],
+        })
     }
 }
 
@@ -123,8 +161,18 @@ impl CustomOp3 for Rope {
         let grad = grad.contiguous()?;
         let dm = Self::dims(grad.layout())?;
         dispatch_float!(x.dtype(), self.name(), |F| {
-            let (hg, hc, hs) = (Host::new(&grad, self.name())?, Host::new(cos, self.name())?, Host::new(sin, self.name())?);
-            let dx = cpu::rope::apply(hg.slice::<F>()?, hc.slice::<F>()?, hs.slice::<F>()?, dm, -F::ONE);
+            let (hg, hc, hs) = (
+                Host::new(&grad, self.name())?,
+                Host::new(cos, self.name())?,
+                Host::new(sin, self.name())?,
+            );
+            let dx = cpu::rope::apply(
+                hg.slice::<F>()?,
+                hc.slice::<F>()?,
+                hs.slice::<F>()?,
+                dm,
+                -F::ONE,
+            );
             Ok((Some(vec_tensor(dx, x.shape())?), None, None))
         })
     }
@@ -153,7 +201,14 @@ impl Attention {
                 lv.dims()
             )
         }
-        Ok(cpu::attention::Dims { b, t, s, nh, nkv, d })
+        Ok(cpu::attention::Dims {
+            b,
+            t,
+            s,
+            nh,
+            nkv,
+            d,
+        })
     }
 
     fn stash(&self, lse: Tensor) {
@@ -205,7 +260,11 @@ impl CustomOp3 for Attention {
         let (res, grad) = (res.contiguous()?, grad.contiguous()?);
         let name = self.name();
         dispatch_float!(q.dtype(), name, |F| {
-            let (hq, hk, hv) = (Host::new(q, name)?, Host::new(k, name)?, Host::new(v, name)?);
+            let (hq, hk, hv) = (
+                Host::new(q, name)?,
+                Host::new(k, name)?,
+                Host::new(v, name)?,
+            );
             let (q_, k_, v_) = (hq.slice::<F>()?, hk.slice::<F>()?, hv.slice::<F>()?);
             let scale = F::from_f64(self.scale);
             let lse = match self.stashed() {
@@ -217,7 +276,11 @@ impl CustomOp3 for Attention {
                     Tensor::from_vec(lse, (dm.b, dm.t, dm.nh), &Device::Cpu)?
                 }
             };
-            let (ho, hg, hl) = (Host::new(&res, name)?, Host::new(&grad, name)?, Host::new(&lse, name)?);
+            let (ho, hg, hl) = (
+                Host::new(&res, name)?,
+                Host::new(&grad, name)?,
+                Host::new(&lse, name)?,
+            );
             let (dq, dk, dv) = cpu::attention::bwd(
                 q_,
                 k_,
@@ -229,7 +292,13 @@ impl CustomOp3 for Attention {
                 dm,
                 scale,
             );
-            let pick = |t: &Tensor, g: Vec<F>| if t.track_op() { vec_tensor(g, t.shape()).map(Some) } else { Ok(None) };
+            let pick = |t: &Tensor, g: Vec<F>| {
+                if t.track_op() {
+                    vec_tensor(g, t.shape()).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
             Ok((pick(q, dq)?, pick(k, dk)?, pick(v, dv)?))
         })
     }
@@ -245,23 +314,52 @@ impl CustomOp2 for Swiglu {
         "whet-swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         same_dtype(self.name(), s1.dtype(), s2.dtype())?;
         if l1.shape() != l2.shape() {
-            bail!("whet-swiglu: gate {:?} and up {:?} differ in shape", l1.dims(), l2.dims())
+            bail!(
+                "whet-swiglu: gate {:?} and up {:?} differ in shape",
+                l1.dims(),
+                l2.dims()
+            )
         }
         dispatch_float!(s1.dtype(), self.name(), |F| {
             let g = contiguous::<F>(s1, l1, self.name())?;
             let u = contiguous::<F>(s2, l2, self.name())?;
-            Ok((F::to_cpu_storage_owned(cpu::swiglu::fwd(g, u)), l1.shape().clone()))
+            Ok((
+                F::to_cpu_storage_owned(cpu::swiglu::fwd(g, u)),
+                l1.shape().clone(),
+            ))
         })
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         dispatch_float!(gate.dtype(), self.name(), |F| {
-            let (hg, hu, hd) = (Host::new(gate, self.name())?, Host::new(up, self.name())?, Host::new(&grad, self.name())?);
-            let (dg, du) = cpu::swiglu::bwd(hg.slice::<F>()?, hu.slice::<F>()?, hd.slice::<F>()?, gate.track_op(), up.track_op());
+            let (hg, hu, hd) = (
+                Host::new(gate, self.name())?,
+                Host::new(up, self.name())?,
+                Host::new(&grad, self.name())?,
+            );
+            let (dg, du) = cpu::swiglu::bwd(
+                hg.slice::<F>()?,
+                hu.slice::<F>()?,
+                hd.slice::<F>()?,
+                gate.track_op(),
+                up.track_op(),
+            );
             Ok((opt_tensor(dg, gate.shape())?, opt_tensor(du, up.shape())?))
         })
     }
@@ -282,7 +380,10 @@ fn linear_fwd(
     let (n_out, n_in) = lw.shape().dims2()?;
     let xd = lx.dims();
     if xd.is_empty() || xd[xd.len() - 1] != n_in {
-        bail!("{name}: x {xd:?} does not end in IN = {n_in} (w is {:?})", lw.dims())
+        bail!(
+            "{name}: x {xd:?} does not end in IN = {n_in} (w is {:?})",
+            lw.dims()
+        )
     }
     if let Some((sb, lb)) = bias {
         same_dtype(name, sx.dtype(), sb.dtype())?;
@@ -296,7 +397,9 @@ fn linear_fwd(
     dispatch_float!(sx.dtype(), name, |F| {
         let x = contiguous::<F>(sx, lx, name)?;
         let w = &sw.as_slice::<F>()?[lw.start_offset()..];
-        let b = bias.map(|(sb, lb)| contiguous::<F>(sb, lb, name)).transpose()?;
+        let b = bias
+            .map(|(sb, lb)| contiguous::<F>(sb, lb, name))
+            .transpose()?;
         let st = lw.stride();
         let y = cpu::linear::fwd(x, w, [st[0], st[1]], b, m, n_in, n_out);
         Ok((F::to_cpu_storage_owned(y), Shape::from(out_dims)))
@@ -305,12 +408,25 @@ fn linear_fwd(
 
 /// Gradients of `x @ w^T + b` with candle matmuls (multi-threaded gemm, any device), each only
 /// if its argument tracks a gradient.
-fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+fn linear_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let (n_out, n_in) = w.dims2()?;
     let m = x.elem_count() / n_in.max(1);
     let g = grad.reshape((m, n_out))?; // (M, OUT)
-    let dx = if x.track_op() { Some(g.matmul(&w.detach())?.reshape(x.shape())?) } else { None };
-    let dw = if w.track_op() { Some(g.t()?.matmul(&x.detach().reshape((m, n_in))?)?) } else { None };
+    let dx = if x.track_op() {
+        Some(g.matmul(&w.detach())?.reshape(x.shape())?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        Some(g.t()?.matmul(&x.detach().reshape((m, n_in))?)?)
+    } else {
+        None
+    };
     let db = match b {
         Some(b) if b.track_op() => Some(g.sum(0)?),
         _ => None,
@@ -326,11 +442,23 @@ impl CustomOp2 for Linear {
         "whet-linear"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         linear_fwd(self.name(), s1, l1, s2, l2, None)
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = linear_bwd(x, w, None, grad)?;
         Ok((dx, dw))
     }
@@ -393,18 +521,34 @@ impl CustomOp2 for CrossEntropy {
         "whet-cross-entropy"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
         let targets = targets_of(self.name(), s2, l2, n, v)?;
         dispatch_float!(s1.dtype(), self.name(), |F| {
             let x = contiguous::<F>(s1, l1, self.name())?;
             let (loss, lse) = cpu::cross_entropy::fwd(x, &targets, v);
-            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(Tensor::from_vec(lse, n, &Device::Cpu)?);
-            Ok((F::to_cpu_storage_owned(vec![F::from_f64(loss)]), Shape::from(())))
+            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Tensor::from_vec(lse, n, &Device::Cpu)?);
+            Ok((
+                F::to_cpu_storage_owned(vec![F::from_f64(loss)]),
+                Shape::from(()),
+            ))
         })
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         if !logits.track_op() {
             return Ok((None, None));
         }
@@ -438,10 +582,20 @@ impl LinearCrossEntropy {
         let (n, h) = lh.shape().dims2()?;
         let (v, hw) = lw.shape().dims2()?;
         if h != hw {
-            bail!("whet-linear-cross-entropy: h {:?} and w {:?} differ in H", lh.dims(), lw.dims())
+            bail!(
+                "whet-linear-cross-entropy: h {:?} and w {:?} differ in H",
+                lh.dims(),
+                lw.dims()
+            )
         }
         let st = lw.stride();
-        Ok(cpu::linear_cross_entropy::Dims { n, h, v, chunk: self.chunk, w_stride: [st[0], st[1]] })
+        Ok(cpu::linear_cross_entropy::Dims {
+            n,
+            h,
+            v,
+            chunk: self.chunk,
+            w_stride: [st[0], st[1]],
+        })
     }
 }
 
@@ -466,8 +620,12 @@ impl CustomOp3 for LinearCrossEntropy {
             let h = contiguous::<F>(s1, l1, self.name())?;
             let w = &s2.as_slice::<F>()?[l2.start_offset()..];
             let (loss, lse) = cpu::linear_cross_entropy::fwd(h, w, &targets, dm);
-            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(Tensor::from_vec(lse, dm.n, &Device::Cpu)?);
-            Ok((F::to_cpu_storage_owned(vec![F::from_f64(loss)]), Shape::from(())))
+            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Tensor::from_vec(lse, dm.n, &Device::Cpu)?);
+            Ok((
+                F::to_cpu_storage_owned(vec![F::from_f64(loss)]),
+                Shape::from(()),
+            ))
         })
     }
 
@@ -492,13 +650,24 @@ impl CustomOp3 for LinearCrossEntropy {
             let h_ = hh.slice::<F>()?;
             // w may be strided: read its storage from its start offset.
             let (sw, lw) = w.storage_and_layout();
-            let candle_core::Storage::Cpu(sw) = &*sw else { bail!("{name}: backward is implemented on the CPU only") };
+            let candle_core::Storage::Cpu(sw) = &*sw else {
+                bail!("{name}: backward is implemented on the CPU only")
+            };
             let w_ = &sw.as_slice::<F>()?[lw.start_offset()..];
             let lse = match stashed {
                 Some(l) => l.to_vec1::<F>()?,
                 None => cpu::linear_cross_entropy::fwd(h_, w_, &t, dm).1,
             };
-            let (dh, dw) = cpu::linear_cross_entropy::bwd(h_, w_, &t, &lse, scalar::<F>(grad)?, dm, need_dh, need_dw);
+            let (dh, dw) = cpu::linear_cross_entropy::bwd(
+                h_,
+                w_,
+                &t,
+                &lse,
+                scalar::<F>(grad)?,
+                dm,
+                need_dh,
+                need_dw,
+            );
             Ok((opt_tensor(dh, h.shape())?, opt_tensor(dw, w.shape())?, None))
         })
     }

@@ -51,7 +51,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// q: (B, T, NH, D), k/v: (B, S, NKV, D), segments: (B, S) -> (B, T, NH, D)
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, t, nh, d) = q.dims4()?;
     let (_, s, nkv, _) = k.dims4()?;
     let rep = nh / nkv;

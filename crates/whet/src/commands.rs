@@ -359,11 +359,12 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
         audit.write_json(path)?;
     }
     eprintln!(
-        "data: {} train examples -> {} rows, {} validation examples -> {} rows",
+        "data: {} train examples -> {} rows, {} validation examples -> {} rows (tokenized rows: cache {})",
         data.report.train_examples,
         data.train.len(),
         data.report.validation_examples,
-        data.validation.len()
+        data.validation.len(),
+        data.report.cache.as_deref().unwrap_or("off")
     );
     if cfg.train.k_folds >= 2 {
         return crate::kfold::run(&cfg, &tok, &data, &out);

@@ -9,14 +9,14 @@ use whet_data::dedup::{DedupConfig, DedupReport, LeakageReport};
 use whet_data::pii::{Audit, Scrubber};
 use whet_data::{Example, Mapping, ReadOptions, ReadReport, Shape};
 use whet_tokenize::{
-    AssistantTurns, PackConfig, PackReport, TokenizeConfig, TokenizeReport, TokenizedExample,
-    Tokenizer, Truncation,
+    AssistantTurns, Cache, CacheStatus, CachedDataset, FingerprintBuilder, PackConfig, PackReport,
+    PackedRow, TokenizeConfig, TokenizeReport, TokenizedExample, Tokenizer, Truncation,
 };
 use whet_train::Row;
 use whet_train::config::{DataSection, Format};
 
 /// How to turn files into rows; built from a training config or from CLI flags.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DataSpec {
     pub format: Format,
     pub max_len: usize,
@@ -82,13 +82,13 @@ pub fn tokenize(
     Ok(tok.tokenize_examples(examples, &cfg)?)
 }
 
-/// Packs (or pads one example per row) and shifts labels into next-token targets.
-pub fn rows(
+/// Packs (or pads one example per row).
+fn packed(
     tok: &Tokenizer,
     examples: &[TokenizedExample],
     spec: &DataSpec,
-) -> Result<(Vec<Row>, Option<PackReport>)> {
-    let (packed, report) = if spec.pack {
+) -> whet_tokenize::Result<(Vec<PackedRow>, Option<PackReport>)> {
+    if spec.pack {
         let cfg = PackConfig {
             seq_len: spec.max_len,
             pad_id: tok.pad_id(),
@@ -96,23 +96,71 @@ pub fn rows(
             bos_id: tok.bos_id(),
         };
         let (rows, report) = whet_tokenize::pack(examples, &cfg)?;
-        (rows, Some(report))
+        Ok((rows, Some(report)))
     } else {
-        (whet_tokenize::pad_each(examples, tok.pad_id(), None)?, None)
+        Ok((whet_tokenize::pad_each(examples, tok.pad_id(), None)?, None))
+    }
+}
+
+/// Packs (or pads one example per row) and shifts labels into next-token targets.
+pub fn rows(
+    tok: &Tokenizer,
+    examples: &[TokenizedExample],
+    spec: &DataSpec,
+) -> Result<(Vec<Row>, Option<PackReport>)> {
+    let (rows, report) = packed(tok, examples, spec)?;
+    Ok((rows.into_iter().map(to_row).collect(), report))
+}
+
+/// Where tokenized, packed datasets are cached: `$WHET_CACHE/datasets` (default
+/// `~/.cache/whet/datasets`).
+pub fn cache_dir() -> PathBuf {
+    let root = match std::env::var_os("WHET_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
+            .join(".cache/whet"),
     };
-    let rows = packed
-        .into_iter()
-        .map(|r| {
-            let targets = r.targets();
-            Row {
-                input_ids: r.input_ids,
-                position_ids: r.position_ids,
-                segment_ids: r.segment_ids,
-                targets,
-            }
+    root.join("datasets")
+}
+
+/// Tokenize + pack through the cache: keyed by the tokenizer, its chat template, every setting
+/// and the examples themselves (their content ids, in order), reused when all are unchanged.
+pub fn cached_rows(
+    tok: &Tokenizer,
+    examples: &[Example],
+    spec: &DataSpec,
+) -> Result<(Vec<Row>, TokenizeReport, Option<PackReport>, CacheStatus)> {
+    let ids: Vec<u8> = examples.iter().flat_map(|e| e.id.to_le_bytes()).collect();
+    let fp = FingerprintBuilder::new()
+        .tokenizer(tok)
+        .settings("data", spec)?
+        .bytes("examples", &ids)
+        .finish();
+    let (data, status) = Cache::new(cache_dir()).load_or_build(&fp, || {
+        let (tokenized, tokenize_report) =
+            tokenize(tok, examples, spec).map_err(|e| whet_tokenize::Error::Setting {
+                field: "data",
+                what: format!("{e:#}"),
+            })?;
+        let (rows, pack_report) = packed(tok, &tokenized, spec)?;
+        Ok(CachedDataset {
+            rows,
+            tokenize_report,
+            pack_report,
         })
-        .collect();
-    Ok((rows, report))
+    })?;
+    let rows = data.rows.into_iter().map(to_row).collect();
+    Ok((rows, data.tokenize_report, data.pack_report, status))
+}
+
+fn to_row(r: PackedRow) -> Row {
+    let targets = r.targets();
+    Row {
+        input_ids: r.input_ids,
+        position_ids: r.position_ids,
+        segment_ids: r.segment_ids,
+        targets,
+    }
 }
 
 /// Everything the data stages reported, for logs and the final report.
@@ -129,6 +177,8 @@ pub struct DataReport {
     pub train_pack: Option<PackReport>,
     pub train_examples: usize,
     pub validation_examples: usize,
+    /// Whether the tokenized training rows came from the cache (`Hit`) or were built.
+    pub cache: Option<String>,
 }
 
 pub struct Prepared {
@@ -198,8 +248,8 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
     if train.is_empty() {
         bail!("{}: no training examples were read", data.train.display());
     }
-    let (train_tok, r) = tokenize(tok, &train, &spec)?;
-    if train_tok.is_empty() {
+    let (train_rows, r, pack, status) = cached_rows(tok, &train, &spec)?;
+    if train_rows.is_empty() {
         bail!(
             "{}: none of the {} training examples has a supervised token left: {} have none at all, {} lost theirs to truncation at data.max_len = {} ({} template errors). Raise data.max_len or check data.format",
             data.train.display(),
@@ -211,11 +261,10 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
         );
     }
     report.train_tokenize = Some(r);
-    let (val_tok, r) = tokenize(tok, &validation, &spec)?;
-    report.validation_tokenize = Some(r);
-    let (train_rows, pack) = rows(tok, &train_tok, &spec)?;
     report.train_pack = pack;
-    let (val_rows, _) = rows(tok, &val_tok, &spec)?;
+    report.cache = Some(format!("{status:?}"));
+    let (val_rows, r, _, _) = cached_rows(tok, &validation, &spec)?;
+    report.validation_tokenize = Some(r);
     report.train_examples = train.len();
     report.validation_examples = validation.len();
     Ok(Prepared {

@@ -11,8 +11,13 @@ pub(crate) const ROWS_PER_TASK: usize = 4;
 
 /// Errors unless every target is in [0, V) or [`IGNORE_INDEX`].
 pub(crate) fn check_targets(targets: &[i64], v: usize) -> Result<()> {
-    if let Some(t) = targets.iter().find(|&&t| t != IGNORE_INDEX && (t < 0 || t as u64 >= v as u64)) {
-        bail!("cross entropy: target {t} is outside the vocabulary [0, {v}) and is not IGNORE_INDEX ({IGNORE_INDEX})")
+    if let Some(t) = targets
+        .iter()
+        .find(|&&t| t != IGNORE_INDEX && (t < 0 || t as u64 >= v as u64))
+    {
+        bail!(
+            "cross entropy: target {t} is outside the vocabulary [0, {v}) and is not IGNORE_INDEX ({IGNORE_INDEX})"
+        )
     }
     Ok(())
 }
@@ -80,7 +85,11 @@ pub(crate) fn fwd<T: Float>(logits: &[T], targets: &[i64], v: usize) -> (f64, Ve
     }
     let loss = lse
         .par_chunks_mut(ROWS_PER_TASK)
-        .zip(logits.par_chunks(ROWS_PER_TASK * v).zip(targets.par_chunks(ROWS_PER_TASK)))
+        .zip(
+            logits
+                .par_chunks(ROWS_PER_TASK * v)
+                .zip(targets.par_chunks(ROWS_PER_TASK)),
+        )
         .map(|(lse, (x, t))| rows_fwd(x, t, v, lse))
         .sum();
     (loss, lse)
@@ -92,12 +101,15 @@ pub(crate) fn bwd<T: Float>(logits: &[T], targets: &[i64], lse: &[T], g: T, v: u
     if v == 0 || d.is_empty() {
         return d;
     }
-    d.par_chunks_mut(v).zip(logits.par_chunks(v)).enumerate().for_each(|(i, (d, x))| {
-        let t = targets[i];
-        if t != IGNORE_INDEX {
-            d.copy_from_slice(x);
-            row_grad_in_place(d, lse[i], t as usize, g);
-        }
-    });
+    d.par_chunks_mut(v)
+        .zip(logits.par_chunks(v))
+        .enumerate()
+        .for_each(|(i, (d, x))| {
+            let t = targets[i];
+            if t != IGNORE_INDEX {
+                d.copy_from_slice(x);
+                row_grad_in_place(d, lse[i], t as usize, g);
+            }
+        });
     d
 }

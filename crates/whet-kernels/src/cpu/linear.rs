@@ -3,7 +3,15 @@
 use super::{Float, Mat, gemm};
 
 /// w is addressed as `w[o * w_stride[0] + i * w_stride[1]]`. -> (M, OUT)
-pub(crate) fn fwd<T: Float>(x: &[T], w: &[T], w_stride: [usize; 2], bias: Option<&[T]>, m: usize, n_in: usize, n_out: usize) -> Vec<T> {
+pub(crate) fn fwd<T: Float>(
+    x: &[T],
+    w: &[T],
+    w_stride: [usize; 2],
+    bias: Option<&[T]>,
+    m: usize,
+    n_in: usize,
+    n_out: usize,
+) -> Vec<T> {
     let mut y = vec![T::ZERO; m * n_out];
     if let Some(b) = bias {
         for row in y.chunks_exact_mut(n_out) {
@@ -11,7 +19,19 @@ pub(crate) fn fwd<T: Float>(x: &[T], w: &[T], w_stride: [usize; 2], bias: Option
         }
     }
     // w^T seen as (IN, OUT): element (i, o) = w[o * s0 + i * s1].
-    let wt = Mat { data: w, rs: w_stride[1], cs: w_stride[0] };
-    gemm(&mut y, bias.is_some(), Mat::row_major(x, n_in), wt, m, n_out, n_in);
+    let wt = Mat {
+        data: w,
+        rs: w_stride[1],
+        cs: w_stride[0],
+    };
+    gemm(
+        &mut y,
+        bias.is_some(),
+        Mat::row_major(x, n_in),
+        wt,
+        m,
+        n_out,
+        n_in,
+    );
     y
 }

@@ -1,5 +1,7 @@
-//! LM head fused with cross entropy, `chunk` rows at a time: only a (chunk, V) block of logits
-//! exists at any moment. h: (N, H) contiguous, w: (V, H) with any strides, targets: (N) i64.
+//! LM head fused with cross entropy, `chunk` supervised rows at a time: only a (chunk, V) block
+//! of logits exists at any moment. h: (N, H) contiguous, w: (V, H) with any strides,
+//! targets: (N) i64. Ignored rows are dropped before the matmuls, so prompt tokens in SFT cost
+//! nothing in the LM head.
 
 use rayon::prelude::*;
 
@@ -17,42 +19,91 @@ pub(crate) struct Dims {
     pub w_stride: [usize; 2],
 }
 
+/// A chunk of supervised rows: their h rows (borrowed when the rows are consecutive,
+/// gathered otherwise) and targets.
+struct Chunk<'a, T: Clone> {
+    rows: &'a [usize],
+    h: std::borrow::Cow<'a, [T]>,
+    targets: Vec<i64>,
+}
+
 impl Dims {
-    /// The chunks [r0, r1) that hold at least one supervised row; the others need no logits.
-    fn chunks<'a>(&self, targets: &'a [i64]) -> impl Iterator<Item = (usize, usize)> + 'a {
-        let (n, chunk) = (self.n, self.chunk.max(1));
-        (0..n)
-            .step_by(chunk)
-            .map(move |r0| (r0, (r0 + chunk).min(n)))
-            .filter(move |&(r0, r1)| targets[r0..r1].iter().any(|&t| t != IGNORE_INDEX))
+    fn chunks<'a, T: Float>(
+        &self,
+        h: &'a [T],
+        targets: &[i64],
+        kept: &'a [usize],
+    ) -> impl Iterator<Item = Chunk<'a, T>> {
+        let hd = self.h;
+        let targets: Vec<i64> = kept.iter().map(|&r| targets[r]).collect();
+        kept.chunks(self.chunk.max(1))
+            .enumerate()
+            .map(move |(ci, rows)| {
+                let (first, last) = (rows[0], rows[rows.len() - 1]);
+                let h = if last - first + 1 == rows.len() {
+                    std::borrow::Cow::Borrowed(&h[first * hd..(last + 1) * hd])
+                } else {
+                    std::borrow::Cow::Owned(
+                        rows.iter()
+                            .flat_map(|&r| h[r * hd..(r + 1) * hd].iter().copied())
+                            .collect(),
+                    )
+                };
+                let c0 = ci * self.chunk.max(1);
+                Chunk {
+                    rows,
+                    h,
+                    targets: targets[c0..c0 + rows.len()].to_vec(),
+                }
+            })
     }
 
-    /// logits (c, V) = h[r0..r1] @ w^T into `buf`.
-    fn logits<'b, T: Float>(&self, buf: &'b mut [T], h: &[T], w: &[T], r0: usize, r1: usize) -> &'b mut [T] {
+    /// logits (c, V) = hc (c, H) @ w^T into `buf`.
+    fn logits<'b, T: Float>(&self, buf: &'b mut [T], hc: &[T], w: &[T]) -> &'b mut [T] {
         let (hd, v) = (self.h, self.v);
-        let c = r1 - r0;
+        let c = hc.len() / hd;
         let out = &mut buf[..c * v];
-        let wt = Mat { data: w, rs: self.w_stride[1], cs: self.w_stride[0] }; // (H, V)
-        gemm(out, false, Mat::row_major(&h[r0 * hd..r1 * hd], hd), wt, c, v, hd);
+        let wt = Mat {
+            data: w,
+            rs: self.w_stride[1],
+            cs: self.w_stride[0],
+        }; // (H, V)
+        gemm(out, false, Mat::row_major(hc, hd), wt, c, v, hd);
         out
     }
+}
+
+fn supervised(targets: &[i64]) -> Vec<usize> {
+    (0..targets.len())
+        .filter(|&r| targets[r] != IGNORE_INDEX)
+        .collect()
 }
 
 /// -> (sum of losses, per-row lse (0 for ignored rows)). Targets must be checked.
 pub(crate) fn fwd<T: Float>(h: &[T], w: &[T], targets: &[i64], dm: Dims) -> (f64, Vec<T>) {
     let mut lse = vec![T::ZERO; dm.n];
-    if dm.v == 0 || dm.n == 0 {
+    let kept = supervised(targets);
+    if dm.v == 0 || dm.h == 0 || kept.is_empty() {
         return (0.0, lse);
     }
-    let mut buf = vec![T::ZERO; dm.chunk.min(dm.n) * dm.v];
+    let mut buf = vec![T::ZERO; dm.chunk.min(kept.len()) * dm.v];
+    let mut lc = vec![T::ZERO; dm.chunk.min(kept.len())];
     let mut loss = 0f64;
-    for (r0, r1) in dm.chunks(targets) {
-        let logits = dm.logits(&mut buf, h, w, r0, r1);
-        loss += lse[r0..r1]
+    for ch in dm.chunks(h, targets, &kept) {
+        let logits = dm.logits(&mut buf, &ch.h, w);
+        let lc = &mut lc[..ch.rows.len()];
+        loss += lc
             .par_chunks_mut(ROWS_PER_TASK)
-            .zip(logits.par_chunks(ROWS_PER_TASK * dm.v).zip(targets[r0..r1].par_chunks(ROWS_PER_TASK)))
+            .zip(
+                logits
+                    .par_chunks(ROWS_PER_TASK * dm.v)
+                    .zip(ch.targets.par_chunks(ROWS_PER_TASK)),
+            )
             .map(|(lse, (x, t))| rows_fwd(x, t, dm.v, lse))
             .sum::<f64>();
+        for (&r, l) in ch.rows.iter().zip(lc.iter()) {
+            lse[r] = *l;
+        }
     }
     (loss, lse)
 }
@@ -72,30 +123,57 @@ pub(crate) fn bwd<T: Float>(
     let Dims { n, h: hd, v, .. } = dm;
     let mut dh = need_dh.then(|| vec![T::ZERO; n * hd]);
     let mut dw = need_dw.then(|| vec![T::ZERO; v * hd]);
-    if v == 0 || n == 0 || !(need_dh || need_dw) {
+    let kept = supervised(targets);
+    if v == 0 || hd == 0 || kept.is_empty() || !(need_dh || need_dw) {
         return (dh, dw);
     }
-    let mut buf = vec![T::ZERO; dm.chunk.min(n) * v];
-    for (r0, r1) in dm.chunks(targets) {
-        let c = r1 - r0;
-        let d = dm.logits(&mut buf, h, w, r0, r1);
+    let mut buf = vec![T::ZERO; dm.chunk.min(kept.len()) * v];
+    let mut dhc = vec![
+        T::ZERO;
+        if need_dh {
+            dm.chunk.min(kept.len()) * hd
+        } else {
+            0
+        }
+    ];
+    for ch in dm.chunks(h, targets, &kept) {
+        let c = ch.rows.len();
+        let d = dm.logits(&mut buf, &ch.h, w);
         // logits -> dlogits, in place.
         d.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-            let t = targets[r0 + i];
-            if t == IGNORE_INDEX {
-                row.fill(T::ZERO);
-            } else {
-                row_grad_in_place(row, lse[r0 + i], t as usize, g);
-            }
+            row_grad_in_place(row, lse[ch.rows[i]], ch.targets[i] as usize, g);
         });
         if let Some(dh) = dh.as_mut() {
-            // dh[r0..r1] (c, H) = dlogits (c, V) @ w (V, H)
-            let wm = Mat { data: w, rs: dm.w_stride[0], cs: dm.w_stride[1] };
-            gemm(&mut dh[r0 * hd..r1 * hd], false, Mat::row_major(d, v), wm, c, hd, v);
+            // dh rows (c, H) = dlogits (c, V) @ w (V, H)
+            let wm = Mat {
+                data: w,
+                rs: dm.w_stride[0],
+                cs: dm.w_stride[1],
+            };
+            gemm(
+                &mut dhc[..c * hd],
+                false,
+                Mat::row_major(d, v),
+                wm,
+                c,
+                hd,
+                v,
+            );
+            for (i, &r) in ch.rows.iter().enumerate() {
+                dh[r * hd..(r + 1) * hd].copy_from_slice(&dhc[i * hd..(i + 1) * hd]);
+            }
         }
         if let Some(dw) = dw.as_mut() {
-            // dw (V, H) += dlogits^T (V, c) @ h[r0..r1] (c, H)
-            gemm(dw, true, Mat::transposed(d, v), Mat::row_major(&h[r0 * hd..r1 * hd], hd), v, hd, c);
+            // dw (V, H) += dlogits^T (V, c) @ hc (c, H)
+            gemm(
+                dw,
+                true,
+                Mat::transposed(d, v),
+                Mat::row_major(&ch.h, hd),
+                v,
+                hd,
+                c,
+            );
         }
     }
     (dh, dw)

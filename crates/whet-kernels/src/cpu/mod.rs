@@ -149,10 +149,18 @@ pub(crate) fn max<T: Float>(x: &[T]) -> T {
 }
 
 /// The contiguous data of a CPU storage seen through `layout`; errors on a strided layout.
-pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => bail!("{op}: expected a contiguous input, got shape {:?} strides {:?}", l.dims(), l.stride()),
+        None => bail!(
+            "{op}: expected a contiguous input, got shape {:?} strides {:?}",
+            l.dims(),
+            l.stride()
+        ),
     }
 }
 
@@ -167,10 +175,16 @@ impl<'a> Host<'a> {
     pub(crate) fn new(t: &'a Tensor, op: &str) -> Result<Self> {
         let (storage, layout) = t.storage_and_layout();
         if !matches!(&*storage, Storage::Cpu(_)) {
-            bail!("{op}: backward is implemented on the CPU only, got a tensor on {:?}", t.device())
+            bail!(
+                "{op}: backward is implemented on the CPU only, got a tensor on {:?}",
+                t.device()
+            )
         }
         let Some(range) = layout.contiguous_offsets() else {
-            bail!("{op}: expected a contiguous tensor in backward, got strides {:?}", layout.stride())
+            bail!(
+                "{op}: expected a contiguous tensor in backward, got strides {:?}",
+                layout.stride()
+            )
         };
         Ok(Self { storage, range })
     }
@@ -198,11 +212,19 @@ pub(crate) struct Mat<'a, T> {
 
 impl<'a, T> Mat<'a, T> {
     pub(crate) fn row_major(data: &'a [T], cols: usize) -> Self {
-        Self { data, rs: cols, cs: 1 }
+        Self {
+            data,
+            rs: cols,
+            cs: 1,
+        }
     }
     /// The transpose of a row-major (rows x cols) matrix, seen as (cols x rows).
     pub(crate) fn transposed(data: &'a [T], cols: usize) -> Self {
-        Self { data, rs: 1, cs: cols }
+        Self {
+            data,
+            rs: 1,
+            cs: cols,
+        }
     }
     fn fits(&self, rows: usize, cols: usize) -> bool {
         rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
@@ -211,9 +233,20 @@ impl<'a, T> Mat<'a, T> {
 
 /// `dst (m x n, row-major) = [dst +] lhs (m x k) @ rhs (k x n)`, multi-threaded through the
 /// `gemm` crate (the same routine as candle's CPU matmul).
-pub(crate) fn gemm<T: Float>(dst: &mut [T], accumulate: bool, lhs: Mat<'_, T>, rhs: Mat<'_, T>, m: usize, n: usize, k: usize) {
+pub(crate) fn gemm<T: Float>(
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: Mat<'_, T>,
+    rhs: Mat<'_, T>,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
     assert!(dst.len() >= m * n, "gemm: dst too small");
-    assert!(lhs.fits(m, k) && rhs.fits(k, n), "gemm: operand out of bounds");
+    assert!(
+        lhs.fits(m, k) && rhs.fits(k, n),
+        "gemm: operand out of bounds"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -223,7 +256,11 @@ pub(crate) fn gemm<T: Float>(dst: &mut [T], accumulate: bool, lhs: Mat<'_, T>, r
         }
         return;
     }
-    let par = if threads() > 1 { gemm::Parallelism::Rayon(threads()) } else { gemm::Parallelism::None };
+    let par = if threads() > 1 {
+        gemm::Parallelism::Rayon(threads())
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: every index the routine touches, `r * rs + c * cs` for r < rows and c < cols, is
     // in bounds by the asserts above; dst is an exclusive borrow that aliases neither operand;
     // T is f32 or f64, both of which gemm supports.
@@ -269,7 +306,13 @@ pub(crate) fn simd_level() -> Simd {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx512vl") && has!("avx512dq") && has!("avx512bw") && has!("avx2") && has!("fma") {
+            if has!("avx512f")
+                && has!("avx512vl")
+                && has!("avx512dq")
+                && has!("avx512bw")
+                && has!("avx2")
+                && has!("fma")
+            {
                 return Simd::V4;
             }
             if has!("avx2") && has!("fma") {
@@ -358,7 +401,15 @@ mod tests {
         let a: Vec<f64> = (0..m * k).map(|i| i as f64 * 0.5 - 3.0).collect();
         let b: Vec<f64> = (0..n * k).map(|i| (i as f64).sin()).collect(); // (n x k), used transposed
         let mut c = vec![1.0; m * n];
-        gemm(&mut c, true, Mat::row_major(&a, k), Mat::transposed(&b, k), m, n, k);
+        gemm(
+            &mut c,
+            true,
+            Mat::row_major(&a, k),
+            Mat::transposed(&b, k),
+            m,
+            n,
+            k,
+        );
         for i in 0..m {
             for j in 0..n {
                 let want: f64 = 1.0 + (0..k).map(|l| a[i * k + l] * b[j * k + l]).sum::<f64>();

@@ -35,7 +35,9 @@ pub(crate) fn fwd<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
     if h == 0 {
         return y;
     }
-    y.par_chunks_mut(ROWS * h).zip(x.par_chunks(ROWS * h)).for_each(|(y, x)| fwd_rows(y, x, w, eps));
+    y.par_chunks_mut(ROWS * h)
+        .zip(x.par_chunks(ROWS * h))
+        .for_each(|(y, x)| fwd_rows(y, x, w, eps));
     y
 }
 
@@ -45,10 +47,21 @@ multiversion! {
 
 /// A block of rows: writes dx (if given), returns this block's part of dw (empty if not needed).
 #[inline(always)]
-fn bwd_rows_impl<T: Float>(mut dx: Option<&mut [T]>, x: &[T], w: &[T], dy: &[T], eps: T, need_dw: bool) -> Vec<T> {
+fn bwd_rows_impl<T: Float>(
+    mut dx: Option<&mut [T]>,
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    eps: T,
+    need_dw: bool,
+) -> Vec<T> {
     let h = w.len();
     let hf = T::from_f64(h as f64);
-    let mut dw = if need_dw { vec![T::ZERO; h] } else { Vec::new() };
+    let mut dw = if need_dw {
+        vec![T::ZERO; h]
+    } else {
+        Vec::new()
+    };
     for (i, (x, dy)) in x.chunks_exact(h).zip(dy.chunks_exact(h)).enumerate() {
         let r = rstd(x, eps);
         if need_dw {
@@ -82,26 +95,46 @@ fn bwd_rows_impl<T: Float>(mut dx: Option<&mut [T]>, x: &[T], w: &[T], dy: &[T],
 
 /// With xh = x * rstd: dx = rstd * (dy*w - xh * mean(dy*w*xh)), dw = sum over rows of dy * xh.
 /// Returns (dx (R, H) if `need_dx`, dw (H) if `need_dw`).
-pub(crate) fn bwd<T: Float>(x: &[T], w: &[T], dy: &[T], eps: T, need_dx: bool, need_dw: bool) -> (Option<Vec<T>>, Option<Vec<T>>) {
+pub(crate) fn bwd<T: Float>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    eps: T,
+    need_dx: bool,
+    need_dw: bool,
+) -> (Option<Vec<T>>, Option<Vec<T>>) {
     let h = w.len();
     if h == 0 {
         return (need_dx.then(Vec::new), need_dw.then(Vec::new));
     }
-    let mut dx = if need_dx { vec![T::ZERO; x.len()] } else { Vec::new() };
+    let mut dx = if need_dx {
+        vec![T::ZERO; x.len()]
+    } else {
+        Vec::new()
+    };
     let add = |mut a: Vec<T>, b: Vec<T>| {
         for (a, b) in a.iter_mut().zip(&b) {
             *a += *b;
         }
         a
     };
-    let zero = || if need_dw { vec![T::ZERO; h] } else { Vec::new() };
+    let zero = || {
+        if need_dw {
+            vec![T::ZERO; h]
+        } else {
+            Vec::new()
+        }
+    };
     let dw = if need_dx {
         dx.par_chunks_mut(ROWS * h)
             .zip(x.par_chunks(ROWS * h).zip(dy.par_chunks(ROWS * h)))
             .map(|(dx, (x, dy))| bwd_rows(Some(dx), x, w, dy, eps, need_dw))
             .reduce(zero, add)
     } else {
-        x.par_chunks(ROWS * h).zip(dy.par_chunks(ROWS * h)).map(|(x, dy)| bwd_rows(None, x, w, dy, eps, need_dw)).reduce(zero, add)
+        x.par_chunks(ROWS * h)
+            .zip(dy.par_chunks(ROWS * h))
+            .map(|(x, dy)| bwd_rows(None, x, w, dy, eps, need_dw))
+            .reduce(zero, add)
     };
     (need_dx.then_some(dx), need_dw.then_some(dw))
 }

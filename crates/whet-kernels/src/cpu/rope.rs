@@ -20,7 +20,13 @@ pub(crate) struct Dims {
 /// `sign = 1` is the forward; `sign = -1` rotates back, which is the backward (the rotation
 /// is orthogonal, so its transpose is the rotation by -angle).
 pub(crate) fn apply<T: Float>(x: &[T], cos: &[T], sin: &[T], dm: Dims, sign: T) -> Vec<T> {
-    let Dims { b, t, nh, d, stride } = dm;
+    let Dims {
+        b,
+        t,
+        nh,
+        d,
+        stride,
+    } = dm;
     let half = d / 2;
     let mut y = vec![T::ZERO; b * t * nh * d];
     if y.is_empty() {
@@ -28,7 +34,10 @@ pub(crate) fn apply<T: Float>(x: &[T], cos: &[T], sin: &[T], dm: Dims, sign: T) 
     }
     // One task per (b, t) row: (NH, D) outputs sharing one cos/sin row.
     y.par_chunks_mut(nh * d).enumerate().for_each(|(bt, y)| {
-        let (c, s) = (&cos[bt * half..(bt + 1) * half], &sin[bt * half..(bt + 1) * half]);
+        let (c, s) = (
+            &cos[bt * half..(bt + 1) * half],
+            &sin[bt * half..(bt + 1) * half],
+        );
         let o = (bt / t) * stride[0] + (bt % t) * stride[1];
         rotate_row(y, &x[o..], c, s, stride[2], sign)
     });

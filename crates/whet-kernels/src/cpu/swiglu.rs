@@ -25,7 +25,9 @@ fn fwd_block_impl<T: Float>(y: &mut [T], g: &[T], u: &[T]) {
 
 pub(crate) fn fwd<T: Float>(gate: &[T], up: &[T]) -> Vec<T> {
     let mut y = vec![T::ZERO; gate.len()];
-    y.par_chunks_mut(BLOCK).zip(gate.par_chunks(BLOCK).zip(up.par_chunks(BLOCK))).for_each(|(y, (g, u))| fwd_block(y, g, u));
+    y.par_chunks_mut(BLOCK)
+        .zip(gate.par_chunks(BLOCK).zip(up.par_chunks(BLOCK)))
+        .for_each(|(y, (g, u))| fwd_block(y, g, u));
     y
 }
 
@@ -34,7 +36,13 @@ multiversion! {
 }
 
 #[inline(always)]
-fn bwd_block_impl<T: Float>(dg: Option<&mut [T]>, du: Option<&mut [T]>, g: &[T], u: &[T], dy: &[T]) {
+fn bwd_block_impl<T: Float>(
+    dg: Option<&mut [T]>,
+    du: Option<&mut [T]>,
+    g: &[T],
+    u: &[T],
+    dy: &[T],
+) {
     if let Some(dg) = dg {
         for (((dg, g), u), dy) in dg.iter_mut().zip(g).zip(u).zip(dy) {
             let s = sigmoid(*g);
@@ -49,19 +57,37 @@ fn bwd_block_impl<T: Float>(dg: Option<&mut [T]>, du: Option<&mut [T]>, g: &[T],
 }
 
 /// d up = dy * silu(g); d gate = dy * up * sig(g) * (1 + g * (1 - sig(g))).
-pub(crate) fn bwd<T: Float>(gate: &[T], up: &[T], dy: &[T], need_dg: bool, need_du: bool) -> (Option<Vec<T>>, Option<Vec<T>>) {
+pub(crate) fn bwd<T: Float>(
+    gate: &[T],
+    up: &[T],
+    dy: &[T],
+    need_dg: bool,
+    need_du: bool,
+) -> (Option<Vec<T>>, Option<Vec<T>>) {
     let n = gate.len();
-    let mut dg = if need_dg { vec![T::ZERO; n] } else { Vec::new() };
-    let mut du = if need_du { vec![T::ZERO; n] } else { Vec::new() };
+    let mut dg = if need_dg {
+        vec![T::ZERO; n]
+    } else {
+        Vec::new()
+    };
+    let mut du = if need_du {
+        vec![T::ZERO; n]
+    } else {
+        Vec::new()
+    };
     let part = |i: usize| {
         let r = i * BLOCK..((i + 1) * BLOCK).min(n);
         (&gate[r.clone()], &up[r.clone()], &dy[r])
     };
     match (need_dg, need_du) {
-        (true, true) => dg.par_chunks_mut(BLOCK).zip(du.par_chunks_mut(BLOCK)).enumerate().for_each(|(i, (dg, du))| {
-            let (g, u, dy) = part(i);
-            bwd_block(Some(dg), Some(du), g, u, dy)
-        }),
+        (true, true) => dg
+            .par_chunks_mut(BLOCK)
+            .zip(du.par_chunks_mut(BLOCK))
+            .enumerate()
+            .for_each(|(i, (dg, du))| {
+                let (g, u, dy) = part(i);
+                bwd_block(Some(dg), Some(du), g, u, dy)
+            }),
         (true, false) => dg.par_chunks_mut(BLOCK).enumerate().for_each(|(i, dg)| {
             let (g, u, dy) = part(i);
             bwd_block(Some(dg), None, g, u, dy)

@@ -6,12 +6,19 @@ use crate::common::*;
 
 fn segments(rows: &[Vec<u32>]) -> Result<Tensor> {
     let s = rows[0].len();
-    Ok(Tensor::from_vec(rows.concat(), (rows.len(), s), &Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        rows.concat(),
+        (rows.len(), s),
+        &Device::Cpu,
+    )?)
 }
 
 /// Documents of the given lengths, numbered from 0, packed into one row.
 fn docs(lens: &[usize]) -> Vec<u32> {
-    lens.iter().enumerate().flat_map(|(i, &n)| std::iter::repeat_n(i as u32, n)).collect()
+    lens.iter()
+        .enumerate()
+        .flat_map(|(i, &n)| std::iter::repeat_n(i as u32, n))
+        .collect()
 }
 
 struct Case {
@@ -40,44 +47,123 @@ impl Case {
         let refr = |a: &[Tensor]| reference::attention(&a[0], &a[1], &a[2], &seg, scale);
         let x = self.inputs(11, DType::F32)?;
         check_against_reference(what, &fast, &refr, &x, &[true, true, true], 1e-5, 1e-5)?;
-        check_against_reference(&format!("{what}, k frozen"), &fast, &refr, &x, &[true, false, true], 1e-5, 1e-5)
+        check_against_reference(
+            &format!("{what}, k frozen"),
+            &fast,
+            &refr,
+            &x,
+            &[true, false, true],
+            1e-5,
+            1e-5,
+        )
     }
 }
 
 #[test]
 fn packed_gqa_matches_reference() -> Result<()> {
-    Case { b: 2, t: 20, s: 20, nh: 4, nkv: 2, d: 8, seg: vec![docs(&[9, 11]), vec![3; 20]] }.check("packed gqa")
+    Case {
+        b: 2,
+        t: 20,
+        s: 20,
+        nh: 4,
+        nkv: 2,
+        d: 8,
+        seg: vec![docs(&[9, 11]), vec![3; 20]],
+    }
+    .check("packed gqa")
 }
 
 #[test]
 fn long_rows_span_several_tiles() -> Result<()> {
     // S = 150 > one key tile (64) and one query block (16); three documents.
-    Case { b: 1, t: 150, s: 150, nh: 2, nkv: 1, d: 16, seg: vec![docs(&[40, 70, 40])] }.check("three docs, 150 keys")
+    Case {
+        b: 1,
+        t: 150,
+        s: 150,
+        nh: 2,
+        nkv: 1,
+        d: 16,
+        seg: vec![docs(&[40, 70, 40])],
+    }
+    .check("three docs, 150 keys")
 }
 
 #[test]
 fn query_offset_matches_reference() -> Result<()> {
     // T < S: the queries are the last T positions (a chunk of a KV-cached sequence).
-    Case { b: 2, t: 5, s: 13, nh: 4, nkv: 2, d: 8, seg: vec![docs(&[6, 7]), docs(&[10, 3])] }.check("T = 5, S = 13")?;
+    Case {
+        b: 2,
+        t: 5,
+        s: 13,
+        nh: 4,
+        nkv: 2,
+        d: 8,
+        seg: vec![docs(&[6, 7]), docs(&[10, 3])],
+    }
+    .check("T = 5, S = 13")?;
     // Decode step: one query against the whole cache.
-    Case { b: 2, t: 1, s: 9, nh: 4, nkv: 2, d: 8, seg: vec![docs(&[4, 5]), vec![0; 9]] }.check("decode, T = 1")?;
+    Case {
+        b: 2,
+        t: 1,
+        s: 9,
+        nh: 4,
+        nkv: 2,
+        d: 8,
+        seg: vec![docs(&[4, 5]), vec![0; 9]],
+    }
+    .check("decode, T = 1")?;
     // Longer than a tile, offset.
-    Case { b: 1, t: 20, s: 100, nh: 2, nkv: 2, d: 8, seg: vec![docs(&[30, 70])] }.check("T = 20, S = 100")
+    Case {
+        b: 1,
+        t: 20,
+        s: 100,
+        nh: 2,
+        nkv: 2,
+        d: 8,
+        seg: vec![docs(&[30, 70])],
+    }
+    .check("T = 20, S = 100")
 }
 
 #[test]
 fn reused_segment_ids_match_reference() -> Result<()> {
     // An id that comes back after another document (not one run per id): the per-key path.
     let row = [0, 0, 1, 1, 1, 0, 0, 2, 2, 1, 1, 0].to_vec();
-    Case { b: 1, t: 12, s: 12, nh: 3, nkv: 3, d: 4, seg: vec![row] }.check("reused ids")?;
+    Case {
+        b: 1,
+        t: 12,
+        s: 12,
+        nh: 3,
+        nkv: 3,
+        d: 4,
+        seg: vec![row],
+    }
+    .check("reused ids")?;
     // The same with an offset and a block of keys larger than a tile.
     let row: Vec<u32> = (0..90).map(|j| ((j / 7) % 3) as u32).collect();
-    Case { b: 1, t: 30, s: 90, nh: 2, nkv: 1, d: 8, seg: vec![row] }.check("reused ids, offset")
+    Case {
+        b: 1,
+        t: 30,
+        s: 90,
+        nh: 2,
+        nkv: 1,
+        d: 8,
+        seg: vec![row],
+    }
+    .check("reused ids, offset")
 }
 
 #[test]
 fn finite_differences_f64() -> Result<()> {
-    let case = Case { b: 1, t: 5, s: 7, nh: 4, nkv: 2, d: 4, seg: vec![docs(&[3, 4])] };
+    let case = Case {
+        b: 1,
+        t: 5,
+        s: 7,
+        nh: 4,
+        nkv: 2,
+        d: 4,
+        seg: vec![docs(&[3, 4])],
+    };
     let seg = segments(&case.seg)?;
     let f = |a: &[Tensor]| attention(&a[0], &a[1], &a[2], &seg, 0.5);
     let x = case.inputs(21, DType::F64)?;
@@ -99,10 +185,19 @@ fn no_attention_across_documents() -> Result<()> {
     let k2 = Tensor::cat(&[(k.narrow(1, 0, 10)? + &bump)?, k.narrow(1, 10, 14)?], 1)?;
     let v2 = Tensor::cat(&[(v.narrow(1, 0, 10)? - &bump)?, v.narrow(1, 10, 14)?], 1)?;
     let out2 = attention(&q, &k2, &v2, &seg, 0.3)?;
-    let diff = (out.narrow(1, 10, 14)? - out2.narrow(1, 10, 14)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let diff = (out.narrow(1, 10, 14)? - out2.narrow(1, 10, 14)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
     assert_eq!(diff, 0.0, "document 1 saw document 0");
-    let moved = (out.narrow(1, 0, 10)? - out2.narrow(1, 0, 10)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    assert!(moved > 1e-3, "document 0's outputs should depend on its own keys");
+    let moved = (out.narrow(1, 0, 10)? - out2.narrow(1, 0, 10)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    assert!(
+        moved > 1e-3,
+        "document 0's outputs should depend on its own keys"
+    );
     // And no gradient flows from document 1's outputs into document 0's keys/values.
     let (kv, vv) = (Var::from_tensor(&k)?, Var::from_tensor(&v)?);
     let out = attention(&q, kv.as_tensor(), vv.as_tensor(), &seg, 0.3)?;

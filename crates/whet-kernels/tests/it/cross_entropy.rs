@@ -34,7 +34,14 @@ fn ignored_rows_get_zero_gradient() -> Result<()> {
 fn finite_differences_f64() -> Result<()> {
     let t = targets(&[1, IGNORE_INDEX, 4, 0])?;
     let f = |a: &[Tensor]| cross_entropy_sum(&a[0], &t);
-    check_finite_differences("cross entropy", &f, &[(rand(&[4, 6], 3, DType::F64)? * 3.0)?], 0, 24, 1e-6)
+    check_finite_differences(
+        "cross entropy",
+        &f,
+        &[(rand(&[4, 6], 3, DType::F64)? * 3.0)?],
+        0,
+        24,
+        1e-6,
+    )
 }
 
 #[test]
@@ -43,5 +50,13 @@ fn non_contiguous_logits_match_reference() -> Result<()> {
     let logits = rand(&[6, 5], 4, DType::F32)?.t()?; // (5, 6)
     let f = |a: &[Tensor]| cross_entropy_sum(&a[0], &t);
     let r = |a: &[Tensor]| reference::cross_entropy_sum(&a[0], &t);
-    check_against_reference("cross entropy strided", &f, &r, &[logits], &[true], 1e-5, 1e-5)
+    check_against_reference(
+        "cross entropy strided",
+        &f,
+        &r,
+        &[logits],
+        &[true],
+        1e-5,
+        1e-5,
+    )
 }

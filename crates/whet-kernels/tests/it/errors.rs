@@ -35,6 +35,15 @@ fn bad_attention_shapes_are_errors() -> Result<()> {
     let seg = Tensor::zeros((1, 4), DType::U32, &Device::Cpu)?;
     assert!(attention(&q, &k, &k, &seg, 1.0).is_err());
     let k = rand(&[1, 3, 3, 8], 6, DType::F32)?; // S < T
-    assert!(attention(&q, &k, &k, &Tensor::zeros((1, 3), DType::U32, &Device::Cpu)?, 1.0).is_err());
+    assert!(
+        attention(
+            &q,
+            &k,
+            &k,
+            &Tensor::zeros((1, 3), DType::U32, &Device::Cpu)?,
+            1.0
+        )
+        .is_err()
+    );
     Ok(())
 }

@@ -2,14 +2,25 @@
 
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
-use whet_kernels::{IGNORE_INDEX, attention, cross_entropy_sum, linear_cross_entropy_sum, reference};
+use whet_kernels::{
+    IGNORE_INDEX, attention, cross_entropy_sum, linear_cross_entropy_sum, reference,
+};
 
 use crate::common::{closeness, rand};
 
 /// (B, T, S, NH, NKV, D, segment ids (B, S)): ids either runs of random lengths or arbitrary
 /// small ids (which reuse ids across runs).
 fn attention_case() -> impl Strategy<Value = (usize, usize, usize, usize, usize, usize, Vec<u32>)> {
-    (1usize..3, 1usize..40, 0usize..30, 1usize..4, 1usize..3, prop::sample::select(vec![1usize, 4, 8, 17]), any::<bool>(), any::<u64>())
+    (
+        1usize..3,
+        1usize..40,
+        0usize..30,
+        1usize..4,
+        1usize..3,
+        prop::sample::select(vec![1usize, 4, 8, 17]),
+        any::<bool>(),
+        any::<u64>(),
+    )
         .prop_map(|(b, t, extra, nkv, rep, d, runs, seed)| {
             let s = t + extra;
             let mut x = seed | 1;

@@ -28,7 +28,15 @@ fn non_contiguous_input_matches_reference() -> Result<()> {
     let x = rand(&[24, 9], 3, DType::F32)?.t()?;
     assert!(!x.is_contiguous());
     let w = rand(&[24], 4, DType::F32)?;
-    check_against_reference("rms_norm strided", &fast, &refr, &[x, w], &[true, true], 1e-5, 1e-5)
+    check_against_reference(
+        "rms_norm strided",
+        &fast,
+        &refr,
+        &[x, w],
+        &[true, true],
+        1e-5,
+        1e-5,
+    )
 }
 
 #[test]
@@ -44,8 +52,17 @@ fn frozen_weight_gets_no_gradient() -> Result<()> {
     let x = rand(&[4, 16], 7, DType::F32)?;
     let w = rand(&[16], 8, DType::F32)?;
     let (_, g) = run_with_grads(&fast, &[x.clone(), w.clone()], &[true, false])?;
-    assert!(g[1].is_none(), "a frozen weight must not get a gradient entry");
+    assert!(
+        g[1].is_none(),
+        "a frozen weight must not get a gradient entry"
+    );
     let (_, gr) = run_with_grads(&refr, &[x, w], &[true, false])?;
-    assert_close("dx with frozen w", g[0].as_ref().unwrap(), gr[0].as_ref().unwrap(), 1e-5, 1e-5);
+    assert_close(
+        "dx with frozen w",
+        g[0].as_ref().unwrap(),
+        gr[0].as_ref().unwrap(),
+        1e-5,
+        1e-5,
+    );
     Ok(())
 }

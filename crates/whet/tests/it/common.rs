@@ -59,6 +59,10 @@ where
 {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
+        .env(
+            "WHET_CACHE",
+            concat!(env!("CARGO_TARGET_TMPDIR"), "/whet-cache"),
+        )
         .env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LIB_BACKTRACE");
     cmd

@@ -181,6 +181,11 @@ fn rerunning_a_finished_run_resumes_at_its_end_and_changes_no_checkpoint() {
     let losses = series(&out, "train", "loss");
     let r = whet(["train", "--config", s(&tmp.join("run.toml")), "--no-report"]).ok();
     assert!(r.stderr.contains("resuming at step 6"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("tokenized rows: cache Hit"),
+        "the unchanged data is not tokenized again: {}",
+        r.stderr
+    );
     assert_eq!(series(&out, "train", "loss"), losses, "no step was redone");
     assert!(before == checkpoint(), "the final checkpoint changed");
 }
