@@ -383,15 +383,18 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
     // Before training: the base model (LoRA starts as the identity, B = 0).
     model.set_training(false);
     let dev = device();
-    let before = report::measure(
-        &model,
-        &tok,
-        &cfg,
-        &data.validation,
-        general.as_deref(),
-        with_report,
-        &dev,
-    )?;
+    let measure = |model: &Model| {
+        report::measure(
+            model,
+            &tok,
+            &cfg,
+            &data.validation,
+            general.as_deref(),
+            with_report,
+            &dev,
+        )
+    };
+    let before = measure(&model)?;
 
     let mut trainer = Trainer {
         model: &mut model,
@@ -422,15 +425,7 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
             copy_tokenizer_files(&cfg.model.path, &final_dir)?;
         }
     }
-    let after = report::measure(
-        &model,
-        &tok,
-        &cfg,
-        &data.validation,
-        general.as_deref(),
-        with_report,
-        &dev,
-    )?;
+    let after = measure(&model)?;
     let losses = read_curves(&out.join("metrics.jsonl"))?;
     crate::plot::loss_curve(&out.join("loss.svg"), "whet: loss", &losses.0, &losses.1)?;
     let generations = before

@@ -466,8 +466,11 @@ fn bwd_chunk_impl<T: Float>(
                 let n = KT.min(pb_last + 1 - js);
                 transpose_tile(&mut kt, k, dm, bi, g, js, n);
                 transpose_tile(&mut vt, v, dm, bi, g, js, n);
-                pt[..KT * nr].fill(T::ZERO);
-                dst[..KT * nr].fill(T::ZERO);
+                // P and dS are (KT, R) with row stride rmax: clear every entry the key loop below
+                // reads (rows 0..nr of keys 0..n), including those of queries that see none or
+                // only part of this tile.
+                pt[..n * rmax].fill(T::ZERO);
+                dst[..n * rmax].fill(T::ZERO);
                 for ii in 0..qn {
                     let p = off + c0 + qb0 + ii;
                     let Some((a, e)) = win.overlap(bi, p, js, n) else {

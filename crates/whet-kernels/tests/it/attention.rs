@@ -88,6 +88,23 @@ fn long_rows_span_several_tiles() -> Result<()> {
     .check("three docs, 150 keys")
 }
 
+/// The golden llama3_tiny batch: two rows of 100 tokens, one packing documents of 40 and 60,
+/// GQA 4:2. The backward's query chunks then end in a partial query block whose rows see only
+/// some key tiles; stale probabilities from an earlier tile once leaked into dk/dv there.
+#[test]
+fn partial_query_blocks_with_packed_documents() -> Result<()> {
+    Case {
+        b: 2,
+        t: 100,
+        s: 100,
+        nh: 4,
+        nkv: 2,
+        d: 16,
+        seg: vec![vec![0; 100], docs(&[40, 60])],
+    }
+    .check("two rows of 100, docs 40 + 60")
+}
+
 #[test]
 fn query_offset_matches_reference() -> Result<()> {
     // T < S: the queries are the last T positions (a chunk of a KV-cached sequence).

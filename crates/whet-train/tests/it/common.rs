@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::Device;
 use whet_model::{Config as ModelConfig, LoraConfig, Model};
-use whet_train::{Config, Row};
+use whet_train::{Config, Quiet, Row, Summary, Trainer};
 
 pub fn tiny_model(lora: bool) -> Model {
     let json = r#"{
@@ -111,4 +111,25 @@ pub fn trainable_values(model: &Model) -> Vec<(String, Vec<f32>)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// Runs a trainer quietly on the CPU.
+pub fn run(
+    model: &mut Model,
+    config: &Config,
+    train: &[Row],
+    validation: &[Row],
+    run_id: &str,
+) -> whet_train::Result<Summary> {
+    let out = config.output.dir.clone();
+    Trainer {
+        model,
+        config,
+        train,
+        validation,
+        out: &out,
+        device: Device::Cpu,
+        run_id: run_id.into(),
+    }
+    .run(&mut Quiet)
 }

@@ -1,5 +1,4 @@
-use candle_core::Device;
-use whet_train::{Quiet, TrainError, Trainer};
+use whet_train::TrainError;
 
 use crate::common::*;
 
@@ -12,16 +11,7 @@ fn lora_training_lowers_train_and_validation_loss() {
     );
     let (train, val) = (rows(16, 16), rows(4, 16));
     let mut model = tiny_model(true);
-    let mut t = Trainer {
-        model: &mut model,
-        config: &cfg,
-        train: &train,
-        validation: &val,
-        out: &out,
-        device: Device::Cpu,
-        run_id: "r".into(),
-    };
-    let s = t.run(&mut Quiet).unwrap();
+    let s = run(&mut model, &cfg, &train, &val, "r").unwrap();
     assert_eq!(s.steps, 60);
     let (first, last) = (s.first_loss.unwrap(), s.last_loss.unwrap());
     assert!(last < first - 0.2, "train loss {first} -> {last}");
@@ -82,16 +72,7 @@ fn gradient_accumulation_normalises_by_supervised_tokens() {
             ],
         );
         let mut model = tiny_model(false);
-        let mut t = Trainer {
-            model: &mut model,
-            config: &cfg,
-            train: &train,
-            validation: &[],
-            out: &out,
-            device: Device::Cpu,
-            run_id: "r".into(),
-        };
-        let s = t.run(&mut Quiet).unwrap();
+        let s = run(&mut model, &cfg, &train, &[], "r").unwrap();
         (s.first_loss.unwrap(), trainable_values(&model))
     };
     let (l4, p4) = run(4, 1);
@@ -129,16 +110,7 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
     );
     let train = rows(8, 12);
     let mut model = tiny_model(false);
-    let mut t = Trainer {
-        model: &mut model,
-        config: &cfg,
-        train: &train,
-        validation: &[],
-        out: &out,
-        device: Device::Cpu,
-        run_id: "r".into(),
-    };
-    let err = t.run(&mut Quiet).unwrap_err();
+    let err = run(&mut model, &cfg, &train, &[], "r").unwrap_err();
     assert!(matches!(err, TrainError::NonFinite { .. }), "{err}");
     assert!(err.to_string().contains("train.lr"), "{err}");
     let ckpts = whet_train::checkpoint::list(&out);
@@ -164,16 +136,7 @@ fn early_stopping_stops_after_patience_evaluations_without_improvement() {
     );
     let (train, val) = (rows(8, 12), rows(2, 12));
     let mut model = tiny_model(true);
-    let mut t = Trainer {
-        model: &mut model,
-        config: &cfg,
-        train: &train,
-        validation: &val,
-        out: &out,
-        device: Device::Cpu,
-        run_id: "r".into(),
-    };
-    let s = t.run(&mut Quiet).unwrap();
+    let s = run(&mut model, &cfg, &train, &val, "r").unwrap();
     assert!(s.stopped_early);
     assert_eq!(s.steps, 6, "evals at 2 (best), 4 and 6 (stale x2)");
     assert_eq!(s.best_step, Some(2));
@@ -194,16 +157,7 @@ fn a_dataset_without_supervised_tokens_is_refused() {
         r.targets.iter_mut().for_each(|t| *t = -100);
     }
     let mut model = tiny_model(true);
-    let mut t = Trainer {
-        model: &mut model,
-        config: &cfg,
-        train: &train,
-        validation: &[],
-        out: &out,
-        device: Device::Cpu,
-        run_id: "r".into(),
-    };
-    let err = t.run(&mut Quiet).unwrap_err();
+    let err = run(&mut model, &cfg, &train, &[], "r").unwrap_err();
     assert!(matches!(err, TrainError::NoSupervisedTokens), "{err}");
 }
 
@@ -222,17 +176,7 @@ fn neftune_noise_is_applied_and_reproducible() {
             ],
         );
         let mut model = tiny_model(true);
-        let s = Trainer {
-            model: &mut model,
-            config: &cfg,
-            train: &train,
-            validation: &[],
-            out: &out,
-            device: Device::Cpu,
-            run_id: "r".into(),
-        }
-        .run(&mut Quiet)
-        .unwrap();
+        let s = run(&mut model, &cfg, &train, &[], "r").unwrap();
         s.losses
     };
     let (plain, noisy, again) = (run(0.0), run(5.0), run(5.0));

@@ -1,5 +1,4 @@
-use candle_core::Device;
-use whet_train::{Quiet, TrainError, Trainer};
+use whet_train::TrainError;
 
 use crate::common::*;
 
@@ -28,17 +27,7 @@ fn resume_is_bit_identical() {
     let full_out = tempdir("resume-full");
     let cfg = config(&full_out, &overrides);
     let mut model = tiny_model(true);
-    Trainer {
-        model: &mut model,
-        config: &cfg,
-        train: &train,
-        validation: &val,
-        out: &full_out,
-        device: Device::Cpu,
-        run_id: "r".into(),
-    }
-    .run(&mut Quiet)
-    .unwrap();
+    run(&mut model, &cfg, &train, &val, "r").unwrap();
     let want_losses = losses(&full_out);
     let want_weights = trainable_values(&model);
 
@@ -57,17 +46,7 @@ fn resume_is_bit_identical() {
         std::fs::write(out.join("metrics.jsonl"), metrics.join("\n") + "\n").unwrap();
         let cfg = config(&out, &overrides);
         let mut model = tiny_model(true);
-        let s = Trainer {
-            model: &mut model,
-            config: &cfg,
-            train: &train,
-            validation: &val,
-            out: &out,
-            device: Device::Cpu,
-            run_id: "r".into(),
-        }
-        .run(&mut Quiet)
-        .unwrap();
+        let s = run(&mut model, &cfg, &train, &val, "r").unwrap();
         assert_eq!(s.resumed_from, stop_after);
         assert_eq!(losses(&out), want_losses, "resumed after step {stop_after}");
         assert_eq!(
@@ -84,31 +63,11 @@ fn an_output_folder_of_another_run_is_refused_and_left_intact() {
     let cfg = config(&out, &["train.max_steps=2"]);
     let train = rows(4, 12);
     let mut model = tiny_model(true);
-    Trainer {
-        model: &mut model,
-        config: &cfg,
-        train: &train,
-        validation: &[],
-        out: &out,
-        device: Device::Cpu,
-        run_id: "first".into(),
-    }
-    .run(&mut Quiet)
-    .unwrap();
+    run(&mut model, &cfg, &train, &[], "first").unwrap();
     let before = whet_train::checkpoint::list(&out);
     let state_before = std::fs::read(before[0].1.join("trainer_state.json")).unwrap();
     let mut model = tiny_model(true);
-    let err = Trainer {
-        model: &mut model,
-        config: &cfg,
-        train: &train,
-        validation: &[],
-        out: &out,
-        device: Device::Cpu,
-        run_id: "second".into(),
-    }
-    .run(&mut Quiet)
-    .unwrap_err();
+    let err = run(&mut model, &cfg, &train, &[], "second").unwrap_err();
     assert!(matches!(err, TrainError::ForeignOutput { .. }), "{err}");
     assert_eq!(whet_train::checkpoint::list(&out), before);
     assert_eq!(
