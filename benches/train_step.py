@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--checkpoint", action="store_true", help="gradient checkpointing per layer")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -38,6 +39,10 @@ def main():
     if a.method == "lora":
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    if a.checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if a.method == "lora":
+            model.enable_input_require_grads()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size
@@ -57,7 +62,7 @@ def main():
     mean = sum(times) / len(times)
     print(json.dumps({
         "impl": "pytorch+peft", "torch": torch.__version__, "method": a.method, "batch": a.batch, "seq": a.seq,
-        "steps": a.steps, "step_s": mean, "tokens_per_s": a.batch * a.seq / mean,
+        "steps": a.steps, "activation_checkpointing": a.checkpoint, "step_s": mean, "tokens_per_s": a.batch * a.seq / mean,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "losses": losses,
     }))
 

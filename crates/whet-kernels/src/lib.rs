@@ -8,15 +8,30 @@
 //!   ops (`src/ops.rs`) over CPU kernels (`src/cpu/`, one file per op). They run on CPU tensors
 //!   in f32 (and f64, which the finite-difference tests use); any other dtype or device is a
 //!   candle error. Their backward computes a gradient only for arguments that track one.
+//! - with the `cuda` feature, the same ops on CUDA tensors in f32 and bf16 (`src/cuda/`: `.cu`
+//!   sources compiled at run time by NVRTC, launched on candle's stream), plus the fused
+//!   multi-tensor `MultiTensorAdamW`. No cudarc type appears in this crate's public API.
 //!
 //! Shapes follow the llm.c habit of a comment per tensor. `B` batch, `T` tokens (queries),
 //! `S` keys, `H` hidden, `NH` query heads, `NKV` key/value heads, `D` head dim, `V` vocabulary.
 //!
 //! Invariant: nothing in this crate knows about models, configs or files.
 
+mod checkpoint;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod ops;
+mod quantized;
 pub mod reference;
+
+pub use checkpoint::{Segment, SideGrads, checkpoint};
+pub use quantized::quantized_linear;
+
+#[cfg(feature = "cuda")]
+pub use cuda::adamw::{AdamWHyper, MultiTensorAdamW};
+#[cfg(feature = "cuda")]
+pub use cuda::{cuda_memory_info, nvrtc_check};
 
 use std::sync::{Arc, Mutex};
 
@@ -96,9 +111,42 @@ pub fn attention(
         )
     }
     let seg = segments.flatten_all()?.to_vec1::<u32>()?;
+    let mask = match q.device() {
+        #[cfg(feature = "cuda")]
+        dev @ candle_core::Device::Cuda(_) => ops::AttentionMask::Cuda(
+            Arc::new(cuda::attention::Masks::new(&seg, b, s, dev)?),
+            cuda::attention::Kernel::Auto,
+        ),
+        _ => ops::AttentionMask::Cpu(Arc::new(cpu::attention::Windows::new(&seg, b, s))),
+    };
     let op = ops::Attention {
         scale,
-        windows: Arc::new(cpu::attention::Windows::new(&seg, b, s)),
+        mask,
+        lse: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`attention`] on CUDA through the SIMT kernels only (no tensor cores): the tests compare the
+/// tensor-core kernels with these. q, k, v on a CUDA device.
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub fn attention_simt(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, s, _, _) = k.dims4()?;
+    let seg = segments.flatten_all()?.to_vec1::<u32>()?;
+    let op = ops::Attention {
+        scale,
+        mask: ops::AttentionMask::Cuda(
+            Arc::new(cuda::attention::Masks::new(&seg, b, s, q.device())?),
+            cuda::attention::Kernel::Simt,
+        ),
         lse: Mutex::new(None),
     };
     q.contiguous()?
@@ -116,6 +164,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     // w may keep its strides (e.g. a transposed view): the gemm reads them directly.
     let x = x.contiguous()?;
+    if x.device().is_cuda() {
+        // cuBLAS for x @ w^T; the bias through candle (its gradient is a cheap sum).
+        let y = x.apply_op2(w, ops::Linear)?;
+        return match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
     match bias {
         Some(b) => x.apply_op3(w, &b.contiguous()?, ops::LinearBias),
         None => x.apply_op2(w, ops::Linear),
@@ -124,6 +180,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 
 /// Sum over supervised rows of `-log softmax(logits)[target]`; rows whose target is
 /// [`IGNORE_INDEX`] contribute nothing. logits: (N, V) f32, targets: (N) i64 -> scalar f32.
+/// On CUDA the logits may be bf16; the sum is f32 there whatever their dtype.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logits.contiguous()?.apply_op2(
         &targets.contiguous()?,
@@ -137,7 +194,8 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// `chunk` rows at a time, so the (N, V) logits never exist at once, forward or backward.
 /// h: (N, H), w: (V, H), targets: (N) i64 -> scalar f32.
 /// Rows whose target is [`IGNORE_INDEX`] are dropped before the matmuls; `chunk` (at least 1)
-/// counts supervised rows.
+/// counts supervised rows. On CUDA, h and w may be bf16 (the chunk's logits are f32, the sum
+/// is f32).
 pub fn linear_cross_entropy_sum(
     h: &Tensor,
     w: &Tensor,

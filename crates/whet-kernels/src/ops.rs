@@ -1,5 +1,6 @@
 //! The candle custom ops behind the public functions. Each struct implements `cpu_fwd`
-//! (dispatching to [`crate::cpu`]) and `bwd`; a `cuda_fwd` goes next to each `cpu_fwd`.
+//! (dispatching to [`crate::cpu`]), `cuda_fwd` with the `cuda` feature (dispatching to
+//! `crate::cuda`), and `bwd`, which picks the CPU or CUDA kernels by the device of its inputs.
 //!
 //! Arguments arrive contiguous (the public functions make them so) except where a kernel takes
 //! strides (`rope`'s x, the weight of `linear` and of the LM head).
@@ -9,6 +10,8 @@
 
 use std::sync::{Arc, Mutex};
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, bail,
@@ -71,6 +74,18 @@ impl CustomOp2 for RmsNorm {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let y = crate::cuda::rms_norm::fwd(s1, l1, s2, l2, self.eps)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -80,6 +95,10 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (need_dx, need_dw) = (x.track_op(), w.track_op());
         let grad = grad.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return crate::cuda::rms_norm::bwd(x, w, &grad, self.eps, need_dx, need_dw);
+        }
         dispatch_float!(x.dtype(), self.name(), |F| {
             let (hx, hw, hg) = (
                 Host::new(x, self.name())?,
@@ -147,6 +166,20 @@ impl CustomOp3 for Rope {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let y = crate::cuda::rope::apply(s1, l1, s2, l2, s3, l3, 1.0)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -159,6 +192,10 @@ impl CustomOp3 for Rope {
             return Ok((None, None, None));
         }
         let grad = grad.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return Ok((Some(crate::cuda::rope::bwd(&grad, cos, sin)?), None, None));
+        }
         let dm = Self::dims(grad.layout())?;
         dispatch_float!(x.dtype(), self.name(), |F| {
             let (hg, hc, hs) = (
@@ -184,9 +221,19 @@ impl CustomOp3 for Rope {
 /// the struct. The forward leaves its per-row logsumexp in `lse` for the backward.
 pub(crate) struct Attention {
     pub scale: f64,
-    pub windows: Arc<cpu::attention::Windows>,
+    pub mask: AttentionMask,
     /// (B, T, NH), set by the forward.
     pub lse: Mutex<Option<Tensor>>,
+}
+
+/// The segment mask in the form the device's kernels read.
+pub(crate) enum AttentionMask {
+    Cpu(Arc<cpu::attention::Windows>),
+    #[cfg(feature = "cuda")]
+    Cuda(
+        Arc<crate::cuda::attention::Masks>,
+        crate::cuda::attention::Kernel,
+    ),
 }
 
 impl Attention {
@@ -219,6 +266,29 @@ impl Attention {
     fn stashed(&self) -> Option<Tensor> {
         self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    fn windows(&self) -> Result<&cpu::attention::Windows> {
+        match &self.mask {
+            AttentionMask::Cpu(w) => Ok(w),
+            #[cfg(feature = "cuda")]
+            AttentionMask::Cuda(..) => {
+                bail!("whet-attention: the mask was built for a CUDA device")
+            }
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_masks(
+        &self,
+    ) -> Result<(
+        &crate::cuda::attention::Masks,
+        crate::cuda::attention::Kernel,
+    )> {
+        match &self.mask {
+            AttentionMask::Cuda(m, k) => Ok((m, *k)),
+            AttentionMask::Cpu(_) => bail!("whet-attention: the mask was built for the CPU"),
+        }
+    }
 }
 
 impl CustomOp3 for Attention {
@@ -242,10 +312,29 @@ impl CustomOp3 for Attention {
             let q = contiguous::<F>(s1, l1, self.name())?;
             let k = contiguous::<F>(s2, l2, self.name())?;
             let v = contiguous::<F>(s3, l3, self.name())?;
-            let (o, lse) = cpu::attention::fwd(q, k, v, &self.windows, dm, F::from_f64(self.scale));
+            let (o, lse) =
+                cpu::attention::fwd(q, k, v, self.windows()?, dm, F::from_f64(self.scale));
             self.stash(Tensor::from_vec(lse, (dm.b, dm.t, dm.nh), &Device::Cpu)?);
             Ok((F::to_cpu_storage_owned(o), l1.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dm = Self::dims(l1, l2, l3)?;
+        let (masks, kernel) = self.cuda_masks()?;
+        let (o, lse) =
+            crate::cuda::attention::fwd(s1, l1, s2, l2, s3, l3, dm, masks, self.scale, kernel)?;
+        self.stash(lse);
+        Ok((o, l1.shape().clone()))
     }
 
     fn bwd(
@@ -259,6 +348,29 @@ impl CustomOp3 for Attention {
         let dm = Self::dims(q.layout(), k.layout(), v.layout())?;
         let (res, grad) = (res.contiguous()?, grad.contiguous()?);
         let name = self.name();
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            use crate::cuda::with_storage;
+            let (masks, kernel) = self.cuda_masks()?;
+            let lse = match self.stashed() {
+                Some(lse) => lse,
+                // Not reached through apply_op3 (the forward always stashes), as on the CPU.
+                None => with_storage(q, name, |sq, lq| {
+                    with_storage(k, name, |sk, lk| {
+                        with_storage(v, name, |sv, lv| {
+                            crate::cuda::attention::fwd(
+                                sq, lq, sk, lk, sv, lv, dm, masks, self.scale, kernel,
+                            )
+                            .map(|(_, lse)| lse)
+                        })
+                    })
+                })?,
+            };
+            let need = [q.track_op(), k.track_op(), v.track_op()];
+            return crate::cuda::attention::bwd(
+                q, k, v, &res, &grad, &lse, dm, masks, self.scale, kernel, need,
+            );
+        }
         dispatch_float!(q.dtype(), name, |F| {
             let (hq, hk, hv) = (
                 Host::new(q, name)?,
@@ -272,7 +384,7 @@ impl CustomOp3 for Attention {
                 // Not reached through apply_op3 (the forward always stashes); kept so the op
                 // stays correct if the forward ever runs elsewhere.
                 None => {
-                    let (_, lse) = cpu::attention::fwd(q_, k_, v_, &self.windows, dm, scale);
+                    let (_, lse) = cpu::attention::fwd(q_, k_, v_, self.windows()?, dm, scale);
                     Tensor::from_vec(lse, (dm.b, dm.t, dm.nh), &Device::Cpu)?
                 }
             };
@@ -288,7 +400,7 @@ impl CustomOp3 for Attention {
                 ho.slice::<F>()?,
                 hg.slice::<F>()?,
                 hl.slice::<F>()?,
-                &self.windows,
+                self.windows()?,
                 dm,
                 scale,
             );
@@ -339,6 +451,20 @@ impl CustomOp2 for Swiglu {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Ok((
+            crate::cuda::swiglu::fwd(s1, l1, s2, l2)?,
+            l1.shape().clone(),
+        ))
+    }
+
     fn bwd(
         &self,
         gate: &Tensor,
@@ -347,6 +473,10 @@ impl CustomOp2 for Swiglu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if gate.device().is_cuda() {
+            return crate::cuda::swiglu::bwd(gate, up, &grad, gate.track_op(), up.track_op());
+        }
         dispatch_float!(gate.dtype(), self.name(), |F| {
             let (hg, hu, hd) = (
                 Host::new(gate, self.name())?,
@@ -452,6 +582,17 @@ impl CustomOp2 for Linear {
         linear_fwd(self.name(), s1, l1, s2, l2, None)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        crate::cuda::linear::fwd(s1, l1, s2, l2)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -542,6 +683,19 @@ impl CustomOp2 for CrossEntropy {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (loss, lse) = crate::cuda::cross_entropy::fwd(s1, l1, s2, l2)?;
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        Ok((loss, Shape::from(())))
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -551,6 +705,20 @@ impl CustomOp2 for CrossEntropy {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         if !logits.track_op() {
             return Ok((None, None));
+        }
+        #[cfg(feature = "cuda")]
+        if logits.device().is_cuda() {
+            let targets = targets.contiguous()?;
+            let lse = match self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                Some(l) => l,
+                None => crate::cuda::with_storage(logits, self.name(), |sx, lx| {
+                    crate::cuda::with_storage(&targets, self.name(), |st, lt| {
+                        crate::cuda::cross_entropy::fwd(sx, lx, st, lt).map(|(_, l)| l)
+                    })
+                })?,
+            };
+            let d = crate::cuda::cross_entropy::bwd(logits, &targets, &lse, grad)?;
+            return Ok((Some(d), None));
         }
         let (_, v) = logits.dims2()?;
         let t = targets.contiguous()?.to_vec1::<i64>()?;
@@ -629,6 +797,21 @@ impl CustomOp3 for LinearCrossEntropy {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (loss, lse) = crate::cuda::cross_entropy::lce_fwd(s1, l1, s2, l2, s3, l3, self.chunk)?;
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        Ok((loss, Shape::from(())))
+    }
+
     fn bwd(
         &self,
         h: &Tensor,
@@ -640,6 +823,25 @@ impl CustomOp3 for LinearCrossEntropy {
         let (need_dh, need_dw) = (h.track_op(), w.track_op());
         if !(need_dh || need_dw) {
             return Ok((None, None, None));
+        }
+        #[cfg(feature = "cuda")]
+        if h.device().is_cuda() {
+            let targets = targets.contiguous()?;
+            let lse = match self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                Some(l) => l,
+                None => crate::cuda::with_storage(h, self.name(), |sh, lh| {
+                    crate::cuda::with_storage(w, self.name(), |sw, lw| {
+                        crate::cuda::with_storage(&targets, self.name(), |st, lt| {
+                            crate::cuda::cross_entropy::lce_fwd(sh, lh, sw, lw, st, lt, self.chunk)
+                                .map(|(_, l)| l)
+                        })
+                    })
+                })?,
+            };
+            let (dh, dw) = crate::cuda::cross_entropy::lce_bwd(
+                h, w, &targets, &lse, grad, self.chunk, need_dh, need_dw,
+            )?;
+            return Ok((dh, dw, None));
         }
         let dm = self.dims(h.layout(), w.layout())?;
         let t = targets.contiguous()?.to_vec1::<i64>()?;

@@ -103,6 +103,11 @@ pub enum Error {
     #[error("{}: LoRA: {what}", path.display())]
     Lora { path: PathBuf, what: String },
 
+    // ---- quantization (QLoRA base, GGUF export) ----
+    /// A quantization request that cannot be honoured (`what` says why and what to do).
+    #[error("{}: quantization: {what}", path.display())]
+    Quantize { path: PathBuf, what: String },
+
     // ---- inputs to forward / generate ----
     /// An argument to `loss`, `logits` or `generate` has the wrong shape, dtype or values.
     #[error("input `{input}`: expected {expected}, found {found}")]
@@ -152,6 +157,13 @@ impl Error {
             line: e.line(),
             column: e.column(),
             message: e.to_string(),
+        }
+    }
+
+    pub(crate) fn quantize(path: &Path, what: impl Into<String>) -> Self {
+        Error::Quantize {
+            path: path.to_path_buf(),
+            what: what.into(),
         }
     }
 

@@ -307,7 +307,7 @@ fn bytes_to_unicode() -> [char; 256] {
 
 /// The pre-tokenizer split regexes transformers' GGUF loader knows, by `tokenizer.ggml.pre`
 /// (`GGUF_PRE_TOKENIZER_SPLITS`). Any other value keeps GPT-2's byte-level regex, as it does.
-fn pre_tokenizer_split(pre: &str) -> Option<&'static str> {
+pub(crate) fn pre_tokenizer_split(pre: &str) -> Option<&'static str> {
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -358,8 +358,8 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 }
 
 /// llama.cpp's `LlamaModel.permute` on the rows of a row-major `[rows, cols]` matrix:
-/// `w.reshape(n_head, 2, rows / n_head / 2, cols).swapaxes(1, 2)`. Whet never writes GGUF; this
-/// is here so the inverse can be tested against it. `rows` must divide by `2 * n_head`.
+/// `w.reshape(n_head, 2, rows / n_head / 2, cols).swapaxes(1, 2)`, as GGUF export writes Q and
+/// K. `rows` must divide by `2 * n_head`.
 pub fn permute_qk_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
     let mut out = vec![0f32; data.len()];
     for_each_qk_row(rows, n_head, |hf_row, gguf_row| {

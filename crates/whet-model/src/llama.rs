@@ -19,7 +19,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use whet_kernels::{
-    IGNORE_INDEX, attention, linear, linear_cross_entropy_sum, rms_norm, rope, rope_tables, swiglu,
+    IGNORE_INDEX, Segment, SideGrads, attention, checkpoint, linear, linear_cross_entropy_sum,
+    rms_norm, rope, rope_tables, swiglu,
 };
 
 use crate::config::Config;
@@ -27,9 +28,29 @@ use crate::error::{Error, Result};
 use crate::load::{CONFIG_FILE, Init, Param, SafetensorsFiles, Source, Vb, WEIGHTS_FILE};
 use crate::lora::{self, Linear, LoraConfig};
 
+mod precision;
+
 /// Rows of hidden states sent through the LM head + cross-entropy at once in [`Model::loss`]:
 /// a 1024 x 128k-vocab f32 logits chunk is 512 MiB, the most we want alive at a time.
 pub const LOSS_CHUNK_ROWS: usize = 1024;
+
+/// How [`Model::load_with`] loads a model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadOptions {
+    /// Keep the decoder's linear weights in this GGML type (QLoRA); `None` = f32.
+    pub quantize: Option<candle_core::quantized::GgmlDType>,
+}
+
+/// The storage of the decoder's linear weights ([`Model::quant_summary`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QuantSummary {
+    /// Number of linear weights per storage type (`"q4_0"`, `"f32"`...).
+    pub types: std::collections::BTreeMap<String, usize>,
+    /// Bytes they take now.
+    pub bytes: usize,
+    /// Bytes they would take in f32.
+    pub f32_bytes: usize,
+}
 
 /// Which weights get gradients.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -234,6 +255,61 @@ impl Block {
         v
     }
 
+    /// The block's trainable weights (LoRA A/B, or everything under full fine-tuning).
+    fn trainable_tensors(&self) -> Vec<Tensor> {
+        let mut v: Vec<&Param> = self
+            .linears()
+            .into_iter()
+            .flat_map(Linear::params)
+            .collect();
+        v.extend(self.norms());
+        v.into_iter()
+            .filter(|p| p.t.is_variable())
+            .map(|p| p.t.clone())
+            .collect()
+    }
+
+    /// [`Block::forward`] under activation checkpointing (`whet_kernels::checkpoint`): only
+    /// the input and output stay alive; backward runs the block again. The LoRA dropout
+    /// streams are snapshotted here and restored before each run, so the recomputation draws
+    /// the same masks.
+    fn forward_checkpointed(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        segments: &Tensor,
+        side: &SideGrads,
+    ) -> Result<Tensor> {
+        let params = self.trainable_tensors();
+        if params.is_empty() {
+            return self.forward(x, cos, sin, segments, None, true);
+        }
+        let snapshot: Vec<(Arc<Mutex<StdRng>>, StdRng)> = self
+            .linears()
+            .into_iter()
+            .filter_map(|l| l.lora.as_ref())
+            .map(|l| {
+                let state = l.rng.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                (l.rng.clone(), state)
+            })
+            .collect();
+        let (block, cos, sin, segments) =
+            (self.clone(), cos.clone(), sin.clone(), segments.clone());
+        let segment: Segment = Arc::new(move |x: &Tensor| {
+            for (rng, state) in &snapshot {
+                *rng.lock().unwrap_or_else(|e| e.into_inner()) = state.clone();
+            }
+            block
+                .forward(x, &cos, &sin, &segments, None, true)
+                .map_err(|e| match e {
+                    Error::Candle(e) => e,
+                    other => candle_core::Error::Msg(other.to_string()),
+                })
+        });
+        Ok(checkpoint(x, segment, params, side)?)
+    }
+
     /// Norm weights in HF state-dict order.
     fn norms(&self) -> [&Param; 2] {
         [
@@ -283,6 +359,12 @@ pub struct Model {
     /// The folder the weights came from (`base_model_name_or_path` of saved adapters).
     source: Option<PathBuf>,
     device: Device,
+    /// The dtype the forward computes in (`precision.rs`); f32 unless set.
+    compute_dtype: DType,
+    /// Activation checkpointing per decoder layer while training.
+    checkpointing: bool,
+    /// Parameter gradients of checkpointed layers, merged by [`Model::backward`].
+    side_grads: SideGrads,
 }
 
 impl Model {
@@ -312,18 +394,78 @@ impl Model {
             neftune_rng: Arc::new(Mutex::new(StdRng::seed_from_u64(0))),
             source: None,
             device: vb.device().clone(),
+            compute_dtype: DType::F32,
+            checkpointing: false,
+            side_grads: SideGrads::default(),
         })
     }
 
     /// Loads a Hugging Face folder: `config.json` plus `model.safetensors` or the shards of
     /// `model.safetensors.index.json`, memory-mapped; f32 / bf16 / f16 weights become f32.
     pub fn load(dir: &Path, trainable: Trainable, device: &Device) -> Result<Model> {
+        Model::load_with(dir, trainable, &LoadOptions::default(), device)
+    }
+
+    /// [`Model::load`] with options: `quantize` keeps the decoder's linear weights in GGML
+    /// blocks (QLoRA: each is quantized as it loads, so the f32 model never exists whole).
+    /// Embeddings, norms and the LM head stay f32, as in QLoRA.
+    pub fn load_with(
+        dir: &Path,
+        trainable: Trainable,
+        options: &LoadOptions,
+        device: &Device,
+    ) -> Result<Model> {
         let cfg = Config::from_file(&dir.join(CONFIG_FILE))?;
+        if options.quantize.is_some() && trainable == Trainable::Full {
+            return Err(Error::quantize(
+                dir,
+                "full fine-tuning needs f32 base weights; a quantized base is for LoRA (QLoRA)",
+            ));
+        }
+        if options.quantize.is_some() && !device.is_cpu() {
+            return Err(Error::quantize(
+                dir,
+                "a quantized base is implemented on the CPU only",
+            ));
+        }
         let src = Source::Files(SafetensorsFiles::open_dir(dir)?);
-        let mut model = Model::load_vb(Vb::new(&src, device), &cfg)?;
+        let vb = Vb::new(&src, device).with_quantize(options.quantize);
+        let mut model = Model::load_vb(vb, &cfg)?;
         model.source = Some(dir.to_path_buf());
         model.set_trainable(trainable)?;
         Ok(model)
+    }
+
+    /// Quantizes every f32 decoder linear weight to `want` (or its fallback, see
+    /// [`crate::quant::fit`]); the base must be frozen. For models built in memory; files
+    /// go through [`Model::load_with`].
+    pub fn quantize_base(
+        &mut self,
+        want: candle_core::quantized::GgmlDType,
+    ) -> Result<QuantSummary> {
+        self.ensure_base_frozen(Path::new("<quantize>"))?;
+        for lin in self.linears_mut() {
+            if lin.quantized_type().is_none() {
+                lin.quantize(want)?;
+            }
+        }
+        Ok(self.quant_summary())
+    }
+
+    /// What the decoder's linear weights are stored as, and their bytes against f32.
+    pub fn quant_summary(&self) -> QuantSummary {
+        let mut s = QuantSummary::default();
+        for lin in self.linears() {
+            let (o, i) = lin.dims().unwrap_or((0, 0));
+            s.f32_bytes += o * i * 4;
+            s.bytes += lin.weight_bytes();
+            let name = lin
+                .quantized_type()
+                .map(crate::quant::name)
+                .unwrap_or_else(|| "f32".to_string());
+            *s.types.entry(name).or_default() += 1;
+        }
+        s
     }
 
     /// Builds a model from named tensors (HF names), e.g. for tests. Errors name `label`.
@@ -382,6 +524,26 @@ impl Model {
                     StdRng::seed_from_u64(dropout_seed(seed, i));
             }
         }
+    }
+
+    /// Activation checkpointing per decoder layer (training only): a layer keeps only its
+    /// input, and backward recomputes it, trading about one extra forward for activation
+    /// memory. Gradients then come from [`Model::backward`], not `loss.backward()`.
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    pub fn activation_checkpointing(&self) -> bool {
+        self.checkpointing
+    }
+
+    /// `loss.backward()`, plus the parameter gradients that checkpointed layers computed
+    /// on the side. Use this rather than `loss.backward()` for a loss from [`Model::loss`].
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        self.side_grads.clear();
+        let mut grads = loss.backward()?;
+        self.side_grads.merge_into(&mut grads)?;
+        Ok(grads)
     }
 
     /// Turns NEFTune embedding noise on (`alpha > 0`, typically 5) or off (0) for training.
@@ -449,24 +611,32 @@ impl Model {
             .collect()
     }
 
-    /// The base model's weights with HF names (what `model.safetensors` holds).
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let lora: Vec<String> = self
-            .linears()
-            .filter_map(|l| l.lora.as_ref())
-            .flat_map(|l| [l.a.name.clone(), l.b.name.clone()])
-            .collect();
-        self.params()
-            .into_iter()
-            .filter(|p| !lora.contains(&p.name))
-            .map(|p| (p.name.clone(), p.t.clone()))
-            .collect()
+    /// The base model's weights with HF names (what `model.safetensors` holds), f32; a
+    /// quantized base weight is dequantized.
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let p = |p: &Param| (p.name.clone(), p.t.clone());
+        let mut v = vec![p(&self.embed_tokens)];
+        for block in &self.layers {
+            for l in block.linears() {
+                v.push(l.base_weight()?);
+                v.extend(l.bias.as_ref().map(p));
+            }
+            v.extend(block.norms().into_iter().map(p));
+        }
+        v.push(p(&self.norm.weight));
+        v.extend(self.lm_head.as_ref().map(p));
+        Ok(v)
     }
 
     /// (total weights, trainable weights), in elements.
     pub fn num_params(&self) -> (usize, usize) {
         let ps = self.params();
-        let total = ps.iter().map(|p| p.t.elem_count()).sum();
+        let quantized: usize = self
+            .linears()
+            .filter(|l| l.quantized_type().is_some())
+            .map(|l| l.dims().map(|(o, i)| o * i).unwrap_or(0))
+            .sum();
+        let total = ps.iter().map(|p| p.t.elem_count()).sum::<usize>() + quantized;
         let trainable = ps
             .iter()
             .filter(|p| p.t.is_variable())
@@ -481,6 +651,12 @@ impl Model {
             return Err(Error::lora(
                 Path::new("<model>"),
                 "full fine-tuning requested on a model with LoRA adapters; call merge_lora first",
+            ));
+        }
+        if self.linears().any(|l| l.quantized_type().is_some()) {
+            return Err(Error::quantize(
+                Path::new("<model>"),
+                "full fine-tuning needs f32 base weights; a quantized base is for LoRA (QLoRA)",
             ));
         }
         for p in self.base_params_mut() {
@@ -625,7 +801,7 @@ impl Model {
         std::fs::write(&cfg_path, json).map_err(|e| Error::io(&cfg_path, "write", e))?;
         let path = dir.join(WEIGHTS_FILE);
         let map: HashMap<String, Tensor> = self
-            .named_weights()
+            .named_weights()?
             .into_iter()
             .map(|(n, t)| (n, t.detach()))
             .collect();
@@ -711,11 +887,17 @@ impl Model {
             let noise: Vec<f32> = (0..b * t * h)
                 .map(|_| rng.random_range(-mag..=mag))
                 .collect();
-            x = (x + Tensor::from_vec(noise, (b, t, h), &self.device)?)?; // (B, T, H)
+            let noise = Tensor::from_vec(noise, (b, t, h), &self.device)?.to_dtype(x.dtype())?;
+            x = (x + noise)?; // (B, T, H)
         }
         let (cos, sin) = rope_tables(positions, &self.inv_freq)?; // (B, T, D/2) each
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         for block in &self.layers {
-            x = block.forward(&x, &cos, &sin, segments, None, train)?; // (B, T, H)
+            x = if train && self.checkpointing {
+                block.forward_checkpointed(&x, &cos, &sin, segments, &self.side_grads)?
+            } else {
+                block.forward(&x, &cos, &sin, segments, None, train)?
+            }; // (B, T, H)
         }
         self.norm.forward(&x) // (B, T, H)
     }
@@ -757,7 +939,8 @@ impl Model {
         if n == 0 {
             return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
         }
-        let hidden = self.hidden(ids, positions, segments, self.training)?; // (B, T, H)
+        let view = self.compute_view()?; // bf16 compute: see precision.rs
+        let hidden = view.hidden(ids, positions, segments, self.training)?; // (B, T, H)
         let hidden = hidden.reshape((b * t, self.cfg.hidden_size))?; // (N, H)
         let (hidden, targets) = if n == b * t {
             (hidden, targets)
@@ -769,15 +952,17 @@ impl Model {
             ) // (n, H), (n)
         };
         let loss =
-            linear_cross_entropy_sum(&hidden, self.lm_head_weight(), &targets, LOSS_CHUNK_ROWS)?; // ()
+            linear_cross_entropy_sum(&hidden, view.lm_head_weight(), &targets, LOSS_CHUNK_ROWS)?
+                .to_dtype(DType::F32)?; // ()
         Ok((loss, n))
     }
 
     /// Evaluation forward (no dropout): (B, T) u32 inputs -> logits (B, T, V).
     pub fn logits(&self, ids: &Tensor, positions: &Tensor, segments: &Tensor) -> Result<Tensor> {
         self.check_inputs(ids, positions, segments)?;
-        let hidden = self.hidden(ids, positions, segments, false)?; // (B, T, H)
-        Ok(linear(&hidden, self.lm_head_weight(), None)?) // (B, T, V)
+        let view = self.compute_view()?;
+        let hidden = view.hidden(ids, positions, segments, false)?; // (B, T, H)
+        Ok(linear(&hidden, view.lm_head_weight(), None)?.to_dtype(DType::F32)?) // (B, T, V)
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -799,19 +984,22 @@ impl Model {
         let segments = Tensor::zeros((b, s), DType::U32, &self.device)?; // (B, S)
         self.check_id_range(ids)?;
         let h = self.cfg.hidden_size;
-        let mut x = self
+        let view = self.compute_view()?;
+        let this = view.as_ref();
+        let mut x = this
             .embed_tokens
             .t
             .embedding(&ids.flatten_all()?)? // (B * T, H)
             .reshape((b, t, h))?; // (B, T, H)
         let (cos, sin) = rope_tables(&positions, &self.inv_freq)?; // (B, T, D/2) each
-        for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        for (block, slot) in this.layers.iter().zip(cache.layers.iter_mut()) {
             x = block.forward(&x, &cos, &sin, &segments, Some(slot), false)?; // (B, T, H)
         }
         cache.len = s;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (B, H)
-        let last = self.norm.forward(&last)?; // (B, H)
-        Ok(linear(&last, self.lm_head_weight(), None)?) // (B, V)
+        let last = this.norm.forward(&last)?; // (B, H)
+        Ok(linear(&last, this.lm_head_weight(), None)?.to_dtype(DType::F32)?) // (B, V)
     }
 }
 

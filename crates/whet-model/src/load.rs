@@ -248,6 +248,8 @@ pub(crate) struct Vb<'a> {
     src: &'a Source,
     prefix: String,
     device: &'a Device,
+    /// Quantize linear weights as they load (the QLoRA base).
+    quantize: Option<candle_core::quantized::GgmlDType>,
 }
 
 impl<'a> Vb<'a> {
@@ -256,7 +258,16 @@ impl<'a> Vb<'a> {
             src,
             prefix: String::new(),
             device,
+            quantize: None,
         }
+    }
+
+    pub fn with_quantize(self, quantize: Option<candle_core::quantized::GgmlDType>) -> Self {
+        Vb { quantize, ..self }
+    }
+
+    pub fn quantize(&self) -> Option<candle_core::quantized::GgmlDType> {
+        self.quantize
     }
 
     pub fn pp(&self, s: impl std::fmt::Display) -> Self {
@@ -269,6 +280,7 @@ impl<'a> Vb<'a> {
             src: self.src,
             prefix,
             device: self.device,
+            quantize: self.quantize,
         }
     }
 

@@ -8,11 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use whet_kernels::linear;
+use whet_kernels::{linear, quantized_linear};
 
 use crate::error::{Error, Result};
 use crate::load::{Init, Param, Vb};
@@ -286,9 +287,19 @@ fn bias_none() -> String {
 pub struct Linear {
     /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
     prefix: String,
-    pub(crate) weight: Param,       // (OUT, IN)
+    pub(crate) weight: Weight,      // (OUT, IN)
     pub(crate) bias: Option<Param>, // (OUT)
     pub(crate) lora: Option<Lora>,
+}
+
+/// A projection's base weight.
+#[derive(Debug, Clone)]
+pub(crate) enum Weight {
+    /// f32, frozen or a Var.
+    Dense(Param),
+    /// Frozen, in GGML blocks (the QLoRA base): dequantized for each matmul by
+    /// `whet_kernels::quantized_linear`, never kept in f32.
+    Quantized { name: String, q: Arc<QTensor> },
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +313,8 @@ pub(crate) struct Lora {
 }
 
 impl Linear {
+    /// Loads the weight (and bias); with `vb.quantize()` set, the weight is quantized right
+    /// away, so the f32 copies of all layers never exist at once.
     pub(crate) fn load(vb: Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get(&[out_dim, in_dim], "weight", Init::Normal)?;
         let bias = if bias {
@@ -309,11 +322,69 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear {
+        let mut lin = Linear {
             prefix: vb.prefix().to_string(),
-            weight,
+            weight: Weight::Dense(weight),
             bias,
             lora: None,
+        };
+        if let Some(want) = vb.quantize() {
+            lin.quantize(want)?;
+        }
+        Ok(lin)
+    }
+
+    /// Replaces a frozen f32 base weight by its GGML blocks of type `want` (or llama.cpp's
+    /// fallback when `want`'s blocks do not tile a row, see [`crate::quant::fit`]). Returns
+    /// the type used; `None` leaves the weight as it is (rows not a multiple of 32).
+    pub fn quantize(&mut self, want: GgmlDType) -> Result<Option<GgmlDType>> {
+        let Weight::Dense(p) = &self.weight else {
+            return Err(Error::quantize(
+                std::path::Path::new(&self.prefix),
+                "the base weight is already quantized",
+            ));
+        };
+        if p.t.is_variable() {
+            return Err(Error::quantize(
+                std::path::Path::new(&self.prefix),
+                "a trainable (full fine-tuning) weight cannot be quantized; QLoRA keeps the base frozen",
+            ));
+        }
+        let (_, in_dim) = p.t.dims2()?;
+        let Some(ty) = crate::quant::fit(want, in_dim) else {
+            return Ok(None);
+        };
+        let q = QTensor::quantize(&p.t, ty)?;
+        self.weight = Weight::Quantized {
+            name: p.name.clone(),
+            q: Arc::new(q),
+        };
+        Ok(Some(ty))
+    }
+
+    /// The GGML type of a quantized base weight; `None` for an f32 one.
+    pub fn quantized_type(&self) -> Option<GgmlDType> {
+        match &self.weight {
+            Weight::Dense(_) => None,
+            Weight::Quantized { q, .. } => Some(q.dtype()),
+        }
+    }
+
+    /// Bytes the base weight occupies in memory (f32, or its GGML blocks).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(p) => p.t.elem_count() * p.t.dtype().size_in_bytes(),
+            Weight::Quantized { q, .. } => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// The base weight under its HF name, f32 (dequantized if quantized).
+    pub(crate) fn base_weight(&self) -> Result<(String, Tensor)> {
+        Ok(match &self.weight {
+            Weight::Dense(p) => (p.name.clone(), p.t.clone()),
+            Weight::Quantized { name, q } => {
+                (name.clone(), q.dequantize(&candle_core::Device::Cpu)?)
+            }
         })
     }
 
@@ -329,7 +400,10 @@ impl Linear {
 
     /// (OUT, IN)
     pub fn dims(&self) -> Result<(usize, usize)> {
-        Ok(self.weight.t.dims2()?)
+        Ok(match &self.weight {
+            Weight::Dense(p) => p.t.dims2()?,
+            Weight::Quantized { q, .. } => q.shape().dims2()?,
+        })
     }
 
     /// PEFT's names for this layer's A and B.
@@ -342,7 +416,12 @@ impl Linear {
 
     /// x: (.., IN) -> (.., OUT). `train` turns LoRA dropout on.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = linear(x, &self.weight.t, self.bias.as_ref().map(|b| &b.t))?; // (.., OUT)
+        let bias = self.bias.as_ref().map(|b| &b.t);
+        let y = match (&self.weight, bias) {
+            (Weight::Dense(w), bias) => linear(x, &w.t, bias)?, // (.., OUT)
+            (Weight::Quantized { q, .. }, None) => quantized_linear(x, q)?,
+            (Weight::Quantized { q, .. }, Some(b)) => quantized_linear(x, q)?.broadcast_add(b)?,
+        };
         let Some(lora) = &self.lora else {
             return Ok(y);
         };
@@ -366,7 +445,10 @@ impl Linear {
         dropout_seed: u64,
     ) -> Result<()> {
         let (out_dim, in_dim) = self.dims()?;
-        let dev = self.weight.t.device().clone();
+        let dev = match &self.weight {
+            Weight::Dense(p) => p.t.device().clone(),
+            Weight::Quantized { .. } => candle_core::Device::Cpu,
+        };
         let bound = 1.0 / (in_dim as f32).sqrt();
         let a: Vec<f32> = (0..cfg.r * in_dim)
             .map(|_| init.random_range(-bound..bound))
@@ -399,20 +481,26 @@ impl Linear {
         Ok(())
     }
 
-    /// `W += scale * B @ A` in f32, then drops the adapter. The merged weight is frozen.
+    /// `W += scale * B @ A` in f32, then drops the adapter. The merged weight is frozen and
+    /// f32 (a quantized base is dequantized first).
     pub(crate) fn merge_lora(&mut self) -> Result<()> {
         let Some(lora) = self.lora.take() else {
             return Ok(());
         };
         let delta = lora.b.t.detach().matmul(&lora.a.t.detach())?; // (OUT, IN)
-        let merged = (self.weight.t.detach() + (delta * lora.scale)?)?; // (OUT, IN)
-        self.weight.t = merged;
+        let (name, base) = self.base_weight()?;
+        let merged = (base.detach() + (delta * lora.scale)?)?; // (OUT, IN)
+        self.weight = Weight::Dense(Param { name, t: merged });
         Ok(())
     }
 
-    /// Base weight, bias, then LoRA A and B.
+    /// f32 base weight, bias, then LoRA A and B. A quantized base weight is not a `Param`
+    /// and is left out.
     pub(crate) fn params(&self) -> Vec<&Param> {
-        let mut v = vec![&self.weight];
+        let mut v: Vec<&Param> = match &self.weight {
+            Weight::Dense(p) => vec![p],
+            Weight::Quantized { .. } => vec![],
+        };
         v.extend(self.bias.as_ref());
         if let Some(l) = &self.lora {
             v.push(&l.a);
@@ -421,9 +509,12 @@ impl Linear {
         v
     }
 
-    /// Base weight and bias only (the HF state dict).
+    /// f32 base weight and bias only (the HF state dict less quantized weights).
     pub(crate) fn base_params_mut(&mut self) -> Vec<&mut Param> {
-        let mut v = vec![&mut self.weight];
+        let mut v: Vec<&mut Param> = match &mut self.weight {
+            Weight::Dense(p) => vec![p],
+            Weight::Quantized { .. } => vec![],
+        };
         v.extend(self.bias.as_mut());
         v
     }
@@ -447,7 +538,7 @@ fn dropout(x: &Tensor, p: f32, rng: &Mutex<StdRng>) -> Result<Tensor> {
             .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
             .collect()
     };
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?; // (..)
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?; // (..)
     Ok((x * mask)?)
 }
 

@@ -29,12 +29,18 @@ impl Default for AdamWConfig {
 
 /// AdamW as in `torch.optim.AdamW` (bias-corrected moments, decoupled decay), with the whole
 /// update for one parameter in a single pass over (param, grad, m, v).
+///
+/// Parameters on a CUDA device (feature `cuda`) are updated by whet-kernels' fused multi-tensor
+/// kernel, one launch per step, with f32 moments kept on the device; `state` copies them to the
+/// host (and panics if the device fails meanwhile: training could not go on anyway).
 pub struct AdamW {
     params: Vec<Param>,
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     cfg: AdamWConfig,
     step: u64,
+    #[cfg(feature = "cuda")]
+    fused: Option<whet_kernels::MultiTensorAdamW>,
 }
 
 impl AdamW {
@@ -53,6 +59,29 @@ impl AdamW {
                 });
             }
         }
+        #[cfg(feature = "cuda")]
+        if params.first().is_some_and(|p| p.var.device().is_cuda()) {
+            for p in &params {
+                if p.var.dtype() != candle_core::DType::F32 {
+                    return Err(OptimError::DType {
+                        name: p.name.clone(),
+                        dtype: format!("{:?}", p.var.dtype()),
+                    });
+                }
+            }
+            let fused = whet_kernels::MultiTensorAdamW::new(
+                params.iter().map(|p| p.var.as_tensor().clone()).collect(),
+                params.iter().map(|p| p.decay).collect(),
+            )?;
+            return Ok(Self {
+                params,
+                m: Vec::new(),
+                v: Vec::new(),
+                cfg,
+                step: 0,
+                fused: Some(fused),
+            });
+        }
         let m = params
             .iter()
             .map(|p| vec![0f32; p.var.elem_count()])
@@ -67,6 +96,8 @@ impl AdamW {
             v,
             cfg,
             step: 0,
+            #[cfg(feature = "cuda")]
+            fused: None,
         })
     }
 }
@@ -92,6 +123,39 @@ impl Optimizer for AdamW {
         let step_size = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let (b1, b2, eps, gs) = (b1 as f32, b2 as f32, self.cfg.eps as f32, grad_scale as f32);
+        #[cfg(feature = "cuda")]
+        if let Some(fused) = &self.fused {
+            for (param, grad) in self.params.iter().zip(grads) {
+                if let Some(g) = grad
+                    && g.dims() != param.var.dims()
+                {
+                    return Err(OptimError::GradShape {
+                        name: param.name.clone(),
+                        expected: param.var.dims().to_vec(),
+                        found: g.dims().to_vec(),
+                    });
+                }
+            }
+            let grads: Vec<Option<Tensor>> = grads
+                .iter()
+                .map(|g| {
+                    g.as_ref()
+                        .map(|g| g.to_dtype(candle_core::DType::F32))
+                        .transpose()
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let hyper = whet_kernels::AdamWHyper {
+                beta1: b1,
+                beta2: b2,
+                eps,
+                step_size,
+                bc2_sqrt,
+                grad_scale: gs,
+                decay: (1.0 - lr * self.cfg.weight_decay) as f32,
+            };
+            fused.step(&grads, &hyper)?;
+            return Ok(());
+        }
         for (i, param) in self.params.iter().enumerate() {
             let Some(grad) = &grads[i] else { continue };
             check_grad(&param.name, param.var.as_tensor(), grad)?;
@@ -134,6 +198,24 @@ impl Optimizer for AdamW {
     }
 
     fn state(&self) -> OptimizerState {
+        #[cfg(feature = "cuda")]
+        if let Some(fused) = &self.fused {
+            let host = |t: &Tensor| -> Vec<f32> {
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("copying the AdamW moments from the GPU failed")
+            };
+            let (m, v) = fused.moments();
+            let mut buffers = Vec::with_capacity(2 * self.params.len());
+            for (i, p) in self.params.iter().enumerate() {
+                buffers.push((format!("exp_avg.{}", p.name), host(&m[i])));
+                buffers.push((format!("exp_avg_sq.{}", p.name), host(&v[i])));
+            }
+            return OptimizerState {
+                step: self.step,
+                buffers,
+            };
+        }
         let mut buffers = Vec::with_capacity(2 * self.params.len());
         for (i, p) in self.params.iter().enumerate() {
             buffers.push((format!("exp_avg.{}", p.name), self.m[i].clone()));
@@ -146,6 +228,22 @@ impl Optimizer for AdamW {
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(fused) = &mut self.fused {
+            let (mut ms, mut vs) = (Vec::new(), Vec::new());
+            for p in &self.params {
+                let dev = p.var.device();
+                let mut m = vec![0f32; p.var.elem_count()];
+                let mut v = vec![0f32; p.var.elem_count()];
+                restore(state, &format!("exp_avg.{}", p.name), &mut m)?;
+                restore(state, &format!("exp_avg_sq.{}", p.name), &mut v)?;
+                ms.push(Tensor::from_vec(m, p.var.shape(), dev)?);
+                vs.push(Tensor::from_vec(v, p.var.shape(), dev)?);
+            }
+            fused.set_moments(ms, vs)?;
+            self.step = state.step;
+            return Ok(());
+        }
         for (i, p) in self.params.iter().enumerate() {
             restore(state, &format!("exp_avg.{}", p.name), &mut self.m[i])?;
             restore(state, &format!("exp_avg_sq.{}", p.name), &mut self.v[i])?;

@@ -80,22 +80,35 @@ impl Optimizer for Sgd {
                 1.0
             };
             let buf = std::sync::Mutex::new(&mut self.buf[i]);
+            let update = |p: &mut [f32], g: &[f32]| {
+                let mut buf = buf.lock().unwrap_or_else(|e| e.into_inner());
+                p.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK))
+                    .zip(buf.par_chunks_mut(CHUNK))
+                    .for_each(|((p, g), b)| {
+                        for j in 0..p.len() {
+                            let g = g[j] * gs;
+                            b[j] = if first { g } else { mu * b[j] + g };
+                            let d = if nesterov { g + mu * b[j] } else { b[j] };
+                            p[j] = p[j] * decay - lr32 * d;
+                        }
+                    });
+            };
+            if !param.var.device().is_cpu() {
+                // A GPU parameter: the same update on host copies (SGD has no fused kernel;
+                // AdamW does), the momentum buffer staying on the host.
+                let t = param.var.as_tensor();
+                let mut p = t.flatten_all()?.to_vec1::<f32>()?;
+                let g = grad.flatten_all()?.to_vec1::<f32>()?;
+                update(&mut p, &g);
+                param
+                    .var
+                    .set(&Tensor::from_vec(p, t.shape(), t.device())?)?;
+                continue;
+            }
             let op = Update {
                 name: &param.name,
-                update: |p: &mut [f32], g: &[f32]| {
-                    let mut buf = buf.lock().unwrap_or_else(|e| e.into_inner());
-                    p.par_chunks_mut(CHUNK)
-                        .zip(g.par_chunks(CHUNK))
-                        .zip(buf.par_chunks_mut(CHUNK))
-                        .for_each(|((p, g), b)| {
-                            for j in 0..p.len() {
-                                let g = g[j] * gs;
-                                b[j] = if first { g } else { mu * b[j] + g };
-                                let d = if nesterov { g + mu * b[j] } else { b[j] };
-                                p[j] = p[j] * decay - lr32 * d;
-                            }
-                        });
-                },
+                update: &update,
             };
             param
                 .var

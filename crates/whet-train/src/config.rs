@@ -29,6 +29,17 @@ pub struct Config {
 pub struct ModelSection {
     /// A Hugging Face folder (config.json, *.safetensors, tokenizer.json, tokenizer_config.json).
     pub path: PathBuf,
+    /// QLoRA: keep the frozen base's linear weights in this GGML type (`q4_0`, `q4_k`,
+    /// `q8_0`, ...; see `whet_model::quant`). LoRA only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
+}
+
+impl ModelSection {
+    /// The parsed `quantize` type (validated when the config loads).
+    pub fn quantize_type(&self) -> Option<candle_core::quantized::GgmlDType> {
+        self.quantize.as_deref().and_then(whet_model::quant::parse)
+    }
 }
 
 /// Which record shape the data has; `auto` picks from the fields.
@@ -139,6 +150,9 @@ pub struct TrainSection {
     pub max_grad_norm: f64,
     /// NEFTune noise on input embeddings (Jain et al. 2023): alpha / sqrt(len * dim); 0 = off.
     pub neftune_alpha: f64,
+    /// Activation checkpointing per decoder layer: keep only each layer's input and recompute
+    /// the layer in backward (less activation memory, about one extra forward of time).
+    pub activation_checkpointing: bool,
     /// Run evaluation every N optimizer steps (0: only at the end of each epoch).
     pub eval_every: u64,
     /// Early stopping: stop after `patience` evaluations without an improvement of at least
@@ -168,6 +182,7 @@ impl Default for TrainSection {
             momentum: 0.9,
             max_grad_norm: 1.0,
             neftune_alpha: 0.0,
+            activation_checkpointing: false,
             eval_every: 0,
             patience: 0,
             min_delta: 0.0,
@@ -329,6 +344,23 @@ impl Config {
         }
         if !(0.0..1.0).contains(&self.lora.dropout) {
             return Err(bad("lora.dropout", "must be in [0, 1)".into()));
+        }
+        if let Some(q) = &self.model.quantize {
+            if whet_model::quant::parse(q).is_none() {
+                return Err(bad(
+                    "model.quantize",
+                    format!(
+                        "{q:?} is not a quantization type; use one of {}",
+                        whet_model::quant::names()
+                    ),
+                ));
+            }
+            if self.method != Method::Lora {
+                return Err(bad(
+                    "model.quantize",
+                    "a quantized base (QLoRA) trains LoRA adapters only; set method = \"lora\" or remove quantize".into(),
+                ));
+            }
         }
         Ok(())
     }

@@ -40,6 +40,24 @@ pub enum TrainError {
     #[error("checkpoint {path} is unusable: {message}", path = path.display())]
     CheckpointRead { path: PathBuf, message: String },
 
+    // ---- distributed runs ----
+    #[error("rank {rank} of {world} ({backend}): {op} failed: {message}")]
+    Comm {
+        rank: usize,
+        world: usize,
+        backend: &'static str,
+        op: String,
+        message: String,
+    },
+    #[error("the ranks disagree on {what}: {detail}. {hint}")]
+    RankMismatch {
+        what: &'static str,
+        detail: String,
+        hint: &'static str,
+    },
+    #[error("{message}")]
+    Launch { message: String },
+
     #[error("{path}: {source}", path = path.display())]
     Io {
         path: PathBuf,

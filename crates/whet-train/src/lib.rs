@@ -1,9 +1,11 @@
-//! The training loop, evaluation and checkpoints.
+//! The training loop, evaluation and checkpoints, on one process or data-parallel over the ranks
+//! of a [`comm::Communicator`] (MPI, NCCL).
 //!
 //! Invariant: this crate sees tokenized rows and a model; it never reads data files or
 //! tokenizers (the orchestrator crate `whet` does that).
 
 pub mod checkpoint;
+pub mod comm;
 pub mod config;
 mod error;
 pub mod metrics;
@@ -15,5 +17,6 @@ pub use config::Config;
 pub use error::{Result, TrainError};
 pub use rows::{Batch, Cursor, Row};
 pub use trainer::{
-    EvalMetrics, Observer, Quiet, StepMetrics, Summary, Trainer, evaluate, load_trainable,
+    EvalMetrics, Observer, Quiet, StepMetrics, Summary, Trainer, evaluate, evaluate_sharded,
+    load_trainable,
 };

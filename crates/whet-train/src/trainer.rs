@@ -1,15 +1,27 @@
 //! The training loop: micro-batches, gradient accumulation normalised by supervised tokens,
-//! clipping, evaluation, early stopping, checkpoints and exact resume.
+//! clipping, evaluation, early stopping, checkpoints and exact resume; data-parallel over the
+//! ranks of a [`Communicator`].
+//!
+//! Data parallelism keeps the arithmetic of one process. A step's global batch is always
+//! `micro_batch * grad_accum` rows of the seeded epoch order, whatever the world size: its
+//! micro-batches are dealt round-robin to the ranks (micro-batch `j` to rank `j % world`), so each
+//! rank reads a disjoint shard of every step and, over an epoch, every row exactly once. Each rank
+//! accumulates the summed loss gradients of its micro-batches; the ranks sum their gradients
+//! (bucketed all-reduce) and their supervised-token counts, and every rank applies the same
+//! update `grad_sum / global supervised tokens`. Dropout is seeded by the global micro-batch
+//! index. So a run gives the same parameters (up to float summation order) on any number of
+//! ranks, and a checkpoint written at one world size resumes at another.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use whet_model::Model;
 use whet_optim::{AdamW, AdamWConfig, Optimizer, OptimizerState, Param, Schedule, Sgd, SgdConfig};
 
 use crate::checkpoint::{self, TrainerState};
+use crate::comm::{self, Agreement, Communicator};
 use crate::config::{Config, Method, OptimizerKind};
 use crate::rows::{Batch, Cursor, Row, epoch_order};
 use crate::{Result, TrainError};
@@ -73,8 +85,25 @@ pub fn evaluate(
     micro_batch: usize,
     device: &Device,
 ) -> Result<(f64, usize)> {
+    evaluate_sharded(model, rows, micro_batch, device, &comm::Single)
+}
+
+/// [`evaluate`] over the ranks of `comm`: each rank scores the micro-batches `j` with
+/// `j % world == rank`, and the loss sums and token counts are summed over the ranks, so every
+/// rank returns the same value (that of one process, up to summation order).
+pub fn evaluate_sharded(
+    model: &Model,
+    rows: &[Row],
+    micro_batch: usize,
+    device: &Device,
+    comm: &dyn Communicator,
+) -> Result<(f64, usize)> {
+    let (rank, world) = (comm.rank(), comm.world_size());
     let (mut sum, mut n) = (0f64, 0usize);
-    for chunk in rows.chunks(micro_batch.max(1)) {
+    for (j, chunk) in rows.chunks(micro_batch.max(1)).enumerate() {
+        if j % world != rank {
+            continue;
+        }
         let refs: Vec<&Row> = chunk.iter().collect();
         let batch = Batch::from_rows(&refs, device)?;
         if batch.supervised == 0 {
@@ -89,6 +118,10 @@ pub fn evaluate(
         sum += loss.to_scalar::<f32>()? as f64;
         n += count;
     }
+    if world > 1 {
+        let total = comm::sum_over_ranks(comm, &[sum, n as f64])?;
+        (sum, n) = (total[0], total[1] as usize);
+    }
     Ok((if n == 0 { f64::NAN } else { sum / n as f64 }, n))
 }
 
@@ -101,6 +134,9 @@ pub struct Trainer<'a> {
     pub device: Device,
     /// Identifies this run (config + data); a checkpoint of another run is never resumed.
     pub run_id: String,
+    /// The ranks this run is data-parallel over ([`comm::Single`] for one process). Every rank
+    /// runs the same `Trainer` on the same rows; rank 0 alone writes checkpoints and metrics.
+    pub comm: &'a dyn Communicator,
 }
 
 impl Trainer<'_> {
@@ -141,7 +177,8 @@ impl Trainer<'_> {
         }
     }
 
-    /// Runs (or resumes) training to the end and returns what happened.
+    /// Runs (or resumes) training to the end and returns what happened. With several ranks,
+    /// every rank calls this with the same config and rows and gets the same summary.
     pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Summary> {
         if self.train.is_empty() {
             return Err(TrainError::EmptySplit {
@@ -152,6 +189,9 @@ impl Trainer<'_> {
         if self.train.iter().all(|r| r.supervised() == 0) {
             return Err(TrainError::NoSupervisedTokens);
         }
+        let comm = self.comm;
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let writer = rank == 0;
         std::fs::create_dir_all(self.out).map_err(|source| TrainError::Io {
             path: self.out.to_path_buf(),
             source,
@@ -192,10 +232,21 @@ impl Trainer<'_> {
                 why: "it has metrics.jsonl but no checkpoint to resume".into(),
             });
         }
+        let bucket_elems = comm.bucket_elems()?;
+        if world > 1 {
+            // Before rank 0 writes anything: every rank runs the same run from the same state.
+            self.agree_on_start(&state, optimizer.params())?;
+        }
         let resumed_from = state.step;
         observer.on_start(total_steps, resumed_from);
-        let mut metrics =
-            crate::metrics::MetricsLog::open(&self.out.join("metrics.jsonl"), resumed_from)?;
+        let mut metrics = if writer {
+            Some(crate::metrics::MetricsLog::open(
+                &self.out.join("metrics.jsonl"),
+                resumed_from,
+            )?)
+        } else {
+            None
+        };
         let mut summary = Summary {
             steps: 0,
             resumed_from,
@@ -214,9 +265,12 @@ impl Trainer<'_> {
         let mut order = epoch_order(self.train.len(), t.seed, state.cursor.epoch);
         self.model.set_training(true);
         self.model.set_neftune(t.neftune_alpha);
+        self.model
+            .set_activation_checkpointing(t.activation_checkpointing);
 
         while state.step < total_steps {
-            // Gather this step's rows, crossing into the next epoch where needed.
+            // Gather this step's rows, crossing into the next epoch where needed. Every rank
+            // walks the same global order; it computes only its own micro-batches.
             let mut rows: Vec<&Row> = Vec::with_capacity(per_step);
             while rows.len() < per_step {
                 if state.cursor.offset >= order.len() {
@@ -233,12 +287,14 @@ impl Trainer<'_> {
                 state.cursor.offset += 1;
             }
             let step_start = Instant::now();
-            // Normalise by the supervised tokens of the whole accumulated batch, not per micro-batch.
-            let supervised: usize = rows.iter().map(|r| r.supervised()).sum();
-            let tokens: usize = rows.iter().map(|r| r.input_ids.len()).sum();
             let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.params().len()];
-            let mut loss_sum = 0f64;
+            let mut local = LocalStep::default();
             for (micro, chunk) in rows.chunks(t.micro_batch).enumerate() {
+                if micro % world != rank {
+                    continue; // another rank's micro-batch
+                }
+                local.tokens += chunk.iter().map(|r| r.input_ids.len()).sum::<usize>();
+                local.supervised += chunk.iter().map(|r| r.supervised()).sum::<usize>();
                 let batch = Batch::from_rows(chunk, &self.device)?;
                 if batch.supervised == 0 {
                     continue;
@@ -253,14 +309,11 @@ impl Trainer<'_> {
                 )?;
                 let value = loss.to_scalar::<f32>()?;
                 if !value.is_finite() {
-                    return Err(TrainError::NonFinite {
-                        step: state.step + 1,
-                        micro,
-                        value,
-                    });
+                    local.non_finite = Some((micro, value));
+                    break;
                 }
-                loss_sum += value as f64;
-                let store = loss.backward()?;
+                local.loss_sum += value as f64;
+                let store = self.model.backward(&loss)?;
                 for (slot, p) in grads.iter_mut().zip(optimizer.params()) {
                     if let Some(g) = store.get(p.var.as_tensor()) {
                         *slot = Some(match slot.take() {
@@ -270,6 +323,30 @@ impl Trainer<'_> {
                     }
                 }
             }
+            // Normalise by the supervised tokens of the whole accumulated batch, over every
+            // rank, not per micro-batch or per rank.
+            let global = if world == 1 {
+                local.clone()
+            } else {
+                local.sum_over_ranks(comm, &grads)?
+            };
+            if let Some((micro, value)) = global.non_finite {
+                return Err(TrainError::NonFinite {
+                    step: state.step + 1,
+                    micro,
+                    value,
+                });
+            }
+            if world > 1 {
+                grads = all_reduce_gradients(
+                    comm,
+                    optimizer.params(),
+                    grads,
+                    &global.has_grad,
+                    bucket_elems,
+                )?;
+            }
+            let (supervised, tokens) = (global.supervised, global.tokens);
             let scale = 1.0 / supervised.max(1) as f64;
             let grad_norm = whet_optim::global_norm(&grads, scale)?;
             if !grad_norm.is_finite() {
@@ -285,7 +362,7 @@ impl Trainer<'_> {
             drop(grads);
             state.step += 1;
             state.tokens_seen += tokens as u64;
-            let loss = loss_sum * scale;
+            let loss = global.loss_sum * scale;
             summary.first_loss.get_or_insert(loss);
             summary.last_loss = Some(loss);
             summary.losses.push(loss);
@@ -302,7 +379,9 @@ impl Trainer<'_> {
                 tokens_per_s: tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9),
                 elapsed_s: started.elapsed().as_secs_f64(),
             };
-            metrics.step(&m)?;
+            if let Some(log) = metrics.as_mut() {
+                log.step(&m)?;
+            }
             observer.on_step(&m);
 
             let end_of_epoch = state.step.is_multiple_of(steps_per_epoch);
@@ -315,8 +394,15 @@ impl Trainer<'_> {
             let mut stop = false;
             if eval_now && !self.validation.is_empty() {
                 self.model.set_training(false);
-                let (val_loss, val_tokens) =
-                    evaluate(self.model, self.validation, t.micro_batch, &self.device)?;
+                // Summed over the ranks: every rank sees the same loss and makes the same
+                // early-stopping decision.
+                let (val_loss, val_tokens) = evaluate_sharded(
+                    self.model,
+                    self.validation,
+                    t.micro_batch,
+                    &self.device,
+                    comm,
+                )?;
                 self.model.set_training(true);
                 let improved = state
                     .best_val_loss
@@ -335,7 +421,9 @@ impl Trainer<'_> {
                     val_tokens,
                     improved,
                 };
-                metrics.eval(&e)?;
+                if let Some(log) = metrics.as_mut() {
+                    log.eval(&e)?;
+                }
                 observer.on_eval(&e);
                 summary.evals.push(e);
                 stop = t.patience > 0 && state.stale_evals >= t.patience;
@@ -343,7 +431,8 @@ impl Trainer<'_> {
             let save_now = eval_now
                 || (self.config.output.save_every > 0
                     && state.step.is_multiple_of(self.config.output.save_every));
-            if save_now || stop || last {
+            // Rank 0 writes; the others go on to the next step's collectives and wait there.
+            if writer && (save_now || stop || last) {
                 let dir = self.save(&state, optimizer.as_ref())?;
                 observer.on_checkpoint(&dir);
                 if state.best_step == Some(state.step) {
@@ -364,6 +453,40 @@ impl Trainer<'_> {
             .best_step
             .map(|s| self.out.join(checkpoint::checkpoint_name(s)));
         Ok(summary)
+    }
+
+    /// Checks, before the first step, that every rank runs the same run (config and data) from
+    /// the same checkpoint with the same trainable values.
+    fn agree_on_start(&self, state: &TrainerState, params: &[Param]) -> Result<()> {
+        let run = fnv64(self.run_id.as_bytes());
+        let mut values = 0xcbf2_9ce4_8422_2325u64;
+        for p in params {
+            values = fnv64_continue(values, p.name.as_bytes());
+            values = hash_values(values, p.var.as_tensor())?;
+        }
+        let low48 = |h: u64| (h & ((1 << 48) - 1)) as f64;
+        comm::agree(
+            self.comm,
+            &[
+                Agreement {
+                    what: "the run (config and data)",
+                    value: low48(run),
+                    hint: "Every rank must read the same config, overrides and data files",
+                },
+                Agreement {
+                    what: "the step to resume from",
+                    value: state.step as f64,
+                    hint: "The ranks see different checkpoints in output.dir: put it on a \
+                           filesystem every host shares",
+                },
+                Agreement {
+                    what: "the trainable values",
+                    value: low48(values),
+                    hint: "The ranks loaded different weights: every host needs the same model \
+                           files (and output.dir shared, for resuming)",
+                },
+            ],
+        )
     }
 
     fn save(&self, state: &TrainerState, optimizer: &dyn Optimizer) -> Result<PathBuf> {
@@ -430,4 +553,142 @@ pub fn load_trainable(model: &Model, dir: &Path, method: Method) -> Result<()> {
         var.set(&t.to_dtype(var.dtype())?)?;
     }
     Ok(())
+}
+
+/// What one rank did in a step, and after [`LocalStep::sum_over_ranks`], what all ranks did.
+#[derive(Debug, Clone, Default)]
+struct LocalStep {
+    supervised: usize,
+    tokens: usize,
+    loss_sum: f64,
+    /// The first micro-batch whose loss was not finite, and that loss.
+    non_finite: Option<(usize, f32)>,
+    /// Per parameter: whether any rank has a gradient for it (filled by `sum_over_ranks`).
+    has_grad: Vec<bool>,
+}
+
+impl LocalStep {
+    /// One all-gather of the counts, the loss sum, the first non-finite micro-batch and which
+    /// parameters got a gradient, summed in rank order (the same bits on every rank).
+    fn sum_over_ranks(&self, comm: &dyn Communicator, grads: &[Option<Tensor>]) -> Result<Self> {
+        let (micro, value) = self.non_finite.unwrap_or((usize::MAX, 0.0));
+        let head = [
+            self.supervised as f64,
+            self.tokens as f64,
+            self.loss_sum,
+            micro as f64,
+            value as f64,
+        ];
+        let mine: Vec<f64> = head
+            .iter()
+            .copied()
+            .chain(grads.iter().map(|g| f64::from(u8::from(g.is_some()))))
+            .collect();
+        let all = comm.all_gather_host(&mine)?;
+        let mut global = Self {
+            has_grad: vec![false; grads.len()],
+            ..Self::default()
+        };
+        for per_rank in all.chunks_exact(mine.len()) {
+            global.supervised += per_rank[0] as usize;
+            global.tokens += per_rank[1] as usize;
+            global.loss_sum += per_rank[2];
+            let micro = per_rank[3];
+            if micro < usize::MAX as f64
+                && global.non_finite.is_none_or(|(m, _)| (micro as usize) < m)
+            {
+                global.non_finite = Some((micro as usize, per_rank[4] as f32));
+            }
+            for (h, &x) in global.has_grad.iter_mut().zip(&per_rank[head.len()..]) {
+                *h |= x > 0.0;
+            }
+        }
+        Ok(global)
+    }
+}
+
+/// Sums this rank's gradients with every other rank's: flattened into buckets of about
+/// `bucket_elems` values (`WHET_BUCKET_MB`), all reduced in one call of the communicator. A
+/// parameter no rank has a gradient for stays `None`, as in one process (the optimizer skips it).
+///
+/// No overlap with the backward pass: candle's `backward()` returns the whole gradient store at
+/// once and has no per-tensor hooks, so no bucket is complete before backward ends. The buckets'
+/// reductions overlap each other instead (MPI starts them all before waiting; NCCL queues them on
+/// the device's stream).
+fn all_reduce_gradients(
+    comm: &dyn Communicator,
+    params: &[Param],
+    grads: Vec<Option<Tensor>>,
+    has_grad: &[bool],
+    bucket_elems: usize,
+) -> Result<Vec<Option<Tensor>>> {
+    let numels: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
+    let plan = comm::plan_buckets(&numels, bucket_elems);
+    let mut buckets = Vec::with_capacity(plan.len());
+    for range in &plan {
+        let parts = range
+            .clone()
+            .map(|i| match &grads[i] {
+                Some(g) => g.flatten_all()?.to_dtype(DType::F32),
+                None => Tensor::zeros(numels[i], DType::F32, params[i].var.device()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        buckets.push(Tensor::cat(&parts, 0)?);
+    }
+    drop(grads);
+    let summed = comm.all_reduce_sum(&buckets)?;
+    drop(buckets);
+    let mut out = Vec::with_capacity(params.len());
+    for (range, bucket) in plan.iter().zip(&summed) {
+        let mut offset = 0;
+        for i in range.clone() {
+            let p = &params[i];
+            out.push(if has_grad[i] {
+                // A view into the summed bucket: no copy.
+                Some(
+                    bucket
+                        .narrow(0, offset, numels[i])?
+                        .reshape(p.var.shape())?
+                        .to_dtype(p.var.dtype())?,
+                )
+            } else {
+                None
+            });
+            offset += numels[i];
+        }
+    }
+    Ok(out)
+}
+
+fn fnv64(bytes: &[u8]) -> u64 {
+    fnv64_continue(0xcbf2_9ce4_8422_2325, bytes)
+}
+
+fn fnv64_continue(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Folds the exact bits of `t`'s values into `h`, in order: equal on two ranks only when the
+/// values are identical (no float sum whose order could differ between hosts).
+fn hash_values(h: u64, t: &Tensor) -> Result<u64> {
+    let t = t.flatten_all()?;
+    let (storage, layout) = t.storage_and_layout();
+    if let candle_core::Storage::Cpu(cpu) = &*storage
+        && let Ok(data) = cpu.as_slice::<f32>()
+    {
+        let start = layout.start_offset();
+        let data = &data[start..start + t.elem_count()];
+        return Ok(data
+            .iter()
+            .fold(h, |h, x| fnv64_continue(h, &x.to_bits().to_le_bytes())));
+    }
+    drop(storage);
+    let values = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(values
+        .iter()
+        .fold(h, |h, x| fnv64_continue(h, &x.to_bits().to_le_bytes())))
 }

@@ -1,7 +1,7 @@
 //! `whet bench-step`: the training step that `cargo xtask bench train-step` measures against
 //! PyTorch + PEFT (`benches/train_step.py` runs the same workload there).
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -19,16 +19,45 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// `whet bench-step`'s arguments.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StepArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "lora")]
+    pub method: String,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// QLoRA: keep the base's linear weights in this GGML type (q4_0, q8_0, q4_k, ...).
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// Activation checkpointing per decoder layer.
+    #[arg(long)]
+    pub checkpoint: bool,
+}
+
 /// Times `steps` optimizer steps (forward, backward, AdamW) on random tokens after `warmup`
 /// untimed ones; prints one JSON line.
-pub fn train_step(
-    model_dir: &Path,
-    method: &str,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    warmup: usize,
-) -> Result<()> {
+pub fn train_step(args: &StepArgs) -> Result<()> {
+    let StepArgs {
+        model: model_dir,
+        method,
+        batch,
+        seq,
+        steps,
+        warmup,
+        quantize,
+        checkpoint: checkpointing,
+    } = args.clone();
+    let quantize = quantize.as_deref();
+    let method = method.as_str();
+    let model_dir = model_dir.as_path();
     let trainable = match method {
         "lora" => {
             let mut l = LoraConfig::new(16, 32.0);
@@ -39,8 +68,20 @@ pub fn train_step(
         other => anyhow::bail!("--method must be lora or full, not `{other}`"),
     };
     let dev = device();
-    let mut model = Model::load(model_dir, trainable, &dev)?;
+    let quantize = match quantize {
+        None => None,
+        Some(q) => Some(whet_model::quant::parse(q).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--quantize {q:?}: use one of {}",
+                whet_model::quant::names()
+            )
+        })?),
+    };
+    let options = whet_model::LoadOptions { quantize };
+    let mut model = Model::load_with(model_dir, trainable, &options, &dev)?;
+    model.set_compute_dtype(crate::commands::compute_dtype())?;
     model.set_training(true);
+    model.set_activation_checkpointing(checkpointing);
     let params: Vec<Param> = model
         .trainable()
         .into_iter()
@@ -78,7 +119,7 @@ pub fn train_step(
     for i in 0..warmup + steps {
         let t0 = Instant::now();
         let (loss, n) = model.loss(&ids, &pos, &seg, &targets)?;
-        let grads = loss.backward()?;
+        let grads = model.backward(&loss)?;
         let g: Vec<Option<Tensor>> = opt
             .params()
             .iter()
@@ -103,6 +144,9 @@ pub fn train_step(
             "step_s": mean,
             "tokens_per_s": (batch * seq) as f64 / mean,
             "peak_rss_mib": peak_rss_mib(),
+            "quantize": quantize.map(whet_model::quant::name),
+            "activation_checkpointing": checkpointing,
+            "linear_weight_mib": model.quant_summary().bytes as f64 / (1 << 20) as f64,
             "losses": losses,
         })
     );

@@ -4,11 +4,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use whet_data::{Message, Role};
-use whet_model::{GenerationConfig, LoraConfig, Model, TargetModules, Trainable};
+use whet_model::{GenerationConfig, LoadOptions, LoraConfig, Model, TargetModules, Trainable};
 use whet_tokenize::Tokenizer;
+use whet_train::comm::Communicator;
 use whet_train::config::{Config, Format, Method};
 use whet_train::{EvalMetrics, Observer, Row, StepMetrics, Trainer, evaluate};
 
@@ -16,8 +17,49 @@ use crate::cli::{GenerateArgs, ModelArgs};
 use crate::pipeline::{self, DataSpec};
 use crate::report::{self, Generation, Report};
 
+/// The device and compute dtype every command uses (`--device`, `--dtype`); CPU f32 until set.
+static DEVICE: std::sync::OnceLock<(Device, DType)> = std::sync::OnceLock::new();
+
+/// Picks the device (`cpu`, `cuda`, `cuda:N`) and the compute dtype (`auto`: bf16 on CUDA,
+/// f32 on the CPU; `f32`; `bf16`, CUDA only) for the whole process.
+pub fn set_device(name: &str, dtype: &str) -> Result<()> {
+    let dev = match name {
+        "cpu" => Device::Cpu,
+        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
+            let ordinal: usize = match cuda.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .with_context(|| format!("--device {cuda}: expected cuda:N, N a number"))?,
+                // One rank per GPU: the rank's local rank among the visible devices.
+                None => whet_train::comm::local_cuda_ordinal(),
+            };
+            if !cfg!(feature = "cuda") {
+                bail!(
+                    "--device {cuda}: this whet was built without CUDA; build it with `cargo build --release -p whet --features cuda` (a CUDA toolkit is needed; `cargo xtask cuda-build` installs one)"
+                )
+            }
+            Device::new_cuda(ordinal).with_context(|| format!("--device {cuda}"))?
+        }
+        other => bail!("--device {other:?}: expected cpu, cuda or cuda:N"),
+    };
+    let dt = match (dtype, dev.is_cuda()) {
+        ("auto", true) | ("bf16", true) => DType::BF16,
+        ("auto", false) | ("f32", _) => DType::F32,
+        ("bf16", false) => bail!("--dtype bf16 needs --device cuda (the CPU kernels are f32)"),
+        (other, _) => bail!("--dtype {other:?}: expected auto, f32 or bf16"),
+    };
+    DEVICE
+        .set((dev, dt))
+        .map_err(|_| anyhow::anyhow!("the device was already chosen"))
+}
+
 pub fn device() -> Device {
-    Device::Cpu
+    DEVICE.get().map(|d| d.0.clone()).unwrap_or(Device::Cpu)
+}
+
+/// The dtype the forward computes in (trainable weights and optimizer state stay f32).
+pub fn compute_dtype() -> DType {
+    DEVICE.get().map(|d| d.1).unwrap_or(DType::F32)
 }
 
 /// Loads a model folder (frozen) and, when given, a LoRA adapter on top.
@@ -26,6 +68,7 @@ pub fn load_model(args: &ModelArgs, trainable: Trainable) -> Result<Model> {
     if let Some(adapter) = &args.adapter {
         model.load_adapter(adapter)?;
     }
+    model.set_compute_dtype(compute_dtype())?;
     model.set_training(false);
     Ok(model)
 }
@@ -184,9 +227,22 @@ pub fn merge(args: &ModelArgs, out: &Path) -> Result<()> {
     let tok = load_tokenizer(&args.model)?;
     let mut merged = model.detached();
     merged.merge_lora()?;
-    // A probe batch: the start of the chat template or a fixed sentence.
+    let (a, n) = probe_logits(&model, &tok)?;
+    let (b, _) = probe_logits(&merged, &tok)?;
+    let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    merged.save_pretrained(out)?;
+    copy_tokenizer_files(&args.model, out)?;
+    println!(
+        "{}",
+        serde_json::json!({ "out": out, "adapter": adapter, "max_abs_logit_diff": diff, "probe_tokens": n })
+    );
+    Ok(())
+}
+
+/// The logits of a probe prompt (the start of the chat template or a fixed sentence).
+fn probe_logits(model: &Model, tok: &Tokenizer) -> Result<(candle_core::Tensor, usize)> {
     let probe = prompt_ids(
-        &tok,
+        tok,
         "Write one sentence about the sea.",
         tok.chat_template().is_some(),
         None,
@@ -195,15 +251,81 @@ pub fn merge(args: &ModelArgs, out: &Path) -> Result<()> {
     let ids = candle_core::Tensor::from_vec(probe, (1, n), &device())?;
     let pos = candle_core::Tensor::arange(0u32, n as u32, &device())?.unsqueeze(0)?;
     let seg = candle_core::Tensor::zeros((1, n), candle_core::DType::U32, &device())?;
-    let a = model.logits(&ids, &pos, &seg)?;
-    let b = merged.logits(&ids, &pos, &seg)?;
-    let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    merged.save_pretrained(out)?;
-    copy_tokenizer_files(&args.model, out)?;
+    Ok((model.logits(&ids, &pos, &seg)?, n))
+}
+
+/// `whet export --gguf`: merges an adapter if given, writes the GGUF file, then reads it back
+/// (whet's GGUF import) and reports how far its logits are from the model's and whether the
+/// tokenizer survived.
+pub fn export_gguf(args: &ModelArgs, out: &Path, ty: &str, name: Option<&str>) -> Result<()> {
+    let want = whet_model::quant::parse(ty).with_context(|| {
+        format!(
+            "--type {ty:?} is not a GGML type; use one of {}",
+            whet_model::quant::names()
+        )
+    })?;
+    let model = load_model(args, Trainable::None)?;
+    let mut merged = model.detached();
+    merged.merge_lora()?;
+    let name = name.map(str::to_string).unwrap_or_else(|| {
+        args.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "whet-model".into())
+    });
+    let started = Instant::now();
+    let report = whet_model::export::export_gguf(&merged, &args.model, out, want, &name)?;
+    let secs = started.elapsed().as_secs_f64();
+
+    // Read it back: convert to a scratch HF folder and compare.
+    let scratch = tempfile::tempdir().context("creating a scratch folder")?;
+    whet_model::gguf::convert_gguf_to_hf(out, scratch.path())?;
+    let back = Model::load(scratch.path(), Trainable::None, &device())?;
+    let tok = load_tokenizer(&args.model)?;
+    let tok_back = load_tokenizer(scratch.path())?;
+    let (a, n) = probe_logits(&merged, &tok)?;
+    let (b, _) = probe_logits(&back, &tok)?;
+    let diff = (&a - &b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let mean_diff = (&a - &b)?.abs()?.mean_all()?.to_scalar::<f32>()?;
+    let (ta, tb) = (
+        a.argmax(candle_core::D::Minus1)?
+            .flatten_all()?
+            .to_vec1::<u32>()?,
+        b.argmax(candle_core::D::Minus1)?
+            .flatten_all()?
+            .to_vec1::<u32>()?,
+    );
+    let top1 = ta.iter().zip(&tb).filter(|(x, y)| x == y).count() as f64 / ta.len() as f64;
+    let text = "Fine-tuning whet: 3 tests, 12 ms, naïve café ✓.";
+    let same_tokens = tok.encode_ids(text)? == tok_back.encode_ids(text)?;
     println!(
         "{}",
-        serde_json::json!({ "out": out, "adapter": adapter, "max_abs_logit_diff": diff, "probe_tokens": n })
+        serde_json::json!({
+            "out": out,
+            "type": whet_model::quant::name(want),
+            "tensor_types": report.types,
+            "bytes": report.bytes,
+            "seconds": secs,
+            "reimport_max_abs_logit_diff": diff,
+            "reimport_mean_abs_logit_diff": mean_diff,
+            "reimport_top1_agreement": top1,
+            "max_abs_logit": scale,
+            "probe_tokens": n,
+            "tokenizer_round_trip": same_tokens,
+        })
     );
+    if !same_tokens {
+        bail!(
+            "{}: the exported tokenizer encodes a probe text differently from {}",
+            out.display(),
+            args.model.display()
+        );
+    }
     Ok(())
 }
 
@@ -309,6 +431,17 @@ fn lora_config(cfg: &Config) -> LoraConfig {
     c
 }
 
+/// The model a training config asks for: its method's trainable weights, and a quantized
+/// base when `model.quantize` is set (QLoRA).
+pub fn load_for_training(cfg: &Config, seed: u64) -> Result<Model> {
+    let options = LoadOptions {
+        quantize: cfg.model.quantize_type(),
+    };
+    let mut model = Model::load_with(&cfg.model.path, trainable(cfg, seed), &options, &device())?;
+    model.set_compute_dtype(compute_dtype())?;
+    Ok(model)
+}
+
 pub fn trainable(cfg: &Config, seed: u64) -> Trainable {
     match cfg.method {
         Method::Lora => Trainable::Lora {
@@ -333,8 +466,37 @@ pub fn run_id(cfg: &Config, train: &[Row]) -> String {
     h.hex()[..16].to_string()
 }
 
+/// `whet train`: one process, or one rank of a data-parallel run (`mpirun -n N whet train ...`;
+/// `whet_train::comm` picks the communicator from the launcher's environment). Every rank prepares
+/// the same data and model; rank 0 alone writes the audit, checkpoints, metrics, weights and
+/// report, and prints the progress.
 pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<()> {
+    let dev = device();
+    let comm = whet_train::comm::init(&dev)?;
+    let result = train_on(&*comm, &dev, config, overrides, with_report);
+    if let Err(e) = &result
+        && comm.world_size() > 1
+    {
+        // The other ranks may be waiting for this one in a collective: end them all, now.
+        eprintln!(
+            "error: rank {} of {}: {e:#}",
+            comm.rank(),
+            comm.world_size()
+        );
+        comm.abort(1);
+    }
+    result
+}
+
+fn train_on(
+    comm: &dyn Communicator,
+    dev: &Device,
+    config: &Path,
+    overrides: &[String],
+    with_report: bool,
+) -> Result<()> {
     let started = Instant::now();
+    let leader = comm.rank() == 0;
     let cfg = Config::load(config, overrides)?;
     let out = cfg.output.dir.clone();
     let tok = load_tokenizer(&cfg.model.path)?;
@@ -355,26 +517,63 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
         }
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    if let (Some(audit), Some(path)) = (&data.pii_audit, &data.report.pii_audit) {
+    if leader && let (Some(audit), Some(path)) = (&data.pii_audit, &data.report.pii_audit) {
         audit.write_json(path)?;
     }
-    eprintln!(
-        "data: {} train examples -> {} rows, {} validation examples -> {} rows (tokenized rows: cache {})",
-        data.report.train_examples,
-        data.train.len(),
-        data.report.validation_examples,
-        data.validation.len(),
-        data.report.cache.as_deref().unwrap_or("off")
-    );
+    if leader {
+        eprintln!(
+            "data: {} train examples -> {} rows, {} validation examples -> {} rows (tokenized rows: cache {})",
+            data.report.train_examples,
+            data.train.len(),
+            data.report.validation_examples,
+            data.validation.len(),
+            data.report.cache.as_deref().unwrap_or("off")
+        );
+    }
     if cfg.train.k_folds >= 2 {
+        if comm.world_size() > 1 {
+            bail!(
+                "k-fold cross-validation (train.k_folds = {}) runs in one process: launch it without mpirun/srun",
+                cfg.train.k_folds
+            );
+        }
         return crate::kfold::run(&cfg, &tok, &data, &out);
     }
-    let mut model = Model::load(&cfg.model.path, trainable(&cfg, cfg.train.seed), &device())?;
+    let mut model = load_for_training(&cfg, cfg.train.seed)?;
     let (total_params, trainable_params) = model.num_params();
-    eprintln!(
-        "model: {total_params} parameters, {trainable_params} trainable ({:?})",
-        cfg.method
-    );
+    if leader {
+        eprintln!(
+            "model: {total_params} parameters, {trainable_params} trainable ({:?}){}",
+            cfg.method,
+            if comm.world_size() > 1 {
+                format!(
+                    "; data-parallel over {} ranks ({})",
+                    comm.world_size(),
+                    comm.backend()
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    if leader && !cfg.train.grad_accum.is_multiple_of(comm.world_size()) {
+        eprintln!(
+            "note: train.grad_accum = {} is not a multiple of the {} ranks: each step's {} \
+             micro-batches are shared unevenly (same result; the step waits for the busiest rank)",
+            cfg.train.grad_accum,
+            comm.world_size(),
+            cfg.train.grad_accum
+        );
+    }
+    if cfg.model.quantize.is_some() {
+        let q = model.quant_summary();
+        eprintln!(
+            "model: QLoRA base, linear weights {:?}: {:.1} MiB instead of {:.1} MiB in f32",
+            q.types,
+            q.bytes as f64 / (1 << 20) as f64,
+            q.f32_bytes as f64 / (1 << 20) as f64
+        );
+    }
     let general = match &cfg.eval.general_data {
         Some(p) => Some(eval_rows(&tok, p, Format::Auto, cfg.data.max_len)?),
         None => None,
@@ -382,7 +581,6 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
 
     // Before training: the base model (LoRA starts as the identity, B = 0).
     model.set_training(false);
-    let dev = device();
     let measure = |model: &Model| {
         report::measure(
             model,
@@ -391,10 +589,10 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
             &data.validation,
             general.as_deref(),
             with_report,
-            &dev,
+            dev,
         )
     };
-    let before = measure(&model)?;
+    let before = if leader { Some(measure(&model)?) } else { None };
 
     let mut trainer = Trainer {
         model: &mut model,
@@ -404,6 +602,12 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
         out: &out,
         device: dev.clone(),
         run_id: id,
+        comm,
+    };
+    let Some(before) = before else {
+        // Another rank: train alongside rank 0; the report and exports are rank 0's.
+        trainer.run(&mut whet_train::Quiet)?;
+        return Ok(());
     };
     let mut progress = Progress::new();
     let summary = trainer.run(&mut progress)?;

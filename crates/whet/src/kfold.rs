@@ -6,7 +6,6 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 use serde::Serialize;
-use whet_model::Model;
 use whet_tokenize::Tokenizer;
 use whet_train::config::Config;
 use whet_train::{Quiet, Trainer};
@@ -62,11 +61,7 @@ pub fn run(cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &Path) -> Result
         let (val_tok, _) = pipeline::tokenize(tok, &split.validation, &spec)?;
         let (train, _) = pipeline::rows(tok, &train_tok, &spec)?;
         let (validation, _) = pipeline::rows(tok, &val_tok, &spec)?;
-        let mut model = Model::load(
-            &cfg.model.path,
-            crate::commands::trainable(cfg, cfg.train.seed),
-            &device(),
-        )?;
+        let mut model = crate::commands::load_for_training(cfg, cfg.train.seed)?;
         model.set_training(false);
         let (base, _) =
             whet_train::evaluate(&model, &validation, cfg.train.micro_batch, &device())?;
@@ -79,6 +74,7 @@ pub fn run(cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &Path) -> Result
             out: &fold_out,
             device: device(),
             run_id: format!("{}-fold{fold}", crate::commands::run_id(cfg, &train)),
+            comm: &whet_train::comm::Single,
         };
         let summary = trainer.run(&mut Quiet)?;
         let best = summary.best_val_loss.unwrap_or(f64::NAN);

@@ -132,8 +132,15 @@ impl Report {
             c.method,
             if c.method == whet_train::config::Method::Lora {
                 format!(
-                    " (r={}, alpha={}, targets {:?})",
-                    c.lora.r, c.lora.alpha, c.lora.target_modules
+                    " (r={}, alpha={}, targets {:?}{})",
+                    c.lora.r,
+                    c.lora.alpha,
+                    c.lora.target_modules,
+                    match &c.model.quantize {
+                        // The base rows of the tables below are this quantized base.
+                        Some(q) => format!("; QLoRA: base linear weights kept in {q}"),
+                        None => String::new(),
+                    }
                 )
             } else {
                 String::new()

@@ -3,12 +3,16 @@
 //! run in f64 too, so the step can be 1e-6 and the tolerance tight).
 
 mod attention;
+mod checkpoint;
 mod common;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod errors;
 mod linear;
 mod linear_cross_entropy;
 mod props;
+mod quantized;
 mod rms_norm;
 mod rope;
 mod swiglu;

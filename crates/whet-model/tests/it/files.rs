@@ -34,7 +34,7 @@ fn saved(tag: &str) -> (TempDir, Model, HashMap<String, Tensor>) {
     let model = spread_model(&cfg, 21, Trainable::None);
     let dir = TempDir::new(tag);
     model.save_pretrained(dir.path()).unwrap();
-    let weights = model.named_weights().into_iter().collect();
+    let weights = model.named_weights().unwrap().into_iter().collect();
     (dir, model, weights)
 }
 
@@ -45,7 +45,7 @@ fn save_and_load_round_trip() {
     assert_eq!(loaded.config(), model.config());
     assert_eq!(max_abs_diff(&logits(&loaded), &logits(&model)), 0.0);
     let full = Model::load(dir.path(), Trainable::Full, &cpu()).unwrap();
-    assert_eq!(full.trainable().len(), model.named_weights().len());
+    assert_eq!(full.trainable().len(), model.named_weights().unwrap().len());
 }
 
 #[test]
@@ -98,7 +98,7 @@ fn half_precision_weights_become_f32() {
             .collect();
         save(dir.path(), &half);
         let loaded = Model::load(dir.path(), Trainable::None, &cpu()).unwrap();
-        for (name, t) in loaded.named_weights() {
+        for (name, t) in loaded.named_weights().unwrap() {
             assert_eq!(t.dtype(), DType::F32, "{name}");
             let want = half[&name].to_dtype(DType::F32).unwrap();
             assert_eq!(max_abs_diff(&t, &want), 0.0, "{name} ({dtype:?})");

@@ -9,7 +9,7 @@ use crate::common::*;
 use crate::model::spread_model;
 
 /// Gives every lora_B a random value (fresh adapters have B = 0 and change nothing).
-fn randomize_b(model: &Model, seed: u64) {
+pub fn randomize_b(model: &Model, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     for (name, var) in model.trainable() {
         if name.ends_with("lora_B.weight") {
@@ -118,7 +118,7 @@ fn only_the_adapters_get_gradients() {
             .unwrap_or_else(|| panic!("no gradient for {name}"));
         assert!(max_abs(g) > 0.0, "{name}: zero gradient");
     }
-    for (name, w) in model.named_weights() {
+    for (name, w) in model.named_weights().unwrap() {
         assert!(!w.is_variable(), "{name} is trainable under LoRA");
         assert!(grads.get(&w).is_none(), "{name} got a gradient under LoRA");
     }

@@ -1,10 +1,15 @@
 //! whet-model's one integration test binary.
 
+mod checkpointing;
 mod common;
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod export;
 mod files;
 mod generate;
 mod gguf;
 mod golden;
 mod lora;
 mod model;
+mod qlora;

@@ -16,7 +16,7 @@ pub fn spread_model(cfg: &Config, seed: u64, trainable: Trainable) -> Model {
     let base = Model::random(cfg, seed, &cpu()).unwrap();
     let mut rng = StdRng::seed_from_u64(seed ^ 0xABCD);
     let mut map = HashMap::new();
-    for (name, t) in base.named_weights() {
+    for (name, t) in base.named_weights().unwrap() {
         let n = t.elem_count();
         let (mean, std) = if name.ends_with("norm.weight") {
             (1.0, 0.2)
@@ -147,7 +147,12 @@ fn full_fine_tuning_gradients_match_finite_differences() {
         let b = packed_batch(cfg.vocab_size as u32, 4);
         let vars = model.trainable();
         let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
-        let want: Vec<String> = model.named_weights().into_iter().map(|(n, _)| n).collect();
+        let want: Vec<String> = model
+            .named_weights()
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         assert_eq!(
             names, want,
             "full fine-tuning trains exactly the HF weights"

@@ -3,6 +3,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::Device;
 use whet_model::{Config as ModelConfig, LoraConfig, Model};
+use whet_train::comm::Communicator;
 use whet_train::{Config, Quiet, Row, Summary, Trainer};
 
 pub fn tiny_model(lora: bool) -> Model {
@@ -130,6 +131,169 @@ pub fn run(
         out: &out,
         device: Device::Cpu,
         run_id: run_id.into(),
+        comm: &whet_train::comm::Single,
     }
     .run(&mut Quiet)
+}
+
+/// An in-process group of ranks (threads) implementing the `Communicator` trait: the trainer's
+/// data-parallel arithmetic, tested without an MPI installation. Collectives add in rank order,
+/// as `sum_over_ranks` does; a rank that waits a minute for the others panics instead of
+/// deadlocking the test.
+pub mod threads {
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::Duration;
+
+    use candle_core::Tensor;
+    use whet_train::comm::Communicator;
+
+    struct Shared {
+        world: usize,
+        round: Mutex<(usize, u64)>,
+        cv: Condvar,
+        host: Mutex<Vec<Vec<f64>>>,
+        buckets: Mutex<Vec<Vec<Vec<f32>>>>,
+    }
+
+    pub struct Rank {
+        rank: usize,
+        bucket_elems: usize,
+        shared: Arc<Shared>,
+    }
+
+    /// `world` ranks whose gradient buckets hold `bucket_elems` values.
+    pub fn group(world: usize, bucket_elems: usize) -> Vec<Rank> {
+        let shared = Arc::new(Shared {
+            world,
+            round: Mutex::new((0, 0)),
+            cv: Condvar::new(),
+            host: Mutex::new(vec![Vec::new(); world]),
+            buckets: Mutex::new(vec![Vec::new(); world]),
+        });
+        (0..world)
+            .map(|rank| Rank {
+                rank,
+                bucket_elems,
+                shared: Arc::clone(&shared),
+            })
+            .collect()
+    }
+
+    impl Rank {
+        fn barrier(&self) {
+            let s = &self.shared;
+            let mut g = s.round.lock().unwrap();
+            let generation = g.1;
+            g.0 += 1;
+            if g.0 == s.world {
+                *g = (0, generation + 1);
+                s.cv.notify_all();
+                return;
+            }
+            while g.1 == generation {
+                let (next, timeout) = s.cv.wait_timeout(g, Duration::from_secs(60)).unwrap();
+                g = next;
+                assert!(
+                    !timeout.timed_out() || g.1 != generation,
+                    "rank {}: the other ranks never reached the collective",
+                    self.rank
+                );
+            }
+        }
+    }
+
+    impl Communicator for Rank {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.shared.world
+        }
+        fn backend(&self) -> &'static str {
+            "threads"
+        }
+        fn all_gather_host(&self, values: &[f64]) -> whet_train::Result<Vec<f64>> {
+            self.shared.host.lock().unwrap()[self.rank] = values.to_vec();
+            self.barrier();
+            let all = self.shared.host.lock().unwrap().concat();
+            self.barrier();
+            Ok(all)
+        }
+        fn all_reduce_sum(&self, buckets: &[Tensor]) -> whet_train::Result<Vec<Tensor>> {
+            let mine = buckets
+                .iter()
+                .map(|b| b.to_vec1::<f32>())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            self.shared.buckets.lock().unwrap()[self.rank] = mine;
+            self.barrier();
+            let summed: Vec<Vec<f32>> = {
+                let all = self.shared.buckets.lock().unwrap();
+                (0..buckets.len())
+                    .map(|b| {
+                        let mut sum = vec![0f32; all[0][b].len()];
+                        for per_rank in all.iter() {
+                            for (s, x) in sum.iter_mut().zip(&per_rank[b]) {
+                                *s += x;
+                            }
+                        }
+                        sum
+                    })
+                    .collect()
+            };
+            self.barrier();
+            Ok(summed
+                .into_iter()
+                .zip(buckets)
+                .map(|(v, b)| Tensor::from_vec(v, b.elem_count(), b.device()))
+                .collect::<candle_core::Result<Vec<_>>>()?)
+        }
+        fn abort(&self, code: i32) -> ! {
+            panic!("rank {} aborted the group with code {code}", self.rank)
+        }
+        fn bucket_elems(&self) -> whet_train::Result<usize> {
+            Ok(self.bucket_elems)
+        }
+    }
+}
+
+/// What one rank of [`run_ranks`] ended with: its summary and its trainable values.
+pub type RankRun = (whet_train::Result<Summary>, Vec<(String, Vec<f32>)>);
+
+/// Runs one trainer per rank of a thread group of `world` ranks, all writing to `config`'s
+/// output folder; per rank, the summary and the final trainable values.
+pub fn run_ranks(
+    world: usize,
+    bucket_elems: usize,
+    lora: bool,
+    config: &Config,
+    train: &[Row],
+    validation: &[Row],
+    run_id: impl Fn(usize) -> String + Sync,
+) -> Vec<RankRun> {
+    let ranks = threads::group(world, bucket_elems);
+    let out = config.output.dir.clone();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .iter()
+            .map(|comm| {
+                let (out, run_id) = (&out, &run_id);
+                s.spawn(move || {
+                    let mut model = tiny_model(lora);
+                    let summary = Trainer {
+                        model: &mut model,
+                        config,
+                        train,
+                        validation,
+                        out,
+                        device: Device::Cpu,
+                        run_id: run_id(comm.rank()),
+                        comm,
+                    }
+                    .run(&mut Quiet);
+                    (summary, trainable_values(&model))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }

@@ -1,11 +1,14 @@
 //! End-to-end tests of the `whet` binary on a tiny Llama converted from a GGUF fixture.
 
 mod common;
+#[cfg(feature = "mpi")]
+mod distributed;
 mod errors;
 mod eval_merge;
 mod formats;
 mod generate;
 mod inspect;
 mod kfold;
+mod qlora_export;
 mod resume;
 mod train;

@@ -1,0 +1,141 @@
+//! GGUF export: a tiny GGUF fixture is imported, exported in each type, and imported again.
+//! The model and tokenizer must survive: same config, same vocabulary, merges, special ids and
+//! chat template, logits equal within the type's quantization error.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use serde_json::Value;
+use whet_model::export::{export_gguf, tensor_type};
+use whet_model::gguf::{GgufFile, convert_gguf_to_hf};
+use whet_model::{Error, LoraConfig, Model, Trainable};
+
+use crate::common::*;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/gguf")
+        .join(name)
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn all_logits(model: &Model) -> candle_core::Tensor {
+    let b = packed_batch(model.config().vocab_size as u32, 5);
+    model.logits(&b.ids, &b.positions, &b.segments).unwrap()
+}
+
+/// Max |a - b| relative to max |b|.
+fn rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    rel_err(a, b)
+}
+
+#[test]
+fn every_type_round_trips_model_and_tokenizer() {
+    for file in ["tiny_llama_q8.gguf", "tiny_llama_bpe.gguf"] {
+        let src = TempDir::new("export-src");
+        convert_gguf_to_hf(&fixture(file), src.path()).unwrap();
+        let model = Model::load(src.path(), Trainable::None, &cpu()).unwrap();
+        let want = all_logits(&model);
+        // Relative logit error allowed per type. A tiny random model amplifies weight error
+        // (4-bit blocks move its logits by 30-70%), so 4-bit types are checked tensor by
+        // tensor instead: each reloaded weight must equal whet's own quantize + dequantize.
+        for (ty, tol, matrix_types) in [
+            (GgmlDType::F16, 5e-3, &["f16"][..]),
+            (GgmlDType::Q8_0, 0.1, &["q8_0"][..]),
+            // The output projection (rows of 64, not a multiple of 256): Q8_0, not Q6_K.
+            (GgmlDType::Q4_0, f32::INFINITY, &["q4_0", "q8_0"][..]),
+            // hidden 64 and ffn 96 are not multiples of 256: llama.cpp's fallback, Q5_0.
+            (GgmlDType::Q4K, f32::INFINITY, &["q5_0", "q8_0"][..]),
+        ] {
+            let out = src.path().join(format!("out-{ty:?}.gguf"));
+            let report = export_gguf(&model, src.path(), &out, ty, "tiny").unwrap();
+            let keys: Vec<&str> = report.types.keys().map(String::as_str).collect();
+            let mut expect: Vec<&str> = matrix_types.to_vec();
+            expect.push("f32");
+            expect.sort();
+            assert_eq!(keys, expect, "{file} {ty:?}: {:?}", report.types);
+
+            let f = GgufFile::open(&out).unwrap();
+            assert_eq!(f.architecture().unwrap(), "llama");
+            let back = TempDir::new("export-back");
+            convert_gguf_to_hf(&out, back.path()).unwrap();
+            let reloaded = Model::load(back.path(), Trainable::None, &cpu()).unwrap();
+            assert_eq!(reloaded.config(), model.config(), "{file} {ty:?}: config");
+            let e = rel(&all_logits(&reloaded), &want);
+            eprintln!("{file} {ty:?}: relative logit error {e:.2e}");
+            assert!(e < tol, "{file} {ty:?}: relative logit error {e} >= {tol}");
+            let original: std::collections::HashMap<_, _> =
+                model.named_weights().unwrap().into_iter().collect();
+            let tied = model.config().tie_word_embeddings;
+            for (name, got) in reloaded.named_weights().unwrap() {
+                let w = &original[&name];
+                let expected = if w.rank() == 1 {
+                    w.clone()
+                } else {
+                    let cols = w.dims2().unwrap().1;
+                    let output =
+                        name == "lm_head.weight" || (tied && name == "model.embed_tokens.weight");
+                    let t = tensor_type(ty, cols, output);
+                    QTensor::quantize(w, t).unwrap().dequantize(&cpu()).unwrap()
+                };
+                assert_eq!(
+                    max_abs_diff(&got, &expected),
+                    0.0,
+                    "{file} {ty:?}: {name} is not its quantized self"
+                );
+            }
+
+            let (t0, t1) = (
+                json(&src.path().join("tokenizer.json")),
+                json(&back.path().join("tokenizer.json")),
+            );
+            assert_eq!(
+                t0, t1,
+                "{file} {ty:?}: tokenizer.json differs after a round trip"
+            );
+            let (c0, c1) = (
+                json(&src.path().join("tokenizer_config.json")),
+                json(&back.path().join("tokenizer_config.json")),
+            );
+            assert_eq!(c0, c1, "{file} {ty:?}: tokenizer_config.json differs");
+        }
+    }
+}
+
+#[test]
+fn an_unmerged_adapter_or_a_bad_tokenizer_is_an_error_and_keeps_the_old_file() {
+    let src = TempDir::new("export-err");
+    convert_gguf_to_hf(&fixture("tiny_llama_q8.gguf"), src.path()).unwrap();
+    let out = src.path().join("keep.gguf");
+    std::fs::write(&out, b"an earlier export").unwrap();
+
+    let lora = Trainable::Lora {
+        config: LoraConfig::new(2, 4.0),
+        seed: 1,
+    };
+    let with_adapter = Model::load(src.path(), lora, &cpu()).unwrap();
+    let err = export_gguf(&with_adapter, src.path(), &out, GgmlDType::Q8_0, "x").unwrap_err();
+    assert!(err.to_string().contains("merge"), "{err}");
+
+    let model = Model::load(src.path(), Trainable::None, &cpu()).unwrap();
+    let tok = src.path().join("tokenizer.json");
+    let mut t = json(&tok);
+    t["model"]["type"] = Value::String("Unigram".into());
+    std::fs::write(&tok, serde_json::to_string(&t).unwrap()).unwrap();
+    let err = export_gguf(&model, src.path(), &out, GgmlDType::Q8_0, "x").unwrap_err();
+    assert!(matches!(err, Error::Quantize { .. }), "{err}");
+    assert!(
+        err.to_string().contains("tokenizer.json") && err.to_string().contains("model.type"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"an earlier export");
+    let leftovers: Vec<_> = std::fs::read_dir(src.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "a partial file was left behind");
+}
