@@ -270,13 +270,14 @@ fn cargo_executables(tk: &Toolkit, args: &[&str], kind: &str) -> Result<Vec<Arti
         ) else {
             continue;
         };
-        // `path+file:///.../crates/whet-kernels#0.0.0` -> `whet-kernels`
-        let pkg = pkg
-            .split('#')
-            .next()
-            .and_then(|p| p.rsplit('/').next())
-            .unwrap_or("whet")
-            .to_string();
+        // `path+file:///.../crates/whet-kernels#0.0.0` -> `whet-kernels`,
+        // `path+file:///.../benches#whet-benches@0.0.0` -> `whet-benches`
+        let (path, frag) = pkg.split_once('#').unwrap_or((&pkg, ""));
+        let pkg = match frag.split_once('@') {
+            Some((name, _)) => name,
+            None => path.rsplit('/').next().unwrap_or("whet"),
+        }
+        .to_string();
         let name = if kind == "bin" {
             target
         } else {
@@ -431,9 +432,9 @@ pub fn build(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The bundle's `run.sh`: finds the CUDA 13 libraries (the bundle's `lib/`, `$WHET_CUDA_LIBS`,
-/// PyTorch's `nvidia/cu13/lib`, `/usr/local/cuda`), checks that every binary resolves them,
-/// then runs the tests and the benches.
+/// The bundle's `run.sh`: finds the CUDA 13 libraries (`$WHET_CUDA_LIBS`, the bundle's `lib/`,
+/// PyTorch's `nvidia/cu13/lib` and `nvidia/nccl/lib`, `/usr/local/cuda`), checks that every
+/// binary resolves them, then runs the CUDA tests (`cuda::*`, with their output) and the benches.
 fn run_script(tests: &[String], benches: &[String]) -> String {
     format!(
         r#"#!/usr/bin/env bash
@@ -453,7 +454,8 @@ done
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13.0/lib64; do
   [ -d "$d" ] && dirs+=("$d")
 done
-LD_LIBRARY_PATH="$(IFS=:; echo "${{dirs[*]}}"):${{LD_LIBRARY_PATH:-}}"
+[ -n "${{LD_LIBRARY_PATH:-}}" ] && dirs+=("$LD_LIBRARY_PATH")
+LD_LIBRARY_PATH="$(IFS=:; echo "${{dirs[*]}}")"
 export LD_LIBRARY_PATH
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 missing="$(ldd "$here"/bin/* 2>/dev/null | grep 'not found' | sort -u)"
@@ -465,7 +467,8 @@ status=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
   for t in {tests}; do
     echo "== $t"
-    "$here/bin/$t" --test-threads=1 || status=1
+    # The CUDA tests only (the CPU ones are CI's); each prints the error it reached.
+    "$here/bin/$t" cuda --test-threads=1 --nocapture || status=1
   done
 fi
 if [ "$what" = all ] || [ "$what" = benches ]; then
