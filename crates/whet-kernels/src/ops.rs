@@ -546,6 +546,9 @@ fn linear_bwd(
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let (n_out, n_in) = w.dims2()?;
     let m = x.elem_count() / n_in.max(1);
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return linear_bwd_cpu(x, w, b, grad, (m, n_in, n_out));
+    }
     let g = grad.reshape((m, n_out))?; // (M, OUT)
     let dx = if x.track_op() {
         Some(g.matmul(&w.detach())?.reshape(x.shape())?)
@@ -562,6 +565,74 @@ fn linear_bwd(
         _ => None,
     };
     Ok((dx, dw, db))
+}
+
+/// [`linear_bwd`] on the CPU: the two products go straight to [`cpu::gemm`] on the tensors'
+/// own memory (w in any strides), with no transposed copies.
+fn linear_bwd_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    grad: &Tensor,
+    (m, n_in, n_out): (usize, usize, usize),
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let name = "whet-linear";
+    let grad = grad.contiguous()?;
+    let gh = Host::new(&grad, name)?;
+    let (ws, wl) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(ws) = &*ws else {
+        bail!("{name}: x on the CPU, w on {:?}", w.device())
+    };
+    let st = wl.stride();
+    let (ws0, ws1) = (st[0], st[1]);
+    dispatch_float!(x.dtype(), name, |F| {
+        let g = gh.slice::<F>()?; // (M, OUT)
+        let wd = &ws.as_slice::<F>()?[wl.start_offset()..];
+        let dx = if x.track_op() {
+            // dx (M, IN) = g (M, OUT) @ w (OUT, IN)
+            let mut dx = vec![F::ZERO; m * n_in];
+            let wm = cpu::Mat {
+                data: wd,
+                rs: ws0,
+                cs: ws1,
+            };
+            cpu::gemm(
+                &mut dx,
+                false,
+                cpu::Mat::row_major(g, n_out),
+                wm,
+                m,
+                n_in,
+                n_out,
+            );
+            Some(vec_tensor(dx, x.shape())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            // dw (OUT, IN) = g^T (OUT, M) @ x (M, IN)
+            let x = x.contiguous()?;
+            let xh = Host::new(&x, name)?;
+            let mut dw = vec![F::ZERO; n_out * n_in];
+            cpu::gemm(
+                &mut dw,
+                false,
+                cpu::Mat::transposed(g, n_out),
+                cpu::Mat::row_major(xh.slice::<F>()?, n_in),
+                n_out,
+                n_in,
+                m,
+            );
+            Some(vec_tensor(dw, w.shape())?)
+        } else {
+            None
+        };
+        let db = match b {
+            Some(b) if b.track_op() => Some(grad.reshape((m, n_out))?.sum(0)?),
+            _ => None,
+        };
+        Ok((dx, dw, db))
+    })
 }
 
 /// `x @ w^T`.
@@ -743,6 +814,10 @@ impl CustomOp2 for CrossEntropy {
 pub(crate) struct LinearCrossEntropy {
     pub chunk: usize,
     pub lse: Mutex<Option<Tensor>>,
+    /// (dh wanted, dw wanted) when the forward also computes the gradients (on the CPU), for a
+    /// loss whose backward will run; they wait in `grads` for an upstream gradient to scale by.
+    pub grads_in_forward: (bool, bool),
+    pub grads: Mutex<Option<(Option<Tensor>, Option<Tensor>)>>,
 }
 
 impl LinearCrossEntropy {
@@ -787,7 +862,16 @@ impl CustomOp3 for LinearCrossEntropy {
         dispatch_float!(s1.dtype(), self.name(), |F| {
             let h = contiguous::<F>(s1, l1, self.name())?;
             let w = &s2.as_slice::<F>()?[l2.start_offset()..];
-            let (loss, lse) = cpu::linear_cross_entropy::fwd(h, w, &targets, dm);
+            let (need_dh, need_dw) = self.grads_in_forward;
+            let (loss, lse) = if need_dh || need_dw {
+                let (loss, lse, (dh, dw)) =
+                    cpu::linear_cross_entropy::fwd_with_grads(h, w, &targets, dm, need_dh, need_dw);
+                *self.grads.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((opt_tensor(dh, l1.shape())?, opt_tensor(dw, l2.shape())?));
+                (loss, lse)
+            } else {
+                cpu::linear_cross_entropy::fwd(h, w, &targets, dm)
+            };
             *self.lse.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(Tensor::from_vec(lse, dm.n, &Device::Cpu)?);
             Ok((
@@ -843,6 +927,15 @@ impl CustomOp3 for LinearCrossEntropy {
             )?;
             return Ok((dh, dw, None));
         }
+        if let Some((dh, dw)) = self.grads.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // Computed by the forward for an upstream gradient of 1.
+            let g = scalar::<f64>(grad)?;
+            let scale = |t: Option<Tensor>, need: bool| match t {
+                Some(t) if need => t.affine(g, 0.0).map(Some),
+                _ => Ok(None),
+            };
+            return Ok((scale(dh, need_dh)?, scale(dw, need_dw)?, None));
+        }
         let dm = self.dims(h.layout(), w.layout())?;
         let t = targets.contiguous()?.to_vec1::<i64>()?;
         let stashed = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -871,6 +964,271 @@ impl CustomOp3 for LinearCrossEntropy {
                 need_dw,
             );
             Ok((opt_tensor(dh, h.shape())?, opt_tensor(dw, w.shape())?, None))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A LoRA linear in one op: `x @ w^T [+ bias] + scale * ((x * mask) @ a^T) @ b^T`, with
+/// (x (.., IN) contiguous, a (R, IN), b (OUT, R)) as the tracked arguments and the frozen w
+/// (OUT, IN), bias (OUT) and dropout mask (x's shape, already scaled by 1 / (1 - p)) in the
+/// struct. One graph node instead of five (base, down, up, scale, add), so candle's backward
+/// allocates, zero-fills and adds one gradient of (.., OUT) instead of four.
+pub(crate) struct LoraLinear {
+    pub w: Tensor,
+    pub bias: Option<Tensor>,
+    pub mask: Option<Tensor>,
+    pub scale: f64,
+    /// `scale * (x * mask) @ a^T` (M, R) from the forward, for the backward.
+    pub down: Mutex<Option<Tensor>>,
+}
+
+/// The data and element strides of a 2-D CPU tensor (any layout).
+fn host2<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [T], usize, usize)> {
+    let st = l.stride();
+    Ok((&s.as_slice::<T>()?[l.start_offset()..], st[0], st[1]))
+}
+
+impl LoraLinear {
+    /// (x * mask) as an owned copy when there is a mask.
+    fn masked<T: Float>(&self, x: &[T]) -> Result<Option<Vec<T>>> {
+        let Some(mask) = &self.mask else {
+            return Ok(None);
+        };
+        let mask = mask.contiguous()?;
+        let mh = Host::new(&mask, "whet-lora-linear")?;
+        let m = mh.slice::<T>()?;
+        if m.len() != x.len() {
+            bail!(
+                "whet-lora-linear: mask has {} values for {} of x",
+                m.len(),
+                x.len()
+            )
+        }
+        Ok(Some(x.iter().zip(m).map(|(a, b)| *a * *b).collect()))
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "whet-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (n_out, n_in) = self.w.dims2()?;
+        let (r, a_in) = la.shape().dims2()?;
+        let (b_out, b_r) = lb.shape().dims2()?;
+        let xd = lx.dims();
+        if xd.last() != Some(&n_in) || a_in != n_in || b_out != n_out || b_r != r {
+            bail!(
+                "{name}: x {xd:?}, w {:?}, a {:?}, b {:?} do not fit (.., IN), (OUT, IN), (R, IN), (OUT, R)",
+                self.w.dims(),
+                la.dims(),
+                lb.dims()
+            )
+        }
+        let m = lx.shape().elem_count() / n_in.max(1);
+        let mut out_dims = xd.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = n_out;
+        let (ws, wl) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            bail!("{name}: w is not on the CPU")
+        };
+        let bias = self.bias.as_ref().map(|b| b.contiguous()).transpose()?;
+        let bias_host = bias.as_ref().map(|b| Host::new(b, name)).transpose()?;
+        dispatch_float!(sx.dtype(), name, |F| {
+            let x = contiguous::<F>(sx, lx, name)?;
+            let (w, w0, w1) = host2::<F>(ws, wl)?;
+            let (a, a0, a1) = host2::<F>(sa, la)?;
+            let (b, b0, b1) = host2::<F>(sb, lb)?;
+            let bias = bias_host.as_ref().map(|h| h.slice::<F>()).transpose()?;
+            let mut y = cpu::linear::fwd(x, w, [w0, w1], bias, m, n_in, n_out); // (M, OUT)
+            let xm = self.masked(x)?;
+            let xin = xm.as_deref().unwrap_or(x);
+            // down (M, R) = scale * x_in @ a^T
+            let mut down = vec![F::ZERO; m * r];
+            let at = cpu::Mat {
+                data: a,
+                rs: a1,
+                cs: a0,
+            };
+            cpu::gemm(
+                &mut down,
+                false,
+                cpu::Mat::row_major(xin, n_in),
+                at,
+                m,
+                r,
+                n_in,
+            );
+            cpu::scal(&mut down, F::from_f64(self.scale));
+            // y += down @ b^T
+            let bt = cpu::Mat {
+                data: b,
+                rs: b1,
+                cs: b0,
+            };
+            cpu::gemm(&mut y, true, cpu::Mat::row_major(&down, r), bt, m, n_out, r);
+            *self.down.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(vec_tensor(down, &Shape::from((m, r)))?);
+            Ok((F::to_cpu_storage_owned(y), Shape::from(out_dims)))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
+        let (n_out, n_in) = self.w.dims2()?;
+        let r = a.dim(0)?;
+        let m = x.elem_count() / n_in.max(1);
+        let down = self.down.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let grad = grad.contiguous()?;
+        let x = x.contiguous()?;
+        let (gh, xh) = (Host::new(&grad, name)?, Host::new(&x, name)?);
+        let (ws, wl) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            bail!("{name}: w is not on the CPU")
+        };
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        let (candle_core::Storage::Cpu(sa), candle_core::Storage::Cpu(sb)) = (&*sa, &*sb) else {
+            bail!("{name}: a and b must be on the CPU")
+        };
+        dispatch_float!(x.dtype(), name, |F| {
+            let g = gh.slice::<F>()?; // (M, OUT)
+            let xs = xh.slice::<F>()?; // (M, IN)
+            let (w, w0, w1) = host2::<F>(ws, wl)?;
+            let (ad, a0, a1) = host2::<F>(sa, la)?;
+            let (bd, b0, b1) = host2::<F>(sb, lb)?;
+            let s = F::from_f64(self.scale);
+            let xm = self.masked(xs)?;
+            let xin = xm.as_deref().unwrap_or(xs);
+            let down = match down {
+                Some(t) => t.flatten_all()?.to_vec1::<F>()?,
+                None => {
+                    let mut d = vec![F::ZERO; m * r];
+                    let at = cpu::Mat {
+                        data: ad,
+                        rs: a1,
+                        cs: a0,
+                    };
+                    cpu::gemm(
+                        &mut d,
+                        false,
+                        cpu::Mat::row_major(xin, n_in),
+                        at,
+                        m,
+                        r,
+                        n_in,
+                    );
+                    cpu::scal(&mut d, s);
+                    d
+                }
+            };
+            // g_down (M, R) = scale * g @ b
+            let mut gd = vec![F::ZERO; m * r];
+            let bm = cpu::Mat {
+                data: bd,
+                rs: b0,
+                cs: b1,
+            };
+            cpu::gemm(
+                &mut gd,
+                false,
+                cpu::Mat::row_major(g, n_out),
+                bm,
+                m,
+                r,
+                n_out,
+            );
+            cpu::scal(&mut gd, s);
+            let db = if b.track_op() {
+                // db (OUT, R) = g^T @ down
+                let mut db = vec![F::ZERO; n_out * r];
+                cpu::gemm(
+                    &mut db,
+                    false,
+                    cpu::Mat::transposed(g, n_out),
+                    cpu::Mat::row_major(&down, r),
+                    n_out,
+                    r,
+                    m,
+                );
+                Some(vec_tensor(db, b.shape())?)
+            } else {
+                None
+            };
+            let da = if a.track_op() {
+                // da (R, IN) = g_down^T @ x_in
+                let mut da = vec![F::ZERO; r * n_in];
+                cpu::gemm(
+                    &mut da,
+                    false,
+                    cpu::Mat::transposed(&gd, r),
+                    cpu::Mat::row_major(xin, n_in),
+                    r,
+                    n_in,
+                    m,
+                );
+                Some(vec_tensor(da, a.shape())?)
+            } else {
+                None
+            };
+            let dx = if x.track_op() {
+                // dx (M, IN) = g @ w + (g_down @ a) * mask
+                let mut dx = vec![F::ZERO; m * n_in];
+                let wm = cpu::Mat {
+                    data: w,
+                    rs: w0,
+                    cs: w1,
+                };
+                cpu::gemm(
+                    &mut dx,
+                    false,
+                    cpu::Mat::row_major(g, n_out),
+                    wm,
+                    m,
+                    n_in,
+                    n_out,
+                );
+                let am = cpu::Mat {
+                    data: ad,
+                    rs: a0,
+                    cs: a1,
+                };
+                match &self.mask {
+                    None => cpu::gemm(&mut dx, true, cpu::Mat::row_major(&gd, r), am, m, n_in, r),
+                    Some(mask) => {
+                        let mut t = vec![F::ZERO; m * n_in];
+                        cpu::gemm(&mut t, false, cpu::Mat::row_major(&gd, r), am, m, n_in, r);
+                        let mask = mask.contiguous()?;
+                        let mh = Host::new(&mask, name)?;
+                        for ((d, t), k) in dx.iter_mut().zip(&t).zip(mh.slice::<F>()?) {
+                            *d += *t * *k;
+                        }
+                    }
+                }
+                Some(vec_tensor(dx, x.shape())?)
+            } else {
+                None
+            };
+            Ok((dx, da, db))
         })
     }
 }

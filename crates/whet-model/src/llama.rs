@@ -20,7 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use whet_kernels::{
     IGNORE_INDEX, Segment, SideGrads, attention, checkpoint, linear, linear_cross_entropy_sum,
-    rms_norm, rope, rope_tables, swiglu,
+    linear_cross_entropy_sum_for_training, rms_norm, rope, rope_tables, swiglu,
 };
 
 use crate::config::Config;
@@ -951,9 +951,15 @@ impl Model {
                 targets.index_select(&idx, 0)?,
             ) // (n, H), (n)
         };
+        // While training, the backward will run: the LM head computes its gradients from the
+        // forward's logits instead of recomputing them.
+        let lce = if self.training {
+            linear_cross_entropy_sum_for_training
+        } else {
+            linear_cross_entropy_sum
+        };
         let loss =
-            linear_cross_entropy_sum(&hidden, view.lm_head_weight(), &targets, LOSS_CHUNK_ROWS)?
-                .to_dtype(DType::F32)?; // ()
+            lce(&hidden, view.lm_head_weight(), &targets, LOSS_CHUNK_ROWS)?.to_dtype(DType::F32)?; // ()
         Ok((loss, n))
     }
 

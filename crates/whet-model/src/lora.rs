@@ -13,7 +13,7 @@ use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use whet_kernels::{linear, quantized_linear};
+use whet_kernels::{linear, lora_linear, quantized_linear};
 
 use crate::error::{Error, Result};
 use crate::load::{Init, Param, Vb};
@@ -417,6 +417,22 @@ impl Linear {
     /// x: (.., IN) -> (.., OUT). `train` turns LoRA dropout on.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let bias = self.bias.as_ref().map(|b| &b.t);
+        if let (Weight::Dense(w), Some(lora)) = (&self.weight, &self.lora) {
+            // PEFT `Linear.forward`: `result + lora_B(lora_A(dropout(x))) * scaling`, one op.
+            let mask = if train && lora.dropout > 0.0 {
+                Some(dropout_mask(x, lora.dropout, &lora.rng)?) // (..)
+            } else {
+                None
+            };
+            return Ok(lora_linear(
+                x,
+                &w.t,
+                bias,
+                (&lora.a.t, &lora.b.t),
+                lora.scale,
+                mask.as_ref(),
+            )?); // (.., OUT)
+        }
         let y = match (&self.weight, bias) {
             (Weight::Dense(w), bias) => linear(x, &w.t, bias)?, // (.., OUT)
             (Weight::Quantized { q, .. }, None) => quantized_linear(x, q)?,
@@ -530,6 +546,11 @@ impl Linear {
 /// Inverted dropout: zero each element with probability `p`, scale the rest by 1 / (1 - p).
 /// x: (..) -> (..). The mask is drawn from `rng`, so runs are reproducible.
 fn dropout(x: &Tensor, p: f32, rng: &Mutex<StdRng>) -> Result<Tensor> {
+    Ok((x * dropout_mask(x, p, rng)?)?)
+}
+
+/// The mask of [`dropout`]: 0 with probability `p`, else 1 / (1 - p); x's shape and dtype.
+fn dropout_mask(x: &Tensor, p: f32, rng: &Mutex<StdRng>) -> Result<Tensor> {
     let keep = 1.0 / (1.0 - p);
     let n = x.elem_count();
     let mask: Vec<f32> = {
@@ -538,8 +559,7 @@ fn dropout(x: &Tensor, p: f32, rng: &Mutex<StdRng>) -> Result<Tensor> {
             .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
             .collect()
     };
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?; // (..)
-    Ok((x * mask)?)
+    Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?) // (..)
 }
 
 /// Writes `adapter_model.safetensors` (PEFT names) and `adapter_config.json` into `dir`.

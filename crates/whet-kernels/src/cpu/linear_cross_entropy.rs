@@ -108,6 +108,44 @@ pub(crate) fn fwd<T: Float>(h: &[T], w: &[T], targets: &[i64], dm: Dims) -> (f64
     (loss, lse)
 }
 
+/// -> (sum of losses, per-row lse, (dh (N, H) if `need_dh`, dw (V, H) if `need_dw`)) for the loss
+/// itself (upstream gradient 1): the forward and the backward over one pass of logits, so a
+/// training step computes each chunk's logits once instead of again in the backward.
+pub(crate) fn fwd_with_grads<T: Float>(
+    h: &[T],
+    w: &[T],
+    targets: &[i64],
+    dm: Dims,
+    need_dh: bool,
+    need_dw: bool,
+) -> (f64, Vec<T>, Grads<T>) {
+    let mut lse = vec![T::ZERO; dm.n];
+    let mut loss = 0f64;
+    let (dh, dw) = chunks_with_grads(h, w, targets, dm, (need_dh, need_dw), |logits, ch| {
+        let v = dm.v;
+        let mut lc = vec![T::ZERO; ch.rows.len()];
+        loss += lc
+            .par_chunks_mut(ROWS_PER_TASK)
+            .zip(
+                logits
+                    .par_chunks(ROWS_PER_TASK * v)
+                    .zip(ch.targets.par_chunks(ROWS_PER_TASK)),
+            )
+            .map(|(lse, (x, t))| rows_fwd(x, t, v, lse))
+            .sum::<f64>();
+        logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+            row_grad_in_place(row, lc[i], ch.targets[i] as usize, T::ONE);
+        });
+        for (&r, l) in ch.rows.iter().zip(&lc) {
+            lse[r] = *l;
+        }
+    });
+    (loss, lse, (dh, dw))
+}
+
+/// (dh (N, H), dw (V, H)), each when asked for.
+pub(crate) type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>);
+
 /// -> (dh (N, H) if `need_dh`, dw (V, H) if `need_dw`), for the loss scaled by `g`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn bwd<T: Float>(
@@ -119,12 +157,30 @@ pub(crate) fn bwd<T: Float>(
     dm: Dims,
     need_dh: bool,
     need_dw: bool,
-) -> (Option<Vec<T>>, Option<Vec<T>>) {
+) -> Grads<T> {
+    chunks_with_grads(h, w, targets, dm, (need_dh, need_dw), |d, ch| {
+        // logits -> dlogits, in place.
+        d.par_chunks_mut(dm.v).enumerate().for_each(|(i, row)| {
+            row_grad_in_place(row, lse[ch.rows[i]], ch.targets[i] as usize, g);
+        });
+    })
+}
+
+/// For each chunk of supervised rows: logits, then `to_dlogits` (which turns them into the
+/// loss gradient in place), then dh and dw from them.
+fn chunks_with_grads<T: Float>(
+    h: &[T],
+    w: &[T],
+    targets: &[i64],
+    dm: Dims,
+    (need_dh, need_dw): (bool, bool),
+    mut to_dlogits: impl FnMut(&mut [T], &Chunk<'_, T>),
+) -> Grads<T> {
     let Dims { n, h: hd, v, .. } = dm;
     let mut dh = need_dh.then(|| vec![T::ZERO; n * hd]);
     let mut dw = need_dw.then(|| vec![T::ZERO; v * hd]);
     let kept = supervised(targets);
-    if v == 0 || hd == 0 || kept.is_empty() || !(need_dh || need_dw) {
+    if v == 0 || hd == 0 || kept.is_empty() {
         return (dh, dw);
     }
     let mut buf = vec![T::ZERO; dm.chunk.min(kept.len()) * v];
@@ -139,10 +195,7 @@ pub(crate) fn bwd<T: Float>(
     for ch in dm.chunks(h, targets, &kept) {
         let c = ch.rows.len();
         let d = dm.logits(&mut buf, &ch.h, w);
-        // logits -> dlogits, in place.
-        d.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-            row_grad_in_place(row, lse[ch.rows[i]], ch.targets[i] as usize, g);
-        });
+        to_dlogits(d, &ch);
         if let Some(dh) = dh.as_mut() {
             // dh rows (c, H) = dlogits (c, V) @ w (V, H)
             let wm = Mat {

@@ -8,6 +8,7 @@ pub(crate) mod linear;
 pub(crate) mod linear_cross_entropy;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
+pub(crate) mod sgemm;
 pub(crate) mod swiglu;
 
 use std::ops::Neg;
@@ -254,6 +255,32 @@ pub(crate) fn gemm<T: Float>(
         if !accumulate {
             dst[..m * n].fill(T::ZERO);
         }
+        return;
+    }
+    if T::DTYPE == candle_core::DType::F32 && sgemm::available() && sgemm::worth_it(m, n, k) {
+        // SAFETY: T is f32 (checked through its DType), so the slices reinterpret exactly.
+        let (dst, lhs, rhs) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()),
+                Mat {
+                    data: std::slice::from_raw_parts(
+                        lhs.data.as_ptr().cast::<f32>(),
+                        lhs.data.len(),
+                    ),
+                    rs: lhs.rs,
+                    cs: lhs.cs,
+                },
+                Mat {
+                    data: std::slice::from_raw_parts(
+                        rhs.data.as_ptr().cast::<f32>(),
+                        rhs.data.len(),
+                    ),
+                    rs: rhs.rs,
+                    cs: rhs.cs,
+                },
+            )
+        };
+        sgemm::sgemm(dst, n, accumulate, lhs, rhs, (m, n, k), threads());
         return;
     }
     let par = if threads() > 1 {

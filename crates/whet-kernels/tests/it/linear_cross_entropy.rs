@@ -1,6 +1,8 @@
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-use whet_kernels::{IGNORE_INDEX, linear_cross_entropy_sum, reference};
+use whet_kernels::{
+    IGNORE_INDEX, linear_cross_entropy_sum, linear_cross_entropy_sum_for_training, reference,
+};
 
 use crate::common::*;
 use crate::cross_entropy::targets;
@@ -110,4 +112,52 @@ fn finite_differences_f64() -> Result<()> {
     ];
     check_finite_differences("lm head ce dh", &f, &inputs, 0, 20, 1e-6)?;
     check_finite_differences("lm head ce dw", &f, &inputs, 1, 24, 1e-6)
+}
+
+/// The training variant computes the gradients in its forward (upstream gradient 1) and scales
+/// them in the backward: the same gradients as the reference for any upstream gradient (the
+/// harness weights the loss by a random factor), chunking, frozen or strided head.
+#[test]
+fn training_variant_matches_reference() -> Result<()> {
+    let t = targets(&[3, IGNORE_INDEX, 0, 40, 12, IGNORE_INDEX, 7, 41, 2])?; // N = 9
+    let h = rand(&[9, 24], 11, DType::F32)?;
+    let w = rand(&[42, 24], 12, DType::F32)?;
+    let r = |a: &[Tensor]| reference::linear_cross_entropy_sum(&a[0], &a[1], &t);
+    for chunk in [1, 4, 9, 64] {
+        let f = |a: &[Tensor]| linear_cross_entropy_sum_for_training(&a[0], &a[1], &t, chunk);
+        for track in [[true, true], [true, false], [false, true]] {
+            check_against_reference(
+                &format!("lm head ce for training, chunk {chunk}, tracked {track:?}"),
+                &f,
+                &r,
+                &[h.clone(), w.clone()],
+                &track,
+                1e-5,
+                1e-5,
+            )?;
+        }
+    }
+    let ws = rand(&[24, 42], 13, DType::F32)?.t()?;
+    let f = |a: &[Tensor]| linear_cross_entropy_sum_for_training(&a[0], &a[1], &t, 4);
+    check_against_reference(
+        "lm head ce for training, strided w",
+        &f,
+        &r,
+        &[h, ws],
+        &[true, true],
+        1e-5,
+        1e-5,
+    )
+}
+
+#[test]
+fn training_variant_finite_differences_f64() -> Result<()> {
+    let t = targets(&[1, IGNORE_INDEX, 4, 0, 2])?;
+    let f = |a: &[Tensor]| linear_cross_entropy_sum_for_training(&a[0], &a[1], &t, 2);
+    let inputs = [
+        rand(&[5, 4], 14, DType::F64)?,
+        (rand(&[6, 4], 15, DType::F64)? * 2.0)?,
+    ];
+    check_finite_differences("lm head ce for training dh", &f, &inputs, 0, 20, 1e-6)?;
+    check_finite_differences("lm head ce for training dw", &f, &inputs, 1, 24, 1e-6)
 }

@@ -11,6 +11,7 @@ mod cuda;
 mod errors;
 mod linear;
 mod linear_cross_entropy;
+mod lora_linear;
 mod props;
 mod quantized;
 mod rms_norm;

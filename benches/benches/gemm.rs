@@ -1,0 +1,102 @@
+//! f32 matmuls of a SmolLM2-135M training step (4 x 256 tokens, H = 576, I = 1536, KV = 192,
+//! V = 49152): whet's AVX-512 kernel (`whet_kernels::matmul_f32`) against the `gemm` crate that
+//! candle's CPU matmul uses, both on all threads, in the three layouts of a linear layer:
+//! `fwd` y = x @ w^T, `dx` = dy @ w, `dw` = dy^T @ x. Throughput is in FLOP (2 m n k).
+//!
+//! `cargo bench -p whet-benches --bench gemm -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+const M: usize = 1024;
+
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * seed) % 1000) as f32 * 1e-3 - 0.5)
+        .collect()
+}
+
+/// `c = a @ b` through the `gemm` crate, operands as (data, [row stride, column stride]).
+fn gemm_crate(
+    c: &mut [f32],
+    a: (&[f32], [usize; 2]),
+    b: (&[f32], [usize; 2]),
+    (m, n, k): (usize, usize, usize),
+) {
+    let threads = rayon_threads();
+    // SAFETY: the shapes and strides below address only elements inside a, b and c.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.0.as_ptr(),
+            a.1[1] as isize,
+            a.1[0] as isize,
+            b.0.as_ptr(),
+            b.1[1] as isize,
+            b.1[0] as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        )
+    }
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn bench(c: &mut Criterion) {
+    // (OUT, IN) of q/o, k/v, gate/up, down, and the LM head.
+    let layers = [
+        ("q", 576, 576),
+        ("kv", 192, 576),
+        ("up", 1536, 576),
+        ("down", 576, 1536),
+        ("head", 49152, 576),
+    ];
+    for (name, n_out, n_in) in layers {
+        let x = values(M * n_in, 7919);
+        let w = values(n_out * n_in, 104_729);
+        let dy = values(M * n_out, 31);
+        type Case<'a> = (
+            &'static str,
+            (usize, usize, usize),
+            (&'a [f32], [usize; 2]),
+            (&'a [f32], [usize; 2]),
+        );
+        let cases: [Case<'_>; 3] = [
+            ("fwd", (M, n_out, n_in), (&x, [n_in, 1]), (&w, [1, n_in])),
+            ("dx", (M, n_in, n_out), (&dy, [n_out, 1]), (&w, [n_in, 1])),
+            ("dw", (n_out, n_in, M), (&dy, [1, n_out]), (&x, [n_in, 1])),
+        ];
+        let mut g = c.benchmark_group(format!("gemm/{name}"));
+        for (layout, (m, n, k), a, b) in cases {
+            g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
+            let mut out = vec![0f32; m * n];
+            g.bench_function(format!("{layout}/whet"), |bch| {
+                bch.iter(|| whet_kernels::matmul_f32(black_box(&mut out), a, b, (m, n, k)))
+            });
+            g.bench_function(format!("{layout}/gemm-crate"), |bch| {
+                bch.iter(|| gemm_crate(black_box(&mut out), a, b, (m, n, k)))
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
