@@ -583,24 +583,13 @@ fn linear_bwd_cpu(
     let candle_core::Storage::Cpu(ws) = &*ws else {
         bail!("{name}: x on the CPU, w on {:?}", w.device())
     };
-    let st = wl.stride();
-    let (ws0, ws1) = (st[0], st[1]);
     dispatch_float!(x.dtype(), name, |F| {
         let g = gh.slice::<F>()?; // (M, OUT)
-        let wd = &ws.as_slice::<F>()?[wl.start_offset()..];
         let dx = if x.track_op() {
             // dx (M, IN) = g (M, OUT) @ w (OUT, IN)
-            let mut dx = vec![F::ZERO; m * n_in];
-            let wm = cpu::Mat {
-                data: wd,
-                rs: ws0,
-                cs: ws1,
-            };
-            cpu::gemm(
-                &mut dx,
-                false,
+            let dx = cpu::matmul(
                 cpu::Mat::row_major(g, n_out),
-                wm,
+                mat2::<F>(ws, wl)?,
                 m,
                 n_in,
                 n_out,
@@ -613,16 +602,8 @@ fn linear_bwd_cpu(
             // dw (OUT, IN) = g^T (OUT, M) @ x (M, IN)
             let x = x.contiguous()?;
             let xh = Host::new(&x, name)?;
-            let mut dw = vec![F::ZERO; n_out * n_in];
-            cpu::gemm(
-                &mut dw,
-                false,
-                cpu::Mat::transposed(g, n_out),
-                cpu::Mat::row_major(xh.slice::<F>()?, n_in),
-                n_out,
-                n_in,
-                m,
-            );
+            let xm = cpu::Mat::row_major(xh.slice::<F>()?, n_in);
+            let dw = cpu::matmul(cpu::Mat::transposed(g, n_out), xm, n_out, n_in, m);
             Some(vec_tensor(dw, w.shape())?)
         } else {
             None
@@ -984,10 +965,23 @@ pub(crate) struct LoraLinear {
     pub down: Mutex<Option<Tensor>>,
 }
 
-/// The data and element strides of a 2-D CPU tensor (any layout).
-fn host2<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [T], usize, usize)> {
+/// A 2-D CPU tensor (any strides) as a matrix view.
+fn mat2<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<cpu::Mat<'a, T>> {
     let st = l.stride();
-    Ok((&s.as_slice::<T>()?[l.start_offset()..], st[0], st[1]))
+    Ok(cpu::Mat {
+        data: &s.as_slice::<T>()?[l.start_offset()..],
+        rs: st[0],
+        cs: st[1],
+    })
+}
+
+/// The transpose of a matrix view (no copy).
+fn t<T>(m: cpu::Mat<'_, T>) -> cpu::Mat<'_, T> {
+    cpu::Mat {
+        data: m.data,
+        rs: m.cs,
+        cs: m.rs,
+    }
 }
 
 impl LoraLinear {
@@ -1048,36 +1042,16 @@ impl CustomOp3 for LoraLinear {
         let bias_host = bias.as_ref().map(|b| Host::new(b, name)).transpose()?;
         dispatch_float!(sx.dtype(), name, |F| {
             let x = contiguous::<F>(sx, lx, name)?;
-            let (w, w0, w1) = host2::<F>(ws, wl)?;
-            let (a, a0, a1) = host2::<F>(sa, la)?;
-            let (b, b0, b1) = host2::<F>(sb, lb)?;
+            let w = mat2::<F>(ws, wl)?; // (OUT, IN)
             let bias = bias_host.as_ref().map(|h| h.slice::<F>()).transpose()?;
-            let mut y = cpu::linear::fwd(x, w, [w0, w1], bias, m, n_in, n_out); // (M, OUT)
+            let mut y = cpu::linear::fwd(x, w.data, [w.rs, w.cs], bias, m, n_in, n_out); // (M, OUT)
             let xm = self.masked(x)?;
-            let xin = xm.as_deref().unwrap_or(x);
+            let xin = cpu::Mat::row_major(xm.as_deref().unwrap_or(x), n_in);
             // down (M, R) = scale * x_in @ a^T
-            let mut down = vec![F::ZERO; m * r];
-            let at = cpu::Mat {
-                data: a,
-                rs: a1,
-                cs: a0,
-            };
-            cpu::gemm(
-                &mut down,
-                false,
-                cpu::Mat::row_major(xin, n_in),
-                at,
-                m,
-                r,
-                n_in,
-            );
+            let mut down = cpu::matmul(xin, t(mat2::<F>(sa, la)?), m, r, n_in);
             cpu::scal(&mut down, F::from_f64(self.scale));
             // y += down @ b^T
-            let bt = cpu::Mat {
-                data: b,
-                rs: b1,
-                cs: b0,
-            };
+            let bt = t(mat2::<F>(sb, lb)?);
             cpu::gemm(&mut y, true, cpu::Mat::row_major(&down, r), bt, m, n_out, r);
             *self.down.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(vec_tensor(down, &Shape::from((m, r)))?);
@@ -1113,114 +1087,43 @@ impl CustomOp3 for LoraLinear {
         dispatch_float!(x.dtype(), name, |F| {
             let g = gh.slice::<F>()?; // (M, OUT)
             let xs = xh.slice::<F>()?; // (M, IN)
-            let (w, w0, w1) = host2::<F>(ws, wl)?;
-            let (ad, a0, a1) = host2::<F>(sa, la)?;
-            let (bd, b0, b1) = host2::<F>(sb, lb)?;
+            let (w, am, bm) = (mat2::<F>(ws, wl)?, mat2::<F>(sa, la)?, mat2::<F>(sb, lb)?);
             let s = F::from_f64(self.scale);
             let xm = self.masked(xs)?;
-            let xin = xm.as_deref().unwrap_or(xs);
+            let xin = cpu::Mat::row_major(xm.as_deref().unwrap_or(xs), n_in);
             let down = match down {
                 Some(t) => t.flatten_all()?.to_vec1::<F>()?,
                 None => {
-                    let mut d = vec![F::ZERO; m * r];
-                    let at = cpu::Mat {
-                        data: ad,
-                        rs: a1,
-                        cs: a0,
-                    };
-                    cpu::gemm(
-                        &mut d,
-                        false,
-                        cpu::Mat::row_major(xin, n_in),
-                        at,
-                        m,
-                        r,
-                        n_in,
-                    );
+                    let mut d = cpu::matmul(xin, t(am), m, r, n_in);
                     cpu::scal(&mut d, s);
                     d
                 }
             };
+            let gm = cpu::Mat::row_major(g, n_out); // (M, OUT)
             // g_down (M, R) = scale * g @ b
-            let mut gd = vec![F::ZERO; m * r];
-            let bm = cpu::Mat {
-                data: bd,
-                rs: b0,
-                cs: b1,
-            };
-            cpu::gemm(
-                &mut gd,
-                false,
-                cpu::Mat::row_major(g, n_out),
-                bm,
-                m,
-                r,
-                n_out,
-            );
+            let mut gd = cpu::matmul(gm, bm, m, r, n_out);
             cpu::scal(&mut gd, s);
-            let db = if b.track_op() {
-                // db (OUT, R) = g^T @ down
-                let mut db = vec![F::ZERO; n_out * r];
-                cpu::gemm(
-                    &mut db,
-                    false,
-                    cpu::Mat::transposed(g, n_out),
-                    cpu::Mat::row_major(&down, r),
-                    n_out,
-                    r,
-                    m,
-                );
-                Some(vec_tensor(db, b.shape())?)
-            } else {
-                None
-            };
-            let da = if a.track_op() {
-                // da (R, IN) = g_down^T @ x_in
-                let mut da = vec![F::ZERO; r * n_in];
-                cpu::gemm(
-                    &mut da,
-                    false,
-                    cpu::Mat::transposed(&gd, r),
-                    cpu::Mat::row_major(xin, n_in),
-                    r,
-                    n_in,
-                    m,
-                );
-                Some(vec_tensor(da, a.shape())?)
-            } else {
-                None
-            };
+            let gdm = cpu::Mat::row_major(&gd, r);
+            // db (OUT, R) = g^T @ down
+            let db = b.track_op().then(|| {
+                let db = cpu::matmul(t(gm), cpu::Mat::row_major(&down, r), n_out, r, m);
+                vec_tensor(db, b.shape())
+            });
+            // da (R, IN) = g_down^T @ x_in
+            let da = a
+                .track_op()
+                .then(|| vec_tensor(cpu::matmul(t(gdm), xin, r, n_in, m), a.shape()));
             let dx = if x.track_op() {
                 // dx (M, IN) = g @ w + (g_down @ a) * mask
-                let mut dx = vec![F::ZERO; m * n_in];
-                let wm = cpu::Mat {
-                    data: w,
-                    rs: w0,
-                    cs: w1,
-                };
-                cpu::gemm(
-                    &mut dx,
-                    false,
-                    cpu::Mat::row_major(g, n_out),
-                    wm,
-                    m,
-                    n_in,
-                    n_out,
-                );
-                let am = cpu::Mat {
-                    data: ad,
-                    rs: a0,
-                    cs: a1,
-                };
+                let mut dx = cpu::matmul(gm, w, m, n_in, n_out);
                 match &self.mask {
-                    None => cpu::gemm(&mut dx, true, cpu::Mat::row_major(&gd, r), am, m, n_in, r),
+                    None => cpu::gemm(&mut dx, true, gdm, am, m, n_in, r),
                     Some(mask) => {
-                        let mut t = vec![F::ZERO; m * n_in];
-                        cpu::gemm(&mut t, false, cpu::Mat::row_major(&gd, r), am, m, n_in, r);
+                        let lora = cpu::matmul(gdm, am, m, n_in, r);
                         let mask = mask.contiguous()?;
                         let mh = Host::new(&mask, name)?;
-                        for ((d, t), k) in dx.iter_mut().zip(&t).zip(mh.slice::<F>()?) {
-                            *d += *t * *k;
+                        for ((d, l), k) in dx.iter_mut().zip(&lora).zip(mh.slice::<F>()?) {
+                            *d += *l * *k;
                         }
                     }
                 }
@@ -1228,6 +1131,7 @@ impl CustomOp3 for LoraLinear {
             } else {
                 None
             };
+            let (da, db) = (da.transpose()?, db.transpose()?);
             Ok((dx, da, db))
         })
     }

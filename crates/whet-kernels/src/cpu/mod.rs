@@ -232,6 +232,19 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
+/// `lhs (m x k) @ rhs (k x n)` as a new row-major (m x n) vector, through [`gemm`].
+pub(crate) fn matmul<T: Float>(
+    lhs: Mat<'_, T>,
+    rhs: Mat<'_, T>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<T> {
+    let mut out = vec![T::ZERO; m * n];
+    gemm(&mut out, false, lhs, rhs, m, n, k);
+    out
+}
+
 /// `dst (m x n, row-major) = [dst +] lhs (m x k) @ rhs (k x n)`, multi-threaded through the
 /// `gemm` crate (the same routine as candle's CPU matmul).
 pub(crate) fn gemm<T: Float>(
@@ -258,26 +271,22 @@ pub(crate) fn gemm<T: Float>(
         return;
     }
     if T::DTYPE == candle_core::DType::F32 && sgemm::available() && sgemm::worth_it(m, n, k) {
+        /// `m` seen as f32. Safety: T must be f32.
+        unsafe fn f32_view<T>(m: Mat<'_, T>) -> Mat<'_, f32> {
+            // SAFETY: T is f32 (the caller's contract): same size, alignment and bits.
+            let data = unsafe { std::slice::from_raw_parts(m.data.as_ptr().cast(), m.data.len()) };
+            Mat {
+                data,
+                rs: m.rs,
+                cs: m.cs,
+            }
+        }
         // SAFETY: T is f32 (checked through its DType), so the slices reinterpret exactly.
         let (dst, lhs, rhs) = unsafe {
             (
                 std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()),
-                Mat {
-                    data: std::slice::from_raw_parts(
-                        lhs.data.as_ptr().cast::<f32>(),
-                        lhs.data.len(),
-                    ),
-                    rs: lhs.rs,
-                    cs: lhs.cs,
-                },
-                Mat {
-                    data: std::slice::from_raw_parts(
-                        rhs.data.as_ptr().cast::<f32>(),
-                        rhs.data.len(),
-                    ),
-                    rs: rhs.rs,
-                    cs: rhs.cs,
-                },
+                f32_view(lhs),
+                f32_view(rhs),
             )
         };
         sgemm::sgemm(dst, n, accumulate, lhs, rhs, (m, n, k), threads());
