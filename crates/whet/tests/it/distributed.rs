@@ -306,8 +306,10 @@ fn two_mpi_ranks_reach_the_parameters_of_one_process() {
         series(&one, "eval", "val_loss"),
     );
     assert_eq!(a.len(), 2);
+    // As for the training losses: at ~13, 1e-6 would be one f32 ulp, which a different split of
+    // the rows (and so of the matmuls) over the ranks may move.
     for ((step, x), (_, y)) in a.iter().zip(&b) {
-        assert!((x - y).abs() < 1e-6, "eval at {step}: {x} vs {y}");
+        assert!((x - y).abs() < 1e-5, "eval at {step}: {x} vs {y}");
     }
     let diff = max_abs_diff(
         &two.join("adapter/adapter_model.safetensors"),
