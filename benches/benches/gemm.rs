@@ -1,7 +1,8 @@
 //! f32 matmuls of a SmolLM2-135M training step (4 x 256 tokens, H = 576, I = 1536, KV = 192,
 //! V = 49152): whet's AVX-512 kernel (`whet_kernels::matmul_f32`) against the `gemm` crate that
 //! candle's CPU matmul uses, both on all threads, in the three layouts of a linear layer:
-//! `fwd` y = x @ w^T, `dx` = dy @ w, `dw` = dy^T @ x. Throughput is in FLOP (2 m n k).
+//! `fwd` y = x @ w^T, `dx` = dy @ w, `dw` = dy^T @ x, and the rank-16 LoRA products.
+//! Throughput is in FLOP (2 m n k).
 //!
 //! `cargo bench -p whet-benches --bench gemm -- --warm-up-time 1 --measurement-time 3`
 
@@ -96,6 +97,37 @@ fn bench(c: &mut Criterion) {
         }
         g.finish();
     }
+    // The LoRA products of a rank-16 adapter on a (576 -> 576) layer: the down projection
+    // x @ A^T, its gradient dy @ B (both 16 columns), and the gradients of A and B, gd^T @ x
+    // (16 rows) and dy^T @ down (16 columns).
+    let (r, h) = (16, 576);
+    let x = values(M * h, 7919);
+    let a = values(r * h, 104_729);
+    let dy = values(M * h, 31);
+    let gd = values(M * r, 17);
+    type Case<'a> = (
+        &'static str,
+        (usize, usize, usize),
+        (&'a [f32], [usize; 2]),
+        (&'a [f32], [usize; 2]),
+    );
+    let cases: [Case<'_>; 3] = [
+        ("down", (M, r, h), (&x, [h, 1]), (&a, [1, h])),
+        ("dA", (r, h, M), (&gd, [1, r]), (&x, [h, 1])),
+        ("dB", (h, r, M), (&dy, [1, h]), (&gd, [r, 1])),
+    ];
+    let mut g = c.benchmark_group("gemm/lora-r16");
+    for (layout, (m, n, k), a, b) in cases {
+        g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
+        let mut out = vec![0f32; m * n];
+        g.bench_function(format!("{layout}/whet"), |bch| {
+            bch.iter(|| whet_kernels::matmul_f32(black_box(&mut out), a, b, (m, n, k)))
+        });
+        g.bench_function(format!("{layout}/gemm-crate"), |bch| {
+            bch.iter(|| gemm_crate(black_box(&mut out), a, b, (m, n, k)))
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench);

@@ -975,15 +975,6 @@ fn mat2<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<cpu::Mat<'a, 
     })
 }
 
-/// The transpose of a matrix view (no copy).
-fn t<T>(m: cpu::Mat<'_, T>) -> cpu::Mat<'_, T> {
-    cpu::Mat {
-        data: m.data,
-        rs: m.cs,
-        cs: m.rs,
-    }
-}
-
 impl LoraLinear {
     /// (x * mask) as an owned copy when there is a mask.
     fn masked<T: Float>(&self, x: &[T]) -> Result<Option<Vec<T>>> {
@@ -1048,10 +1039,10 @@ impl CustomOp3 for LoraLinear {
             let xm = self.masked(x)?;
             let xin = cpu::Mat::row_major(xm.as_deref().unwrap_or(x), n_in);
             // down (M, R) = scale * x_in @ a^T
-            let mut down = cpu::matmul(xin, t(mat2::<F>(sa, la)?), m, r, n_in);
+            let mut down = cpu::matmul(xin, mat2::<F>(sa, la)?.t(), m, r, n_in);
             cpu::scal(&mut down, F::from_f64(self.scale));
             // y += down @ b^T
-            let bt = t(mat2::<F>(sb, lb)?);
+            let bt = mat2::<F>(sb, lb)?.t();
             cpu::gemm(&mut y, true, cpu::Mat::row_major(&down, r), bt, m, n_out, r);
             *self.down.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(vec_tensor(down, &Shape::from((m, r)))?);
@@ -1094,7 +1085,7 @@ impl CustomOp3 for LoraLinear {
             let down = match down {
                 Some(t) => t.flatten_all()?.to_vec1::<F>()?,
                 None => {
-                    let mut d = cpu::matmul(xin, t(am), m, r, n_in);
+                    let mut d = cpu::matmul(xin, am.t(), m, r, n_in);
                     cpu::scal(&mut d, s);
                     d
                 }
@@ -1106,13 +1097,13 @@ impl CustomOp3 for LoraLinear {
             let gdm = cpu::Mat::row_major(&gd, r);
             // db (OUT, R) = g^T @ down
             let db = b.track_op().then(|| {
-                let db = cpu::matmul(t(gm), cpu::Mat::row_major(&down, r), n_out, r, m);
+                let db = cpu::matmul(gm.t(), cpu::Mat::row_major(&down, r), n_out, r, m);
                 vec_tensor(db, b.shape())
             });
             // da (R, IN) = g_down^T @ x_in
             let da = a
                 .track_op()
-                .then(|| vec_tensor(cpu::matmul(t(gdm), xin, r, n_in, m), a.shape()));
+                .then(|| vec_tensor(cpu::matmul(gdm.t(), xin, r, n_in, m), a.shape()));
             let dx = if x.track_op() {
                 // dx (M, IN) = g @ w + (g_down @ a) * mask
                 let mut dx = cpu::matmul(gm, w, m, n_in, n_out);

@@ -11,7 +11,7 @@ use std::collections::hash_map::Entry;
 
 use rayon::prelude::*;
 
-use super::{Float, axpy, dot, max, multiversion, scal, threads};
+use super::{Float, dot, max, multiversion, scal, sum, threads};
 
 /// Query positions per task (all NH heads of each).
 const QB: usize = 16;
@@ -112,73 +112,140 @@ impl Windows {
     }
 }
 
-/// Copies the (n, D) rows of head g starting at key js into `dst` as a (D, KT) tile.
+/// k (B, S, NKV, D) transposed to (B, NKV, D, S), once per call: the score products read key
+/// tiles as (D x n) blocks of it, rows S apart.
+fn transpose_keys<T: Float>(k: &[T], dm: Dims) -> Vec<T> {
+    let Dims { s, nkv, d, .. } = dm;
+    let mut kt = vec![T::ZERO; k.len()];
+    kt.par_chunks_mut(d * s).enumerate().for_each(|(bg, out)| {
+        let (bi, g) = (bg / nkv, bg % nkv);
+        for j in 0..s {
+            let row = &k[((bi * s + j) * nkv + g) * d..][..d];
+            for (dd, x) in row.iter().enumerate() {
+                out[dd * s + j] = *x;
+            }
+        }
+    });
+    kt
+}
+
+/// Columns of scores to compute for the tile of n keys at js (of s): the whole tile where the
+/// keys exist, since a full-width product is faster than a partial one; the columns past n
+/// are never read.
 #[inline(always)]
-fn transpose_tile<T: Float>(
-    dst: &mut [T],
+fn width(js: usize, n: usize, s: usize) -> usize {
+    if js + KT <= s { KT } else { n }
+}
+
+/// `y[r * ldy + c] += sum_i w[r * wrs + i * wcs] * src[base + i * stride + c]` for `r < rows`,
+/// `c < cols`, `i < kd`: the small matrix products of a (query block x key tile). An `RB x C`
+/// tile of y stays in registers while the rows of src stream past, so each load of src feeds
+/// `RB` multiply-adds (with `RB = 4, C = 64`, 16 zmm accumulators for f32).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn mm<T: Float>(
+    y: &mut [T],
+    (ldy, rows, cols): (usize, usize, usize),
+    w: &[T],
+    (wrs, wcs): (usize, usize),
+    kd: usize,
     src: &[T],
-    dm: Dims,
-    bi: usize,
-    g: usize,
-    js: usize,
-    n: usize,
+    (base, stride): (usize, usize),
 ) {
-    let d = dm.d;
-    for jj in 0..n {
-        let o = ((bi * dm.s + js + jj) * dm.nkv + g) * d;
-        for (dd, x) in src[o..o + d].iter().enumerate() {
-            dst[dd * KT + jj] = *x;
-        }
+    let mut r0 = 0;
+    let args = Mm {
+        ldy,
+        cols,
+        wrs,
+        wcs,
+        kd,
+        base,
+        stride,
+    };
+    while r0 + 4 <= rows {
+        mm_rows::<T, 4>(y, w, src, args, r0);
+        r0 += 4;
+    }
+    while r0 < rows {
+        mm_rows::<T, 1>(y, w, src, args, r0);
+        r0 += 1;
     }
 }
 
-/// `y += sum_i w[i] * src[base + i * stride ..][..y.len()]`: a small (1 x n) @ (n x len)
-/// product. y is held in registers C lanes at a time while the rows stream past, so the inner
-/// loop is loads and multiply-adds only.
+/// The strides and sizes of one [`mm`] call.
+#[derive(Clone, Copy)]
+struct Mm {
+    ldy: usize,
+    cols: usize,
+    wrs: usize,
+    wcs: usize,
+    kd: usize,
+    base: usize,
+    stride: usize,
+}
+
+/// Rows `r0 .. r0 + RB` of [`mm`].
 #[inline(always)]
-fn accumulate_rows<T: Float>(y: &mut [T], w: &[T], src: &[T], base: usize, stride: usize) {
-    let len = y.len();
+fn mm_rows<T: Float, const RB: usize>(y: &mut [T], w: &[T], src: &[T], a: Mm, r0: usize) {
     let mut c0 = 0;
-    c0 = accumulate_chunks::<T, 64>(y, w, src, base, stride, c0);
-    c0 = accumulate_chunks::<T, 16>(y, w, src, base, stride, c0);
-    if c0 < len {
-        for (i, wi) in w.iter().enumerate() {
-            let o = base + i * stride;
-            axpy(&mut y[c0..], *wi, &src[o + c0..o + len]);
+    c0 = mm_tile::<T, RB, 64>(y, w, src, a, r0, c0);
+    c0 = mm_tile::<T, RB, 16>(y, w, src, a, r0, c0);
+    for c in c0..a.cols {
+        for r in r0..r0 + RB {
+            let mut acc = y[r * a.ldy + c];
+            for i in 0..a.kd {
+                acc += w[r * a.wrs + i * a.wcs] * src[a.base + i * a.stride + c];
+            }
+            y[r * a.ldy + c] = acc;
         }
     }
 }
 
-/// The part of [`accumulate_rows`] for columns c0.. in whole chunks of C; returns where it stopped.
+/// Columns `c0 ..` of rows `r0 .. r0 + RB` in whole chunks of `C`; returns where it stopped.
 #[inline(always)]
-fn accumulate_chunks<T: Float, const C: usize>(
+fn mm_tile<T: Float, const RB: usize, const C: usize>(
     y: &mut [T],
     w: &[T],
     src: &[T],
-    base: usize,
-    stride: usize,
+    a: Mm,
+    r0: usize,
     mut c0: usize,
 ) -> usize {
-    while c0 + C <= y.len() {
-        let mut acc: [T; C] = y[c0..c0 + C].try_into().expect("chunk");
-        for (i, wi) in w.iter().enumerate() {
-            let o = base + i * stride + c0;
-            let r: &[T; C] = src[o..o + C].try_into().expect("chunk");
-            for l in 0..C {
-                acc[l] += *wi * r[l];
+    while c0 + C <= a.cols {
+        let mut acc = [[T::ZERO; C]; RB];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            acc.copy_from_slice(&y[(r0 + r) * a.ldy + c0..][..C]);
+        }
+        for i in 0..a.kd {
+            let s: [T; C] = src[a.base + i * a.stride + c0..][..C]
+                .try_into()
+                .expect("chunk");
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let wi = w[(r0 + r) * a.wrs + i * a.wcs];
+                for l in 0..C {
+                    acc[l] += wi * s[l];
+                }
             }
         }
-        y[c0..c0 + C].copy_from_slice(&acc);
+        for (r, acc) in acc.iter().enumerate() {
+            y[(r0 + r) * a.ldy + c0..][..C].copy_from_slice(acc);
+        }
         c0 += C;
     }
     c0
 }
 
-/// sc[0..KT] = x . tile for a (D, KT) tile (the whole tile; callers read the part they need).
+/// Turns a row of scores `sc[0..n]` into probabilities `exp(sc - m)` inside the window
+/// `[a, e)` and zeros outside it; returns their sum.
 #[inline(always)]
-fn scores<T: Float>(sc: &mut [T], x: &[T], tile: &[T]) {
-    sc.fill(T::ZERO);
-    accumulate_rows(&mut sc[..KT], x, tile, 0, KT);
+fn exp_window<T: Float>(sc: &mut [T], (a, e): (usize, usize), m: T) -> T {
+    // No running sum in this loop: an in-order float sum would keep it from vectorising.
+    for x in &mut sc[a..e] {
+        *x = (*x - m).exp();
+    }
+    sc[..a].fill(T::ZERO);
+    sc[e..].fill(T::ZERO);
+    sum(&sc[a..e])
 }
 
 /// -> (o (B, T, NH, D), lse (B, T, NH)).
@@ -196,6 +263,7 @@ pub(crate) fn fwd<T: Float>(
     if o.is_empty() {
         return (o, lse);
     }
+    let kt = transpose_keys(k, dm);
     o.par_chunks_mut(t * nh * d)
         .zip(lse.par_chunks_mut(t * nh))
         .enumerate()
@@ -203,7 +271,7 @@ pub(crate) fn fwd<T: Float>(
             ob.par_chunks_mut(QB * nh * d)
                 .zip(lb.par_chunks_mut(QB * nh))
                 .enumerate()
-                .for_each(|(blk, (o, l))| fwd_block(q, k, v, win, dm, scale, bi, blk * QB, o, l));
+                .for_each(|(blk, (o, l))| fwd_block(q, &kt, v, win, dm, scale, bi, blk * QB, o, l));
         });
     (o, lse)
 }
@@ -211,16 +279,21 @@ pub(crate) fn fwd<T: Float>(
 multiversion! {
     #[allow(clippy::too_many_arguments)]
     fn fwd_block<T: Float>(
-        q: &[T], k: &[T], v: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, i0: usize, o: &mut [T], lse: &mut [T],
+        q: &[T], kt: &[T], v: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, i0: usize, o: &mut [T], lse: &mut [T],
     ) = fwd_block_impl;
 }
 
-/// Queries i0 .. i0 + nq of batch row bi, all heads. o: (nq, NH, D) zeroed, lse: (nq, NH).
+/// Queries i0 .. i0 + nq of batch row bi, all heads. kt: k as (B, NKV, D, S) (see
+/// [`transpose_keys`]); o: (nq, NH, D), lse: (nq, NH).
+///
+/// Per kv head g, the block's R = nq * rep query rows of group g are gathered (R, D); per key
+/// tile, S = Q K^T (R x n) is one small product, each row gets its window, online-softmax
+/// update and probabilities P, and the output accumulates P V (R x D), another small product.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn fwd_block_impl<T: Float>(
     q: &[T],
-    k: &[T],
+    kt: &[T],
     v: &[T],
     win: &Windows,
     dm: Dims,
@@ -235,65 +308,89 @@ fn fwd_block_impl<T: Float>(
     } = dm;
     let (rep, off) = (dm.rep(), dm.off());
     let nq = lse.len() / nh;
-    let q0 = (bi * t + i0) * nh * d;
-    let qs: Vec<T> = q[q0..q0 + nq * nh * d].iter().map(|x| *x * scale).collect(); // (nq, NH, D)
-    let mut m = vec![T::NEG_INF; nq * nh];
-    let mut den = vec![T::ZERO; nq * nh];
-    let mut kt = vec![T::ZERO; d * KT];
-    let mut sc = vec![T::ZERO; KT];
+    let nr = nq * rep;
+    let mut qg = vec![T::ZERO; nr * d]; // scaled q rows of group g: row ii * rep + r
+    let mut acc = vec![T::ZERO; nr * d];
+    let mut m = vec![T::NEG_INF; nr];
+    let mut den = vec![T::ZERO; nr];
+    let mut sc = vec![T::ZERO; nr * KT]; // scores, then probabilities
     let p_last = off + i0 + nq - 1;
     let klo = (0..nq)
         .map(|ii| win.lo(bi, off + i0 + ii))
         .min()
         .unwrap_or(0);
     for g in 0..nkv {
+        for ii in 0..nq {
+            for r in 0..rep {
+                let (row, grow) = (ii * rep + r, (bi * t + i0 + ii) * nh + g * rep + r);
+                for (x, y) in qg[row * d..(row + 1) * d]
+                    .iter_mut()
+                    .zip(&q[grow * d..(grow + 1) * d])
+                {
+                    *x = *y * scale;
+                }
+            }
+        }
+        acc.fill(T::ZERO);
+        m.fill(T::NEG_INF);
+        den.fill(T::ZERO);
         let mut js = klo;
         while js <= p_last {
             let n = KT.min(p_last + 1 - js);
-            transpose_tile(&mut kt, k, dm, bi, g, js, n);
+            sc.fill(T::ZERO);
+            let kb = (bi * nkv + g) * d * s + js;
+            mm(
+                &mut sc,
+                (KT, nr, width(js, n, s)),
+                &qg,
+                (d, 1),
+                d,
+                kt,
+                (kb, s),
+            );
             for ii in 0..nq {
                 let p = off + i0 + ii;
-                let Some((a, e)) = win.overlap(bi, p, js, n) else {
-                    continue;
-                };
+                let window = win.overlap(bi, p, js, n);
                 for r in 0..rep {
-                    let row = ii * nh + g * rep + r;
-                    scores(&mut sc, &qs[row * d..(row + 1) * d], &kt);
-                    win.mask(bi, p, js, &mut sc, a, e);
-                    let mt = max(&sc[a..e]);
+                    let row = ii * rep + r;
+                    let sr = &mut sc[row * KT..row * KT + n];
+                    let Some((a, e)) = window else {
+                        sr.fill(T::ZERO);
+                        continue;
+                    };
+                    win.mask(bi, p, js, sr, a, e);
+                    let mt = max(&sr[a..e]);
                     if mt == T::NEG_INF {
+                        sr.fill(T::ZERO);
                         continue;
                     }
-                    let acc = &mut o[row * d..(row + 1) * d];
                     if mt > m[row] {
                         let corr = (m[row] - mt).exp();
                         den[row] *= corr;
-                        scal(acc, corr);
+                        scal(&mut acc[row * d..(row + 1) * d], corr);
                         m[row] = mt;
                     }
-                    let mr = m[row];
-                    let mut sum = T::ZERO;
-                    for x in &mut sc[a..e] {
-                        *x = (*x - mr).exp();
-                        sum += *x;
-                    }
-                    den[row] += sum;
-                    // acc += P[a..e] @ V[js + a .. js + e]
-                    accumulate_rows(
-                        acc,
-                        &sc[a..e],
-                        v,
-                        ((bi * s + js + a) * nkv + g) * d,
-                        nkv * d,
-                    );
+                    den[row] += exp_window(sr, (a, e), m[row]);
                 }
             }
+            // acc += P (R x n) @ V[js .. js + n] (n x D, rows NKV * D apart)
+            let vb = ((bi * s + js) * nkv + g) * d;
+            mm(&mut acc, (d, nr, d), &sc, (KT, 1), n, v, (vb, nkv * d));
             js += n;
         }
-    }
-    for (row, acc) in o.chunks_exact_mut(d).enumerate() {
-        scal(acc, T::ONE / den[row]);
-        lse[row] = m[row] + den[row].ln();
+        for ii in 0..nq {
+            for r in 0..rep {
+                let (row, orow) = (ii * rep + r, ii * nh + g * rep + r);
+                let inv = T::ONE / den[row];
+                for (x, y) in o[orow * d..(orow + 1) * d]
+                    .iter_mut()
+                    .zip(&acc[row * d..(row + 1) * d])
+                {
+                    *x = *y * inv;
+                }
+                lse[orow] = m[row] + den[row].ln();
+            }
+        }
     }
 }
 
@@ -335,6 +432,8 @@ pub(crate) fn bwd<T: Float>(
     // Each task owns the dq rows of a chunk of queries and returns partial dk/dv for the keys
     // the chunk sees; the partials are summed afterwards. Chunks: enough tasks for the threads,
     // but few enough that the partials stay small.
+    let (kt, vt) = (transpose_keys(k, dm), transpose_keys(v, dm));
+    let (kt, vt) = (kt.as_slice(), vt.as_slice());
     let nch = (2 * threads()).div_ceil(b).clamp(1, t.div_ceil(QB).min(16));
     let cl = t.div_ceil(nch).div_ceil(QB) * QB;
     let parts: Vec<KeyPart<T>> = dq
@@ -344,7 +443,8 @@ pub(crate) fn bwd<T: Float>(
             dqb.par_chunks_mut(cl * nh * d)
                 .enumerate()
                 .map(move |(c, dqc)| {
-                    bwd_chunk(q, k, v, o, dout, lse, win, dm, scale, bi, c * cl, dqc)
+                    let kv = (k, kt, vt);
+                    bwd_chunk(q, kv, o, dout, lse, win, dm, scale, bi, c * cl, dqc)
                 })
         })
         .collect();
@@ -382,22 +482,23 @@ pub(crate) fn bwd<T: Float>(
 multiversion! {
     #[allow(clippy::too_many_arguments)]
     fn bwd_chunk<T: Float>(
-        q: &[T], k: &[T], v: &[T], o: &[T], dout: &[T], lse: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, c0: usize,
+        q: &[T], kv: (&[T], &[T], &[T]), o: &[T], dout: &[T], lse: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, c0: usize,
         dq: &mut [T],
     ) -> KeyPart<T> = bwd_chunk_impl;
 }
 
 /// Queries c0 .. c0 + nq of batch row bi: fills dq (nq, NH, D), returns the partial dk/dv.
+/// kt, vt: k and v as (B, NKV, D, S) (see [`transpose_keys`]).
 ///
-/// Per query block, kv head g and key tile: each of the block's rows of head group g
-/// (R = qn * rep rows) gets its scores and probabilities P, dP = dO . V and dS = P (dP - delta);
-/// then dq_row += dS_row @ K_tile, and for each key dv_j += P[:, j] . dO, dk_j += dS[:, j] . Q.
+/// Per query block and kv head g, the block's R = qn * rep rows of group g are gathered; per
+/// key tile, five small products: S = Q K^T and dP = dO V^T (R x n), then, with
+/// P = exp(S - lse) and dS = P (dP - delta) row by row, dQ += dS K, dV += P^T dO and
+/// dK += dS^T Q.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn bwd_chunk_impl<T: Float>(
     q: &[T],
-    k: &[T],
-    v: &[T],
+    (k, kt, vt): (&[T], &[T], &[T]),
     o: &[T],
     dout: &[T],
     lse: &[T],
@@ -427,14 +528,11 @@ fn bwd_chunk_impl<T: Float>(
     // Group-g rows of the current query block, gathered contiguous: (R, D) each.
     let mut qg = vec![T::ZERO; rmax * d]; // scaled q
     let mut dog = vec![T::ZERO; rmax * d];
+    let mut dqg = vec![T::ZERO; rmax * d];
     let mut lg = vec![T::ZERO; rmax]; // lse
     let mut delta = vec![T::ZERO; rmax]; // rowsum(dO * O)
-    let mut kt = vec![T::ZERO; d * KT];
-    let mut vt = vec![T::ZERO; d * KT];
-    let mut pr = vec![T::ZERO; KT]; // scores, then probabilities
-    let mut ds = vec![T::ZERO; KT]; // dP, then dS
-    let mut pt = vec![T::ZERO; KT * rmax]; // P transposed: (KT, R)
-    let mut dst = vec![T::ZERO; KT * rmax]; // dS transposed: (KT, R)
+    let mut pr = vec![T::ZERO; rmax * KT]; // scores, then probabilities: (R, KT)
+    let mut ds = vec![T::ZERO; rmax * KT]; // dP, then dS: (R, KT)
     for qb0 in (0..nq).step_by(QB) {
         let qn = QB.min(nq - qb0);
         let nr = qn * rep;
@@ -461,68 +559,60 @@ fn bwd_chunk_impl<T: Float>(
                     );
                 }
             }
+            dqg[..nr * d].fill(T::ZERO);
             let mut js = kl;
             while js <= pb_last {
                 let n = KT.min(pb_last + 1 - js);
-                transpose_tile(&mut kt, k, dm, bi, g, js, n);
-                transpose_tile(&mut vt, v, dm, bi, g, js, n);
-                // P and dS are (KT, R) with row stride rmax: clear every entry the key loop below
-                // reads (rows 0..nr of keys 0..n), including those of queries that see none or
-                // only part of this tile.
-                pt[..n * rmax].fill(T::ZERO);
-                dst[..n * rmax].fill(T::ZERO);
+                pr[..nr * KT].fill(T::ZERO);
+                ds[..nr * KT].fill(T::ZERO);
+                let tb = (bi * nkv + g) * d * s + js;
+                let w = width(js, n, s);
+                mm(&mut pr, (KT, nr, w), &qg, (d, 1), d, kt, (tb, s));
+                mm(&mut ds, (KT, nr, w), &dog, (d, 1), d, vt, (tb, s));
                 for ii in 0..qn {
                     let p = off + c0 + qb0 + ii;
-                    let Some((a, e)) = win.overlap(bi, p, js, n) else {
-                        continue;
-                    };
+                    let window = win.overlap(bi, p, js, n);
                     for r in 0..rep {
                         let row = ii * rep + r;
-                        scores(&mut pr, &qg[row * d..(row + 1) * d], &kt);
-                        win.mask(bi, p, js, &mut pr, a, e);
-                        scores(&mut ds, &dog[row * d..(row + 1) * d], &vt);
-                        let (l, dl) = (lg[row], delta[row]);
-                        for (p, ds) in pr[a..e].iter_mut().zip(&mut ds[a..e]) {
-                            *p = (*p - l).exp();
+                        let (pr, ds) = (
+                            &mut pr[row * KT..row * KT + n],
+                            &mut ds[row * KT..row * KT + n],
+                        );
+                        let Some((a, e)) = window else {
+                            pr.fill(T::ZERO);
+                            ds.fill(T::ZERO);
+                            continue;
+                        };
+                        win.mask(bi, p, js, pr, a, e);
+                        exp_window(pr, (a, e), lg[row]);
+                        let dl = delta[row];
+                        for (p, ds) in pr.iter().zip(ds.iter_mut()) {
                             *ds = *p * (*ds - dl);
                         }
-                        for jj in a..e {
-                            pt[jj * rmax + row] = pr[jj];
-                            dst[jj * rmax + row] = ds[jj];
-                        }
-                        // dq_row += dS[a..e] @ K[js + a .. js + e] (scaled at the end)
-                        let lrow = (qb0 + ii) * nh + g * rep + r;
-                        accumulate_rows(
-                            &mut dq[lrow * d..(lrow + 1) * d],
-                            &ds[a..e],
-                            k,
-                            ((bi * s + js + a) * nkv + g) * d,
-                            kvrow,
-                        );
                     }
                 }
-                for jj in 0..n {
-                    let kv = (js + jj - klo) * kvrow + g * d;
-                    accumulate_rows(
-                        &mut dv[kv..kv + d],
-                        &pt[jj * rmax..jj * rmax + nr],
-                        &dog,
-                        0,
-                        d,
-                    );
-                    accumulate_rows(
-                        &mut dk[kv..kv + d],
-                        &dst[jj * rmax..jj * rmax + nr],
-                        &qg,
-                        0,
-                        d,
-                    );
-                }
+                // dQ (R x D) += dS (R x n) @ K[js .. js + n]
+                let kb = ((bi * s + js) * nkv + g) * d;
+                mm(&mut dqg, (d, nr, d), &ds, (KT, 1), n, k, (kb, kvrow));
+                // dV, dK (n x D, rows NKV * D apart) += P^T, dS^T (n x R) @ dO, Q (R x D)
+                let y0 = (js - klo) * kvrow + g * d;
+                mm(&mut dv[y0..], (kvrow, n, d), &pr, (1, KT), nr, &dog, (0, d));
+                mm(&mut dk[y0..], (kvrow, n, d), &ds, (1, KT), nr, &qg, (0, d));
                 js += n;
+            }
+            for ii in 0..qn {
+                for r in 0..rep {
+                    let (row, lrow) = (ii * rep + r, (qb0 + ii) * nh + g * rep + r);
+                    for (x, y) in dq[lrow * d..(lrow + 1) * d]
+                        .iter_mut()
+                        .zip(&dqg[row * d..(row + 1) * d])
+                    {
+                        *x = *y * scale;
+                    }
+                }
             }
         }
     }
-    scal(dq, scale);
     KeyPart { bi, klo, dk, dv }
 }
 
@@ -552,8 +642,9 @@ mod tests {
         let (q, k, v) = (f(40 * 4 * 24, 1), f(70 * 2 * 24, 2), f(70 * 2 * 24, 3));
         let (mut o1, mut l1) = (vec![0.0; 16 * 4 * 24], vec![0.0; 16 * 4]);
         let (mut o2, mut l2) = (o1.clone(), l1.clone());
-        fwd_block(&q, &k, &v, &win, dm, 0.3, 0, 16, &mut o1, &mut l1);
-        fwd_block_impl(&q, &k, &v, &win, dm, 0.3, 0, 16, &mut o2, &mut l2);
+        let (kt, vt) = (transpose_keys(&k, dm), transpose_keys(&v, dm));
+        fwd_block(&q, &kt, &v, &win, dm, 0.3, 0, 16, &mut o1, &mut l1);
+        fwd_block_impl(&q, &kt, &v, &win, dm, 0.3, 0, 16, &mut o2, &mut l2);
         let close = |a: &[f64], b: &[f64]| {
             a.iter()
                 .zip(b)
@@ -563,8 +654,9 @@ mod tests {
         let (o, lse) = fwd(&q, &k, &v, &win, dm, 0.3);
         let dout = f(o.len(), 4);
         let (mut dq1, mut dq2) = (vec![0.0; 20 * 4 * 24], vec![0.0; 20 * 4 * 24]);
-        let p1 = bwd_chunk(&q, &k, &v, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq1);
-        let p2 = bwd_chunk_impl(&q, &k, &v, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq2);
+        let kv = (k.as_slice(), kt.as_slice(), vt.as_slice());
+        let p1 = bwd_chunk(&q, kv, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq1);
+        let p2 = bwd_chunk_impl(&q, kv, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq2);
         assert!(close(&dq1, &dq2) && close(&p1.dk, &p2.dk) && close(&p1.dv, &p2.dv));
         assert!(dq1.iter().any(|x| *x != 0.0) && p1.dk.iter().any(|x| *x != 0.0));
     }

@@ -77,7 +77,11 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
     let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    // t = ROUND + n exactly, so n sits in the low bits of t's mantissa: read it from there
+    // (integer ops that vectorise) rather than with an `as i32` cast, whose saturating
+    // semantics compile to a per-lane scalar fix-up.
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = xc - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_2e-3;
@@ -86,7 +90,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let pow2n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let pow2n = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     if x < -87.33 { 0.0 } else { y * pow2n }
 }
 
@@ -115,20 +119,30 @@ pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     s + tail
 }
 
-/// `y += a * x`.
-#[inline(always)]
-pub(crate) fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * *x;
-    }
-}
-
 /// `y *= a`.
 #[inline(always)]
 pub(crate) fn scal<T: Float>(y: &mut [T], a: T) {
     for y in y.iter_mut() {
         *y *= a;
     }
+}
+
+/// Sum of a slice, with lanes so that it vectorises.
+#[inline(always)]
+pub(crate) fn sum<T: Float>(x: &[T]) -> T {
+    const L: usize = 16;
+    let mut acc = [T::ZERO; L];
+    let (c, r) = x.as_chunks::<L>();
+    for c in c {
+        for l in 0..L {
+            acc[l] += c[l];
+        }
+    }
+    let mut s = T::ZERO;
+    for v in acc.into_iter().chain(r.iter().copied()) {
+        s += v;
+    }
+    s
 }
 
 /// Max of a slice (`-inf` when empty), with lanes so that it vectorises.
@@ -227,6 +241,14 @@ impl<'a, T> Mat<'a, T> {
             cs: cols,
         }
     }
+    /// The transpose of this view.
+    pub(crate) fn t(self) -> Self {
+        Self {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
     fn fits(&self, rows: usize, cols: usize) -> bool {
         rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
     }
@@ -270,7 +292,7 @@ pub(crate) fn gemm<T: Float>(
         }
         return;
     }
-    if T::DTYPE == candle_core::DType::F32 && sgemm::available() && sgemm::worth_it(m, n, k) {
+    if T::DTYPE == candle_core::DType::F32 && sgemm::available() {
         /// `m` seen as f32. Safety: T must be f32.
         unsafe fn f32_view<T>(m: Mat<'_, T>) -> Mat<'_, f32> {
             // SAFETY: T is f32 (the caller's contract): same size, alignment and bits.
@@ -289,8 +311,23 @@ pub(crate) fn gemm<T: Float>(
                 f32_view(rhs),
             )
         };
-        sgemm::sgemm(dst, n, accumulate, lhs, rhs, (m, n, k), threads());
-        return;
+        if sgemm::worth_it(m, n, k) {
+            sgemm::sgemm(dst, n, accumulate, lhs, rhs, (m, n, k), threads());
+            return;
+        }
+        if m <= 16 && sgemm::worth_it(n, m, k) {
+            // Few rows (the LoRA A gradient, rank x in): C^T = rhs^T @ lhs^T has few columns,
+            // which the one-register kernel covers without padding; then transpose it into C.
+            let mut ct = vec![0f32; n * m];
+            sgemm::sgemm(&mut ct, m, false, rhs.t(), lhs.t(), (n, m, k), threads());
+            for (i, row) in dst[..m * n].chunks_exact_mut(n).enumerate() {
+                for (j, c) in row.iter_mut().enumerate() {
+                    let v = ct[j * m + i];
+                    *c = if accumulate { *c + v } else { v };
+                }
+            }
+            return;
+        }
     }
     let par = if threads() > 1 {
         gemm::Parallelism::Rayon(threads())
@@ -429,6 +466,59 @@ mod tests {
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_f32(-1000.0), 0.0);
         assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    /// f32 products through every route of [`gemm`]: the packed kernel (wide and 16 columns),
+    /// the transposed one for a C of few rows, and the `gemm` crate for small ones; each against
+    /// f64 sums, overwriting and accumulating.
+    #[test]
+    fn f32_gemm_routes_match_f64_products() {
+        if !sgemm::available() {
+            println!("note: no AVX-512F here, so every f32 product takes the gemm crate's route");
+        }
+        let val = |i: usize, s: usize| ((i * s) % 211) as f32 / 105.0 - 1.0;
+        // (m, n, k): wide, narrow (LoRA down projection), few rows (LoRA A gradient), small.
+        for (m, n, k) in [(96, 200, 70), (300, 16, 576), (16, 576, 300), (5, 7, 3)] {
+            assert_eq!(
+                sgemm::worth_it(m, n, k) || (m <= 16 && sgemm::worth_it(n, m, k)),
+                m > 5,
+                "({m}, {n}, {k}) takes the intended route"
+            );
+            let a: Vec<f32> = (0..m * k).map(|i| val(i, 7)).collect(); // (k x m), used transposed
+            let b: Vec<f32> = (0..k * n).map(|i| val(i, 13)).collect(); // (k x n)
+            let c0: Vec<f32> = (0..m * n).map(|i| val(i, 3)).collect();
+            for accumulate in [false, true] {
+                let mut c = c0.clone();
+                gemm(
+                    &mut c,
+                    accumulate,
+                    Mat::transposed(&a, m),
+                    Mat::row_major(&b, n),
+                    m,
+                    n,
+                    k,
+                );
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut want, mut mag) = if accumulate {
+                            (c0[i * n + j] as f64, c0[i * n + j].abs() as f64)
+                        } else {
+                            (0.0, 0.0)
+                        };
+                        for p in 0..k {
+                            let t = a[p * m + i] as f64 * b[p * n + j] as f64;
+                            want += t;
+                            mag += t.abs();
+                        }
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 4e-7 * mag,
+                            "({m}, {n}, {k}) acc {accumulate}: c[{i}][{j}] = {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -37,10 +37,12 @@ pub(crate) fn available() -> bool {
     super::simd_level() == super::Simd::V4
 }
 
-/// Whether the problem is big enough for the packed kernel to pay off; smaller ones (the LoRA
-/// rank-16 products, tiny test models) stay with the `gemm` crate.
+/// Whether the problem is big enough for the packed kernel to pay off; smaller ones (tiny test
+/// models, LoRA ranks below 8) stay with the `gemm` crate. A narrow C (the LoRA rank-16
+/// products, `n = 16`) runs the one-register kernel; a C with few rows is better computed
+/// transposed (see `cpu::gemm`).
 pub(crate) fn worth_it(m: usize, n: usize, k: usize) -> bool {
-    m >= 2 * MR && n >= 2 * NR && k >= 16 && m * n * k >= 1 << 18
+    m >= 2 * MR && n >= 8 && k >= 16 && m * n * k >= 1 << 18
 }
 
 /// A raw C pointer that threads may share: they write disjoint tiles.
@@ -187,6 +189,9 @@ unsafe fn serial(
                         // (checked by `sgemm`, or the zero-padded copy); the tile (ic..ic+mr,
                         // jc+jr..jc+jr+nr) lies in C's block; the packed panel holds kc x NR.
                         unsafe {
+                            // A panel of at most 16 columns (the LoRA rank-16 products) runs
+                            // the one-register kernel: no multiply-adds on zero padding.
+                            let kernel = if nr <= 16 { kernel::<1> } else { kernel::<2> };
                             kernel(
                                 kc,
                                 (ap, a_rs, a_ps),
@@ -303,15 +308,15 @@ fn pack_b(dst: &mut [f32], b: Mat<'_, f32>, p0: usize, kc: usize, j0: usize, nc:
     }
 }
 
-/// One `MR x NR` tile: `c[r][j] = [c[r][j] +] sum_p a[r * a_rs + p * a_ps] * bp[p][j]`,
-/// stored for `r < mr`, `j < nr`.
+/// One `MR x 16W` tile (`W` zmm registers per row, 1 or 2): `c[r][j] = [c[r][j] +]
+/// sum_p a[r * a_rs + p * a_ps] * bp[p][j]`, stored for `r < mr`, `j < nr <= 16W`.
 ///
 /// # Safety
 /// `a` addresses `MR` rows of `kc` values with the given steps, `bp` holds `kc * NR` values;
 /// `c` addresses `mr` rows of `nr` values, `ldc` apart; the CPU has AVX-512F.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(
+unsafe fn kernel<const W: usize>(
     kc: usize,
     (a, a_rs, a_ps): (*const f32, usize, usize),
     bp: *const f32,
@@ -331,12 +336,18 @@ unsafe fn kernel(
         let mut p = 0;
         while p < kc {
             let b0 = _mm512_loadu_ps(b);
-            let b1 = _mm512_loadu_ps(b.add(16));
             let off = p * a_ps;
-            for r in 0..MR {
-                let ar = _mm512_set1_ps(*rows[r].add(off));
-                c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
-                c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+            if W == 2 {
+                let b1 = _mm512_loadu_ps(b.add(16));
+                for r in 0..MR {
+                    let ar = _mm512_set1_ps(*rows[r].add(off));
+                    c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
+                    c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+                }
+            } else {
+                for r in 0..MR {
+                    c0[r] = _mm512_fmadd_ps(_mm512_set1_ps(*rows[r].add(off)), b0, c0[r]);
+                }
             }
             b = b.add(NR);
             p += 1;
@@ -455,13 +466,16 @@ mod tests {
             return;
         }
         // Edges in every dimension: partial tiles of rows (MR = 12) and columns (NR = 32),
-        // several KC and NC blocks, a single row tile, a long thin product.
+        // several KC and NC blocks, a single row tile, a long thin product, and narrow ones
+        // (16 and 9 columns: the one-register kernel).
         let shapes = [
             (100, 70, 50),
             (12, 32, 16),
             (37, 400, 800),
             (130, 33, 385),
             (25, 800, 7),
+            (61, 16, 500),
+            (30, 9, 40),
         ];
         for (m, n, k) in shapes {
             for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
