@@ -60,6 +60,30 @@ fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// One product: (name, (m, n, k), a, b), operands as (data, [row stride, column stride]).
+type Case<'a> = (
+    &'static str,
+    (usize, usize, usize),
+    (&'a [f32], [usize; 2]),
+    (&'a [f32], [usize; 2]),
+);
+
+/// Benches each case with whet's GEMM and with the `gemm` crate, in group `name`.
+fn bench_group(c: &mut Criterion, name: &str, cases: &[Case<'_>]) {
+    let mut g = c.benchmark_group(name);
+    for &(layout, (m, n, k), a, b) in cases {
+        g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
+        let mut out = vec![0f32; m * n];
+        g.bench_function(format!("{layout}/whet"), |bch| {
+            bch.iter(|| whet_kernels::matmul_f32(black_box(&mut out), a, b, (m, n, k)))
+        });
+        g.bench_function(format!("{layout}/gemm-crate"), |bch| {
+            bch.iter(|| gemm_crate(black_box(&mut out), a, b, (m, n, k)))
+        });
+    }
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
     // (OUT, IN) of q/o, k/v, gate/up, down, and the LM head.
     let layers = [
@@ -73,61 +97,42 @@ fn bench(c: &mut Criterion) {
         let x = values(M * n_in, 7919);
         let w = values(n_out * n_in, 104_729);
         let dy = values(M * n_out, 31);
-        type Case<'a> = (
-            &'static str,
-            (usize, usize, usize),
-            (&'a [f32], [usize; 2]),
-            (&'a [f32], [usize; 2]),
-        );
-        let cases: [Case<'_>; 3] = [
-            ("fwd", (M, n_out, n_in), (&x, [n_in, 1]), (&w, [1, n_in])),
-            ("dx", (M, n_in, n_out), (&dy, [n_out, 1]), (&w, [n_in, 1])),
-            ("dw", (n_out, n_in, M), (&dy, [1, n_out]), (&x, [n_in, 1])),
+        let cases = [
+            (
+                "fwd",
+                (M, n_out, n_in),
+                (&x[..], [n_in, 1]),
+                (&w[..], [1, n_in]),
+            ),
+            (
+                "dx",
+                (M, n_in, n_out),
+                (&dy[..], [n_out, 1]),
+                (&w[..], [n_in, 1]),
+            ),
+            (
+                "dw",
+                (n_out, n_in, M),
+                (&dy[..], [1, n_out]),
+                (&x[..], [n_in, 1]),
+            ),
         ];
-        let mut g = c.benchmark_group(format!("gemm/{name}"));
-        for (layout, (m, n, k), a, b) in cases {
-            g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
-            let mut out = vec![0f32; m * n];
-            g.bench_function(format!("{layout}/whet"), |bch| {
-                bch.iter(|| whet_kernels::matmul_f32(black_box(&mut out), a, b, (m, n, k)))
-            });
-            g.bench_function(format!("{layout}/gemm-crate"), |bch| {
-                bch.iter(|| gemm_crate(black_box(&mut out), a, b, (m, n, k)))
-            });
-        }
-        g.finish();
+        bench_group(c, &format!("gemm/{name}"), &cases);
     }
     // The LoRA products of a rank-16 adapter on a (576 -> 576) layer: the down projection
-    // x @ A^T, its gradient dy @ B (both 16 columns), and the gradients of A and B, gd^T @ x
-    // (16 rows) and dy^T @ down (16 columns).
+    // x @ A^T (16 columns), and the gradients of A and B, gd^T @ x (16 rows) and dy^T @ gd
+    // (16 columns).
     let (r, h) = (16, 576);
     let x = values(M * h, 7919);
     let a = values(r * h, 104_729);
     let dy = values(M * h, 31);
     let gd = values(M * r, 17);
-    type Case<'a> = (
-        &'static str,
-        (usize, usize, usize),
-        (&'a [f32], [usize; 2]),
-        (&'a [f32], [usize; 2]),
-    );
-    let cases: [Case<'_>; 3] = [
-        ("down", (M, r, h), (&x, [h, 1]), (&a, [1, h])),
-        ("dA", (r, h, M), (&gd, [1, r]), (&x, [h, 1])),
-        ("dB", (h, r, M), (&dy, [1, h]), (&gd, [r, 1])),
+    let cases = [
+        ("down", (M, r, h), (&x[..], [h, 1]), (&a[..], [1, h])),
+        ("dA", (r, h, M), (&gd[..], [1, r]), (&x[..], [h, 1])),
+        ("dB", (h, r, M), (&dy[..], [1, h]), (&gd[..], [r, 1])),
     ];
-    let mut g = c.benchmark_group("gemm/lora-r16");
-    for (layout, (m, n, k), a, b) in cases {
-        g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
-        let mut out = vec![0f32; m * n];
-        g.bench_function(format!("{layout}/whet"), |bch| {
-            bch.iter(|| whet_kernels::matmul_f32(black_box(&mut out), a, b, (m, n, k)))
-        });
-        g.bench_function(format!("{layout}/gemm-crate"), |bch| {
-            bch.iter(|| gemm_crate(black_box(&mut out), a, b, (m, n, k)))
-        });
-    }
-    g.finish();
+    bench_group(c, "gemm/lora-r16", &cases);
 }
 
 criterion_group!(benches, bench);

@@ -3,6 +3,7 @@
 //! run in f64 too, so the step can be 1e-6 and the tolerance tight).
 
 mod attention;
+mod backprop;
 mod checkpoint;
 mod common;
 mod cross_entropy;
