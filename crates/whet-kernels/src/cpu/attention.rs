@@ -129,6 +129,21 @@ fn transpose_keys<T: Float>(k: &[T], dm: Dims) -> Vec<T> {
     kt
 }
 
+/// The query rows of kv head g at `np` consecutive positions, position-major: (row of the
+/// gathered (np * rep, D) block, row of the (np, NH, D) layout from the first position).
+fn group_rows(np: usize, dm: Dims, g: usize) -> impl Iterator<Item = (usize, usize)> {
+    let (rep, nh) = (dm.rep(), dm.nh);
+    (0..np * rep).map(move |row| (row, row / rep * nh + g * rep + row % rep))
+}
+
+/// `dst = src * a`.
+#[inline(always)]
+fn scaled_copy<T: Float>(dst: &mut [T], src: &[T], a: T) {
+    for (x, y) in dst.iter_mut().zip(src) {
+        *x = *y * a;
+    }
+}
+
 /// Columns of scores to compute for the tile of n keys at js (of s): the whole tile where the
 /// keys exist, since a full-width product is faster than a partial one; the columns past n
 /// are never read.
@@ -320,16 +335,9 @@ fn fwd_block_impl<T: Float>(
         .min()
         .unwrap_or(0);
     for g in 0..nkv {
-        for ii in 0..nq {
-            for r in 0..rep {
-                let (row, grow) = (ii * rep + r, (bi * t + i0 + ii) * nh + g * rep + r);
-                for (x, y) in qg[row * d..(row + 1) * d]
-                    .iter_mut()
-                    .zip(&q[grow * d..(grow + 1) * d])
-                {
-                    *x = *y * scale;
-                }
-            }
+        for (row, h) in group_rows(nq, dm, g) {
+            let grow = (bi * t + i0) * nh + h;
+            scaled_copy(&mut qg[row * d..][..d], &q[grow * d..][..d], scale);
         }
         acc.fill(T::ZERO);
         m.fill(T::NEG_INF);
@@ -378,18 +386,13 @@ fn fwd_block_impl<T: Float>(
             mm(&mut acc, (d, nr, d), &sc, (KT, 1), n, v, (vb, nkv * d));
             js += n;
         }
-        for ii in 0..nq {
-            for r in 0..rep {
-                let (row, orow) = (ii * rep + r, ii * nh + g * rep + r);
-                let inv = T::ONE / den[row];
-                for (x, y) in o[orow * d..(orow + 1) * d]
-                    .iter_mut()
-                    .zip(&acc[row * d..(row + 1) * d])
-                {
-                    *x = *y * inv;
-                }
-                lse[orow] = m[row] + den[row].ln();
-            }
+        for (row, h) in group_rows(nq, dm, g) {
+            scaled_copy(
+                &mut o[h * d..][..d],
+                &acc[row * d..][..d],
+                T::ONE / den[row],
+            );
+            lse[h] = m[row] + den[row].ln();
         }
     }
 }
@@ -542,22 +545,13 @@ fn bwd_chunk_impl<T: Float>(
             .min()
             .unwrap_or(0);
         for g in 0..nkv {
-            for ii in 0..qn {
-                for r in 0..rep {
-                    let (row, grow) = (ii * rep + r, base + (qb0 + ii) * nh + g * rep + r);
-                    for (x, y) in qg[row * d..(row + 1) * d]
-                        .iter_mut()
-                        .zip(&q[grow * d..(grow + 1) * d])
-                    {
-                        *x = *y * scale;
-                    }
-                    dog[row * d..(row + 1) * d].copy_from_slice(&dout[grow * d..(grow + 1) * d]);
-                    lg[row] = lse[grow];
-                    delta[row] = dot(
-                        &dout[grow * d..(grow + 1) * d],
-                        &o[grow * d..(grow + 1) * d],
-                    );
-                }
+            for (row, h) in group_rows(qn, dm, g) {
+                let grow = base + qb0 * nh + h;
+                let (gq, gd) = (&q[grow * d..][..d], &dout[grow * d..][..d]);
+                scaled_copy(&mut qg[row * d..][..d], gq, scale);
+                dog[row * d..][..d].copy_from_slice(gd);
+                lg[row] = lse[grow];
+                delta[row] = dot(gd, &o[grow * d..][..d]);
             }
             dqg[..nr * d].fill(T::ZERO);
             let mut js = kl;
@@ -600,16 +594,9 @@ fn bwd_chunk_impl<T: Float>(
                 mm(&mut dk[y0..], (kvrow, n, d), &ds, (1, KT), nr, &qg, (0, d));
                 js += n;
             }
-            for ii in 0..qn {
-                for r in 0..rep {
-                    let (row, lrow) = (ii * rep + r, (qb0 + ii) * nh + g * rep + r);
-                    for (x, y) in dq[lrow * d..(lrow + 1) * d]
-                        .iter_mut()
-                        .zip(&dqg[row * d..(row + 1) * d])
-                    {
-                        *x = *y * scale;
-                    }
-                }
+            for (row, h) in group_rows(qn, dm, g) {
+                let lrow = qb0 * nh + h;
+                scaled_copy(&mut dq[lrow * d..][..d], &dqg[row * d..][..d], scale);
             }
         }
     }
