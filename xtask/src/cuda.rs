@@ -3,7 +3,7 @@
 //!
 //! 1. A CUDA compiler: `nvcc` from `$PATH` or `$CUDA_HOME` if there is one; otherwise CUDA
 //!    13.0 from PyPI (the pinned wheels below) installed once into
-//!    `<target>/cuda-toolchain/13.0`. 13.0 because the GPU machines' driver reports CUDA 13.0
+//!    `~/.cache/whet/cuda-toolchain/13.0`. 13.0 because the GPU machines' driver reports CUDA 13.0
 //!    (a newer toolkit's PTX would not load there) and their CUDA libraries (nvcc 13.0, PyTorch
 //!    cu130) are CUDA 13's: the binaries link `libcublas.so.13`, `libnvrtc.so.13`, ... and find
 //!    them there, so the bundle carries no libraries by default (`--bundle-libs` copies them
@@ -19,12 +19,19 @@
 //!
 //! `cargo xtask cuda-env` prints the environment (`eval "$(cargo xtask cuda-env)"`) so that
 //! `cargo clippy --features whet/cuda` and friends work by hand.
+//!
+//! `cargo xtask cuda-check` is CI's CUDA step, on a machine with no GPU and no CUDA toolkit:
+//! the same PyPI toolkit, then clippy over the workspace with the `cuda` features (and `cuda`
+//! with `mpi`), then the CUDA test module of whet-kernels, where `nvrtc_compiles_every_kernel`
+//! compiles every `.cu` kernel with NVRTC for sm_80 and sm_90 and the tests that need a GPU
+//! print why they skipped. Its build folder is `~/.cache/whet/cuda-check-target` (or
+//! `$WHET_CACHE/...`), kept between runs, because candle-kernels' nvcc build dominates it.
 
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -69,11 +76,19 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
+/// Where the PyPI toolkit is installed: outside the clone (`~/.cache/whet/cuda-toolchain`), so
+/// that CI's fresh clones and `cargo clean` keep it.
+fn toolchain_dir() -> PathBuf {
+    crate::cache_dir().join("cuda-toolchain")
+}
+
 /// A CUDA toolkit root: `bin/nvcc`, `include/`, `lib/`.
 struct Toolkit {
     root: PathBuf,
     /// Installed here from PyPI (so we made its link-time pieces), not the system's.
     from_pypi: bool,
+    /// More variables for cargo (`--flash-attn`'s CUTLASS).
+    extra_env: Vec<(String, String)>,
 }
 
 impl Toolkit {
@@ -94,6 +109,7 @@ impl Toolkit {
             let lib = format!("{r}/lib:{r}/lib/stubs");
             v.push(("LIBRARY_PATH".into(), lib));
         }
+        v.extend(self.extra_env.iter().cloned());
         v
     }
 }
@@ -111,14 +127,18 @@ fn toolkit(allow_system: bool) -> Result<Toolkit> {
         });
         if let Some(root) = from_home.or(from_path) {
             // Our own PyPI install, on PATH after `eval "$(cargo xtask cuda-env)"`.
-            let from_pypi = root.starts_with(target_dir().join("cuda-toolchain"));
+            let from_pypi = root.starts_with(toolchain_dir());
             if !from_pypi {
                 eprintln!("cuda: using the system toolkit at {}", root.display());
             }
-            return Ok(Toolkit { root, from_pypi });
+            return Ok(Toolkit {
+                root,
+                from_pypi,
+                extra_env: Vec::new(),
+            });
         }
     }
-    let dir = target_dir().join("cuda-toolchain").join(CUDA_VERSION);
+    let dir = toolchain_dir().join(CUDA_VERSION);
     let root = dir.join("site/nvidia/cu13");
     let stamp = dir.join("installed.txt");
     let wanted = CUDA_WHEELS.join("\n");
@@ -140,7 +160,61 @@ fn toolkit(allow_system: bool) -> Result<Toolkit> {
     Ok(Toolkit {
         root,
         from_pypi: true,
+        extra_env: Vec::new(),
     })
+}
+
+/// The CUTLASS commit candle-flash-attn 0.11.1's build pins (its `CUTLASS_COMMIT`: v3.5.0), and
+/// the PyPI package that ships the same headers.
+const CUTLASS_COMMIT: &str = "7d49e6c7e2f8896c47f586706e67e1fb215529dc";
+const CUTLASS_WHEEL: &str = "nvidia-cutlass==3.5.0.0";
+
+/// The environment for building candle-flash-attn without a network: its build (cudaforge)
+/// clones CUTLASS into `$CUDAFORGE_HOME/git/checkouts/cutlass-<commit[..16]>` unless that
+/// folder has an `include/` and `git rev-parse HEAD` there prints the pinned commit. So the
+/// headers come from the PyPI package, laid out as the checkout would be, in a git folder
+/// whose HEAD names the commit. The compiled objects go to `<target>/flash-attn-build`
+/// (`CANDLE_FLASH_ATTN_BUILD_DIR`), which cudaforge rebuilds incrementally.
+fn flash_attn_env(build: &Path) -> Result<Vec<(String, String)>> {
+    let home = crate::cache_dir().join("cudaforge");
+    let checkout = home
+        .join("git/checkouts")
+        .join(format!("cutlass-{}", &CUTLASS_COMMIT[..16]));
+    if !checkout.join("include/cutlass/cutlass.h").exists() {
+        let site = crate::cache_dir().join("cutlass-3.5.0");
+        if !site.join("cutlass_library/source/include").exists() {
+            eprintln!("flash-attn: installing {CUTLASS_WHEEL} (CUTLASS headers) from PyPI ...");
+            run(Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--no-deps", "--target"])
+                .arg(&site)
+                .arg(CUTLASS_WHEEL))
+            .context("pip install of nvidia-cutlass failed")?;
+        }
+        let src = site.join("cutlass_library/source");
+        let _ = fs::remove_dir_all(&checkout);
+        fs::create_dir_all(checkout.join("tools/util"))?;
+        std::os::unix::fs::symlink(src.join("include"), checkout.join("include"))?;
+        std::os::unix::fs::symlink(
+            src.join("tools/util/include"),
+            checkout.join("tools/util/include"),
+        )?;
+        run(Command::new("git")
+            .args(["init", "--quiet"])
+            .current_dir(&checkout))?;
+        fs::write(checkout.join(".git/HEAD"), format!("{CUTLASS_COMMIT}\n"))?;
+        eprintln!(
+            "flash-attn: CUTLASS {CUTLASS_COMMIT} headers from {CUTLASS_WHEEL} at {}",
+            checkout.display()
+        );
+    }
+    fs::create_dir_all(build)?;
+    Ok(vec![
+        ("CUDAFORGE_HOME".into(), home.display().to_string()),
+        (
+            "CANDLE_FLASH_ATTN_BUILD_DIR".into(),
+            build.display().to_string(),
+        ),
+    ])
 }
 
 /// Unversioned library links and the stub `libcuda.so` that a wheel install lacks.
@@ -173,6 +247,10 @@ fn link_time_pieces(root: &Path) -> Result<()> {
         .arg(stubs.join("libcuda.so"))
         .arg(&src))
     .context("compiling the stub libcuda.so (needs a C compiler, `cc`)")?;
+    // Only for running CUDA binaries where there is no driver (`cuda-check`): every CUDA call
+    // then fails with CUDA_ERROR_STUB_LIBRARY and the GPU tests skip; NVRTC still works.
+    let _ = fs::remove_file(stubs.join("libcuda.so.1"));
+    std::os::unix::fs::symlink("libcuda.so", stubs.join("libcuda.so.1"))?;
     eprintln!("cuda: stub libcuda.so with {} entry points", names.len());
     Ok(())
 }
@@ -211,6 +289,160 @@ fn driver_api_names() -> Result<Vec<String>> {
     names.sort();
     names.dedup();
     Ok(names)
+}
+
+/// `cargo xtask cuda-check` (see the module docs): what CI runs to keep the CUDA code compiling.
+pub fn check() -> Result<()> {
+    let started = Instant::now();
+    let tk = toolkit(true)?;
+    let t_toolkit = started.elapsed();
+    let target = env::var_os("WHET_CUDA_CHECK_TARGET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::cache_dir().join("cuda-check-target"));
+    let cargo = |args: &[&str], ld_path: Option<String>| -> Result<Duration> {
+        let t = Instant::now();
+        let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(root())
+            .args(args)
+            .env("CARGO_TARGET_DIR", &target);
+        for (k, v) in tk.env() {
+            cmd.env(k, v);
+        }
+        if let Some(p) = ld_path {
+            cmd.env("LD_LIBRARY_PATH", p);
+        }
+        eprintln!("cuda-check: cargo {}", args.join(" "));
+        run(&mut cmd)?;
+        Ok(t.elapsed())
+    };
+    let lint = ["--", "-D", "warnings"];
+    let t_clippy = cargo(
+        &[
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--locked",
+                "--features",
+                "whet/cuda,whet-benches/cuda",
+            ][..],
+            &lint,
+        ]
+        .concat(),
+        None,
+    )?;
+    let t_mpi = cargo(
+        &[
+            &[
+                "clippy",
+                "-p",
+                "whet",
+                "-p",
+                "whet-train",
+                "--all-targets",
+                "--locked",
+                "--features",
+                "whet/cuda,whet/mpi,whet-train/mpi",
+            ][..],
+            &lint,
+        ]
+        .concat(),
+        None,
+    )?;
+    let lib = tk.root.join("lib");
+    let ld = format!("{}:{}", lib.display(), lib.join("stubs").display());
+    let t_test = cargo(
+        &[
+            "test",
+            "--locked",
+            "-p",
+            "whet-kernels",
+            "--features",
+            "cuda",
+            "--test",
+            "it",
+            "cuda::",
+            "--",
+            "--nocapture",
+        ],
+        Some(ld),
+    )?;
+    // The `flash-attn` glue, type-checked only: candle-flash-attn's kernels take an hour of
+    // nvcc, so its build (and candle-kernels') runs against a stand-in nvcc that writes empty
+    // outputs, in a build folder of its own. Nothing of it is linked or run.
+    let t = Instant::now();
+    let stub = stub_nvcc()?;
+    let stub_target = target.with_extension("flash-stub");
+    let flash_env = flash_attn_env(&stub_target.join("flash-attn-build"))?;
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root())
+        .args([
+            "clippy",
+            "-p",
+            "whet-kernels",
+            "--all-targets",
+            "--locked",
+            "--features",
+            "flash-attn",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("CARGO_TARGET_DIR", &stub_target)
+        .env("NVCC", &stub)
+        .env("CUDA_COMPUTE_CAP", COMPUTE_CAP);
+    // `NVCC` is what cudaforge (candle-kernels, candle-flash-attn) runs; the real nvcc stays on
+    // PATH for cudarc's build, which reads the CUDA version from `nvcc --version`.
+    for (k, v) in tk.env().into_iter().chain(flash_env) {
+        cmd.env(k, v);
+    }
+    eprintln!("cuda-check: cargo clippy -p whet-kernels --features flash-attn (stub nvcc)");
+    run(&mut cmd)?;
+    let t_flash = t.elapsed();
+    println!(
+        "cuda-check: toolkit {:.0} s, clippy (cuda) {:.0} s, clippy (cuda + mpi) {:.0} s, CUDA tests {:.0} s, flash-attn type-check {:.0} s; build folder {}",
+        t_toolkit.as_secs_f64(),
+        t_clippy.as_secs_f64(),
+        t_mpi.as_secs_f64(),
+        t_test.as_secs_f64(),
+        t_flash.as_secs_f64(),
+        target.display()
+    );
+    Ok(())
+}
+
+/// A stand-in `nvcc` for type-checking builds whose build scripts compile CUDA: it answers
+/// `--version`, writes an empty `.ptx` per source for `--ptx`, an empty archive for `--lib`
+/// and an empty object for `-c -o`. Whatever it "builds" must never be linked.
+fn stub_nvcc() -> Result<PathBuf> {
+    let path = crate::cache_dir().join("stub-nvcc/nvcc");
+    fs::create_dir_all(path.parent().context("a parent")?)?;
+    let script = r#"#!/bin/sh
+# Stand-in nvcc for type-checking only (written by `cargo xtask cuda-check`): empty outputs.
+out=""; dir="."; ptx=0; lib=0; prev=""; srcs=""
+for a in "$@"; do
+  case "$a" in
+    --version) echo "Cuda compilation tools, release 13.0, V13.0.88 (stub)"; exit 0 ;;
+    --ptx) ptx=1 ;;
+    --lib) lib=1 ;;
+    *.cu) srcs="$srcs $a" ;;
+  esac
+  [ "$prev" = "-o" ] && out="$a"
+  [ "$prev" = "--output-directory" ] && dir="$a"
+  prev="$a"
+done
+if [ $ptx = 1 ]; then
+  for s in $srcs; do b=$(basename "$s" .cu); : > "$dir/$b.ptx"; done
+elif [ $lib = 1 ]; then
+  rm -f "$out"; ar rcs "$out"
+elif [ -n "$out" ]; then
+  : > "$out"
+fi
+"#;
+    fs::write(&path, script)?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
+    Ok(path)
 }
 
 /// `cargo xtask cuda-env`: the environment for building with the `cuda` features by hand.
@@ -291,7 +523,8 @@ fn cargo_executables(tk: &Toolkit, args: &[&str], kind: &str) -> Result<Vec<Arti
     Ok(exes)
 }
 
-/// `cargo xtask cuda-build [--out DIR] [--bundle-libs] [--archive] [--pypi]`.
+/// `cargo xtask cuda-build [--out DIR] [--bundle-libs] [--archive] [--pypi] [--flash-attn]`;
+/// `--flash-attn` adds candle-flash-attn (an hour or more of nvcc on 2 cores, the first time).
 pub fn build(args: &[String]) -> Result<()> {
     let flag = |f: &str| args.iter().any(|a| a == f);
     let out = args
@@ -306,8 +539,21 @@ pub fn build(args: &[String]) -> Result<()> {
         env::current_dir()?.join(out)
     };
     let started = Instant::now();
-    let tk = toolkit(!flag("--pypi"))?;
+    let mut tk = toolkit(!flag("--pypi"))?;
+    let flash = flag("--flash-attn");
+    if flash {
+        tk.extra_env
+            .extend(flash_attn_env(&target_dir().join("flash-attn-build"))?);
+    }
     let t_toolkit = started.elapsed();
+    let (test_features, cli_features) = if flash {
+        (
+            format!("{TEST_FEATURES},whet-kernels/flash-attn"),
+            "whet/cuda,whet/flash-attn",
+        )
+    } else {
+        (TEST_FEATURES.to_string(), "whet/cuda")
+    };
 
     let tests = cargo_executables(
         &tk,
@@ -323,7 +569,7 @@ pub fn build(args: &[String]) -> Result<()> {
             "-p",
             "whet-model",
             "--features",
-            TEST_FEATURES,
+            &test_features,
         ],
         "test",
     )?;
@@ -353,7 +599,7 @@ pub fn build(args: &[String]) -> Result<()> {
             "-p",
             "whet",
             "--features",
-            "whet/cuda",
+            cli_features,
         ],
         "bin",
     )?;

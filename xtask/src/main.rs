@@ -6,6 +6,8 @@
 //! test          the test suite (what CI runs)
 //! bench [what]  criterion benches (`cargo bench -p whet-benches`); `bench train-step` too
 //! cuda-build    CUDA test + bench binaries for a GPU machine (installs nvcc from PyPI if absent)
+//! cuda-check    CI's CUDA step without a GPU: clippy with the `cuda` features, NVRTC compiles
+//!               every kernel (nvcc from PyPI; build folder kept in ~/.cache/whet)
 //! cuda-env      the environment for `--features cuda` builds by hand (`eval "$(cargo xtask cuda-env)"`)
 
 use std::env;
@@ -32,9 +34,10 @@ fn main() -> Result<()> {
         "bench" => bench(&rest),
         "cuda-build" => cuda::build(&rest),
         "cuda-env" => cuda::print_env(),
+        "cuda-check" => cuda::check(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <train | fetch-model | test | bench [train-step|kernels|..] | cuda-build [--out DIR] [--bundle-libs] [--pypi] | cuda-env>"
+                "usage: cargo xtask <train | fetch-model | test | bench [train-step|kernels|..] | cuda-build [--out DIR] [--bundle-libs] [--pypi] [--flash-attn] | cuda-check | cuda-env>"
             );
             if task == "help" {
                 Ok(())

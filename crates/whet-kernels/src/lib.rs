@@ -11,6 +11,9 @@
 //! - with the `cuda` feature, the same ops on CUDA tensors in f32 and bf16 (`src/cuda/`: `.cu`
 //!   sources compiled at run time by NVRTC, launched on candle's stream), plus the fused
 //!   multi-tensor `MultiTensorAdamW`. No cudarc type appears in this crate's public API.
+//! - [`Kernels`]: which of the two runs, op by op (the [`Ops`] trait), chosen by the caller;
+//!   [`self_check`] compares the fused ops with the reference on a device and gives the set to
+//!   use there (a fused op that disagrees runs its reference).
 //!
 //! Shapes follow the llm.c habit of a comment per tensor. `B` batch, `T` tokens (queries),
 //! `S` keys, `H` hidden, `NH` query heads, `NKV` key/value heads, `D` head dim, `V` vocabulary.
@@ -21,12 +24,19 @@ mod checkpoint;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+// Its host-side planning is tested everywhere; only `flash-attn` builds call it.
+#[cfg_attr(not(feature = "flash-attn"), allow(dead_code))]
+mod flash;
+mod kernels;
 mod ops;
 mod quantized;
 pub mod reference;
+mod self_check;
 
 pub use checkpoint::{Segment, SideGrads, checkpoint};
+pub use kernels::{Kernels, Op, Ops};
 pub use quantized::quantized_linear;
+pub use self_check::{OpCheck, SelfCheck, self_check, self_check_ops};
 
 #[cfg(feature = "cuda")]
 pub use cuda::adamw::{AdamWHyper, MultiTensorAdamW};
@@ -95,6 +105,10 @@ pub fn rope_tables(positions: &Tensor, inv_freq: &[f32]) -> Result<(Tensor, Tens
 /// Query at position p attends to key j iff `j <= p` and `segments[j] == segments[p]`:
 /// a packed row never attends across documents. Query head h reads key/value head
 /// `h / (NH / NKV)` (Hugging Face `repeat_kv`).
+///
+/// With the `flash-attn` feature, CUDA bf16/f16 attention that tracks no gradient (evaluation,
+/// generation) runs candle-flash-attn's FlashAttention-2 forward where it can express the mask
+/// (`src/flash.rs`).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -111,6 +125,10 @@ pub fn attention(
         )
     }
     let seg = segments.flatten_all()?.to_vec1::<u32>()?;
+    #[cfg(feature = "flash-attn")]
+    if let Some(y) = flash::forward(q, k, v, &seg, scale)? {
+        return Ok(y);
+    }
     let mask = match q.device() {
         #[cfg(feature = "cuda")]
         dev @ candle_core::Device::Cuda(_) => ops::AttentionMask::Cuda(

@@ -1,5 +1,7 @@
 //! The ops of this crate composed from candle primitives that all have a backward.
-//! These are the specification: the fast ops are tested against them.
+//! These are the specification: the fast ops are tested against them. They are also the
+//! fallback set of [`crate::Kernels`] (`Kernels::REFERENCE`), so they run on any device and
+//! dtype candle supports: bf16/f16 logits go through the cross-entropy in f32, as the fused ops.
 
 use candle_core::{D, DType, Result, Tensor};
 
@@ -15,8 +17,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// x: (B, T, NH, D), cos/sin: (B, T, D/2)
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
-    let cos = cos.unsqueeze(2)?; // (B, T, 1, D/2)
-    let sin = sin.unsqueeze(2)?;
+    let cos = cos.to_dtype(x.dtype())?.unsqueeze(2)?; // (B, T, 1, D/2)
+    let sin = sin.to_dtype(x.dtype())?.unsqueeze(2)?;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     let lo = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
@@ -72,7 +74,8 @@ pub fn attention(
     let k = expand(k)?.contiguous()?; // (B, NH, S, D)
     let v = expand(v)?.contiguous()?;
     let scores = (q.matmul(&k.t()?)? * scale)?; // (B, NH, T, S)
-    let scores = scores.broadcast_add(&attention_bias(segments, t)?)?;
+    let bias = attention_bias(segments, t)?.to_dtype(scores.dtype())?;
+    let scores = scores.broadcast_add(&bias)?;
     let probs = softmax_last_dim(&scores)?;
     probs.matmul(&v)?.transpose(1, 2) // (B, T, NH, D)
 }
@@ -91,8 +94,31 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-/// logits: (N, V), targets: (N) i64 -> scalar
+/// `x @ w^T [+ bias] + scale * ((x * mask) @ a^T) @ b^T` (PEFT's LoRA forward).
+/// x: (.., IN), w: (OUT, IN), bias: (OUT), a: (R, IN), b: (OUT, R), mask: x's shape
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    (a, b): (&Tensor, &Tensor),
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let y = linear(x, w, bias)?;
+    let x_in = match mask {
+        Some(m) => (x * m)?,
+        None => x.clone(),
+    };
+    let up = linear(&linear(&x_in, a, None)?, b, None)?;
+    y + (up * scale)?
+}
+
+/// logits: (N, V), targets: (N) i64 -> scalar (f32 for bf16/f16 logits)
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = match logits.dtype() {
+        DType::BF16 | DType::F16 => &logits.to_dtype(DType::F32)?,
+        _ => logits,
+    };
     let max = logits.max_keepdim(D::Minus1)?.detach(); // (N, 1)
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (N, 1)

@@ -18,10 +18,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use whet_kernels::{
-    IGNORE_INDEX, Segment, SideGrads, attention, checkpoint, linear, linear_cross_entropy_sum,
-    linear_cross_entropy_sum_for_training, rms_norm, rope, rope_tables, swiglu,
-};
+use whet_kernels::{IGNORE_INDEX, Kernels, Ops, Segment, SideGrads, checkpoint, rope_tables};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -82,8 +79,8 @@ impl RmsNorm {
     }
 
     /// x: (.., H) -> (.., H)
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(rms_norm(x, &self.weight.t, self.eps)?)
+    fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
+        Ok(k.rms_norm(x, &self.weight.t, self.eps)?)
     }
 }
 
@@ -130,15 +127,21 @@ impl Attention {
         sin: &Tensor,
         segments: &Tensor,
         cache: Option<&mut KvSlot>,
-        train: bool,
+        (train, ops): (bool, Kernels),
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x, train)?.reshape((b, t, nh, d))?; // (B, T, NH, D)
-        let k = self.k_proj.forward(x, train)?.reshape((b, t, nkv, d))?; // (B, T, NKV, D)
-        let v = self.v_proj.forward(x, train)?.reshape((b, t, nkv, d))?; // (B, T, NKV, D)
-        let q = rope(&q, cos, sin)?; // (B, T, NH, D)
-        let k = rope(&k, cos, sin)?; // (B, T, NKV, D)
+        let q = self.q_proj.forward(x, train, ops)?.reshape((b, t, nh, d))?; // (B, T, NH, D)
+        let k = self
+            .k_proj
+            .forward(x, train, ops)?
+            .reshape((b, t, nkv, d))?; // (B, T, NKV, D)
+        let v = self
+            .v_proj
+            .forward(x, train, ops)?
+            .reshape((b, t, nkv, d))?; // (B, T, NKV, D)
+        let q = ops.rope(&q, cos, sin)?; // (B, T, NH, D)
+        let k = ops.rope(&k, cos, sin)?; // (B, T, NKV, D)
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
@@ -151,9 +154,9 @@ impl Attention {
             }
         };
         let scale = 1.0 / (d as f64).sqrt();
-        let y = attention(&q, &k, &v, segments, scale)?; // (B, T, NH, D)
+        let y = ops.attention(&q, &k, &v, segments, scale)?; // (B, T, NH, D)
         let y = y.reshape((b, t, nh * d))?; // (B, T, NH * D)
-        self.o_proj.forward(&y, train) // (B, T, H)
+        self.o_proj.forward(&y, train, ops) // (B, T, H)
     }
 
     fn linears(&self) -> [&Linear; 4] {
@@ -188,11 +191,11 @@ impl Mlp {
     }
 
     /// x: (B, T, H) -> (B, T, H). SwiGLU (Shazeer 2020, arXiv:2002.05202).
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, train)?; // (B, T, I)
-        let up = self.up_proj.forward(x, train)?; // (B, T, I)
-        let act = swiglu(&gate, &up)?; // (B, T, I)
-        self.down_proj.forward(&act, train) // (B, T, H)
+    fn forward(&self, x: &Tensor, train: bool, ops: Kernels) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, train, ops)?; // (B, T, I)
+        let up = self.up_proj.forward(x, train, ops)?; // (B, T, I)
+        let act = ops.swiglu(&gate, &up)?; // (B, T, I)
+        self.down_proj.forward(&act, train, ops) // (B, T, H)
     }
 
     fn linears(&self) -> [&Linear; 3] {
@@ -231,15 +234,15 @@ impl Block {
         sin: &Tensor,
         segments: &Tensor,
         cache: Option<&mut KvSlot>,
-        train: bool,
+        (train, ops): (bool, Kernels),
     ) -> Result<Tensor> {
-        let h = self.input_layernorm.forward(x)?; // (B, T, H)
+        let h = self.input_layernorm.forward(x, ops)?; // (B, T, H)
         let h = self
             .self_attn
-            .forward(&h, cos, sin, segments, cache, train)?; // (B, T, H)
+            .forward(&h, cos, sin, segments, cache, (train, ops))?; // (B, T, H)
         let x = (x + h)?; // (B, T, H)
-        let h = self.post_attention_layernorm.forward(&x)?; // (B, T, H)
-        let h = self.mlp.forward(&h, train)?; // (B, T, H)
+        let h = self.post_attention_layernorm.forward(&x, ops)?; // (B, T, H)
+        let h = self.mlp.forward(&h, train, ops)?; // (B, T, H)
         Ok((x + h)?)
     }
 
@@ -280,10 +283,11 @@ impl Block {
         sin: &Tensor,
         segments: &Tensor,
         side: &SideGrads,
+        ops: Kernels,
     ) -> Result<Tensor> {
         let params = self.trainable_tensors();
         if params.is_empty() {
-            return self.forward(x, cos, sin, segments, None, true);
+            return self.forward(x, cos, sin, segments, None, (true, ops));
         }
         let snapshot: Vec<(Arc<Mutex<StdRng>>, StdRng)> = self
             .linears()
@@ -301,7 +305,7 @@ impl Block {
                 *rng.lock().unwrap_or_else(|e| e.into_inner()) = state.clone();
             }
             block
-                .forward(x, &cos, &sin, &segments, None, true)
+                .forward(x, &cos, &sin, &segments, None, (true, ops))
                 .map_err(|e| match e {
                     Error::Candle(e) => e,
                     other => candle_core::Error::Msg(other.to_string()),
@@ -365,6 +369,8 @@ pub struct Model {
     checkpointing: bool,
     /// Parameter gradients of checkpointed layers, merged by [`Model::backward`].
     side_grads: SideGrads,
+    /// Fused kernel or composed reference, op by op ([`Model::set_kernels`]).
+    kernels: Kernels,
 }
 
 impl Model {
@@ -397,6 +403,7 @@ impl Model {
             compute_dtype: DType::F32,
             checkpointing: false,
             side_grads: SideGrads::default(),
+            kernels: Kernels::FUSED,
         })
     }
 
@@ -544,6 +551,16 @@ impl Model {
         let mut grads = loss.backward()?;
         self.side_grads.merge_into(&mut grads)?;
         Ok(grads)
+    }
+
+    /// Runs each op as `kernels` says: its fused kernel (the default) or its composed reference
+    /// (`whet_kernels::self_check` finds the fused ops that are wrong on a device).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Turns NEFTune embedding noise on (`alpha > 0`, typically 5) or off (0) for training.
@@ -874,7 +891,7 @@ impl Model {
         train: bool,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let h = self.cfg.hidden_size;
+        let (h, ops) = (self.cfg.hidden_size, self.kernels);
         let mut x = self
             .embed_tokens
             .t
@@ -894,12 +911,12 @@ impl Model {
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         for block in &self.layers {
             x = if train && self.checkpointing {
-                block.forward_checkpointed(&x, &cos, &sin, segments, &self.side_grads)?
+                block.forward_checkpointed(&x, &cos, &sin, segments, &self.side_grads, ops)?
             } else {
-                block.forward(&x, &cos, &sin, segments, None, train)?
+                block.forward(&x, &cos, &sin, segments, None, (train, ops))?
             }; // (B, T, H)
         }
-        self.norm.forward(&x) // (B, T, H)
+        self.norm.forward(&x, ops) // (B, T, H)
     }
 
     /// Training forward. ids, positions, segments: (B, T) u32 (a packed row restarts
@@ -953,13 +970,16 @@ impl Model {
         };
         // While training, the backward will run: the LM head computes its gradients from the
         // forward's logits instead of recomputing them.
-        let lce = if self.training {
-            linear_cross_entropy_sum_for_training
-        } else {
-            linear_cross_entropy_sum
-        };
-        let loss =
-            lce(&hidden, view.lm_head_weight(), &targets, LOSS_CHUNK_ROWS)?.to_dtype(DType::F32)?; // ()
+        let loss = self
+            .kernels
+            .linear_cross_entropy_sum(
+                &hidden,
+                view.lm_head_weight(),
+                &targets,
+                LOSS_CHUNK_ROWS,
+                self.training,
+            )?
+            .to_dtype(DType::F32)?; // ()
         Ok((loss, n))
     }
 
@@ -968,7 +988,8 @@ impl Model {
         self.check_inputs(ids, positions, segments)?;
         let view = self.compute_view()?;
         let hidden = view.hidden(ids, positions, segments, false)?; // (B, T, H)
-        Ok(linear(&hidden, view.lm_head_weight(), None)?.to_dtype(DType::F32)?) // (B, T, V)
+        let logits = self.kernels.linear(&hidden, view.lm_head_weight(), None)?;
+        Ok(logits.to_dtype(DType::F32)?) // (B, T, V)
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -989,7 +1010,7 @@ impl Model {
         let positions = Tensor::from_vec(positions, (b, t), &self.device)?; // (B, T)
         let segments = Tensor::zeros((b, s), DType::U32, &self.device)?; // (B, S)
         self.check_id_range(ids)?;
-        let h = self.cfg.hidden_size;
+        let (h, ops) = (self.cfg.hidden_size, self.kernels);
         let view = self.compute_view()?;
         let this = view.as_ref();
         let mut x = this
@@ -1000,12 +1021,13 @@ impl Model {
         let (cos, sin) = rope_tables(&positions, &self.inv_freq)?; // (B, T, D/2) each
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         for (block, slot) in this.layers.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(&x, &cos, &sin, &segments, Some(slot), false)?; // (B, T, H)
+            x = block.forward(&x, &cos, &sin, &segments, Some(slot), (false, ops))?; // (B, T, H)
         }
         cache.len = s;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (B, H)
-        let last = this.norm.forward(&last)?; // (B, H)
-        Ok(linear(&last, this.lm_head_weight(), None)?.to_dtype(DType::F32)?) // (B, V)
+        let last = this.norm.forward(&last, ops)?; // (B, H)
+        let logits = ops.linear(&last, this.lm_head_weight(), None)?;
+        Ok(logits.to_dtype(DType::F32)?) // (B, V)
     }
 }
 

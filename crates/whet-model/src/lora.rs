@@ -13,7 +13,7 @@ use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use whet_kernels::{linear, lora_linear, quantized_linear};
+use whet_kernels::{Kernels, Ops, quantized_linear};
 
 use crate::error::{Error, Result};
 use crate::load::{Init, Param, Vb};
@@ -414,8 +414,9 @@ impl Linear {
         )
     }
 
-    /// x: (.., IN) -> (.., OUT). `train` turns LoRA dropout on.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// x: (.., IN) -> (.., OUT). `train` turns LoRA dropout on; `ops` picks each op's
+    /// implementation.
+    pub fn forward(&self, x: &Tensor, train: bool, ops: Kernels) -> Result<Tensor> {
         let bias = self.bias.as_ref().map(|b| &b.t);
         if let (Weight::Dense(w), Some(lora)) = (&self.weight, &self.lora) {
             // PEFT `Linear.forward`: `result + lora_B(lora_A(dropout(x))) * scaling`, one op.
@@ -424,7 +425,7 @@ impl Linear {
             } else {
                 None
             };
-            return Ok(lora_linear(
+            return Ok(ops.lora_linear(
                 x,
                 &w.t,
                 bias,
@@ -434,7 +435,7 @@ impl Linear {
             )?); // (.., OUT)
         }
         let y = match (&self.weight, bias) {
-            (Weight::Dense(w), bias) => linear(x, &w.t, bias)?, // (.., OUT)
+            (Weight::Dense(w), bias) => ops.linear(x, &w.t, bias)?, // (.., OUT)
             (Weight::Quantized { q, .. }, None) => quantized_linear(x, q)?,
             (Weight::Quantized { q, .. }, Some(b)) => quantized_linear(x, q)?.broadcast_add(b)?,
         };
@@ -447,8 +448,8 @@ impl Linear {
         } else {
             x.clone()
         };
-        let down = linear(&x_in, &lora.a.t, None)?; // (.., R)
-        let up = linear(&down, &lora.b.t, None)?; // (.., OUT)
+        let down = ops.linear(&x_in, &lora.a.t, None)?; // (.., R)
+        let up = ops.linear(&down, &lora.b.t, None)?; // (.., OUT)
         Ok((y + (up * lora.scale)?)?)
     }
 

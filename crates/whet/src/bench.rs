@@ -80,6 +80,7 @@ pub fn train_step(args: &StepArgs) -> Result<()> {
     let options = whet_model::LoadOptions { quantize };
     let mut model = Model::load_with(model_dir, trainable, &options, &dev)?;
     model.set_compute_dtype(crate::commands::compute_dtype())?;
+    model.set_kernels(crate::commands::kernels()?);
     model.set_training(true);
     model.set_activation_checkpointing(checkpointing);
     let params: Vec<Param> = model

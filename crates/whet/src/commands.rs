@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use whet_data::{Message, Role};
+use whet_kernels::Kernels;
 use whet_model::{GenerationConfig, LoadOptions, LoraConfig, Model, TargetModules, Trainable};
 use whet_tokenize::Tokenizer;
 use whet_train::comm::Communicator;
@@ -19,6 +20,58 @@ use crate::report::{self, Generation, Report};
 
 /// The device and compute dtype every command uses (`--device`, `--dtype`); CPU f32 until set.
 static DEVICE: std::sync::OnceLock<(Device, DType)> = std::sync::OnceLock::new();
+/// `--kernels` as given (`auto` until set), and the set it resolved to on first use.
+static KERNELS_CHOICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+static KERNELS: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+
+/// Picks how each op runs (`--kernels`, or `WHET_KERNELS`): `auto` (the fused kernels; on CUDA
+/// after a self-check against the composed reference, an op that fails it running its
+/// reference), `check` (the same self-check on any device), `fused`, `reference`, or
+/// `reference:OP,OP..`. Checked now, resolved when a command first loads a model.
+pub fn set_kernels(choice: &str) -> Result<()> {
+    if !matches!(choice, "auto" | "check") {
+        Kernels::parse(choice).map_err(|e| anyhow::anyhow!("--kernels {e}"))?;
+    }
+    KERNELS_CHOICE
+        .set(choice.to_string())
+        .map_err(|_| anyhow::anyhow!("the kernels were already chosen"))
+}
+
+/// The kernel set models run with on [`device`] (see [`set_kernels`]); the self-check runs
+/// once per process and prints its table to stderr.
+pub fn kernels() -> Result<Kernels> {
+    if let Some(k) = KERNELS.get() {
+        return Ok(*k);
+    }
+    let dev = device();
+    let choice = KERNELS_CHOICE.get().map(String::as_str).unwrap_or("auto");
+    let k = match choice {
+        "check" => checked_kernels(&dev)?,
+        "auto" if dev.is_cuda() => checked_kernels(&dev)?,
+        "auto" => Kernels::FUSED,
+        other => {
+            let k = Kernels::parse(other).map_err(|e| anyhow::anyhow!("--kernels {e}"))?;
+            if k != Kernels::FUSED {
+                eprintln!("kernels: {k} (--kernels)");
+            }
+            k
+        }
+    };
+    Ok(*KERNELS.get_or_init(|| k))
+}
+
+fn checked_kernels(dev: &Device) -> Result<Kernels> {
+    let check = whet_kernels::self_check(dev).context("the kernel self-check")?;
+    eprint!("{check}");
+    let k = check.kernels();
+    for op in check.failed_ops() {
+        eprintln!(
+            "warning: whet's fused `{op}` kernel disagrees with its reference on {}: it runs as the composed reference (slower, correct); please report this with the table above",
+            check.device
+        );
+    }
+    Ok(k)
+}
 
 /// Picks the device (`cpu`, `cuda`, `cuda:N`) and the compute dtype (`auto`: bf16 on CUDA,
 /// f32 on the CPU; `f32`; `bf16`, CUDA only) for the whole process.
@@ -69,6 +122,7 @@ pub fn load_model(args: &ModelArgs, trainable: Trainable) -> Result<Model> {
         model.load_adapter(adapter)?;
     }
     model.set_compute_dtype(compute_dtype())?;
+    model.set_kernels(kernels()?);
     model.set_training(false);
     Ok(model)
 }
@@ -439,6 +493,7 @@ pub fn load_for_training(cfg: &Config, seed: u64) -> Result<Model> {
     };
     let mut model = Model::load_with(&cfg.model.path, trainable(cfg, seed), &options, &device())?;
     model.set_compute_dtype(compute_dtype())?;
+    model.set_kernels(kernels()?);
     Ok(model)
 }
 

@@ -23,6 +23,13 @@ struct Cli {
     /// f32 on the CPU), `f32` or `bf16`.
     #[arg(long, global = true, default_value = "auto")]
     dtype: String,
+    /// How each op runs: `auto` (whet's fused kernels; on CUDA after a self-check against the
+    /// composed reference ops, any kernel that disagrees running as its reference), `check`
+    /// (that self-check on any device), `fused`, `reference` (every op composed from candle
+    /// primitives: slow, correct on any GPU), or `reference:OP,OP..` (e.g.
+    /// `reference:attention`).
+    #[arg(long, global = true, env = "WHET_KERNELS", default_value = "auto")]
+    kernels: String,
 }
 
 #[derive(Subcommand)]
@@ -163,6 +170,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     whet::commands::set_device(&cli.device, &cli.dtype)?;
+    whet::commands::set_kernels(&cli.kernels)?;
     match cli.command {
         Command::Train {
             config,

@@ -180,6 +180,25 @@ fn nvrtc_compiles_every_kernel() -> Result<()> {
     Ok(())
 }
 
+/// The self-check `whet train --device cuda` runs before training (f32 and bf16): on first
+/// light, every fused kernel should pass it; the table says by how much.
+#[test]
+fn the_fused_kernels_pass_the_self_check() -> Result<()> {
+    let dev = gpu_or_skip!("the_fused_kernels_pass_the_self_check");
+    let check = whet_kernels::self_check(&dev)?;
+    eprint!("{check}");
+    ensure!(
+        check.checks.iter().any(|c| c.dtype == DType::BF16),
+        "bf16 was not checked"
+    );
+    ensure!(
+        check.failed_ops().is_empty(),
+        "fused kernels that disagree with the reference: {:?}",
+        check.failed_ops()
+    );
+    Ok(())
+}
+
 #[test]
 fn rms_norm_matches_cpu() -> Result<()> {
     let dev = gpu_or_skip!("rms_norm_matches_cpu");
@@ -479,17 +498,72 @@ fn attention_tensor_cores_match_simt() -> Result<()> {
             .inputs()?
             .into_iter()
             .map(|t| {
-                let t = if t.dtype().is_float() {
-                    t.to_dtype(DType::BF16)?
-                } else {
-                    t
-                };
-                Ok(t.to_device(&dev)?)
+                if !t.dtype().is_float() {
+                    return Ok(t.to_device(&dev)?);
+                }
+                // Tracked, so that a `flash-attn` build runs whet's kernel, not FlashAttention.
+                let t = t.to_dtype(DType::BF16)?.to_device(&dev)?;
+                Ok(Var::from_tensor(&t)?.as_tensor().clone())
             })
             .collect::<Result<_>>()?;
         let mma = attention(&x[0], &x[1], &x[2], &x[3], scale)?;
         let simt = attention_simt(&x[0], &x[1], &x[2], &x[3], scale)?;
         assert_rel(&format!("{}: mma vs simt", case.name), &mma, &simt, 2e-2)?;
+    }
+    Ok(())
+}
+
+/// With `flash-attn`, untracked bf16 attention runs candle-flash-attn where it can express the
+/// mask: one document per row (with and without a KV cache) and packed rows (varlen). Each
+/// against whet's SIMT kernel.
+#[cfg(feature = "flash-attn")]
+#[test]
+fn flash_attention_matches_the_simt_kernel() -> Result<()> {
+    let dev = gpu_or_skip!("flash_attention_matches_the_simt_kernel");
+    struct Case {
+        name: &'static str,
+        /// B, T, S, NH, NKV, D
+        dims: [usize; 6],
+        /// The segment of key j in row r.
+        seg: fn(usize, usize) -> u32,
+    }
+    let one = |_: usize, _: usize| 0u32;
+    let packed = |r: usize, j: usize| u32::from(r == 1 && j >= 45) + u32::from(j >= 90);
+    let cases = [
+        Case {
+            name: "one document, d64",
+            dims: [2, 128, 128, 8, 2, 64],
+            seg: one,
+        },
+        Case {
+            name: "decode with a cache, d128",
+            dims: [2, 1, 77, 8, 8, 128],
+            seg: one,
+        },
+        Case {
+            name: "prefill after a cache, d64",
+            dims: [2, 19, 77, 4, 2, 64],
+            seg: one,
+        },
+        Case {
+            name: "packed rows (varlen), d64",
+            dims: [2, 128, 128, 4, 1, 64],
+            seg: packed,
+        },
+    ];
+    for Case { name, dims, seg } in cases {
+        let [b, t, s, nh, nkv, d] = dims;
+        let q = rand(&[b, t, nh, d], 1, DType::F32)?;
+        let k = rand(&[b, s, nkv, d], 2, DType::F32)?;
+        let v = rand(&[b, s, nkv, d], 3, DType::F32)?;
+        let segs: Vec<u32> = (0..b * s).map(|i| seg(i / s, i % s)).collect();
+        let on = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(DType::BF16)?.to_device(&dev)?) };
+        let (q, k, v) = (on(&q)?, on(&k)?, on(&v)?);
+        let segs = Tensor::from_vec(segs, (b, s), &dev)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let flash = attention(&q, &k, &v, &segs, scale)?;
+        let simt = attention_simt(&q, &k, &v, &segs, scale)?;
+        assert_rel(&format!("{name}: flash vs simt"), &flash, &simt, 2e-2)?;
     }
     Ok(())
 }

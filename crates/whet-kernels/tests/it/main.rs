@@ -17,4 +17,5 @@ mod props;
 mod quantized;
 mod rms_norm;
 mod rope;
+mod self_check;
 mod swiglu;

@@ -8,6 +8,7 @@ mod eval_merge;
 mod formats;
 mod generate;
 mod inspect;
+mod kernels;
 mod kfold;
 mod qlora_export;
 mod resume;
