@@ -123,12 +123,8 @@ pub enum DataError {
     BadRuleRegex { name: String, message: String },
 
     // ---- writing outputs ----
-    #[error("{}: cannot write: {source}; check the directory exists and is writable", path.display())]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Write(#[from] crate::atomic::WriteError),
 }
 
 /// Why a row was rejected; the key of [`ReadReport::skipped`](crate::ReadReport::skipped).
@@ -170,7 +166,7 @@ impl DataError {
             | DataError::UnknownFormat { .. }
             | DataError::InvalidConfig { .. }
             | DataError::BadRuleRegex { .. }
-            | DataError::Write { .. } => return None,
+            | DataError::Write(_) => return None,
         })
     }
 

@@ -5,9 +5,12 @@
 //! - [`pii`]: a scrubber that redacts personal data to typed placeholders, with an [`pii::Audit`].
 //! - [`dedup`]: exact and MinHash/LSH near-duplicate removal, and a train/validation leakage check.
 //! - [`split`]: deterministic train/validation splits and k-fold assignment by a stable hash.
+//! - [`atomic`]: the one writer of every file and folder whet writes, and which folders it may
+//!   write into (whet's other crates write through it too).
 //!
 //! Invariant: this crate knows nothing of tokenizers or tensors.
 
+pub mod atomic;
 pub mod dedup;
 pub mod error;
 pub mod mapping;

@@ -27,6 +27,7 @@ use std::path::Path;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use crate::atomic::Existing;
 use crate::error::{DataError, Result};
 use crate::record::{Example, Origin, Record};
 use crate::split::record_id;
@@ -581,10 +582,8 @@ impl Audit {
     /// Writes [`Audit::to_json`] to `path` (conventionally `audit.json`).
     pub fn write_json(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        std::fs::write(path, self.to_json()).map_err(|source| DataError::Write {
-            path: path.to_path_buf(),
-            source,
-        })
+        crate::atomic::write_file(path, self.to_json().as_bytes(), Existing::Replace)
+            .map_err(DataError::from)
     }
 
     /// Folds another audit (e.g. from another shard) into this one.

@@ -117,6 +117,11 @@ pub enum Error {
         found: String,
     },
 
+    // ---- writing ----
+    /// Writing an output failed, or was refused (an existing file, a folder whet does not own).
+    #[error(transparent)]
+    Write(#[from] whet_data::atomic::WriteError),
+
     // ---- tensor ops ----
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -14,13 +14,13 @@
 //! existing file at `out` survives a failed export.
 
 use std::collections::BTreeMap;
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use serde_json::Value as Json;
+use whet_data::atomic::{self, Existing};
 
 use crate::config::{ModelType, RopeKind};
 use crate::error::{Error, Result};
@@ -38,14 +38,23 @@ pub struct ExportReport {
 }
 
 /// Writes `model` (no LoRA adapters: merge them first) and the tokenizer of `tokenizer_dir`
-/// (`tokenizer.json`, `tokenizer_config.json`) to the GGUF file `out`, matrices in `want`.
+/// (`tokenizer.json`, `tokenizer_config.json`) to the GGUF file `out`, matrices in `want`,
+/// atomically. An existing `out` is replaced only with [`Existing::Replace`]; with
+/// [`Existing::Refuse`] it is refused before any work (and again at the rename).
 pub fn export_gguf(
     model: &Model,
     tokenizer_dir: &Path,
     out: &Path,
     want: GgmlDType,
     name: &str,
+    existing: Existing,
 ) -> Result<ExportReport> {
+    if existing == Existing::Refuse && std::fs::symlink_metadata(out).is_ok() {
+        return Err(atomic::WriteError::Exists {
+            path: out.to_path_buf(),
+        }
+        .into());
+    }
     let cfg = model.config();
     let fail = |what: String| Err(Error::quantize(out, what));
     if model.lora_config().is_some() {
@@ -148,10 +157,11 @@ pub fn export_gguf(
     }
 
     let n = tensors.len();
-    write_atomically(out, |w| {
+    atomic::write_with(out, existing, |w| {
         let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
         candle_core::quantized::gguf_file::write(w, &meta, &ts)
+            .map_err(|e| std::io::Error::other(format!("writing GGUF failed: {e}")))
     })?;
     let bytes = std::fs::metadata(out)
         .map_err(|e| Error::io(out, "stat", e))?
@@ -422,37 +432,6 @@ fn tokenizer_metadata(dir: &Path) -> Result<Vec<(String, Value)>> {
         m.push(("tokenizer.chat_template".to_string(), Value::String(t)));
     }
     Ok(m)
-}
-
-/// Runs `write` on a temporary file beside `out`, syncs it and renames it to `out`.
-fn write_atomically(
-    out: &Path,
-    write: impl FnOnce(&mut BufWriter<std::fs::File>) -> candle_core::Result<()>,
-) -> Result<()> {
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create directory", e))?;
-    let file_name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model.gguf".into());
-    let tmp = dir.join(format!(".{file_name}.partial"));
-    let result = (|| -> Result<()> {
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        let mut w = BufWriter::new(file);
-        write(&mut w).map_err(|e| Error::quantize(&tmp, format!("writing GGUF failed: {e}")))?;
-        let file = w
-            .into_inner()
-            .map_err(|e| Error::io(&tmp, "write", e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&tmp, "sync", e))?;
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, "rename into place", e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

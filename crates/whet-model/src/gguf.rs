@@ -19,7 +19,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -29,6 +29,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use memmap2::Mmap;
 use serde::Serialize;
 use serde_json::{Value as Json, json};
+use whet_data::atomic::{self, Existing};
 
 /// Errors from reading or converting a GGUF file. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +94,20 @@ pub enum GgufError {
         out: PathBuf,
         detail: String,
     },
+    /// Writing the output failed, or was refused (a folder whet does not own).
+    #[error(transparent)]
+    Output(#[from] atomic::WriteError),
+}
+
+/// The run a converted folder's marker names: any conversion may replace it.
+const CONVERT_RUN: &str = "whet convert";
+
+fn write_error(gguf: &Path, out: &Path, detail: String) -> GgufError {
+    GgufError::Write {
+        path: gguf.to_path_buf(),
+        out: out.to_path_buf(),
+        detail,
+    }
 }
 
 pub type Result<T, E = GgufError> = std::result::Result<T, E>;
@@ -1527,44 +1542,12 @@ impl safetensors::View for F32View<'_> {
     }
 }
 
-/// Writes `write(tmp)` to `<final>.partial` next to `final`, then renames it into place.
-fn write_atomically(
-    gguf: &Path,
-    target: &Path,
-    write: impl FnOnce(&Path) -> std::result::Result<(), String>,
-) -> Result<()> {
-    let mut tmp = target.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    let fail = |detail: String| GgufError::Write {
-        path: gguf.to_path_buf(),
-        out: target.to_path_buf(),
-        detail,
-    };
-    if let Err(e) = write(&tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(fail(e));
-    }
-    std::fs::rename(&tmp, target).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        fail(format!("rename from {}: {e}", tmp.display()))
-    })
-}
-
-fn write_json(gguf: &Path, target: &Path, value: &impl Serialize) -> Result<()> {
-    write_atomically(gguf, target, |tmp| {
-        let mut text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-        text.push('\n');
-        let mut f = File::create(tmp).map_err(|e| e.to_string())?;
-        f.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
-        f.sync_all().map_err(|e| e.to_string())
-    })
-}
-
 /// Converts a llama GGUF into a Hugging Face folder at `out` (created if needed): `config.json`,
 /// `model.safetensors` (f32), `tokenizer.json`, `tokenizer_config.json`,
-/// `generation_config.json`. Everything is read and checked before the first file is written;
-/// each file is written under a `.partial` name and renamed into place.
+/// `generation_config.json`, and whet's marker (`whet_data::atomic::MARKER`). Everything is read
+/// and checked before the first file is written; the folder is built beside `out` and renamed
+/// into place, replacing a folder an earlier conversion made. A folder with other files and no
+/// marker is refused and left as it is.
 pub fn convert_gguf_to_hf(gguf: &Path, out: &Path) -> Result<ConvertReport> {
     let file = GgufFile::open(gguf)?;
     let config = file.config()?;
@@ -1574,48 +1557,41 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path) -> Result<ConvertReport> {
     let tensors = file.hf_tensors_with(&config)?;
     let n_params = tensors.iter().map(|t| t.data.len()).sum();
 
-    std::fs::create_dir_all(out).map_err(|e| GgufError::Write {
-        path: gguf.to_path_buf(),
-        out: out.to_path_buf(),
-        detail: format!("create the folder: {e}"),
-    })?;
-    let st = out.join("model.safetensors");
-    write_atomically(gguf, &st, |tmp| {
-        let views = tensors.iter().map(|t| {
-            (
-                t.name.as_str(),
-                F32View {
+    let names = [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ];
+    atomic::write_owned_dir(out, CONVERT_RUN, |dir| {
+        let views = tensors
+            .iter()
+            .map(|t| {
+                let view = F32View {
                     shape: &t.shape,
                     data: &t.data,
-                },
-            )
-        });
+                };
+                (t.name.clone(), view)
+            })
+            .collect();
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(views, Some(meta), tmp).map_err(|e| e.to_string())
+        crate::load::save_safetensors(&dir.join(names[0]), views, Some(meta))
+            .map_err(|e| write_error(gguf, out, e.to_string()))?;
+        let config = serde_json::to_value(&config).unwrap_or(Json::Null);
+        for (name, value) in
+            names[1..]
+                .iter()
+                .zip([config, tokenizer, tokenizer_config, generation])
+        {
+            let mut text = serde_json::to_string_pretty(&value)
+                .map_err(|e| write_error(gguf, out, e.to_string()))?;
+            text.push('\n');
+            atomic::write_file(&dir.join(name), text.as_bytes(), Existing::Replace)?;
+        }
+        Ok::<(), GgufError>(())
     })?;
-    let mut files = vec![st];
-    for (name, value) in [
-        (
-            "config.json",
-            serde_json::to_value(&config).unwrap_or(Json::Null),
-        ),
-        ("tokenizer.json", tokenizer),
-        ("tokenizer_config.json", tokenizer_config),
-        ("generation_config.json", generation),
-    ] {
-        let target = out.join(name);
-        write_json(gguf, &target, &value)?;
-        files.push(target);
-    }
-    // safetensors writes through a 0600 temp file; give the weights the permissions the JSON
-    // files got from the umask.
-    if let Ok(meta) = std::fs::metadata(&files[1]) {
-        std::fs::set_permissions(&files[0], meta.permissions()).map_err(|e| GgufError::Write {
-            path: gguf.to_path_buf(),
-            out: files[0].clone(),
-            detail: format!("set permissions: {e}"),
-        })?;
-    }
+    let files = names.iter().map(|n| out.join(n)).collect();
     Ok(ConvertReport {
         config,
         n_tensors: tensors.len(),

@@ -720,7 +720,9 @@ impl Model {
         Ok(())
     }
 
-    /// Writes PEFT's `adapter_config.json` and `adapter_model.safetensors` into `dir`.
+    /// Writes PEFT's `adapter_config.json` and `adapter_model.safetensors` into `dir` (created
+    /// if needed), each atomically; to write the folder as a whole, call this inside
+    /// `whet_data::atomic::write_dir`.
     pub fn save_adapter(&self, dir: &Path) -> Result<()> {
         let Some(cfg) = &self.lora else {
             return Err(Error::lora(dir, "the model has no LoRA adapters to save"));
@@ -803,7 +805,8 @@ impl Model {
     }
 
     /// Writes `config.json` and `model.safetensors` (f32, HF names) into `dir`: a full
-    /// fine-tuning checkpoint, or a merged LoRA model (call [`Model::merge_lora`] first).
+    /// fine-tuning checkpoint, or a merged LoRA model (call [`Model::merge_lora`] first). Each
+    /// file is written atomically; see [`Model::save_adapter`] for the folder.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         if self.lora.is_some() {
             return Err(Error::lora(
@@ -811,22 +814,15 @@ impl Model {
                 "save_pretrained writes base weights only; call merge_lora first or use save_adapter",
             ));
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create directory", e))?;
         let cfg_path = dir.join(CONFIG_FILE);
         let json = serde_json::to_string_pretty(&self.cfg)
             .map_err(|e| Error::json(&cfg_path, ".".into(), &e))?;
-        std::fs::write(&cfg_path, json).map_err(|e| Error::io(&cfg_path, "write", e))?;
-        let path = dir.join(WEIGHTS_FILE);
-        let map: HashMap<String, Tensor> = self
-            .named_weights()?
-            .into_iter()
-            .map(|(n, t)| (n, t.detach()))
-            .collect();
-        candle_core::safetensors::save(&map, &path).map_err(|e| Error::Safetensors {
-            path: path.clone(),
-            message: format!("writing failed: {e}"),
-        })?;
-        Ok(())
+        whet_data::atomic::write_file(
+            &cfg_path,
+            json.as_bytes(),
+            whet_data::atomic::Existing::Replace,
+        )?;
+        crate::load::save_safetensors(&dir.join(WEIGHTS_FILE), self.named_weights()?, None)
     }
 
     /// A copy whose weights are plain tensors (shared storage, no Vars): running it builds no

@@ -299,3 +299,47 @@ impl<'a> Vb<'a> {
         Ok(Param { name, t })
     }
 }
+
+/// Writes `tensors` as one safetensors file at `path`, atomically (`whet_data::atomic`) and
+/// streamed: the header, then each tensor's bytes in turn, never the whole file in memory. The
+/// layout is `safetensors::serialize`'s: by descending dtype, then by name, the header padded
+/// with spaces to 8 bytes.
+pub fn save_safetensors<V: safetensors::View>(
+    path: &Path,
+    mut tensors: Vec<(String, V)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    use safetensors::tensor::{Metadata, TensorInfo};
+    use std::io::Write;
+    tensors.sort_by(|(a, x), (b, y)| y.dtype().cmp(&x.dtype()).then(a.cmp(b)));
+    let mut offset = 0;
+    let infos = tensors
+        .iter()
+        .map(|(name, t)| {
+            let n = t.data_len();
+            let info = TensorInfo {
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+                data_offsets: (offset, offset + n),
+            };
+            offset += n;
+            (name.clone(), info)
+        })
+        .collect();
+    let bad = |message: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        message: format!("writing failed: {message}"),
+    };
+    let header = Metadata::new(metadata, infos).map_err(|e| bad(e.to_string()))?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| bad(e.to_string()))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    whet_data::atomic::write_with(path, whet_data::atomic::Existing::Replace, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for (_, t) in &tensors {
+            w.write_all(&t.data())?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}

@@ -13,6 +13,7 @@ use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use whet_data::atomic::{self, Existing};
 use whet_kernels::{Kernels, Ops, quantized_linear};
 
 use crate::error::{Error, Result};
@@ -563,25 +564,18 @@ fn dropout_mask(x: &Tensor, p: f32, rng: &Mutex<StdRng>) -> Result<Tensor> {
     Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?) // (..)
 }
 
-/// Writes `adapter_model.safetensors` (PEFT names) and `adapter_config.json` into `dir`.
+/// Writes `adapter_model.safetensors` (PEFT names) and `adapter_config.json` into `dir`, each
+/// file atomically (a folder written as a whole is the caller's `whet_data::atomic::write_dir`).
 pub(crate) fn write_adapter(
     dir: &Path,
     cfg: &LoraConfig,
     base_model_name_or_path: &str,
     tensors: Vec<(String, Tensor)>,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create directory", e))?;
     let cfg_path = dir.join(ADAPTER_CONFIG_FILE);
     let json = cfg.to_peft_json(base_model_name_or_path)?;
-    std::fs::write(&cfg_path, json).map_err(|e| Error::io(&cfg_path, "write", e))?;
-    let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
-    let map: std::collections::HashMap<String, Tensor> =
-        tensors.into_iter().map(|(n, t)| (n, t.detach())).collect();
-    candle_core::safetensors::save(&map, &weights_path).map_err(|e| Error::Safetensors {
-        path: weights_path.clone(),
-        message: format!("writing failed: {e}"),
-    })?;
-    Ok(())
+    atomic::write_file(&cfg_path, json.as_bytes(), Existing::Replace)?;
+    crate::load::save_safetensors(&dir.join(ADAPTER_WEIGHTS_FILE), tensors, None)
 }
 
 /// Reads `adapter_config.json` from `dir`.

@@ -10,7 +10,7 @@
 //! never sees a partial file; an unreadable file is rebuilt.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{BufWriter, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -24,6 +24,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
+use whet_data::atomic::{self, Existing};
 
 use crate::error::{Error, Result};
 use crate::fingerprint::Fnv128;
@@ -206,31 +207,22 @@ impl Cache {
         read_parquet(&path, fp).map(Some)
     }
 
-    /// Write a dataset atomically (temporary file, then rename).
+    /// Write a dataset atomically (`whet_data::atomic`: a temporary file, then a rename; several
+    /// processes storing the same dataset at once each write their own).
     pub fn store(&self, fp: &Fingerprint, data: &CachedDataset) -> Result<PathBuf> {
-        std::fs::create_dir_all(&self.dir).map_err(|source| Error::Io {
-            path: self.dir.clone(),
-            action: "create the cache directory",
-            source,
-        })?;
         let path = self.path_for(fp);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let tmp = self
-            .dir
-            .join(format!(".{fp}.{}.{nanos}.tmp", std::process::id()));
-        let result = write_parquet(&tmp, fp, data).and_then(|()| {
-            std::fs::rename(&tmp, &path).map_err(|source| Error::Io {
-                path: path.clone(),
-                action: "rename the cache file into place",
-                source,
+        let mut failed = None;
+        let written = atomic::write_with(&path, Existing::Replace, |w| {
+            write_parquet(w, &path, fp, data).map_err(|e| {
+                let message = e.to_string();
+                failed = Some(e);
+                std::io::Error::other(message)
             })
         });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        match failed {
+            Some(e) => Err(e),
+            None => written.map(|()| path).map_err(Error::from),
         }
-        result.map(|()| path)
     }
 
     /// Load the dataset for `fp`, or build and store it.
@@ -296,7 +288,13 @@ fn list_i64(rows: &[PackedRow]) -> ArrayRef {
     ))
 }
 
-fn write_parquet(path: &Path, fp: &Fingerprint, data: &CachedDataset) -> Result<()> {
+/// Writes the dataset as Parquet into `w`; `path` is the file's name for errors.
+fn write_parquet(
+    w: &mut BufWriter<File>,
+    path: &Path,
+    fp: &Fingerprint,
+    data: &CachedDataset,
+) -> Result<()> {
     let err = |what: String| Error::Cache {
         path: path.to_path_buf(),
         what,
@@ -316,14 +314,9 @@ fn write_parquet(path: &Path, fp: &Fingerprint, data: &CachedDataset) -> Result<
             KeyValue::new(KEY_META.to_string(), meta),
         ]))
         .build();
-    let file = File::create(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        action: "create",
-        source,
-    })?;
     let schema = schema();
     let mut writer =
-        ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| err(e.to_string()))?;
+        ArrowWriter::try_new(w, schema.clone(), Some(props)).map_err(|e| err(e.to_string()))?;
     for chunk in data.rows.chunks(ROWS_PER_BATCH) {
         let batch = RecordBatch::try_new(
             schema.clone(),
@@ -337,12 +330,7 @@ fn write_parquet(path: &Path, fp: &Fingerprint, data: &CachedDataset) -> Result<
         .map_err(|e| err(e.to_string()))?;
         writer.write(&batch).map_err(|e| err(e.to_string()))?;
     }
-    let file = writer.into_inner().map_err(|e| err(e.to_string()))?;
-    file.sync_all().map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        action: "sync",
-        source,
-    })?;
+    writer.close().map_err(|e| err(e.to_string()))?;
     Ok(())
 }
 

@@ -78,6 +78,10 @@ pub enum Error {
     #[error("invalid setting `{field}`: {what}")]
     Setting { field: &'static str, what: String },
 
+    /// Writing a file failed (`whet_data::atomic`).
+    #[error(transparent)]
+    Write(#[from] whet_data::atomic::WriteError),
+
     #[error("rows have different shapes: {what}")]
     Shape { what: String },
 

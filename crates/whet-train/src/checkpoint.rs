@@ -1,7 +1,11 @@
-//! Checkpoints: written into a temporary folder, every file fsynced, then renamed into place,
-//! so a crash (or kill -9, or a full disk) at any moment leaves the previous checkpoints intact.
+//! Checkpoints: written into a temporary folder, every file fsynced, then renamed into place
+//! (`whet_data::atomic::write_dir`), so a crash (or kill -9, or a full disk) at any moment leaves
+//! the previous checkpoints intact. The best checkpoint is recorded in each checkpoint's own
+//! state (`best_step`) before its rename; `out/best` follows it, is repaired on resume, and the
+//! checkpoint it names is never pruned.
 //!
 //! ```text
+//! out/.whet-run            whet's marker: the run this folder belongs to (see [`claim`])
 //! out/checkpoint-000120/
 //!   adapter_model.safetensors + adapter_config.json   (LoRA, PEFT format)  or  model.safetensors (full)
 //!   optimizer.safetensors      optimizer moments, named `exp_avg.<param>` ...
@@ -10,11 +14,11 @@
 //! out/best -> the checkpoint folder name with the lowest validation loss (a text file)
 //! ```
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use whet_data::atomic::{self, Claim, Existing, WriteError};
 
 use crate::rows::Cursor;
 use crate::{Result, TrainError};
@@ -75,8 +79,27 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     })
 }
 
-/// Writes a checkpoint atomically. `write_tensors` fills the temporary folder with the weight
-/// and optimizer files; this function adds the state and config, fsyncs, and renames.
+/// Makes `out` this run's output folder, or refuses it before anything is written: a new or
+/// empty folder gets whet's marker naming `run_id` (`whet_data::atomic::claim`); a folder whose
+/// marker names `run_id` is this run's (resumed from its last checkpoint, or started over when it
+/// has none); any other folder is refused.
+pub fn claim(out: &Path, run_id: &str) -> Result<Claim> {
+    if out.as_os_str().is_empty() {
+        return Err(TrainError::NoOutputDir);
+    }
+    atomic::claim(out, run_id).map_err(|e| match e {
+        WriteError::NotOwned { dir, found } => TrainError::OutputNotOwned { dir, found },
+        WriteError::OtherRun { dir, found, this } => TrainError::ForeignOutput {
+            dir,
+            why: format!("it belongs to run {found}, this config and data make run {this}"),
+        },
+        e => e.into(),
+    })
+}
+
+/// Writes a checkpoint atomically (`whet_data::atomic::write_dir`). `write_tensors` fills the
+/// temporary folder with the weight and optimizer files; this function adds the state and
+/// config; the folder is fsynced and renamed into place.
 pub fn write(
     out: &Path,
     state: &TrainerState,
@@ -84,76 +107,66 @@ pub fn write(
     write_tensors: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let final_dir = out.join(checkpoint_name(state.step));
-    let tmp = out.join(format!(".{}.tmp", checkpoint_name(state.step)));
-    let werr = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TrainError::CheckpointWrite { path, source }
-    };
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(werr(&tmp))?;
-    }
-    fs::create_dir_all(&tmp).map_err(werr(&tmp))?;
-    let result = (|| {
-        write_tensors(&tmp)?;
+    atomic::write_dir(&final_dir, |tmp| {
+        write_tensors(tmp)?;
         let state_json = serde_json::to_string_pretty(state).expect("trainer state serialises");
-        write_file(&tmp.join(STATE_FILE), state_json.as_bytes()).map_err(werr(&tmp))?;
-        write_file(&tmp.join(CONFIG_FILE), config_toml.as_bytes()).map_err(werr(&tmp))?;
-        for entry in fs::read_dir(&tmp).map_err(werr(&tmp))? {
-            let path = entry.map_err(werr(&tmp))?.path();
-            File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(werr(&path))?;
-        }
-        if final_dir.exists() {
-            fs::remove_dir_all(&final_dir).map_err(werr(&final_dir))?;
-        }
-        fs::rename(&tmp, &final_dir).map_err(werr(&final_dir))?;
-        sync_dir(out).map_err(werr(out))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result.map(|()| final_dir)
+        atomic::write_file(
+            &tmp.join(STATE_FILE),
+            state_json.as_bytes(),
+            Existing::Replace,
+        )?;
+        atomic::write_file(
+            &tmp.join(CONFIG_FILE),
+            config_toml.as_bytes(),
+            Existing::Replace,
+        )?;
+        Ok::<(), TrainError>(())
+    })?;
+    Ok(final_dir)
 }
 
-/// Writes `bytes` to `path` through a temporary file, fsync and rename.
-pub fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)
+/// The step of the checkpoint `out/best` names, if it names one.
+pub fn best(out: &Path) -> Option<u64> {
+    let name = fs::read_to_string(out.join(BEST_FILE)).ok()?;
+    name.trim().strip_prefix(PREFIX)?.parse().ok()
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Keeps the newest `keep_last` checkpoints and the best one; deletes the rest.
+/// Keeps the newest `keep_last` checkpoints, the best one (`best_step`, from the trainer's
+/// state) and the one `out/best` names; deletes the rest, each as a whole.
 pub fn prune(out: &Path, keep_last: usize, best_step: Option<u64>) -> Result<()> {
     let all = list(out);
     let cut = all.len().saturating_sub(keep_last.max(1));
+    let named = best(out);
     for (step, dir) in &all[..cut] {
-        if Some(*step) != best_step {
-            fs::remove_dir_all(dir).map_err(|source| TrainError::Io {
-                path: dir.clone(),
-                source,
-            })?;
+        if Some(*step) != best_step && Some(*step) != named {
+            atomic::remove_dir(dir)?;
         }
     }
     Ok(())
 }
 
 pub fn mark_best(out: &Path, step: u64) -> Result<()> {
-    write_file(&out.join(BEST_FILE), checkpoint_name(step).as_bytes()).map_err(|source| {
-        TrainError::CheckpointWrite {
-            path: out.join(BEST_FILE),
-            source,
+    atomic::write_file(
+        &out.join(BEST_FILE),
+        checkpoint_name(step).as_bytes(),
+        Existing::Replace,
+    )?;
+    Ok(())
+}
+
+/// Makes `out/best` name the checkpoint of `best_step` (the resumed state's): a run killed
+/// between a checkpoint's rename and [`mark_best`] left it naming an older one.
+pub fn repair_best(out: &Path, best_step: Option<u64>) -> Result<()> {
+    match best_step {
+        Some(step) if best(out) != Some(step) && out.join(checkpoint_name(step)).is_dir() => {
+            mark_best(out, step)
         }
-    })
+        None if out.join(BEST_FILE).exists() => {
+            fs::remove_file(out.join(BEST_FILE)).map_err(|source| TrainError::Io {
+                path: out.join(BEST_FILE),
+                source,
+            })
+        }
+        _ => Ok(()),
+    }
 }

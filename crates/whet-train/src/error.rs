@@ -30,6 +30,15 @@ pub enum TrainError {
     NonFinite { step: u64, micro: usize, value: f32 },
     #[error("{dir} holds a different run ({why}); pass a new `output.dir`, or resume that run with the same config", dir = dir.display())]
     ForeignOutput { dir: PathBuf, why: String },
+    #[error(
+        "{dir} is not empty and was not made by whet (no `.whet-run` file in it; it holds {found}); whet writes only into a new or empty folder, or the folder of the same run: set `output.dir` to a new folder",
+        dir = dir.display()
+    )]
+    OutputNotOwned { dir: PathBuf, found: String },
+    #[error(
+        "`output.dir` is empty; set it to the folder this run writes its checkpoints, metrics and report into (e.g. `output.dir = \"runs/my-run\"`)"
+    )]
+    NoOutputDir,
 
     // ---- checkpoints ----
     #[error("writing checkpoint {path}: {source}; the previous checkpoints are intact", path = path.display())]
@@ -63,6 +72,8 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Write(#[from] whet_data::atomic::WriteError),
     #[error(transparent)]
     Model(#[from] whet_model::Error),
     #[error(transparent)]

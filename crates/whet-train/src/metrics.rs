@@ -1,12 +1,15 @@
 //! `metrics.jsonl`: one JSON object per optimizer step (`"kind": "train"`) and per evaluation
 //! (`"kind": "eval"`). On resume, lines past the checkpoint's step are dropped so the file
-//! describes exactly one history.
+//! describes exactly one history; a run started over (no checkpoint yet) starts an empty file.
+//! The lines are appended, the one write whet does not make atomic: a kill may cut the last
+//! line, which the next resume drops with the others past its checkpoint.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use whet_data::atomic::{self, Existing};
 
 use crate::trainer::{EvalMetrics, StepMetrics};
 use crate::{Result, TrainError};
@@ -22,7 +25,9 @@ impl MetricsLog {
             path: path.to_path_buf(),
             source,
         };
-        if path.exists() {
+        if resumed_from == 0 {
+            atomic::write_file(path, b"", Existing::Replace)?;
+        } else if path.exists() {
             let kept: Vec<String> = BufReader::new(File::open(path).map_err(io)?)
                 .lines()
                 .map_while(|l| l.ok())
@@ -37,7 +42,7 @@ impl MetricsLog {
             if !text.is_empty() {
                 text.push('\n');
             }
-            crate::checkpoint::write_file(path, text.as_bytes()).map_err(io)?;
+            atomic::write_file(path, text.as_bytes(), Existing::Replace)?;
         }
         let file = OpenOptions::new()
             .create(true)

@@ -35,10 +35,8 @@ pub fn write_optimizer(path: &Path, state: &OptimizerState) -> Result<()> {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-    std::fs::write(path, data).map_err(|source| TrainError::CheckpointWrite {
-        path: path.to_path_buf(),
-        source,
-    })
+    whet_data::atomic::write_file(path, &data, whet_data::atomic::Existing::Replace)?;
+    Ok(())
 }
 
 pub fn read_optimizer(path: &Path) -> Result<OptimizerState> {

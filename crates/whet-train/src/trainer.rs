@@ -192,10 +192,10 @@ impl Trainer<'_> {
         let comm = self.comm;
         let (rank, world) = (comm.rank(), comm.world_size());
         let writer = rank == 0;
-        std::fs::create_dir_all(self.out).map_err(|source| TrainError::Io {
-            path: self.out.to_path_buf(),
-            source,
-        })?;
+        if writer {
+            // Before anything is written: a new or empty folder, or this run's own.
+            checkpoint::claim(self.out, &self.run_id)?;
+        }
         let params: Vec<Param> = self
             .model
             .trainable()
@@ -222,15 +222,13 @@ impl Trainer<'_> {
             stale_evals: 0,
             tokens_seen: 0,
         };
+        // This run's folder: resume from its last checkpoint, or (killed before its first one)
+        // start over; `MetricsLog::open` empties the metrics of the lost steps.
         if let Some((_, dir)) = checkpoint::list(self.out).pop() {
             state = self.resume(&dir, optimizer.as_mut())?;
-        } else if std::fs::read_dir(self.out)
-            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() == "metrics.jsonl")))
-        {
-            return Err(TrainError::ForeignOutput {
-                dir: self.out.to_path_buf(),
-                why: "it has metrics.jsonl but no checkpoint to resume".into(),
-            });
+            if writer {
+                checkpoint::repair_best(self.out, state.best_step)?;
+            }
         }
         let bucket_elems = comm.bucket_elems()?;
         if world > 1 {

@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
+use whet_data::atomic::{self, Existing};
 use whet_data::{Message, Role};
 use whet_kernels::Kernels;
 use whet_model::{GenerationConfig, LoadOptions, LoraConfig, Model, TargetModules, Trainable};
@@ -236,6 +237,8 @@ pub fn eval(args: &ModelArgs, data: &Path, format: Format, max_len: usize) -> Re
     Ok(())
 }
 
+/// `whet convert`: `out` must be new, empty or an earlier conversion's folder (see
+/// `whet_model::gguf::convert_gguf_to_hf`).
 pub fn convert(gguf: &Path, out: &Path, sha256: Option<&str>) -> Result<()> {
     let expected = match sha256 {
         Some("smollm2") => Some(SMOLLM2_135M_Q4_1_SHA256.to_string()),
@@ -273,10 +276,17 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         .collect())
 }
 
+/// The run a merged folder's marker names: any merge may replace it.
+const MERGE_RUN: &str = "whet merge";
+
+/// `whet merge`: the merged model is written as a whole folder with whet's marker, into an `out`
+/// that is new, empty or an earlier merge's (never between files whet does not own).
 pub fn merge(args: &ModelArgs, out: &Path) -> Result<()> {
     let Some(adapter) = &args.adapter else {
         bail!("whet merge needs --adapter DIR")
     };
+    // Refused before the work, and again before the folder is renamed into place.
+    atomic::check(out, MERGE_RUN)?;
     let model = load_model(args, Trainable::None)?;
     let tok = load_tokenizer(&args.model)?;
     let mut merged = model.detached();
@@ -284,8 +294,10 @@ pub fn merge(args: &ModelArgs, out: &Path) -> Result<()> {
     let (a, n) = probe_logits(&model, &tok)?;
     let (b, _) = probe_logits(&merged, &tok)?;
     let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    merged.save_pretrained(out)?;
-    copy_tokenizer_files(&args.model, out)?;
+    atomic::write_owned_dir(out, MERGE_RUN, |dir| {
+        merged.save_pretrained(dir)?;
+        copy_tokenizer_files(&args.model, dir)
+    })?;
     println!(
         "{}",
         serde_json::json!({ "out": out, "adapter": adapter, "max_abs_logit_diff": diff, "probe_tokens": n })
@@ -308,10 +320,27 @@ fn probe_logits(model: &Model, tok: &Tokenizer) -> Result<(candle_core::Tensor, 
     Ok((model.logits(&ids, &pos, &seg)?, n))
 }
 
-/// `whet export --gguf`: merges an adapter if given, writes the GGUF file, then reads it back
-/// (whet's GGUF import) and reports how far its logits are from the model's and whether the
-/// tokenizer survived.
-pub fn export_gguf(args: &ModelArgs, out: &Path, ty: &str, name: Option<&str>) -> Result<()> {
+/// `whet export --gguf`: merges an adapter if given, writes the GGUF file (an existing one only
+/// with `force`), then reads it back (whet's GGUF import) and reports how far its logits are
+/// from the model's and whether the tokenizer survived.
+pub fn export_gguf(
+    args: &ModelArgs,
+    out: &Path,
+    ty: &str,
+    name: Option<&str>,
+    force: bool,
+) -> Result<()> {
+    let existing = if force {
+        Existing::Replace
+    } else {
+        Existing::Refuse
+    };
+    if existing == Existing::Refuse && std::fs::symlink_metadata(out).is_ok() {
+        return Err(atomic::WriteError::Exists {
+            path: out.to_path_buf(),
+        }
+        .into());
+    }
     let want = whet_model::quant::parse(ty).with_context(|| {
         format!(
             "--type {ty:?} is not a GGML type; use one of {}",
@@ -328,7 +357,7 @@ pub fn export_gguf(args: &ModelArgs, out: &Path, ty: &str, name: Option<&str>) -
             .unwrap_or_else(|| "whet-model".into())
     });
     let started = Instant::now();
-    let report = whet_model::export::export_gguf(&merged, &args.model, out, want, &name)?;
+    let report = whet_model::export::export_gguf(&merged, &args.model, out, want, &name, existing)?;
     let secs = started.elapsed().as_secs_f64();
 
     // Read it back: convert to a scratch HF folder and compare.
@@ -383,7 +412,8 @@ pub fn export_gguf(args: &ModelArgs, out: &Path, ty: &str, name: Option<&str>) -
     Ok(())
 }
 
-/// Copies tokenizer and generation files next to written weights so the folder is complete.
+/// Copies tokenizer and generation files next to written weights so the folder is complete
+/// (into a folder being built, see `whet_data::atomic::write_dir`).
 pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
     for name in [
         "tokenizer.json",
@@ -394,7 +424,7 @@ pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
     ] {
         let src = from.join(name);
         if src.exists() && !to.join(name).exists() {
-            std::fs::copy(&src, to.join(name))
+            atomic::copy_file(&src, &to.join(name), Existing::Replace)
                 .with_context(|| format!("copying {}", src.display()))?;
         }
     }
@@ -557,21 +587,10 @@ fn train_on(
     let tok = load_tokenizer(&cfg.model.path)?;
     let data = pipeline::prepare(&tok, &cfg.data, cfg.train.seed, &out)?;
     let id = run_id(&cfg, &data.train);
-    // Refuse a folder of another run before writing anything into it.
-    if let Some((_, last)) = whet_train::checkpoint::list(&out).pop() {
-        let state = whet_train::checkpoint::read_state(&last)?;
-        if state.run_id != id {
-            return Err(whet_train::TrainError::ForeignOutput {
-                dir: out.clone(),
-                why: format!(
-                    "its checkpoints belong to run {}, this config and data make run {id}",
-                    state.run_id
-                ),
-            }
-            .into());
-        }
+    // Before writing anything: `out` must be new, empty or this run's (rank 0 writes it).
+    if leader {
+        whet_train::checkpoint::claim(&out, &id)?;
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     if leader && let (Some(audit), Some(path)) = (&data.pii_audit, &data.report.pii_audit) {
         audit.write_json(path)?;
     }
@@ -677,13 +696,13 @@ fn train_on(
         Method::Lora => "adapter",
         Method::Full => "model",
     });
-    match cfg.method {
-        Method::Lora => model.save_adapter(&final_dir)?,
+    atomic::write_dir(&final_dir, |dir| match cfg.method {
+        Method::Lora => Ok(model.save_adapter(dir)?),
         Method::Full => {
-            model.save_pretrained(&final_dir)?;
-            copy_tokenizer_files(&cfg.model.path, &final_dir)?;
+            model.save_pretrained(dir)?;
+            copy_tokenizer_files(&cfg.model.path, dir)
         }
-    }
+    })?;
     let after = measure(&model)?;
     let losses = read_curves(&out.join("metrics.jsonl"))?;
     crate::plot::loss_curve(&out.join("loss.svg"), "whet: loss", &losses.0, &losses.1)?;

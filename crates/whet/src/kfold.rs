@@ -97,7 +97,8 @@ pub fn run(cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &Path) -> Result
         std_val_loss: std,
     };
     let path = out.join("kfold.json");
-    whet_train::checkpoint::write_file(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    let json = serde_json::to_string_pretty(&report)?;
+    whet_data::atomic::write_file(&path, json.as_bytes(), whet_data::atomic::Existing::Replace)?;
     eprintln!(
         "{k}-fold cross-validation: validation loss {mean:.4} ± {std:.4} (report: {})",
         path.display()

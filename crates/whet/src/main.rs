@@ -34,7 +34,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train from a TOML config (`recipes/*.toml`); resumes when the output folder holds this run.
+    /// Train from a TOML config (`recipes/*.toml`). `output.dir` must be new, empty, or this
+    /// run's folder (its `.whet-run` file names the run), which the run resumes; whet never
+    /// writes into a folder of other files.
     Train {
         #[arg(long)]
         config: PathBuf,
@@ -69,6 +71,8 @@ enum Command {
     Merge {
         #[command(flatten)]
         model: whet::cli::ModelArgs,
+        /// The folder to write: new, empty, or one an earlier `whet merge` wrote (replaced
+        /// whole). A folder with other files is refused.
         #[arg(long)]
         out: PathBuf,
     },
@@ -77,9 +81,13 @@ enum Command {
     Export {
         #[command(flatten)]
         model: whet::cli::ModelArgs,
-        /// The GGUF file to write (replaced only once complete).
+        /// The GGUF file to write (written under a temporary name, renamed once complete). An
+        /// existing file is refused unless --force is given.
         #[arg(long)]
         gguf: PathBuf,
+        /// Replace an existing --gguf file.
+        #[arg(long)]
+        force: bool,
         /// Matrix type: f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, f32.
         #[arg(long = "type", default_value = "q8_0")]
         ty: String,
@@ -102,6 +110,8 @@ enum Command {
 struct ConvertArgs {
     #[arg(long)]
     from_gguf: PathBuf,
+    /// The folder to write: new, empty, or one an earlier `whet convert` wrote (replaced whole).
+    /// A folder with other files is refused.
     #[arg(long)]
     out: PathBuf,
     /// Refuse a file whose sha256 differs from this (hex), or from a known model's (`smollm2`).
@@ -194,7 +204,8 @@ fn run(cli: Cli) -> Result<()> {
             gguf,
             ty,
             name,
-        } => whet::commands::export_gguf(&model, &gguf, &ty, name.as_deref()),
+            force,
+        } => whet::commands::export_gguf(&model, &gguf, &ty, name.as_deref(), force),
         Command::Data {
             command:
                 DataCommand::Inspect {

@@ -4,9 +4,10 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::Device;
 use serde::Serialize;
+use whet_data::atomic::{self, Existing};
 use whet_model::{GenerationConfig, Model};
 use whet_tokenize::Tokenizer;
 use whet_train::config::{Config, Format};
@@ -247,12 +248,9 @@ impl Report {
     /// Writes `report.md` and `report.json` into `out`; returns the Markdown path.
     pub fn write(&self, out: &Path) -> Result<PathBuf> {
         let md = out.join("report.md");
-        whet_train::checkpoint::write_file(&md, self.markdown().as_bytes())
-            .with_context(|| format!("writing {}", md.display()))?;
+        atomic::write_file(&md, self.markdown().as_bytes(), Existing::Replace)?;
         let json = serde_json::to_string_pretty(self)?;
-        let jp = out.join("report.json");
-        whet_train::checkpoint::write_file(&jp, json.as_bytes())
-            .with_context(|| format!("writing {}", jp.display()))?;
+        atomic::write_file(&out.join("report.json"), json.as_bytes(), Existing::Replace)?;
         Ok(md)
     }
 }

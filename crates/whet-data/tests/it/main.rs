@@ -1,5 +1,6 @@
 //! The one integration-test binary of whet-data.
 
+mod atomic;
 mod common;
 mod dedup;
 mod errors;

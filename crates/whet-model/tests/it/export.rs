@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use serde_json::Value;
+use whet_data::atomic::Existing;
 use whet_model::export::{export_gguf, tensor_type};
 use whet_model::gguf::{GgufFile, convert_gguf_to_hf};
 use whet_model::{Error, LoraConfig, Model, Trainable};
@@ -51,7 +52,8 @@ fn every_type_round_trips_model_and_tokenizer() {
             (GgmlDType::Q4K, f32::INFINITY, &["q5_0", "q8_0"][..]),
         ] {
             let out = src.path().join(format!("out-{ty:?}.gguf"));
-            let report = export_gguf(&model, src.path(), &out, ty, "tiny").unwrap();
+            let report =
+                export_gguf(&model, src.path(), &out, ty, "tiny", Existing::Replace).unwrap();
             let keys: Vec<&str> = report.types.keys().map(String::as_str).collect();
             let mut expect: Vec<&str> = matrix_types.to_vec();
             expect.push("f32");
@@ -117,7 +119,15 @@ fn an_unmerged_adapter_or_a_bad_tokenizer_is_an_error_and_keeps_the_old_file() {
         seed: 1,
     };
     let with_adapter = Model::load(src.path(), lora, &cpu()).unwrap();
-    let err = export_gguf(&with_adapter, src.path(), &out, GgmlDType::Q8_0, "x").unwrap_err();
+    let err = export_gguf(
+        &with_adapter,
+        src.path(),
+        &out,
+        GgmlDType::Q8_0,
+        "x",
+        Existing::Replace,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("merge"), "{err}");
 
     let model = Model::load(src.path(), Trainable::None, &cpu()).unwrap();
@@ -125,7 +135,15 @@ fn an_unmerged_adapter_or_a_bad_tokenizer_is_an_error_and_keeps_the_old_file() {
     let mut t = json(&tok);
     t["model"]["type"] = Value::String("Unigram".into());
     std::fs::write(&tok, serde_json::to_string(&t).unwrap()).unwrap();
-    let err = export_gguf(&model, src.path(), &out, GgmlDType::Q8_0, "x").unwrap_err();
+    let err = export_gguf(
+        &model,
+        src.path(),
+        &out,
+        GgmlDType::Q8_0,
+        "x",
+        Existing::Replace,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Quantize { .. }), "{err}");
     assert!(
         err.to_string().contains("tokenizer.json") && err.to_string().contains("model.type"),
@@ -135,7 +153,29 @@ fn an_unmerged_adapter_or_a_bad_tokenizer_is_an_error_and_keeps_the_old_file() {
     let leftovers: Vec<_> = std::fs::read_dir(src.path())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.ends_with(".partial") || name.ends_with(".tmp")
+        })
         .collect();
     assert!(leftovers.is_empty(), "a partial file was left behind");
+
+    // Told to keep an existing file: refused before any work.
+    let err = export_gguf(
+        &model,
+        src.path(),
+        &out,
+        GgmlDType::Q8_0,
+        "x",
+        Existing::Refuse,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Write(whet_data::atomic::WriteError::Exists { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"an earlier export");
 }

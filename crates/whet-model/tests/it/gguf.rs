@@ -172,13 +172,14 @@ fn check_tiny(file: &str) {
     assert_eq!(
         names,
         [
+            ".whet-run",
             "config.json",
             "generation_config.json",
             "model.safetensors",
             "tokenizer.json",
             "tokenizer_config.json"
         ],
-        "exactly the five files, no .partial leftovers"
+        "exactly the five files and whet's marker, no temporary leftovers"
     );
 
     // The weights get the same permissions as the JSON files (not the 0600 of a temp file).

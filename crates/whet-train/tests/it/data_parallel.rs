@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use whet_data::atomic::MARKER;
 use whet_train::TrainError;
 
 use crate::common::*;
@@ -176,6 +177,7 @@ fn a_checkpoint_resumes_at_another_world_size() {
         let out = tempdir("dp-resume-part");
         let ckpt = whet_train::checkpoint::checkpoint_name(3);
         copy_dir(&full.join(&ckpt), &out.join(&ckpt));
+        std::fs::copy(full.join(MARKER), out.join(MARKER)).unwrap();
         std::fs::copy(full.join("metrics.jsonl"), out.join("metrics.jsonl")).unwrap();
         let cfg = config(&out, &overrides);
         let (summary, values) = if world == 1 {

@@ -1,4 +1,6 @@
+use whet_data::atomic::MARKER;
 use whet_train::TrainError;
+use whet_train::checkpoint::{self, TrainerState};
 
 use crate::common::*;
 
@@ -37,6 +39,7 @@ fn resume_is_bit_identical() {
         // steps (the checkpoint and the metrics written so far), in a fresh folder.
         let ckpt = whet_train::checkpoint::checkpoint_name(stop_after);
         copy_dir(&full_out.join(&ckpt), &out.join(&ckpt));
+        std::fs::copy(full_out.join(MARKER), out.join(MARKER)).unwrap();
         let metrics: Vec<String> = std::fs::read_to_string(full_out.join("metrics.jsonl"))
             .unwrap()
             .lines()
@@ -119,6 +122,132 @@ fn a_failed_checkpoint_write_leaves_earlier_checkpoints_intact() {
     assert_eq!(
         std::fs::read(out.join("checkpoint-000001/weights.bin")).unwrap(),
         b"good"
+    );
+}
+
+/// A run killed before its first checkpoint left its marker, some metrics and a half-written
+/// checkpoint folder: the same run starts over (the metrics of the lost steps dropped), another
+/// run is refused.
+#[test]
+fn a_run_killed_before_its_first_checkpoint_starts_over() {
+    let overrides = ["train.max_steps=4", "output.save_every=3"];
+    let train = rows(8, 12);
+    let reference = tempdir("restart-ref");
+    let mut model = tiny_model(true);
+    run(
+        &mut model,
+        &config(&reference, &overrides),
+        &train,
+        &[],
+        "r",
+    )
+    .unwrap();
+    let want = losses(&reference);
+
+    let killed = |tag| {
+        let out = tempdir(tag);
+        std::fs::copy(reference.join(MARKER), out.join(MARKER)).unwrap();
+        // Two steps' lines, and a third cut by the kill.
+        let text = std::fs::read_to_string(reference.join("metrics.jsonl")).unwrap();
+        let two: Vec<&str> = text.lines().take(2).collect();
+        let cut = two.join("\n") + "\n{\"kind\":\"tr";
+        std::fs::write(out.join("metrics.jsonl"), cut).unwrap();
+        std::fs::create_dir(out.join(".checkpoint-000003.Ab12Cd.tmp")).unwrap();
+        std::fs::write(
+            out.join(".checkpoint-000003.Ab12Cd.tmp/adapter_config.json"),
+            b"{",
+        )
+        .unwrap();
+        out
+    };
+
+    let out = killed("restart");
+    let mut model = tiny_model(true);
+    let s = run(&mut model, &config(&out, &overrides), &train, &[], "r").unwrap();
+    assert_eq!(s.resumed_from, 0);
+    assert_eq!(
+        losses(&out),
+        want,
+        "the rerun's metrics are not one clean history"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            MARKER,
+            "checkpoint-000003",
+            "checkpoint-000004",
+            "metrics.jsonl"
+        ],
+        "a leftover of the killed run survived"
+    );
+
+    // Another run (another config or data) in that folder: refused, nothing touched.
+    let out = killed("restart-other");
+    let metrics = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    let mut model = tiny_model(true);
+    let err = run(&mut model, &config(&out, &overrides), &train, &[], "other").unwrap_err();
+    assert!(matches!(err, TrainError::ForeignOutput { .. }), "{err}");
+    assert!(err.to_string().contains("output.dir"), "{err}");
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), metrics);
+    assert!(out.join(".checkpoint-000003.Ab12Cd.tmp").is_dir());
+    assert!(checkpoint::list(&out).is_empty());
+}
+
+/// A kill between a checkpoint's rename and the update of `best` left `best` naming an older
+/// checkpoint: the resumed run points it at the checkpoint its state names, and pruning keeps
+/// that one.
+#[test]
+fn a_best_pointer_left_behind_by_a_kill_is_repaired_and_never_pruned() {
+    let train = rows(8, 12);
+    let out = tempdir("best");
+    let first = [
+        "train.max_steps=3",
+        "output.save_every=1",
+        "output.keep_last=20",
+    ];
+    let mut model = tiny_model(true);
+    run(&mut model, &config(&out, &first), &train, &[], "r").unwrap();
+    assert_eq!(checkpoint::list(&out).len(), 3);
+
+    // The on-disk state of the kill: checkpoint 3 improved on the best (its state says so,
+    // written before its rename), `best` still names checkpoint 1.
+    let path = out
+        .join(checkpoint::checkpoint_name(3))
+        .join(checkpoint::STATE_FILE);
+    let mut state: TrainerState =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    state.best_step = Some(3);
+    state.best_val_loss = Some(1.5);
+    std::fs::write(&path, serde_json::to_string(&state).unwrap()).unwrap();
+    checkpoint::mark_best(&out, 1).unwrap();
+
+    let resumed = [
+        "train.max_steps=5",
+        "output.save_every=1",
+        "output.keep_last=1",
+    ];
+    let mut model = tiny_model(true);
+    let s = run(&mut model, &config(&out, &resumed), &train, &[], "r").unwrap();
+    assert_eq!((s.resumed_from, s.best_step), (3, Some(3)));
+    let steps: Vec<u64> = checkpoint::list(&out).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(
+        steps,
+        [3, 5],
+        "the best checkpoint was pruned, or an old one kept"
+    );
+    assert_eq!(
+        checkpoint::best(&out),
+        Some(3),
+        "`best` names a pruned checkpoint"
+    );
+    assert_eq!(
+        s.best_checkpoint.as_deref(),
+        Some(out.join(checkpoint::checkpoint_name(3)).as_path())
     );
 }
 

@@ -134,6 +134,49 @@ fn merge_folds_the_adapter_into_an_equivalent_hf_folder() {
         generate(&["--model", s(&m), "--adapter", s(&adapter)])
     );
 
+    // Into the base model's own folder (files whet did not write there): refused, untouched.
+    let base = snapshot(&m);
+    let r = whet([
+        "merge",
+        "--model",
+        s(&m),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&m),
+    ])
+    .fails();
+    assert!(r.stderr.contains("whet convert"), "{}", r.stderr);
+    assert_eq!(
+        snapshot(&m),
+        base,
+        "merge wrote into the base model's folder"
+    );
+    let r = whet([
+        "merge",
+        "--model",
+        s(&m),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&tmp.join("val.jsonl")),
+    ])
+    .fails();
+    assert!(r.stderr.contains("not a folder"), "{}", r.stderr);
+    // Again into its own folder: replaced whole.
+    let before = snapshot(&merged);
+    whet([
+        "merge",
+        "--model",
+        s(&m),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged),
+    ])
+    .ok();
+    assert_eq!(snapshot(&merged), before);
+
     // Without an adapter there is nothing to merge.
     let r = whet(["merge", "--model", s(&m), "--out", s(&tmp.join("nothing"))]).fails();
     assert!(r.stderr.contains("--adapter"), "{}", r.stderr);

@@ -10,6 +10,7 @@ mod generate;
 mod inspect;
 mod kernels;
 mod kfold;
+mod outputs;
 mod qlora_export;
 mod resume;
 mod train;
