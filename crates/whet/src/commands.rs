@@ -330,6 +330,12 @@ pub fn export_gguf(
     name: Option<&str>,
     force: bool,
 ) -> Result<()> {
+    let want = whet_model::quant::parse(ty).with_context(|| {
+        format!(
+            "--type {ty:?} is not a GGML type; use one of {}",
+            whet_model::quant::names()
+        )
+    })?;
     let existing = if force {
         Existing::Replace
     } else {
@@ -341,12 +347,6 @@ pub fn export_gguf(
         }
         .into());
     }
-    let want = whet_model::quant::parse(ty).with_context(|| {
-        format!(
-            "--type {ty:?} is not a GGML type; use one of {}",
-            whet_model::quant::names()
-        )
-    })?;
     let model = load_model(args, Trainable::None)?;
     let mut merged = model.detached();
     merged.merge_lora()?;
