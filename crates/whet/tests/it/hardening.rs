@@ -116,6 +116,9 @@ fn a_single_target_module_is_a_list_of_one_name() {
     );
 }
 
+/// A change to config.json.
+type Edit = fn(&mut Value);
+
 /// Rewrites `model/config.json` with `edit` applied.
 fn edit_config(m: &Path, edit: impl FnOnce(&mut Value)) {
     let path = m.join("config.json");
@@ -152,7 +155,7 @@ fn invalid_model_config_values_are_named_in_eval_and_generate() {
     let m = model(&tmp);
     chat_data(&tmp);
     let original = fs::read_to_string(m.join("config.json")).unwrap();
-    let cases: [(&str, fn(&mut Value)); 4] = [
+    let cases: [(&str, Edit); 4] = [
         ("rope_theta", |v| {
             v["rope_theta"] = (-1.0).into();
             v["rope_parameters"]["rope_theta"] = (-1.0).into();
