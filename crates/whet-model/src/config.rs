@@ -12,6 +12,23 @@ use crate::error::{Error, Result};
 /// The `model_type` values this crate implements.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
 
+/// Upper bounds on `config.json`'s sizes, far above every released Llama-family model (Llama 3
+/// 405B: vocabulary 128256, hidden 16384, intermediate 53248, 126 layers, 128 heads of 128) and
+/// low enough that no shape product overflows and nothing sized from them is absurd.
+pub mod limits {
+    pub const VOCAB_SIZE: usize = 1 << 24;
+    pub const HIDDEN_SIZE: usize = 1 << 17;
+    pub const INTERMEDIATE_SIZE: usize = 1 << 20;
+    pub const LAYERS: usize = 1 << 12;
+    pub const HEADS: usize = 1 << 12;
+    pub const HEAD_DIM: usize = 1 << 12;
+    /// `num_attention_heads * head_dim` (the rows of q_proj).
+    pub const ATTENTION_WIDTH: usize = 1 << 20;
+    pub const POSITIONS: usize = 1 << 24;
+    /// `rope_theta`: at least 1 (below, the rotary frequencies grow with the pair index).
+    pub const ROPE_THETA: (f64, f64) = (1.0, 1e15);
+}
+
 /// The architecture a [`Config`] names, after validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelType {
@@ -151,9 +168,22 @@ impl TryFrom<RopeRaw> for RopeScaling {
                 let original_max_position_embeddings = raw
                     .original_max_position_embeddings
                     .ok_or("rope type `llama3` needs `original_max_position_embeddings`")?;
-                if factor <= 0.0 || high_freq_factor <= low_freq_factor {
+                if let Some(theta) = raw.rope_theta
+                    && !theta.is_finite()
+                {
+                    return Err(format!("rope_theta must be a finite number, found {theta}"));
+                }
+                let finite = [factor, low_freq_factor, high_freq_factor]
+                    .iter()
+                    .all(|v| v.is_finite());
+                if !finite
+                    || factor <= 0.0
+                    || low_freq_factor <= 0.0
+                    || high_freq_factor <= low_freq_factor
+                    || original_max_position_embeddings == 0
+                {
                     return Err(format!(
-                        "rope type `llama3` needs factor > 0 and high_freq_factor > low_freq_factor, found factor {factor}, low {low_freq_factor}, high {high_freq_factor}"
+                        "rope type `llama3` needs finite factor > 0, high_freq_factor > low_freq_factor > 0 and original_max_position_embeddings > 0, found factor {factor}, low {low_freq_factor}, high {high_freq_factor}, original_max_position_embeddings {original_max_position_embeddings}"
                     ));
                 }
                 RopeKind::Llama3 {
@@ -236,6 +266,7 @@ impl Config {
             })
         };
         self.model_type_checked(path)?;
+        self.validate_ranges(path)?;
         if self.hidden_act != "silu" {
             return unsupported("hidden_act", format!("{:?}", self.hidden_act), "\"silu\"");
         }
@@ -285,6 +316,97 @@ impl Config {
         Ok(())
     }
 
+    /// Sizes within [`limits`] whose shape products do not overflow, finite positive floats.
+    fn validate_ranges(&self, path: &Path) -> Result<()> {
+        let invalid = |field: &str, found: String, expected: String| {
+            Err(Error::InvalidConfig {
+                path: path.to_path_buf(),
+                field: field.to_string(),
+                found,
+                expected,
+            })
+        };
+        for (field, v, max) in [
+            ("vocab_size", Some(self.vocab_size), limits::VOCAB_SIZE),
+            ("hidden_size", Some(self.hidden_size), limits::HIDDEN_SIZE),
+            (
+                "intermediate_size",
+                Some(self.intermediate_size),
+                limits::INTERMEDIATE_SIZE,
+            ),
+            (
+                "num_hidden_layers",
+                Some(self.num_hidden_layers),
+                limits::LAYERS,
+            ),
+            (
+                "num_attention_heads",
+                Some(self.num_attention_heads),
+                limits::HEADS,
+            ),
+            (
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                limits::HEADS,
+            ),
+            ("head_dim", self.head_dim, limits::HEAD_DIM),
+            (
+                "max_position_embeddings",
+                Some(self.max_position_embeddings),
+                limits::POSITIONS,
+            ),
+        ] {
+            if let Some(v) = v
+                && v > max
+            {
+                return invalid(field, v.to_string(), format!("at most {max}"));
+            }
+        }
+        if self.max_position_embeddings == 0 {
+            return invalid(
+                "max_position_embeddings",
+                "0".into(),
+                "a positive number of positions".into(),
+            );
+        }
+        let d = self.head_dim();
+        match self.num_attention_heads.checked_mul(d) {
+            Some(w) if w <= limits::ATTENTION_WIDTH => {}
+            _ => {
+                return invalid(
+                    "head_dim",
+                    d.to_string(),
+                    format!(
+                        "num_attention_heads ({}) * head_dim at most {}",
+                        self.num_attention_heads,
+                        limits::ATTENTION_WIDTH
+                    ),
+                );
+            }
+        }
+        let eps = self.rms_norm_eps;
+        if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+            return invalid(
+                "rms_norm_eps",
+                eps.to_string(),
+                "a finite number in (0, 1), such as 1e-5".into(),
+            );
+        }
+        let (field, theta) = match self.rope_parameters.as_ref().and_then(|r| r.rope_theta) {
+            Some(t) => ("rope_parameters.rope_theta", t),
+            None => ("rope_theta", self.rope_base()),
+        };
+        let (lo, hi) = limits::ROPE_THETA;
+        if !(theta.is_finite() && (lo..=hi).contains(&theta)) {
+            return invalid(
+                field,
+                theta.to_string(),
+                format!("a finite number in [{lo}, {hi:e}], such as 10000"),
+            );
+        }
+        Ok(())
+    }
+
     fn model_type_checked(&self, path: &Path) -> Result<ModelType> {
         match self.model_type.as_str() {
             "llama" => Ok(ModelType::Llama),
@@ -311,6 +433,23 @@ impl Config {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// `(out, in)` of a decoder linear by its module name ([`crate::LINEAR_MODULES`]), as
+    /// `Attention::load` and `Mlp::load` build them.
+    pub fn linear_shape(&self, module: &str) -> Option<(usize, usize)> {
+        let (h, d) = (self.hidden_size, self.head_dim());
+        let q = self.num_attention_heads.saturating_mul(d);
+        let kv = self.num_kv_heads().saturating_mul(d);
+        let i = self.intermediate_size;
+        Some(match module {
+            "q_proj" => (q, h),
+            "k_proj" | "v_proj" => (kv, h),
+            "o_proj" => (h, q),
+            "gate_proj" | "up_proj" => (i, h),
+            "down_proj" => (h, i),
+            _ => return None,
+        })
     }
 
     /// Bias on q_proj, k_proj, v_proj.

@@ -60,6 +60,19 @@ pub enum Error {
         expected: String,
     },
 
+    /// A config value whet can build no model from: not finite, out of range, or sizes whose
+    /// shape arithmetic would overflow. `field` is the key in the file.
+    #[error(
+        "{}: field `{field}` = {found}: expected {expected}; fix this value in the file",
+        path.display()
+    )]
+    InvalidConfig {
+        path: PathBuf,
+        field: String,
+        found: String,
+        expected: String,
+    },
+
     // ---- weights ----
     /// A safetensors file (or a sharded index) is truncated or corrupt.
     #[error(
@@ -67,6 +80,26 @@ pub enum Error {
         path.display()
     )]
     Safetensors { path: PathBuf, message: String },
+
+    /// An entry of `model.safetensors.index.json` names a file outside the model folder
+    /// (an absolute path, `..`, or a symlink that leads out).
+    #[error(
+        "{}: weight_map entry `{tensor}` -> {file:?} {why}; shard files must lie inside the model folder",
+        path.display()
+    )]
+    ShardOutsideFolder {
+        path: PathBuf,
+        tensor: String,
+        file: String,
+        why: String,
+    },
+
+    /// A weight holds NaN or infinite values.
+    #[error(
+        "{}: tensor `{tensor}` holds NaN or infinite values; the weights are corrupt (download or write them again)",
+        path.display()
+    )]
+    NonFiniteWeight { path: PathBuf, tensor: String },
 
     /// A tensor the config implies is absent from every weight file.
     #[error(
@@ -121,6 +154,14 @@ pub enum Error {
     /// Writing an output failed, or was refused (an existing file, a folder whet does not own).
     #[error(transparent)]
     Write(#[from] whet_data::atomic::WriteError),
+
+    /// A loss or logit came out NaN or infinite; `cause` names the likely reason.
+    #[error("{what} is {value}: {cause}")]
+    NonFinite {
+        what: String,
+        value: f32,
+        cause: String,
+    },
 
     // ---- tensor ops ----
     #[error(transparent)]

@@ -223,6 +223,9 @@ pub fn generate(model: &Model, prompt_ids: &[u32], cfg: &GenerationConfig) -> Re
         let ids = Tensor::from_vec(step_ids, (1, n), model.device())?; // (1, T)
         let logits = model.forward_cached(&ids, &mut cache)?; // (1, V)
         let logits = logits.squeeze(0)?.to_vec1::<f32>()?; // (V)
+        if let Some(bad) = logits.iter().find(|v| !v.is_finite()) {
+            model.ensure_finite("a logit", *bad)?;
+        }
         let next = sampler.sample(&logits, &history);
         out.push(next);
         history.push(next);

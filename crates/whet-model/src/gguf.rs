@@ -88,6 +88,13 @@ pub enum GgufError {
     },
     #[error("{}: {detail}", path.display())]
     Unsupported { path: PathBuf, detail: String },
+    /// The `llama.*` metadata describes a config that [`crate::Config::validate`] refuses.
+    #[error("{}: the llama.* metadata gives an invalid model config: {source}", path.display())]
+    InvalidConfig {
+        path: PathBuf,
+        #[source]
+        source: Box<crate::Error>,
+    },
     #[error("{}: cannot write {}: {detail}", path.display(), out.display())]
     Write {
         path: PathBuf,
@@ -735,7 +742,7 @@ impl GgufFile {
         let mut rope_parameters = serde_json::Map::new();
         rope_parameters.insert("rope_type".into(), json!("default"));
         rope_parameters.insert("rope_theta".into(), json!(theta));
-        Ok(GgufLlamaConfig {
+        let cfg = GgufLlamaConfig {
             architectures: vec!["LlamaForCausalLM".into()],
             model_type: "llama".into(),
             vocab_size: vocab,
@@ -757,7 +764,18 @@ impl GgufFile {
             eos_token_id: self.opt_token_id("tokenizer.ggml.eos_token_id", vocab)?,
             pad_token_id: self.opt_token_id("tokenizer.ggml.padding_token_id", vocab)?,
             torch_dtype: "float32".into(),
-        })
+        };
+        // The same checks as a config.json (sizes, products, floats), before any shape
+        // arithmetic on these values.
+        let invalid = |source: crate::Error| GgufError::InvalidConfig {
+            path: self.path.clone(),
+            source: Box::new(source),
+        };
+        let label = Path::new("config.json (from the llama.* metadata)");
+        let json = serde_json::to_string(&cfg)
+            .map_err(|e| invalid(crate::Error::json(label, ".".into(), &e)))?;
+        crate::Config::from_json_str(&json, label).map_err(invalid)?;
+        Ok(cfg)
     }
 
     /// Maps every tensor to its HF name and expected shape; errors on unknown, missing or

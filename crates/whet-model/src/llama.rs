@@ -662,6 +662,53 @@ impl Model {
         (total, trainable)
     }
 
+    /// The first weight (base, bias, norm, LoRA A/B) holding NaN or an infinity, by name. A
+    /// quantized base weight is not scanned here: its f32 values were checked as it loaded.
+    pub fn first_non_finite_weight(&self) -> Result<Option<String>> {
+        for p in self.params() {
+            if !crate::load::all_finite(&p.t)? {
+                return Ok(Some(p.name.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Why a loss or logit of this model came out NaN or infinite: a weight holding NaN/inf
+    /// (named), else arithmetic that overflowed with finite weights. Evaluation, generation
+    /// and training all report through this ([`Model::ensure_finite`]).
+    pub fn non_finite_cause(&self) -> String {
+        match self.first_non_finite_weight() {
+            Ok(Some(name)) => {
+                format!("the model weights contain NaN/inf (checked: tensor `{name}`)")
+            }
+            Ok(None) => format!(
+                "the weights are finite (checked: all {} tensors), so the arithmetic overflowed: check rope_theta ({}) and rms_norm_eps ({}) in config.json, weights of extreme scale, {}and, when training, a learning rate that is too high",
+                self.params().len(),
+                self.cfg.rope_base(),
+                self.cfg.rms_norm_eps,
+                if self.compute_dtype == DType::F32 {
+                    ""
+                } else {
+                    "the reduced-precision compute (try --dtype f32), "
+                }
+            ),
+            Err(e) => format!("the weights could not be checked for NaN/inf ({e})"),
+        }
+    }
+
+    /// `Ok` for a finite `value`; otherwise [`Error::NonFinite`] naming `what` ("the loss",
+    /// "a logit") and [`Model::non_finite_cause`].
+    pub fn ensure_finite(&self, what: &str, value: f32) -> Result<()> {
+        if value.is_finite() {
+            return Ok(());
+        }
+        Err(Error::NonFinite {
+            what: what.to_string(),
+            value,
+            cause: self.non_finite_cause(),
+        })
+    }
+
     /// Full fine-tuning: every base weight becomes a Var (a copy of the frozen tensor).
     pub fn make_full_trainable(&mut self) -> Result<()> {
         if self.lora.is_some() {

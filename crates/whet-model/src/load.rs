@@ -4,7 +4,7 @@
 //! once, in `llama.rs`, and each loaded tensor remembers its full name in a [`Param`].
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -79,18 +79,49 @@ impl SafetensorsFiles {
             weight_map: HashMap<String, String>,
         }
         let index: Index = crate::error::from_json_str(&text, &index_path)?;
-        let mut files: Vec<&String> = index.weight_map.values().collect();
+        // (file, the first tensor naming it), in file order.
+        let mut files: Vec<(&String, &String)> = index
+            .weight_map
+            .iter()
+            .map(|(tensor, file)| (file, tensor))
+            .collect();
         files.sort();
-        files.dedup();
-        let paths: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
-        for p in &paths {
+        files.dedup_by(|a, b| a.0 == b.0);
+        let roots = shard_roots(dir);
+        let mut paths = Vec::with_capacity(files.len());
+        for (file, tensor) in files {
+            let outside = |why: &str| Error::ShardOutsideFolder {
+                path: index_path.clone(),
+                tensor: tensor.clone(),
+                file: file.clone(),
+                why: why.to_string(),
+            };
+            let rel = Path::new(file);
+            if rel.is_absolute() || rel.has_root() {
+                return Err(outside("is an absolute path"));
+            }
+            if rel
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+            {
+                return Err(outside("leaves the folder (`..`)"));
+            }
+            let p = dir.join(rel);
             if !p.is_file() {
                 return Err(Error::MissingFile {
-                    path: p.clone(),
+                    path: p,
                     what: "weight shard",
                     hint: "it is listed in model.safetensors.index.json; download it again",
                 });
             }
+            let real = p.canonicalize().map_err(|e| Error::io(&p, "resolve", e))?;
+            if !roots.iter().any(|r| real.starts_with(r)) {
+                return Err(outside(&format!(
+                    "is a symlink to {}, outside the model folder",
+                    real.display()
+                )));
+            }
+            paths.push(p);
         }
         Self::open(&paths)
     }
@@ -171,8 +202,56 @@ impl SafetensorsFiles {
                 message: format!("tensor `{name}`: {e}"),
             }
         })?;
-        Ok(t.to_dtype(DType::F32)?)
+        let t = t.to_dtype(DType::F32)?;
+        if !all_finite(&t)? {
+            return Err(Error::NonFiniteWeight {
+                path: path.clone(),
+                tensor: name.to_string(),
+            });
+        }
+        Ok(t)
     }
+}
+
+/// Whether every element of `t` is finite: one pass over a contiguous f32 CPU tensor, else
+/// `sum(t - t)`, which is 0 unless an element is NaN or infinite.
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    if t.dtype() == DType::F32 && t.device().is_cpu() {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            let data = cpu.as_slice::<f32>()?;
+            return Ok(data[start..end].iter().all(|v| v.is_finite()));
+        }
+    }
+    let zero = t
+        .sub(t)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    Ok(zero.is_finite())
+}
+
+/// Where the shards of `dir` may resolve to: the folder itself and, for a snapshot of the
+/// Hugging Face hub cache (`models--org--name/snapshots/REV`, whose files are symlinks into
+/// `models--org--name/blobs`), that repository's `blobs` folder.
+fn shard_roots(dir: &Path) -> Vec<PathBuf> {
+    let Ok(real) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let mut roots = vec![real.clone()];
+    if let Some(snapshots) = real.parent()
+        && snapshots.file_name().is_some_and(|n| n == "snapshots")
+        && let Some(repo) = snapshots.parent()
+        && repo
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("models--"))
+        && let Ok(blobs) = repo.join("blobs").canonicalize()
+    {
+        roots.push(blobs);
+    }
+    roots
 }
 
 // ---------------------------------------------------------------------------------------------

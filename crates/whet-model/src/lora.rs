@@ -463,6 +463,20 @@ impl Linear {
         dropout_seed: u64,
     ) -> Result<()> {
         let (out_dim, in_dim) = self.dims()?;
+        if cfg.r > out_dim.min(in_dim) {
+            // A rank past min(in, out) adds nothing a full update would not, and a huge one
+            // would abort on allocation below.
+            return Err(Error::lora(
+                Path::new("<lora config>"),
+                format!(
+                    "r = {} is larger than {} = min(out {out_dim}, in {in_dim}) of `{}`; use a rank of at most {}",
+                    cfg.r,
+                    out_dim.min(in_dim),
+                    self.module(),
+                    out_dim.min(in_dim)
+                ),
+            ));
+        }
         let dev = match &self.weight {
             Weight::Dense(p) => p.t.device().clone(),
             Weight::Quantized { .. } => candle_core::Device::Cpu,

@@ -223,6 +223,27 @@ pub struct OutputSection {
     pub save_every: u64,
 }
 
+/// Upper bounds on the numeric settings: far above any real run, low enough that the
+/// products and allocations sized from them stay sane.
+pub mod limits {
+    pub const MICRO_BATCH: u64 = 1 << 16;
+    pub const GRAD_ACCUM: u64 = 1 << 16;
+    /// `micro_batch * grad_accum`.
+    pub const ROWS_PER_STEP: u64 = 1 << 20;
+    /// `data.max_len` (and at most the model's `max_position_embeddings`).
+    pub const MAX_LEN: u64 = 1 << 20;
+    /// `micro_batch * max_len`.
+    pub const TOKENS_PER_MICRO_BATCH: u64 = 1 << 24;
+    /// `micro_batch * max_len * max(hidden_size, intermediate_size)`: 32 GiB of f32.
+    pub const ACTIVATION_ELEMS: u64 = 1 << 33;
+    pub const LORA_RANK: u64 = 1 << 16;
+    /// `max_steps`, `warmup_steps`, `eval_every`.
+    pub const STEPS: u64 = 1 << 40;
+    pub const EPOCHS: f64 = 1e6;
+    pub const K_FOLDS: u64 = 1000;
+    pub const MAX_NEW_TOKENS: u64 = 1 << 20;
+}
+
 mod defaults {
     pub fn validation_fraction() -> f64 {
         0.1
@@ -246,6 +267,16 @@ impl Config {
             source,
         })?;
         Self::from_toml(&text, path, overrides)
+    }
+
+    /// [`Config::load`], then [`Config::check_model`] against the config.json of
+    /// `model.path`: every limit checked before anything is read, allocated or written.
+    pub fn load_for_model(path: &Path, overrides: &[String]) -> Result<Self> {
+        let config = Self::load(path, overrides)?;
+        let model_config = config.model.path.join(whet_model::load::CONFIG_FILE);
+        let model = whet_model::Config::from_file(&model_config)?;
+        config.check_model(path, &model, &model_config)?;
+        Ok(config)
     }
 
     pub fn from_toml(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
@@ -294,10 +325,38 @@ impl Config {
         self
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
+    /// Every setting in range, with an error naming its key; [`Config::load`] runs it (so
+    /// `--set` overrides go through it too) and [`crate::Trainer::run`] runs it again for
+    /// configs built in code. Checks against the model's sizes are [`Config::check_model`].
+    pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |field: &str, message: String| TrainError::Config {
             path: path.to_path_buf(),
-            message: format!("`{field}`: {message}"),
+            message: format!("`{field}` {message}"),
+        };
+        // A float that must be finite and within [lo, hi] (`open_hi`: hi itself excluded).
+        let real = |field: &str, v: f64, lo: f64, hi: f64, open_hi: bool, hint: &str| {
+            let ok = v.is_finite() && v >= lo && if open_hi { v < hi } else { v <= hi };
+            if ok {
+                Ok(())
+            } else {
+                let range = match (hi.is_finite(), open_hi) {
+                    (false, _) => format!(">= {lo}"),
+                    (true, true) => format!("in [{lo}, {hi})"),
+                    (true, false) => format!("in [{lo}, {hi}]"),
+                };
+                Err(bad(
+                    field,
+                    format!("must be a finite number {range}{hint}, got {v}"),
+                ))
+            }
+        };
+        // An integer within [lo, hi].
+        let int = |field: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(field, format!("must be in [{lo}, {hi}], got {v}")))
+            }
         };
         let t = &self.train;
         if !(t.lr.is_finite() && t.lr > 0.0) {
@@ -309,24 +368,75 @@ impl Config {
                 ),
             ));
         }
-        if t.micro_batch == 0 || t.grad_accum == 0 {
-            return Err(bad(
-                "train.micro_batch / train.grad_accum",
-                "must be at least 1".into(),
-            ));
+        int(
+            "train.micro_batch",
+            t.micro_batch as u64,
+            1,
+            limits::MICRO_BATCH,
+        )?;
+        int(
+            "train.grad_accum",
+            t.grad_accum as u64,
+            1,
+            limits::GRAD_ACCUM,
+        )?;
+        match t.micro_batch.checked_mul(t.grad_accum) {
+            Some(rows) if rows as u64 <= limits::ROWS_PER_STEP => {}
+            _ => {
+                return Err(bad(
+                    "train.micro_batch * train.grad_accum",
+                    format!(
+                        "(rows per optimizer step) must be at most {}, got {} * {}",
+                        limits::ROWS_PER_STEP,
+                        t.micro_batch,
+                        t.grad_accum
+                    ),
+                ));
+            }
         }
-        if t.epochs <= 0.0 && t.max_steps == 0 {
+        int("train.max_steps", t.max_steps, 0, limits::STEPS)?;
+        if t.max_steps == 0 && !(t.epochs.is_finite() && t.epochs > 0.0) {
             return Err(bad(
                 "train.epochs",
-                "set epochs > 0 or max_steps > 0".into(),
+                format!(
+                    "must be a finite number > 0 (or set train.max_steps > 0), got {}",
+                    t.epochs
+                ),
             ));
         }
+        real("train.epochs", t.epochs, 0.0, limits::EPOCHS, false, "")?;
+        int("train.warmup_steps", t.warmup_steps, 0, limits::STEPS)?;
+        int("train.eval_every", t.eval_every, 0, limits::STEPS)?;
+        real("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0, false, "")?;
+        let inf = f64::INFINITY;
+        real("train.weight_decay", t.weight_decay, 0.0, inf, false, "")?;
+        real("train.beta1", t.beta1, 0.0, 1.0, true, "")?;
+        real("train.beta2", t.beta2, 0.0, 1.0, true, "")?;
+        real("train.momentum", t.momentum, 0.0, 1.0, true, "")?;
+        real(
+            "train.max_grad_norm",
+            t.max_grad_norm,
+            0.0,
+            inf,
+            false,
+            " (0: no clipping)",
+        )?;
+        real(
+            "train.neftune_alpha",
+            t.neftune_alpha,
+            0.0,
+            inf,
+            false,
+            " (0: off)",
+        )?;
+        real("train.min_delta", t.min_delta, 0.0, inf, false, "")?;
         if t.k_folds == 1 {
             return Err(bad(
                 "train.k_folds",
                 "k-fold cross-validation needs k >= 2 (0 turns it off)".into(),
             ));
         }
+        int("train.k_folds", t.k_folds.into(), 0, limits::K_FOLDS)?;
         if self.data.max_len < 8 {
             return Err(bad(
                 "data.max_len",
@@ -336,15 +446,52 @@ impl Config {
                 ),
             ));
         }
+        int("data.max_len", self.data.max_len as u64, 8, limits::MAX_LEN)?;
+        match t.micro_batch.checked_mul(self.data.max_len) {
+            Some(tokens) if tokens as u64 <= limits::TOKENS_PER_MICRO_BATCH => {}
+            _ => {
+                return Err(bad(
+                    "train.micro_batch * data.max_len",
+                    format!(
+                        "(tokens per micro-batch) must be at most {}, got {} * {}",
+                        limits::TOKENS_PER_MICRO_BATCH,
+                        t.micro_batch,
+                        self.data.max_len
+                    ),
+                ));
+            }
+        }
         if !(0.0..1.0).contains(&self.data.validation_fraction) {
-            return Err(bad("data.validation_fraction", "must be in [0, 1)".into()));
+            return Err(bad(
+                "data.validation_fraction",
+                format!("must be in [0, 1), got {}", self.data.validation_fraction),
+            ));
         }
         if self.method == Method::Lora && self.lora.r == 0 {
             return Err(bad("lora.r", "LoRA rank must be at least 1".into()));
         }
+        int("lora.r", self.lora.r as u64, 0, limits::LORA_RANK)?;
+        real(
+            "lora.alpha",
+            self.lora.alpha,
+            f64::MIN_POSITIVE,
+            inf,
+            false,
+            "",
+        )?;
         if !(0.0..1.0).contains(&self.lora.dropout) {
-            return Err(bad("lora.dropout", "must be in [0, 1)".into()));
+            return Err(bad(
+                "lora.dropout",
+                format!("must be in [0, 1), got {}", self.lora.dropout),
+            ));
         }
+        self.check_target_modules(path)?;
+        int(
+            "eval.max_new_tokens",
+            self.eval.max_new_tokens as u64,
+            0,
+            limits::MAX_NEW_TOKENS,
+        )?;
         if let Some(q) = &self.model.quantize {
             if whet_model::quant::parse(q).is_none() {
                 return Err(bad(
@@ -361,6 +508,117 @@ impl Config {
                     "a quantized base (QLoRA) trains LoRA adapters only; set method = \"lora\" or remove quantize".into(),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `["all-linear"]`, or a list of module names (one name is a list of one, as in PEFT;
+    /// a single string, PEFT's regex, is a type error at load).
+    fn check_target_modules(&self, path: &Path) -> Result<()> {
+        let modules = &self.lora.target_modules;
+        let bad = |message: String| TrainError::Config {
+            path: path.to_path_buf(),
+            message: format!("`lora.target_modules` {message}"),
+        };
+        if modules.is_empty() {
+            return Err(bad(format!(
+                "is empty; use [\"all-linear\"] or names from {:?}",
+                whet_model::LINEAR_MODULES
+            )));
+        }
+        if let [one] = modules.as_slice()
+            && one == "all-linear"
+        {
+            return Ok(());
+        }
+        for m in modules {
+            if !whet_model::LINEAR_MODULES.contains(&m.as_str()) {
+                return Err(bad(format!(
+                    "names {m:?}, not a linear module of this architecture; use [\"all-linear\"] or names from {:?}",
+                    whet_model::LINEAR_MODULES
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The LoRA request as `whet_model` takes it: `["all-linear"]` is every linear module,
+    /// any other list (one name included) is that list of module names.
+    pub fn lora_config(&self) -> whet_model::LoraConfig {
+        let l = &self.lora;
+        let mut c = whet_model::LoraConfig::new(l.r, l.alpha);
+        c.dropout = l.dropout;
+        c.use_rslora = l.use_rslora;
+        c.target_modules = match l.target_modules.as_slice() {
+            [one] if one == "all-linear" => whet_model::TargetModules::One(one.clone()),
+            many => whet_model::TargetModules::Many(many.to_vec()),
+        };
+        c
+    }
+
+    /// The settings whose limits depend on the model, checked before the model loads:
+    /// `lora.r` at most min(in, out) of every targeted layer, `data.max_len` at most the
+    /// model's `max_position_embeddings`, and the largest activation of a micro-batch
+    /// (`micro_batch * max_len * max(hidden, intermediate)` values) within
+    /// [`limits::ACTIVATION_ELEMS`].
+    /// `path` is the training config's file, `model_config` the model's config.json; both
+    /// label errors.
+    pub fn check_model(
+        &self,
+        path: &Path,
+        model: &whet_model::Config,
+        model_config: &Path,
+    ) -> Result<()> {
+        let bad = |field: &str, message: String| TrainError::Config {
+            path: path.to_path_buf(),
+            message: format!("`{field}` {message} (model: {})", model_config.display()),
+        };
+        if self.method == Method::Lora {
+            let lora = self.lora_config();
+            // The targeted layer with the smallest min(out, in) bounds the rank.
+            let smallest = lora
+                .modules(model_config)?
+                .into_iter()
+                .filter_map(|m| model.linear_shape(m).map(|(o, i)| (o.min(i), o, i, m)))
+                .min();
+            if let Some((max, out_dim, in_dim, m)) = smallest
+                && self.lora.r > max
+            {
+                return Err(bad(
+                    "lora.r",
+                    format!(
+                        "= {} is larger than min(out {out_dim}, in {in_dim}) = {max} of `{m}` in this model; use a rank of at most {max}",
+                        self.lora.r
+                    ),
+                ));
+            }
+        }
+        let positions = model.max_position_embeddings;
+        if self.data.max_len > positions {
+            return Err(bad(
+                "data.max_len",
+                format!(
+                    "= {} is longer than this model's max_position_embeddings = {positions}; use at most {positions}",
+                    self.data.max_len
+                ),
+            ));
+        }
+        let width = model.hidden_size.max(model.intermediate_size);
+        let elems = self
+            .train
+            .micro_batch
+            .checked_mul(self.data.max_len)
+            .and_then(|n| n.checked_mul(width));
+        if elems.is_none_or(|n| n as u64 > limits::ACTIVATION_ELEMS) {
+            return Err(bad(
+                "train.micro_batch",
+                format!(
+                    "= {}: micro_batch * data.max_len ({}) * max(hidden_size, intermediate_size) ({width}) must be at most {} values per activation; lower train.micro_batch (and raise train.grad_accum) or data.max_len",
+                    self.train.micro_batch,
+                    self.data.max_len,
+                    limits::ACTIVATION_ELEMS
+                ),
+            ));
         }
         Ok(())
     }
@@ -487,6 +745,146 @@ mod tests {
         assert_eq!(c.data.train, Path::new("/cfg/d.jsonl"));
         let again = Config::from_toml(&c.to_toml(), Path::new("/elsewhere/x.toml"), &[]).unwrap();
         assert_eq!(again, c, "the saved config reads back to the same config");
+    }
+
+    /// The error of MINIMAL with `overrides`; panics when it loads.
+    fn refused(overrides: &[&str]) -> String {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        match Config::from_toml(MINIMAL, Path::new("run.toml"), &o) {
+            Ok(_) => panic!("{overrides:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn non_finite_and_out_of_range_numbers_are_refused_naming_the_key() {
+        let msg = refused(&["train.epochs=inf"]);
+        assert!(
+            msg.contains("run.toml")
+                && msg.contains("`train.epochs` must be a finite number > 0")
+                && msg.contains("got inf"),
+            "{msg}"
+        );
+        // nan used to train one step; with max_steps set, epochs must still be a number.
+        for o in [
+            &["train.epochs=nan"][..],
+            &["train.epochs=-1.0"],
+            &["train.epochs=nan", "train.max_steps=5"],
+            &["train.epochs=1e300"],
+        ] {
+            assert!(refused(o).contains("`train.epochs`"), "{o:?}");
+        }
+        for (o, key) in [
+            ("train.beta1=nan", "train.beta1"),
+            ("train.beta2=1.0", "train.beta2"),
+            ("train.momentum=-0.5", "train.momentum"),
+            ("train.weight_decay=inf", "train.weight_decay"),
+            ("train.min_lr_ratio=nan", "train.min_lr_ratio"),
+            ("train.max_grad_norm=nan", "train.max_grad_norm"),
+            ("train.neftune_alpha=-1.0", "train.neftune_alpha"),
+            ("train.min_delta=nan", "train.min_delta"),
+            ("train.lr=inf", "train.lr"),
+            ("lora.alpha=inf", "lora.alpha"),
+            ("lora.alpha=nan", "lora.alpha"),
+            ("lora.dropout=nan", "lora.dropout"),
+            ("data.validation_fraction=nan", "data.validation_fraction"),
+            ("train.k_folds=4000000000", "train.k_folds"),
+            ("train.max_steps=9000000000000000000", "train.max_steps"),
+            (
+                "eval.max_new_tokens=9000000000000000000",
+                "eval.max_new_tokens",
+            ),
+        ] {
+            let msg = refused(&[o]);
+            assert!(msg.contains(&format!("`{key}`")), "{o}: {msg}");
+        }
+    }
+
+    #[test]
+    fn batch_products_that_overflow_or_explode_are_refused() {
+        // 4 * 2^62 wraps to 0 (a division by zero in the trainer); 4 * (2^62 + 1) wraps to 4
+        // (silently another batch).
+        for o in [
+            "train.grad_accum=4611686018427387904",
+            "train.grad_accum=4611686018427387905",
+        ] {
+            let msg = refused(&["train.micro_batch=4", o]);
+            assert!(msg.contains("`train.grad_accum`"), "{o}: {msg}");
+        }
+        let msg = refused(&["train.micro_batch=65536", "train.grad_accum=65536"]);
+        assert!(
+            msg.contains("`train.micro_batch * train.grad_accum`"),
+            "{msg}"
+        );
+        let msg = refused(&["train.micro_batch=9223372036854775807"]);
+        assert!(msg.contains("`train.micro_batch`"), "{msg}");
+        let msg = refused(&["data.max_len=9223372036854775807"]);
+        assert!(msg.contains("`data.max_len`"), "{msg}");
+        let msg = refused(&["train.micro_batch=1024", "data.max_len=65536"]);
+        assert!(msg.contains("`train.micro_batch * data.max_len`"), "{msg}");
+        let msg = refused(&["lora.r=9223372036854775807"]);
+        assert!(msg.contains("`lora.r`"), "{msg}");
+    }
+
+    #[test]
+    fn one_target_module_is_a_list_of_one_name() {
+        let c = Config::from_toml(
+            MINIMAL,
+            Path::new("run.toml"),
+            &["lora.target_modules=[\"q_proj\"]".into()],
+        )
+        .unwrap();
+        let modules = c.lora_config().modules(Path::new("x")).unwrap();
+        assert_eq!(modules, vec!["q_proj"]);
+        let all = Config::from_toml(MINIMAL, Path::new("run.toml"), &[]).unwrap();
+        assert_eq!(
+            all.lora_config().modules(Path::new("x")).unwrap(),
+            whet_model::LINEAR_MODULES.to_vec()
+        );
+        let msg = refused(&["lora.target_modules=[\"q_proj\", \"qproj\"]"]);
+        assert!(
+            msg.contains("`lora.target_modules`") && msg.contains("qproj"),
+            "{msg}"
+        );
+        assert!(refused(&["lora.target_modules=[]"]).contains("`lora.target_modules`"));
+    }
+
+    #[test]
+    fn limits_that_depend_on_the_model_name_the_key() {
+        let model = whet_model::Config::from_json_str(
+            r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+                "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 128}"#,
+            Path::new("m/config.json"),
+        )
+        .unwrap();
+        let check = |overrides: &[&str]| {
+            let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+            let c = Config::from_toml(MINIMAL, Path::new("run.toml"), &o).unwrap();
+            c.check_model(Path::new("run.toml"), &model, Path::new("m/config.json"))
+                .map_err(|e| e.to_string())
+        };
+        check(&["lora.r=16", "data.max_len=128"]).unwrap();
+        // k_proj and v_proj are 16 x 32.
+        let msg = check(&["lora.r=17", "data.max_len=128"]).unwrap_err();
+        assert!(
+            msg.contains("`lora.r`") && msg.contains("k_proj") && msg.contains("m/config.json"),
+            "{msg}"
+        );
+        // Only q_proj (32 x 32) targeted: 32 fits.
+        check(&[
+            "lora.r=32",
+            "data.max_len=128",
+            "lora.target_modules=[\"q_proj\"]",
+        ])
+        .unwrap();
+        // Full fine-tuning has no rank.
+        check(&["lora.r=1000", "data.max_len=128", "method=full"]).unwrap();
+        let msg = check(&["lora.r=8", "data.max_len=129"]).unwrap_err();
+        assert!(
+            msg.contains("`data.max_len`") && msg.contains("max_position_embeddings"),
+            "{msg}"
+        );
     }
 
     #[test]

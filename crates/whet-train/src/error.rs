@@ -25,9 +25,15 @@ pub enum TrainError {
 
     // ---- the run ----
     #[error(
-        "loss became {value} at step {step} (micro-batch {micro}); stopping. Lower `train.lr`, keep `train.max_grad_norm` on, or check the data for empty rows. The last good checkpoint is untouched"
+        "loss became {value} at step {step} (micro-batch {micro}): {cause}; stopping. Lower `train.lr`, keep `train.max_grad_norm` on, or check the data for empty rows. The last good checkpoint is untouched"
     )]
-    NonFinite { step: u64, micro: usize, value: f32 },
+    NonFinite {
+        step: u64,
+        micro: usize,
+        value: f32,
+        /// [`whet_model::Model::non_finite_cause`]: a weight holding NaN/inf, or overflow.
+        cause: String,
+    },
     #[error("{dir} holds a different run ({why}); pass a new `output.dir`, or resume that run with the same config", dir = dir.display())]
     ForeignOutput { dir: PathBuf, why: String },
     #[error(

@@ -115,7 +115,9 @@ pub fn evaluate_sharded(
             &batch.segments,
             &batch.targets,
         )?;
-        sum += loss.to_scalar::<f32>()? as f64;
+        let value = loss.to_scalar::<f32>()?;
+        model.ensure_finite("the evaluation loss", value)?;
+        sum += value as f64;
         n += count;
     }
     if world > 1 {
@@ -164,7 +166,9 @@ impl Trainer<'_> {
     }
 
     pub fn steps_per_epoch(&self) -> u64 {
-        let per_step = self.config.train.micro_batch * self.config.train.grad_accum;
+        let t = &self.config.train;
+        // `run` refuses a config whose product overflows; saturate so this never panics.
+        let per_step = t.micro_batch.saturating_mul(t.grad_accum).max(1);
         self.train.len().div_ceil(per_step).max(1) as u64
     }
 
@@ -180,6 +184,8 @@ impl Trainer<'_> {
     /// Runs (or resumes) training to the end and returns what happened. With several ranks,
     /// every rank calls this with the same config and rows and gets the same summary.
     pub fn run(&mut self, observer: &mut dyn Observer) -> Result<Summary> {
+        // A config built in code has not been through `Config::load`.
+        self.config.validate(Path::new("<training config>"))?;
         if self.train.is_empty() {
             return Err(TrainError::EmptySplit {
                 split: "training",
@@ -257,7 +263,7 @@ impl Trainer<'_> {
             evals: Vec::new(),
             losses: Vec::new(),
         };
-        let per_step = t.micro_batch * t.grad_accum;
+        let per_step = t.micro_batch * t.grad_accum; // checked by `validate`
         let steps_per_epoch = self.steps_per_epoch();
         let started = Instant::now();
         let mut order = epoch_order(self.train.len(), t.seed, state.cursor.epoch);
@@ -333,6 +339,7 @@ impl Trainer<'_> {
                     step: state.step + 1,
                     micro,
                     value,
+                    cause: self.model.non_finite_cause(),
                 });
             }
             if world > 1 {
@@ -352,6 +359,7 @@ impl Trainer<'_> {
                     step: state.step + 1,
                     micro: 0,
                     value: grad_norm as f32,
+                    cause: self.model.non_finite_cause(),
                 });
             }
             let factor = whet_optim::clip_factor(grad_norm, t.max_grad_norm);

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use whet_data::atomic::{self, Existing};
 use whet_data::{Message, Role};
 use whet_kernels::Kernels;
-use whet_model::{GenerationConfig, LoadOptions, LoraConfig, Model, TargetModules, Trainable};
+use whet_model::{GenerationConfig, LoadOptions, Model, Trainable};
 use whet_tokenize::Tokenizer;
 use whet_train::comm::Communicator;
 use whet_train::config::{Config, Format, Method};
@@ -503,18 +503,6 @@ impl Observer for Progress {
     }
 }
 
-fn lora_config(cfg: &Config) -> LoraConfig {
-    let l = &cfg.lora;
-    let mut c = LoraConfig::new(l.r, l.alpha);
-    c.dropout = l.dropout;
-    c.use_rslora = l.use_rslora;
-    c.target_modules = match l.target_modules.as_slice() {
-        [one] => TargetModules::One(one.clone()),
-        many => TargetModules::Many(many.to_vec()),
-    };
-    c
-}
-
 /// The model a training config asks for: its method's trainable weights, and a quantized
 /// base when `model.quantize` is set (QLoRA).
 pub fn load_for_training(cfg: &Config, seed: u64) -> Result<Model> {
@@ -530,7 +518,7 @@ pub fn load_for_training(cfg: &Config, seed: u64) -> Result<Model> {
 pub fn trainable(cfg: &Config, seed: u64) -> Trainable {
     match cfg.method {
         Method::Lora => Trainable::Lora {
-            config: lora_config(cfg),
+            config: cfg.lora_config(),
             seed,
         },
         Method::Full => Trainable::Full,
@@ -582,7 +570,7 @@ fn train_on(
 ) -> Result<()> {
     let started = Instant::now();
     let leader = comm.rank() == 0;
-    let cfg = Config::load(config, overrides)?;
+    let cfg = Config::load_for_model(config, overrides)?;
     let out = cfg.output.dir.clone();
     let tok = load_tokenizer(&cfg.model.path)?;
     let data = pipeline::prepare(&tok, &cfg.data, cfg.train.seed, &out)?;

@@ -769,3 +769,31 @@ fn sha256_known_answers() {
         "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
     );
 }
+
+#[test]
+fn gguf_metadata_goes_through_the_config_validation() {
+    for (key, value) in [
+        // Within the GGUF reader's own count limit (2^24), beyond the config's.
+        ("llama.feed_forward_length", gguf_file::Value::U32(1 << 21)),
+        ("llama.block_count", gguf_file::Value::U32(1 << 20)),
+    ] {
+        let path = rewrite_fixture("invalid-config", |meta| {
+            for (k, v) in meta.iter_mut() {
+                if k == key {
+                    *v = value.clone();
+                }
+            }
+        });
+        let e = GgufFile::open(&path)
+            .unwrap()
+            .config()
+            .expect_err("the config is invalid");
+        let msg = err_text(&e);
+        assert!(
+            msg.contains(&path.display().to_string())
+                && msg.contains("invalid model config")
+                && (msg.contains("`intermediate_size`") || msg.contains("`num_hidden_layers`")),
+            "{key}: {msg}"
+        );
+    }
+}

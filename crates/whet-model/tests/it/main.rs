@@ -10,6 +10,7 @@ mod files;
 mod generate;
 mod gguf;
 mod golden;
+mod hardening;
 mod lora;
 mod model;
 mod qlora;

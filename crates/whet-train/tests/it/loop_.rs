@@ -183,3 +183,32 @@ fn neftune_noise_is_applied_and_reproducible() {
     assert_eq!(noisy, again);
     assert_ne!(plain[1..], noisy[1..]);
 }
+
+#[test]
+fn a_config_built_in_code_with_an_overflowing_batch_is_an_error_not_a_panic() {
+    let out = tempdir("overflow");
+    let train = rows(8, 12);
+    // micro_batch * grad_accum wraps to 0 (division by zero) and to 4 (another batch).
+    for (grad_accum, epochs) in [(1usize << 62, 1.0), ((1 << 62) + 1, 1.0), (1, f64::NAN)] {
+        let mut cfg = config(&out, &["train.max_steps=0"]);
+        cfg.train.micro_batch = 4;
+        cfg.train.grad_accum = grad_accum;
+        cfg.train.epochs = epochs;
+        let mut model = tiny_model(true);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(&mut model, &cfg, &train, &[], "r")
+        }));
+        let err = result
+            .unwrap_or_else(|_| panic!("grad_accum {grad_accum}, epochs {epochs}: panicked"))
+            .expect_err("an invalid config must not train");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("train.grad_accum") || msg.contains("train.epochs"),
+            "{msg}"
+        );
+        assert!(
+            whet_train::checkpoint::list(&out).is_empty(),
+            "a refused config wrote a checkpoint"
+        );
+    }
+}

@@ -7,6 +7,7 @@ mod errors;
 mod eval_merge;
 mod formats;
 mod generate;
+mod hardening;
 mod inspect;
 mod kernels;
 mod kfold;
