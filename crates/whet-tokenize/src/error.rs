@@ -51,6 +51,18 @@ pub enum Error {
     TemplateRender { message: String },
 
     #[error(
+        "{template}: the chat template went over its {limit} limit ({what}); templates are untrusted input and run with bounded steps, recursion and output (whet_tokenize::template::limits): check the template, or report it if a real model ships it"
+    )]
+    TemplateLimit {
+        /// Where the template came from (`model/chat_template.jinja`, ...).
+        template: String,
+        /// Which limit: `step budget (fuel)`, `recursion`, `output size`, `tojson depth`,
+        /// `tojson indent`, `tojson size` or `format width`.
+        limit: &'static str,
+        what: String,
+    },
+
+    #[error(
         "message {turn} ({role}): {what}; the assistant span could not be located in the rendered conversation (add `{{% generation %}}` blocks to the template to mark assistant spans explicitly)"
     )]
     AssistantSpan {

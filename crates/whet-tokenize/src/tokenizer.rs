@@ -182,7 +182,7 @@ impl Tokenizer {
         let template_source = load_chat_template(&config, config_path.as_deref())?;
         let chat_template = match template_source {
             None => None,
-            Some(src) => {
+            Some((src, origin)) => {
                 hash.bytes(b"chat_template");
                 hash.bytes(src.as_bytes());
                 let mut vars = Vec::new();
@@ -202,6 +202,7 @@ impl Tokenizer {
                     .collect();
                 Some(
                     ChatTemplate::new(src)?
+                        .with_origin(origin)
                         .with_special_tokens(vars)
                         .with_control_tokens(control),
                 )
@@ -280,6 +281,7 @@ impl Tokenizer {
             .collect();
         self.chat_template = Some(
             ChatTemplate::new(source)?
+                .with_origin(format!("chat template set for {}", self.source.display()))
                 .with_special_tokens(vars)
                 .with_control_tokens(control),
         );
@@ -400,7 +402,11 @@ fn token_field(config: &Json, field: &'static str, path: &Path) -> Result<Option
 /// The chat template: `chat_template.jinja` next to the config, else the config's
 /// `chat_template` (a string, or a list of `{name, template}` from which "default" is
 /// taken).
-fn load_chat_template(config: &Json, config_path: Option<&Path>) -> Result<Option<String>> {
+/// The chat template's text and where it came from (for errors).
+fn load_chat_template(
+    config: &Json,
+    config_path: Option<&Path>,
+) -> Result<Option<(String, String)>> {
     if let Some(p) = config_path {
         let jinja = p
             .parent()
@@ -412,20 +418,21 @@ fn load_chat_template(config: &Json, config_path: Option<&Path>) -> Result<Optio
                 action: "read",
                 source,
             })?;
-            return Ok(Some(text));
+            return Ok(Some((text, jinja.display().to_string())));
         }
     }
     let path = config_path.map(Path::to_path_buf).unwrap_or_default();
+    let origin = format!("{} (chat_template)", path.display());
     match config.get("chat_template") {
         None | Some(Json::Null) => Ok(None),
-        Some(Json::String(s)) => Ok(Some(s.clone())),
+        Some(Json::String(s)) => Ok(Some((s.clone(), origin))),
         Some(Json::Array(items)) => {
             let mut names = Vec::new();
             for item in items {
                 let name = item.get("name").and_then(Json::as_str);
                 let template = item.get("template").and_then(Json::as_str);
                 match (name, template) {
-                    (Some("default"), Some(t)) => return Ok(Some(t.to_string())),
+                    (Some("default"), Some(t)) => return Ok(Some((t.to_string(), origin))),
                     (Some(n), Some(_)) => names.push(n.to_string()),
                     _ => {
                         return Err(Error::Config {
@@ -446,7 +453,7 @@ fn load_chat_template(config: &Json, config_path: Option<&Path>) -> Result<Optio
             })
         }
         Some(Json::Object(map)) => match map.get("default").and_then(Json::as_str) {
-            Some(t) => Ok(Some(t.to_string())),
+            Some(t) => Ok(Some((t.to_string(), origin))),
             None => Err(Error::Config {
                 path,
                 field: "chat_template".into(),

@@ -7,4 +7,5 @@ mod masking;
 mod pack;
 mod parity;
 mod template;
+mod template_limits;
 mod tokenize;
