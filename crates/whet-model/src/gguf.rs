@@ -445,6 +445,7 @@ impl GgufFile {
             len: file_len,
             path: &path,
             wide: true,
+            memory: 0,
         }
         .run()?;
 
@@ -1204,6 +1205,12 @@ struct TokenizerParts<'a> {
     add_eos: bool,
 }
 
+/// The most memory the metadata of one GGUF may take once candle has read it. candle holds each
+/// value as a `Value` (32 bytes), so a one-byte array element costs 32 bytes: without a bound a
+/// file of N bytes of `u8` arrays takes ~31 N. Real vocabularies (262k tokens, their scores,
+/// types and merges) take under 64 MiB.
+pub const METADATA_MEMORY_LIMIT: u64 = 256 << 20;
+
 /// GGML type ids candle's reader knows; any other id makes it fail without naming the tensor.
 fn candle_knows_type(id: u32) -> bool {
     matches!(id, 0..=3 | 6..=15 | 30)
@@ -1211,8 +1218,9 @@ fn candle_knows_type(id: u32) -> bool {
 
 /// Walks the header once before candle reads it: checks the declared counts against the file
 /// size (so nothing is allocated from an absurd count), that every length-prefixed field fits in
-/// the file, and every tensor's type id; and checks `general.alignment`, which candle divides by
-/// unchecked. Keys and tensor names are read; values are skipped.
+/// the file, and every tensor's type id; checks `general.alignment`, which candle divides by
+/// unchecked; and adds up the memory candle's metadata values will take, which must stay under
+/// [`METADATA_MEMORY_LIMIT`]. Keys and tensor names are read; values are skipped.
 struct HeaderScan<'a, R> {
     r: R,
     pos: u64,
@@ -1220,6 +1228,8 @@ struct HeaderScan<'a, R> {
     path: &'a Path,
     /// Length prefixes and counts are u32 in GGUF v1, u64 after.
     wide: bool,
+    /// Bytes candle will hold for the metadata read so far (values, string contents, keys).
+    memory: u64,
 }
 
 impl<R: Read + Seek> HeaderScan<'_, R> {
@@ -1266,6 +1276,22 @@ impl<R: Read + Seek> HeaderScan<'_, R> {
         } else {
             self.u32(what).map(u64::from)
         }
+    }
+
+    /// Counts `n` bytes of metadata memory; errors past [`METADATA_MEMORY_LIMIT`].
+    fn hold(&mut self, key: &str, n: u64) -> Result<()> {
+        self.memory = self.memory.saturating_add(n);
+        if self.memory > METADATA_MEMORY_LIMIT {
+            return Err(GgufError::Malformed {
+                path: self.path.to_path_buf(),
+                detail: format!(
+                    "the metadata up to {key} (byte {}) would take more than {} MiB in memory; no model's metadata is that large",
+                    self.pos,
+                    METADATA_MEMORY_LIMIT >> 20
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn skip(&mut self, what: &str, n: u64) -> Result<()> {
@@ -1324,6 +1350,7 @@ impl<R: Read + Seek> HeaderScan<'_, R> {
             8 => {
                 let n = self.length(key)?;
                 self.skip(key, n)?;
+                self.hold(key, n)?;
                 Ok(None)
             }
             9 => {
@@ -1335,12 +1362,17 @@ impl<R: Read + Seek> HeaderScan<'_, R> {
                 }
                 let elem = self.u32(key)?;
                 let count = self.length(key)?;
+                // candle holds every element as a `Value`, whatever its size in the file.
+                let value_size = std::mem::size_of::<Value>() as u64;
                 if let Some(size) = fixed(elem) {
+                    self.need(key, count.saturating_mul(size))?;
+                    self.hold(key, count.saturating_mul(value_size))?;
                     self.skip(key, count.saturating_mul(size))?;
                 } else if elem == 8 || elem == 9 {
                     // Each element has at least a length prefix: bound the count first.
                     let prefix = if self.wide { 8 } else { 4 };
                     self.need(key, count.saturating_mul(prefix))?;
+                    self.hold(key, count.saturating_mul(value_size))?;
                     for _ in 0..count {
                         self.skip_value(key, elem, depth + 1)?;
                     }
@@ -1412,6 +1444,9 @@ impl<R: Read + Seek> HeaderScan<'_, R> {
         }
         for _ in 0..kv_count {
             let key = self.name("a metadata key")?;
+            // The map's entry: the key (a `String` and its bytes) and the value.
+            let entry = (std::mem::size_of::<String>() + std::mem::size_of::<Value>()) as u64;
+            self.hold(&key, entry + key.len() as u64)?;
             let ty = self.u32(&key)?;
             let value = self.skip_value(&key, ty, 0)?;
             if key == "general.alignment" {

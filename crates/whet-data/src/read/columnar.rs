@@ -36,6 +36,32 @@ fn corrupt(path: &Path, row: u64, format: &'static str, message: impl ToString) 
     }
 }
 
+/// Runs a call into the Parquet or Arrow decoder, turning a panic into a [`DataError::Corrupt`]
+/// for `row`. Both crates assert on some inconsistent inputs instead of returning an error
+/// (a buffer slice past its end, a negative column length, offsets that overflow); found by
+/// `whet-fuzz`. The decoder that panicked is dropped by the caller, never used again. The
+/// panic's message still goes through the process's panic hook (stderr) first.
+fn guarded<T>(
+    path: &Path,
+    row: u64,
+    format: &'static str,
+    call: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown error".into());
+        Err(corrupt(
+            path,
+            row,
+            format,
+            format!("the {format} decoder failed: {message}"),
+        ))
+    })
+}
+
 fn open_file(path: &Path) -> Result<File> {
     File::open(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
@@ -60,6 +86,11 @@ fn projection(schema: &Schema, columns: &Columns) -> Option<Vec<usize>> {
 
 pub(crate) fn open_parquet(path: &Path, opts: &ReadOptions) -> Result<BatchSource> {
     const FMT: &str = "Parquet";
+    guarded(path, 0, FMT, || open_parquet_unguarded(path, opts))
+}
+
+fn open_parquet_unguarded(path: &Path, opts: &ReadOptions) -> Result<BatchSource> {
+    const FMT: &str = "Parquet";
     let builder = ParquetRecordBatchReaderBuilder::try_new(open_file(path)?)
         .map_err(|e| corrupt(path, 0, FMT, e))?;
     let mut builder = builder.with_batch_size(opts.batch_size.max(1));
@@ -80,6 +111,133 @@ pub(crate) fn open_parquet(path: &Path, opts: &ReadOptions) -> Result<BatchSourc
 const ARROW_MAGIC: &[u8; 6] = b"ARROW1";
 
 pub(crate) fn open_arrow(path: &Path, opts: &ReadOptions) -> Result<BatchSource> {
+    const FMT: &str = "Arrow IPC";
+    check_ipc_rows(path).map_err(|message| corrupt(path, 0, FMT, message))?;
+    guarded(path, 0, FMT, || open_arrow_unguarded(path, opts))
+}
+
+/// Rows an IPC record batch may declare per byte of its body, plus a slack: an uncompressed
+/// column of N rows carries at least N/8 bytes (a validity bitmap), so more rows than
+/// `8 * body + slack` can only come from a corrupt header. (Only all-`Null` columns carry no
+/// buffers; whet's data files have a text column.)
+const IPC_ROWS_PER_BODY_BYTE: u64 = 8;
+const IPC_ROWS_SLACK: u64 = 4096;
+
+/// Walks the IPC messages of `path` (file or stream format) and checks every record and
+/// dictionary batch's row count and buffer ranges against its body size before arrow allocates
+/// from them: arrow sizes buffers by the declared row count and copies unaligned buffers by
+/// their declared length, so a 1 KB file could ask for gigabytes (found by `whet-fuzz`). Stops quietly at anything it cannot walk, which arrow then reports.
+fn check_ipc_rows(path: &Path) -> std::result::Result<(), String> {
+    let Ok(data) = std::fs::read(path) else {
+        return Ok(()); // arrow reports the I/O error
+    };
+    let file_format = data.starts_with(ARROW_MAGIC);
+    if file_format {
+        check_ipc_footer(&data)?;
+    }
+    let mut at = if file_format { 8 } else { 0 };
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?))
+    };
+    while let Some(w) = word(at) {
+        // 0xFFFFFFFF then the length (current format), or the length alone (legacy).
+        let (len, header) = if w == u32::MAX {
+            match word(at + 4) {
+                Some(n) => (n as usize, at + 8),
+                None => return Ok(()),
+            }
+        } else {
+            (w as usize, at + 4)
+        };
+        if len == 0 {
+            return Ok(()); // end of stream
+        }
+        let Some(meta) = data.get(header..header.saturating_add(len)) else {
+            return Ok(());
+        };
+        let Ok(message) = arrow::ipc::root_as_message(meta) else {
+            return Ok(());
+        };
+        let body = u64::try_from(message.bodyLength()).unwrap_or(0);
+        let batch = message
+            .header_as_record_batch()
+            .or_else(|| message.header_as_dictionary_batch().and_then(|d| d.data()));
+        if let Some(batch) = batch {
+            let rows = u64::try_from(batch.length()).unwrap_or(u64::MAX);
+            let most = body
+                .saturating_mul(IPC_ROWS_PER_BODY_BYTE)
+                .saturating_add(IPC_ROWS_SLACK);
+            if rows > most {
+                return Err(format!(
+                    "a record batch at byte {at} declares {rows} rows but carries {body} bytes of data (at most {most} rows)"
+                ));
+            }
+            // arrow copies an unaligned buffer into a new one of its declared length.
+            for b in batch.buffers().into_iter().flatten() {
+                let end = u64::try_from(b.offset())
+                    .ok()
+                    .zip(u64::try_from(b.length()).ok())
+                    .and_then(|(o, l)| o.checked_add(l));
+                if end.is_none_or(|end| end > body) {
+                    return Err(format!(
+                        "a record batch at byte {at} declares a buffer of {} bytes at {} in a body of {body} bytes",
+                        b.length(),
+                        b.offset()
+                    ));
+                }
+            }
+        }
+        at = match usize::try_from(body)
+            .ok()
+            .and_then(|b| (header + len).checked_add(b))
+        {
+            Some(next) => next,
+            None => return Ok(()),
+        };
+    }
+    Ok(())
+}
+
+/// The file format's footer lists each batch as a block (offset, metadata and body lengths),
+/// and arrow allocates a block's lengths before reading it: each must lie inside the file.
+fn check_ipc_footer(data: &[u8]) -> std::result::Result<(), String> {
+    let n = data.len();
+    if n < 16 || !data.ends_with(ARROW_MAGIC) {
+        return Ok(()); // arrow reports it
+    }
+    // arrow allocates the footer's stated length before reading it.
+    let len = i32::from_le_bytes(data[n - 10..n - 6].try_into().expect("4 bytes"));
+    let Some(start) = usize::try_from(len)
+        .ok()
+        .and_then(|l| (n - 10).checked_sub(l))
+    else {
+        return Err(format!(
+            "the footer declares {len} bytes in a file of {n} bytes"
+        ));
+    };
+    let Ok(footer) = arrow::ipc::root_as_footer(&data[start..n - 10]) else {
+        return Ok(());
+    };
+    let blocks = footer.recordBatches().into_iter().flatten();
+    for b in blocks.chain(footer.dictionaries().into_iter().flatten()) {
+        let end = u64::try_from(b.offset())
+            .ok()
+            .zip(u64::try_from(b.metaDataLength()).ok())
+            .zip(u64::try_from(b.bodyLength()).ok())
+            .and_then(|((o, m), l)| o.checked_add(m)?.checked_add(l));
+        if end.is_none_or(|end| end > n as u64) {
+            return Err(format!(
+                "the footer declares a batch of {} + {} bytes at byte {} in a file of {n} bytes",
+                b.metaDataLength(),
+                b.bodyLength(),
+                b.offset()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn open_arrow_unguarded(path: &Path, opts: &ReadOptions) -> Result<BatchSource> {
     const FMT: &str = "Arrow IPC";
     let mut file = open_file(path)?;
     let io = |source| DataError::Io {
@@ -236,16 +394,22 @@ impl RowSource for BatchSource {
             if self.done {
                 return None;
             }
-            let batch = match self.batches.next() {
-                None => {
+            let (path, row, format) = (self.path.clone(), self.next_row, self.format);
+            let next = guarded(&path, row, format, || Ok(self.batches.next()));
+            let batch = match next {
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                Ok(None) => {
                     self.done = true;
                     return None;
                 }
-                Some(Err(e)) => {
+                Ok(Some(Err(e))) => {
                     self.done = true;
                     return Some(Err(corrupt(&self.path, self.next_row, self.format, e)));
                 }
-                Some(Ok(batch)) => batch,
+                Ok(Some(Ok(batch))) => batch,
             };
             let batch = match &self.projection {
                 Some(idx) => match batch.project(idx) {
@@ -274,7 +438,8 @@ impl RowSource for BatchSource {
                     data_type: field.data_type().to_string(),
                 }));
             }
-            if let Err(e) = self.encode(&batch) {
+            let (path, row, format) = (self.path.clone(), self.next_row, self.format);
+            if let Err(e) = guarded(&path, row, format, || self.encode(&batch)) {
                 self.done = true;
                 return Some(Err(e));
             }

@@ -362,13 +362,18 @@ unsafe fn kernel<const W: usize>(
         };
         for r in 0..mr {
             let row = c.add(r * ldc);
+            // With `nr <= 16` the second half lies past the row (past the end of `c` on the
+            // last row) and `m1` is 0: the masked load and store touch no memory there, but
+            // `add` would still be UB for a pointer beyond one-past-the-end, so the address is
+            // formed with `wrapping_add` and never dereferenced unmasked.
+            let row1 = row.wrapping_add(16);
             let (mut v0, mut v1) = (c0[r], c1[r]);
             if accumulate {
                 v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row1));
             }
             _mm512_mask_storeu_ps(row, m0, v0);
-            _mm512_mask_storeu_ps(row.add(16), m1, v1);
+            _mm512_mask_storeu_ps(row1, m1, v1);
         }
     }
 }

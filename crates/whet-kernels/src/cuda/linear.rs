@@ -52,6 +52,7 @@ pub(crate) fn gemm(dev: &CudaDevice, g: Gemm) -> Result<()> {
     let blas = dev.cublas_handle();
     let alpha = 1f32;
     let beta = if g.k == 0 { g.beta.min(1.0) } else { g.beta };
+    let [m, n, k, lda, ldb, ldc] = blas_dims(&g)?;
     // SAFETY: the caller passes addresses of live buffers holding at least the (ld x cols)
     // elements cuBLAS reads or writes for these sizes; alpha and beta are f32 as
     // CUBLAS_COMPUTE_32F requires, and the handle runs on candle's stream.
@@ -60,25 +61,48 @@ pub(crate) fn gemm(dev: &CudaDevice, g: Gemm) -> Result<()> {
             *blas.handle(),
             op(g.trans_a),
             op(g.trans_b),
-            g.m as i32,
-            g.n as i32,
-            g.k as i32,
+            m,
+            n,
+            k,
             (&alpha) as *const f32 as *const _,
             g.a as *const _,
             cuda_type(g.ab)?,
-            g.lda as i32,
+            lda,
             g.b as *const _,
             cuda_type(g.ab)?,
-            g.ldb as i32,
+            ldb,
             (&beta) as *const f32 as *const _,
             g.c as *mut _,
             cuda_type(g.c_dtype)?,
-            g.ldc as i32,
+            ldc,
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
     .w()
+}
+
+/// The product's sizes and leading dimensions as cuBLAS's `int`s: a size past `i32::MAX` is an
+/// error naming it, never a wrapped (negative or small) value cuBLAS would compute with.
+fn blas_dims(g: &Gemm) -> Result<[i32; 6]> {
+    let dims = [
+        ("m", g.m),
+        ("n", g.n),
+        ("k", g.k),
+        ("lda", g.lda),
+        ("ldb", g.ldb),
+        ("ldc", g.ldc),
+    ];
+    let mut out = [0i32; 6];
+    for (o, (name, v)) in out.iter_mut().zip(dims) {
+        *o = i32::try_from(v).map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "whet-kernels: cuBLAS GEMM size {name} = {v} exceeds i32::MAX ({}); split the product into smaller ones",
+                i32::MAX
+            ))
+        })?;
+    }
+    Ok(out)
 }
 
 /// How cuBLAS sees a row-major-shaped (rows, cols) weight W with element `stride`s: as the
@@ -143,4 +167,41 @@ pub(crate) fn fwd(
         },
     )?;
     Ok((out, Shape::from(out_dims)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn product(m: usize, ldc: usize) -> Gemm {
+        Gemm {
+            trans_a: false,
+            trans_b: false,
+            m,
+            n: 4,
+            k: 8,
+            a: 0,
+            lda: m.max(1),
+            b: 0,
+            ldb: 8,
+            c: 0,
+            ldc,
+            beta: 0.0,
+            ab: DType::F32,
+            c_dtype: DType::F32,
+        }
+    }
+
+    #[test]
+    fn sizes_past_i32_are_an_error_not_a_wrapped_int() {
+        assert_eq!(blas_dims(&product(16, 16)).unwrap(), [16, 4, 8, 16, 8, 16]);
+        let big = i32::MAX as usize + 1;
+        let err = blas_dims(&product(16, big)).unwrap_err().to_string();
+        assert!(err.contains("ldc = 2147483648"), "{err}");
+        // `as i32` made this 2^32 + 16 a 16.
+        let err = blas_dims(&product((1 << 32) + 16, 16))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("m = 4294967312"), "{err}");
+    }
 }

@@ -243,3 +243,28 @@ fn config_serializes_back_to_the_same_config() {
         assert_eq!(c, again);
     }
 }
+
+/// whet-fuzz found a 200-byte config.json (hidden_size 2^32, two heads) whose rope table
+/// (`inv_freq`, head_dim / 2 floats) asked for 4 GiB; sizes are now bounded in `validate`.
+#[test]
+fn sizes_that_would_allocate_without_bound_are_rejected() {
+    let base = r#""model_type": "llama", "vocab_size": 16, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2"#;
+    for (extra, field) in [
+        (r#""hidden_size": 4294967296"#, "hidden_size"),
+        (r#""hidden_size": 8, "head_dim": 4294967296"#, "head_dim"),
+        (
+            r#""hidden_size": 8, "max_position_embeddings": 1099511627776"#,
+            "max_position_embeddings",
+        ),
+    ] {
+        let text = format!("{{{base}, {extra}}}");
+        let err = whet_model::Config::from_json_str(&text, std::path::Path::new("config.json"))
+            .expect_err(extra)
+            .to_string();
+        assert!(
+            err.contains(field) && err.contains("at most"),
+            "{extra}: {err}"
+        );
+    }
+}

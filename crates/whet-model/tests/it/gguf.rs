@@ -438,6 +438,50 @@ fn absurd_counts_are_rejected_before_allocating() {
     }
 }
 
+/// A 9 MB file of one `u8` metadata array: candle would hold each byte as a 32-byte `Value`
+/// (288 MB). The header scan adds up that memory and refuses past
+/// `gguf::METADATA_MEMORY_LIMIT` before candle reads anything.
+#[test]
+fn metadata_arrays_are_bounded_in_memory_not_only_by_file_size() {
+    let dir = scratch("meta-mem");
+    let path = dir.join("bytes.gguf");
+    let n: u64 = 9_000_000;
+    assert!(n * 32 > gguf::METADATA_MEMORY_LIMIT && n < gguf::METADATA_MEMORY_LIMIT);
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes()); // tensors
+    b.extend_from_slice(&1u64.to_le_bytes()); // metadata entries
+    let key = b"general.junk";
+    b.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    b.extend_from_slice(key);
+    b.extend_from_slice(&9u32.to_le_bytes()); // array
+    b.extend_from_slice(&0u32.to_le_bytes()); // of u8
+    b.extend_from_slice(&n.to_le_bytes());
+    b.resize(b.len() + n as usize, 7);
+    std::fs::write(&path, &b).unwrap();
+    let e = GgufFile::open(&path)
+        .err()
+        .expect("metadata that takes 288 MB in memory must be refused");
+    let msg = err_text(&e);
+    assert!(matches!(e, GgufError::Malformed { .. }), "{msg}");
+    assert!(
+        msg.contains("general.junk") && msg.contains("256 MiB"),
+        "{msg}"
+    );
+    // The same array at a tenth of the length is fine.
+    let short = (n / 10) as usize;
+    let cut = b.len() - n as usize;
+    b[cut - 8..cut].copy_from_slice(&(short as u64).to_le_bytes());
+    b.truncate(cut + short);
+    std::fs::write(&path, &b).unwrap();
+    let f = GgufFile::open(&path).expect("a 28 MB metadata array is in bounds");
+    assert!(matches!(
+        f.metadata().get("general.junk"),
+        Some(gguf_file::Value::Array(a)) if a.len() == short
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Rewrites the q8 fixture through candle's GGUF writer with `edit` applied to its metadata.
 fn rewrite_fixture(tag: &str, edit: impl FnOnce(&mut Vec<(String, gguf_file::Value)>)) -> PathBuf {
     let src = fixtures().join("tiny_llama_q8.gguf");

@@ -11,6 +11,9 @@ use crate::{Result, TrainError};
 /// The default `MASTER_PORT`, as torchrun's.
 pub const DEFAULT_PORT: u16 = 29500;
 const MAGIC: &[u8; 8] = b"whet-rdv";
+/// The most bytes rank 0 may share (NCCL's unique id is 128): a length read from the network is
+/// checked against it before anything is allocated.
+pub const MAX_PAYLOAD: usize = 1 << 16;
 
 /// This process's place in a launch described by environment variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +92,12 @@ pub fn share_from_rank0(
     let deadline = Instant::now() + timeout;
     if rank == 0 {
         let payload = payload.ok_or_else(|| fail("rank 0 has nothing to share".into()))?;
+        if payload.len() > MAX_PAYLOAD {
+            return Err(fail(format!(
+                "{} bytes to share, more than the rendezvous carries ({MAX_PAYLOAD})",
+                payload.len()
+            )));
+        }
         let port = master
             .rsplit_once(':')
             .and_then(|(_, p)| p.parse::<u16>().ok())
@@ -196,7 +205,16 @@ pub fn share_from_rank0(
             "rank 0 refused this rank: its WORLD_SIZE differs from this rank's {world_size}"
         )));
     }
-    let len = u64::from_le_bytes(head[9..17].try_into().expect("8 bytes")) as usize;
+    let len = u64::from_le_bytes(head[9..17].try_into().expect("8 bytes"));
+    let len = match usize::try_from(len) {
+        Ok(len) if len <= MAX_PAYLOAD => len,
+        _ => {
+            return Err(fail(format!(
+                "rank 0 announced {len} bytes, more than a rendezvous carries ({MAX_PAYLOAD}); \
+                 is {master} a whet rank 0 of this build?"
+            )));
+        }
+    };
     let mut payload = vec![0u8; len];
     stream
         .read_exact(&mut payload)

@@ -208,6 +208,40 @@ fn a_rank_with_another_world_size_is_refused_on_both_sides() {
     );
 }
 
+/// A peer posing as rank 0 announces 2^64 - 1 bytes: the rank refuses before allocating
+/// (it used to `vec![0; len]` the announced length: a capacity-overflow panic, or an abort on
+/// allocation for a large but addressable length).
+#[test]
+fn a_huge_announced_payload_is_refused_before_allocating() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let master = listener.local_addr().unwrap().to_string();
+    let err = std::thread::scope(|s| {
+        s.spawn(|| {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 24];
+            stream.read_exact(&mut hello).unwrap();
+            let mut reply = b"whet-rdv".to_vec();
+            reply.push(1);
+            reply.extend_from_slice(&u64::MAX.to_le_bytes());
+            stream.write_all(&reply).unwrap();
+        });
+        share_from_rank0(1, 2, &master, None, Duration::from_secs(20))
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("announced 18446744073709551615 bytes") && err.contains("65536"),
+        "{err}"
+    );
+    // Rank 0 does not send more than a rank accepts either.
+    let big = vec![0u8; (1 << 16) + 1];
+    let err = share_from_rank0(0, 2, &master, Some(&big), Duration::from_millis(100))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("65537 bytes to share"), "{err}");
+}
+
 #[test]
 fn rank_zero_gives_up_when_a_rank_never_comes() {
     let master = format!("127.0.0.1:{}", free_port());
