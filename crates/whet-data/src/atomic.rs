@@ -130,7 +130,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn refuse_existing(path: &Path, existing: Existing) -> Result<()> {
+/// With [`Existing::Refuse`], [`WriteError::Exists`] when something is at `path` already: the
+/// check [`write_with`] makes first, for callers that want it before work of their own.
+pub fn refuse_existing(path: &Path, existing: Existing) -> Result<()> {
     if existing == Existing::Refuse && fs::symlink_metadata(path).is_ok() {
         return Err(WriteError::Exists {
             path: path.to_path_buf(),

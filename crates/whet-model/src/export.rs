@@ -49,12 +49,7 @@ pub fn export_gguf(
     name: &str,
     existing: Existing,
 ) -> Result<ExportReport> {
-    if existing == Existing::Refuse && std::fs::symlink_metadata(out).is_ok() {
-        return Err(atomic::WriteError::Exists {
-            path: out.to_path_buf(),
-        }
-        .into());
-    }
+    atomic::refuse_existing(out, existing)?;
     let cfg = model.config();
     let fail = |what: String| Err(Error::quantize(out, what));
     if model.lora_config().is_some() {

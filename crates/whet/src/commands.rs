@@ -341,12 +341,8 @@ pub fn export_gguf(
     } else {
         Existing::Refuse
     };
-    if existing == Existing::Refuse && std::fs::symlink_metadata(out).is_ok() {
-        return Err(atomic::WriteError::Exists {
-            path: out.to_path_buf(),
-        }
-        .into());
-    }
+    // Before the model loads: refused without the work.
+    atomic::refuse_existing(out, existing)?;
     let model = load_model(args, Trainable::None)?;
     let mut merged = model.detached();
     merged.merge_lora()?;
