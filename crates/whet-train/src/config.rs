@@ -461,12 +461,14 @@ impl Config {
                 ));
             }
         }
-        if !(0.0..1.0).contains(&self.data.validation_fraction) {
-            return Err(bad(
-                "data.validation_fraction",
-                format!("must be in [0, 1), got {}", self.data.validation_fraction),
-            ));
-        }
+        real(
+            "data.validation_fraction",
+            self.data.validation_fraction,
+            0.0,
+            1.0,
+            true,
+            "",
+        )?;
         if self.method == Method::Lora && self.lora.r == 0 {
             return Err(bad("lora.r", "LoRA rank must be at least 1".into()));
         }
@@ -479,12 +481,7 @@ impl Config {
             false,
             "",
         )?;
-        if !(0.0..1.0).contains(&self.lora.dropout) {
-            return Err(bad(
-                "lora.dropout",
-                format!("must be in [0, 1), got {}", self.lora.dropout),
-            ));
-        }
+        real("lora.dropout", self.lora.dropout, 0.0, 1.0, true, "")?;
         self.check_target_modules(path)?;
         int(
             "eval.max_new_tokens",
