@@ -128,9 +128,17 @@ const IPC_ROWS_SLACK: u64 = 4096;
 /// from them: arrow sizes buffers by the declared row count and copies unaligned buffers by
 /// their declared length, so a 1 KB file could ask for gigabytes (found by `whet-fuzz`). Stops quietly at anything it cannot walk, which arrow then reports.
 fn check_ipc_rows(path: &Path) -> std::result::Result<(), String> {
-    let Ok(data) = std::fs::read(path) else {
+    // Mapped, not read: only the message headers are touched, never the batch bodies, so a
+    // large file costs a few pages here (arrow then reads it as usual).
+    let Ok(file) = File::open(path) else {
         return Ok(()); // arrow reports the I/O error
     };
+    // SAFETY: the map is read-only and dropped before this function returns; as with every
+    // mmap-based reader, the file must not be truncated while it is read.
+    let Ok(map) = (unsafe { memmap2::Mmap::map(&file) }) else {
+        return Ok(()); // an empty or unmappable file: arrow reports it
+    };
+    let data: &[u8] = &map;
     let file_format = data.starts_with(ARROW_MAGIC);
     if file_format {
         check_ipc_footer(&data)?;
