@@ -141,7 +141,7 @@ fn check_ipc_rows(path: &Path) -> std::result::Result<(), String> {
     let data: &[u8] = &map;
     let file_format = data.starts_with(ARROW_MAGIC);
     if file_format {
-        check_ipc_footer(&data)?;
+        check_ipc_footer(data)?;
     }
     let mut at = if file_format { 8 } else { 0 };
     let word = |at: usize| -> Option<u32> {
