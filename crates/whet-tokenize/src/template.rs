@@ -115,6 +115,18 @@ impl ChatTemplate {
     pub fn new(source: impl Into<String>) -> Result<Self> {
         let source = source.into();
         let (rewritten, has_generation) = rewrite_generation_tags(&source);
+        if let Some((n, line)) = (rewritten.split('\n').enumerate())
+            .find(|(_, line)| line.len() > limits::MAX_LINE_BYTES)
+        {
+            return Err(Error::TemplateSyntax {
+                message: format!(
+                    "line {} is {} bytes long; a template line may have at most {} (minijinja counts columns in 16 bits)",
+                    n + 1,
+                    line.len(),
+                    limits::MAX_LINE_BYTES
+                ),
+            });
+        }
         let mut env = Environment::new();
         env.set_syntax(
             minijinja::syntax::SyntaxConfig::builder()

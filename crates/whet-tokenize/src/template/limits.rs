@@ -18,7 +18,8 @@
 //! - `tojson`: nesting depth [`MAX_JSON_DEPTH`] (a namespace that holds itself is refused,
 //!   not followed), indent [`MAX_JSON_INDENT`], text [`MAX_JSON_BYTES`];
 //! - `format` and `str.format`: widths and precisions up to [`MAX_FORMAT_WIDTH`];
-//! - `range`: minijinja's own cap of 100 000 items.
+//! - `range`: minijinja's own cap of 100 000 items;
+//! - template lines of at most [`MAX_LINE_BYTES`] bytes (checked when it compiles).
 //!
 //! Real templates (Llama 3/3.1, Qwen2/2.5/3, Gemma 2/3, Phi-4, Mistral v0.3 and Small 3.1,
 //! SmolLM2) use 50 to 100 fuel per message plus one per 64 bytes of content for each time
@@ -39,6 +40,9 @@ pub const CONTENT_BYTES_PER_FUEL: u64 = 4;
 pub const MAX_FUEL: u64 = 16_000_000;
 /// Stack reserved for a render per fuel of its budget (512 MiB at [`MAX_FUEL`]).
 pub const STACK_BYTES_PER_FUEL: u64 = 32;
+/// The longest line a template may have, in bytes: minijinja's lexer counts columns in a
+/// `u16`, which overflows past 65 535 (a panic with overflow checks; found by whet-fuzz).
+pub const MAX_LINE_BYTES: usize = 60_000;
 /// minijinja's recursion counter limit (its default is 500; a macro call counts about 10).
 pub const RECURSION_LIMIT: usize = 200;
 /// Rendered text allowed whatever the messages.

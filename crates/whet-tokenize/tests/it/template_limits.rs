@@ -212,3 +212,15 @@ fn real_templates_render_long_conversations_within_the_limits() {
         assert!(text.len() > 4_000_000, "{model}");
     }
 }
+
+#[test]
+fn a_line_longer_than_minijinjas_column_counter_is_a_syntax_error_not_a_panic() {
+    // An unclosed block on a 70 000-byte line: minijinja's syntax error would carry a column
+    // past u16::MAX (found by whet-fuzz).
+    let src = format!("{{% if {} ", "x".repeat(70_000));
+    let e = ChatTemplate::new(src).expect_err("the template must be refused");
+    assert!(
+        matches!(&e, Error::TemplateSyntax { message } if message.contains("line 1") && message.contains("at most 60000")),
+        "{e}"
+    );
+}
