@@ -510,17 +510,6 @@ fn default_messages() -> Vec<Message> {
 fn chat_template(_s: &Scratch, data: &[u8]) -> Trace {
     let mut t = Trace::default();
     let (source, rest) = split_nul(data);
-    // minijinja's lexer keeps columns in a u16: a template line over 65535 characters overflows
-    // it in its syntax errors (a panic with overflow checks, as in tests; it wraps in release).
-    // Not fixed yet (a whet-side line-length check before minijinja is the fix); until then
-    // longer lines are not fed.
-    if source
-        .split(|&b| b == b'\n')
-        .any(|line| line.len() > 60_000)
-    {
-        t.note("a line longer than minijinja's lexer counts");
-        return t;
-    }
     let messages: Vec<Message> =
         serde_json::from_slice(rest).unwrap_or_else(|_| default_messages());
     let Some(template) = t.step(
