@@ -47,13 +47,9 @@ pub fn live() -> usize {
     LIVE.load(Ordering::Relaxed)
 }
 
-/// The highest live total since the last [`reset_peak`].
+/// The highest live total of the process so far.
 pub fn peak() -> usize {
     PEAK.load(Ordering::Relaxed)
-}
-
-pub fn reset_peak() {
-    PEAK.store(live(), Ordering::Relaxed);
 }
 
 /// The size of a request refused since the last call, if any; clears it (here and in the

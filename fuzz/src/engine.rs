@@ -287,8 +287,9 @@ pub fn work(target: &'static Target, budget: &Budget, start: u64, recorder_path:
     unsafe { alloc::share_refusals(recorder.refusal_slots()) };
     install_panic_hook();
 
-    let seeds = seeds(target);
-    let mut corpus = seeds.clone();
+    // The seeds come first in the corpus, which only grows at its end.
+    let mut corpus = seeds(target);
+    let n_seeds = corpus.len();
     let mut classes = HashSet::new();
     let (to_input, inputs) = mpsc::channel::<Vec<u8>>();
     let (to_main, outcomes) = mpsc::channel::<Result<String, (String, String)>>();
@@ -320,7 +321,10 @@ pub fn work(target: &'static Target, budget: &Budget, start: u64, recorder_path:
     let mut done = 0u64;
     let mut iteration = start;
     while done < budget.inputs && started.elapsed() < budget.time {
-        let input = match seeds.get(iteration as usize) {
+        let input = match corpus
+            .get(iteration as usize)
+            .filter(|_| iteration < n_seeds as u64)
+        {
             Some(seed) => seed.clone(),
             None => mutate(
                 &mut Rng::for_iteration(budget.seed, iteration),

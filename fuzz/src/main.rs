@@ -3,6 +3,7 @@
 //! ```text
 //! whet-fuzz run [--target NAME]... [--seconds S] [--inputs N] [--seed S] [--timeout-ms MS]
 //!               [--limit-mb MB] [--out DIR]      every target (or those named), S seconds each
+//!               [--total-seconds T]              (or T seconds in all, split evenly over them)
 //! whet-fuzz repro --target NAME FILE...          run saved inputs once, in this process
 //!                                                (non-zero on a panic or refused allocation)
 //! whet-fuzz seeds [DIR]                          write the seed corpus (default fixtures/fuzz)
@@ -27,6 +28,8 @@ struct Args {
     budget: Budget,
     start: u64,
     recorder: Option<PathBuf>,
+    /// `--total-seconds`: the time for all chosen targets together.
+    total: Option<u64>,
 }
 
 fn parse(args: &[String]) -> Result<Args, String> {
@@ -43,6 +46,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         },
         start: 0,
         recorder: None,
+        total: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -58,6 +62,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         match arg.as_str() {
             "--target" => a.targets.push(value()?),
             "--seconds" => a.budget.time = Duration::from_secs(number(value()?)?),
+            "--total-seconds" => a.total = Some(number(value()?)?),
             "--millis" => a.budget.time = Duration::from_millis(number(value()?)?),
             "--inputs" => a.budget.inputs = number(value()?)?,
             "--seed" => a.budget.seed = number(value()?)?,
@@ -107,9 +112,19 @@ fn run(command: &str, rest: &[String]) -> Result<ExitCode, String> {
                     .map(|n| target(n))
                     .collect::<Result<_, _>>()?
             };
+            let mut budget = args.budget;
+            if let Some(total) = args.total {
+                let each = (total as f64 / chosen.len() as f64).max(1.0).round();
+                budget.time = Duration::from_secs(each as u64);
+                eprintln!(
+                    "fuzzing {} target(s) for {each} s each, seed {}",
+                    chosen.len(),
+                    budget.seed
+                );
+            }
             let mut failed = false;
             for t in chosen {
-                let summary = engine::run(t, &args.budget).map_err(|e| e.to_string())?;
+                let summary = engine::run(t, &budget).map_err(|e| e.to_string())?;
                 println!("{}", summary.line());
                 failed |= summary.findings > 0;
             }
