@@ -39,7 +39,5 @@ pub fn default_out() -> PathBuf {
 
 /// A stable 64-bit FNV-1a hash (seed weights are salted with their names).
 pub(crate) fn engine_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    whet_data::split::fnv1a64(s.as_bytes())
 }

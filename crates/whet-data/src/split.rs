@@ -8,12 +8,18 @@
 use crate::error::{DataError, Result};
 use crate::record::{Example, Record};
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+/// The FNV-1a 64-bit offset basis: the hash of no bytes, where [`fnv1a64_continue`] starts.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// 64-bit FNV-1a of `bytes`.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h = FNV_OFFSET;
+    fnv1a64_continue(FNV_OFFSET, bytes)
+}
+
+/// Folds `bytes` into the FNV-1a hash `h`: `fnv1a64_continue(fnv1a64(a), b) == fnv1a64(a ++ b)`,
+/// for hashing a stream of pieces without joining them.
+pub fn fnv1a64_continue(mut h: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         h ^= u64::from(b);
         h = h.wrapping_mul(FNV_PRIME);

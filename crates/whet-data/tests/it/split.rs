@@ -4,8 +4,8 @@ use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 use whet_data::split::{
-    fnv1a64, fold_of, fold_split, is_validation, k_fold, record_id, stable_hash,
-    train_validation_split,
+    FNV_OFFSET, fnv1a64, fnv1a64_continue, fold_of, fold_split, is_validation, k_fold, record_id,
+    stable_hash, train_validation_split,
 };
 use whet_data::{DataError, Example};
 
@@ -26,6 +26,11 @@ fn fnv_test_vectors() {
     assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
     assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
     assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    assert_eq!(
+        fnv1a64_continue(fnv1a64(b"foo"), b"bar"),
+        fnv1a64(b"foobar")
+    );
+    assert_eq!(fnv1a64_continue(FNV_OFFSET, b"a"), fnv1a64(b"a"));
 }
 
 /// Golden values, computed by an independent Python re-implementation of FNV-1a + fmix64 and
