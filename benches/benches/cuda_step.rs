@@ -2,20 +2,23 @@
 //! ~1B Llama-shaped model (Llama-3.2-1B's shapes) with random weights, batch 4 x 2048 tokens
 //! (`WHET_STEP_BATCH`, `WHET_STEP_SEQ` override), r = 16 and alpha = 32 on every linear layer,
 //! no dropout, AdamW (the fused CUDA kernel); bf16 compute, f32 LoRA weights and optimizer state,
-//! as `whet train --device cuda`. Prints tokens/s and the peak GPU memory (the driver's used
+//! as `whet train --device cuda`, through whet-train's one training step (`whet_train::Step`,
+//! which also takes the global gradient norm; no clipping). Prints tokens/s and the peak GPU memory (the driver's used
 //! bytes, sampled after each step, minus those in use before the model was built), one JSON
 //! line per model; `benches/train_step_gpu.py` runs the same step with PyTorch + PEFT.
 //!
 //! `cargo bench -p whet-benches --features cuda --bench cuda_step`. Without a CUDA device it
 //! says so and exits.
 
+use std::cell::Cell;
 use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
 use whet_model::{Config, LoraConfig, Model, TargetModules};
-use whet_optim::{AdamW, AdamWConfig, Optimizer, Param};
+use whet_optim::{AdamW, AdamWConfig, Param};
+use whet_train::{Batch, Step};
 
 const SMOLLM2_135M: &str = r#"{
     "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
@@ -85,14 +88,24 @@ fn run(name: &str, json: &str, dev: &Device, steps: usize) -> anyhow::Result<(f6
             }
         })
         .collect();
-    let ids = Tensor::from_vec(ids, (batch, seq), dev)?;
-    let targets = Tensor::from_vec(targets, (batch, seq), dev)?;
-    let pos = Tensor::arange(0u32, seq as u32, dev)?
-        .unsqueeze(0)?
-        .repeat((batch, 1))?;
-    let seg = Tensor::zeros((batch, seq), DType::U32, dev)?;
+    let micro_batch = Batch {
+        supervised: targets.iter().filter(|&&t| t >= 0).count(),
+        tokens: batch * seq,
+        ids: Tensor::from_vec(ids, (batch, seq), dev)?,
+        targets: Tensor::from_vec(targets, (batch, seq), dev)?,
+        positions: Tensor::arange(0u32, seq as u32, dev)?
+            .unsqueeze(0)?
+            .repeat((batch, 1))?,
+        segments: Tensor::zeros((batch, seq), DType::U32, dev)?,
+    };
     let warmup = 2;
-    let mut peak = used_bytes(dev);
+    // Sampled after each backward pass, while the activations and gradients are alive.
+    let peak = Cell::new(used_bytes(dev));
+    let sample = || peak.set(peak.get().max(used_bytes(dev)));
+    let step = Step {
+        after_backward: Some(&sample),
+        ..Step::single()
+    };
     let mut first = f64::NAN;
     let mut t0 = Instant::now();
     for i in 0..warmup + steps {
@@ -100,21 +113,14 @@ fn run(name: &str, json: &str, dev: &Device, steps: usize) -> anyhow::Result<(f6
             dev.synchronize()?;
             t0 = Instant::now();
         }
-        let (loss, n) = model.loss(&ids, &pos, &seg, &targets)?;
-        let grads = loss.backward()?;
-        let g: Vec<Option<Tensor>> = opt
-            .params()
-            .iter()
-            .map(|p| grads.get(p.var.as_tensor()).cloned())
-            .collect();
-        peak = peak.max(used_bytes(dev));
-        drop(grads);
-        opt.step(&g, 1e-4, 1.0 / n as f64)?;
-        let l = loss.to_scalar::<f32>()? as f64 / n as f64;
+        let done = step.run(&mut model, &mut opt, i as u64, 1e-4, 1, |_| {
+            Ok(micro_batch.clone())
+        })?;
         if i == 0 {
-            first = l;
+            first = done.loss;
         }
     }
+    let peak = peak.get();
     dev.synchronize()?;
     let step_s = t0.elapsed().as_secs_f64() / steps as f64;
     Ok((

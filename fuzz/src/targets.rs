@@ -552,11 +552,11 @@ fn train_config(s: &Scratch, data: &[u8]) -> Trace {
         .map(|o| String::from_utf8_lossy(o).into_owned())
         .collect();
     let path = s.write("run.toml", text);
-    let Some(cfg) = t.step("load", whet_train::Config::load(&path, &overrides)) else {
+    let Some(cfg) = t.step("load", whet::config::Config::load(&path, &overrides)) else {
         return t;
     };
     let saved = cfg.to_toml();
-    let back = whet_train::Config::from_toml(&saved, &path, &[])
+    let back = whet::config::Config::from_toml(&saved, &path, &[])
         .unwrap_or_else(|e| panic!("a validated config does not load back from its TOML: {e}"));
     assert_eq!(
         back.to_toml(),

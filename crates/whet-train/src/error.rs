@@ -9,8 +9,6 @@ pub enum TrainError {
     // ---- configuration ----
     #[error("{path}: {message}", path = path.display())]
     Config { path: PathBuf, message: String },
-    #[error("override `{assignment}`: {message}")]
-    Override { assignment: String, message: String },
 
     // ---- data ----
     #[error(
@@ -46,7 +44,7 @@ pub enum TrainError {
     )]
     NoOutputDir,
 
-    // ---- checkpoints ----
+    // ---- checkpoints and metrics ----
     #[error("writing checkpoint {path}: {source}; the previous checkpoints are intact", path = path.display())]
     CheckpointWrite {
         path: PathBuf,
@@ -54,6 +52,12 @@ pub enum TrainError {
     },
     #[error("checkpoint {path} is unusable: {message}", path = path.display())]
     CheckpointRead { path: PathBuf, message: String },
+    #[error("{path}: line {line} is not a metrics line: {message}", path = path.display())]
+    MetricsRead {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
 
     // ---- distributed runs ----
     #[error("rank {rank} of {world} ({backend}): {op} failed: {message}")]

@@ -3,16 +3,98 @@
 //! describes exactly one history; a run started over (no checkpoint yet) starts an empty file.
 //! The lines are appended, the one write whet does not make atomic: a kill may cut the last
 //! line, which the next resume drops with the others past its checkpoint.
+//!
+//! The types of a line ([`StepMetrics`], [`EvalMetrics`]), their writer ([`MetricsLog`]) and
+//! their reader ([`read`], [`MetricsLine`]) are all here.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use whet_data::atomic::{self, Existing};
 
-use crate::trainer::{EvalMetrics, StepMetrics};
 use crate::{Result, TrainError};
+
+/// One optimizer step, as reported to observers and to `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub total_steps: u64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub epoch: f64,
+    /// Mean cross-entropy per supervised token over the whole accumulated batch.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub lr: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub grad_norm: f64,
+    pub supervised_tokens: usize,
+    pub tokens: usize,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub tokens_per_s: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub step: u64,
+    /// NaN when the validation rows hold no supervised token (written as `null`).
+    #[serde(deserialize_with = "nan_if_null")]
+    pub val_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub val_ppl: f64,
+    pub val_tokens: usize,
+    pub improved: bool,
+}
+
+/// One line of `metrics.jsonl`, told apart by its `kind`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum MetricsLine {
+    #[serde(rename = "train")]
+    Step(StepMetrics),
+    Eval(EvalMetrics),
+}
+
+impl MetricsLine {
+    pub fn step(&self) -> u64 {
+        match self {
+            Self::Step(m) => m.step,
+            Self::Eval(m) => m.step,
+        }
+    }
+
+    fn parse(line: &str) -> serde_json::Result<Self> {
+        serde_json::from_str(line)
+    }
+}
+
+/// serde_json writes a non-finite float as `null`; read it back as NaN.
+fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// Every line of a `metrics.jsonl`, in order; a line that is not a metrics line is an error
+/// naming its number.
+pub fn read(path: &Path) -> Result<Vec<MetricsLine>> {
+    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            MetricsLine::parse(line).map_err(|e| TrainError::MetricsRead {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
 
 pub struct MetricsLog {
     path: PathBuf,
@@ -31,12 +113,7 @@ impl MetricsLog {
             let kept: Vec<String> = BufReader::new(File::open(path).map_err(io)?)
                 .lines()
                 .map_while(|l| l.ok())
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                        .is_some_and(|s| s <= resumed_from)
-                })
+                .filter(|l| MetricsLine::parse(l).is_ok_and(|m| m.step() <= resumed_from))
                 .collect();
             let mut text = kept.join("\n");
             if !text.is_empty() {
@@ -55,6 +132,7 @@ impl MetricsLog {
         })
     }
 
+    /// The line's fields, then `kind` (serde_json's map keeps its keys sorted).
     fn line(&mut self, kind: &str, value: &impl Serialize) -> Result<()> {
         let mut v = serde_json::to_value(value).expect("metrics serialise");
         v["kind"] = serde_json::Value::String(kind.into());

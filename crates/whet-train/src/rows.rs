@@ -24,6 +24,7 @@ impl Row {
 }
 
 /// A micro-batch as tensors: ids/positions/segments (B, T) u32, targets (B, T) i64.
+#[derive(Debug, Clone)]
 pub struct Batch {
     pub ids: Tensor,
     pub positions: Tensor,

@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use whet_model::{LoraConfig, Model, TargetModules, Trainable};
-use whet_optim::{AdamW, AdamWConfig, Optimizer, Param};
+use whet_optim::{AdamW, AdamWConfig, Param};
+use whet_train::{Batch, Step};
 
 use crate::commands::device;
 
@@ -42,8 +43,8 @@ pub struct StepArgs {
     pub checkpoint: bool,
 }
 
-/// Times `steps` optimizer steps (forward, backward, AdamW) on random tokens after `warmup`
-/// untimed ones; prints one JSON line.
+/// Times `steps` optimizer steps (`whet_train::Step`: forward, backward, the global gradient
+/// norm, AdamW; no clipping) on random tokens after `warmup` untimed ones; prints one JSON line.
 pub fn train_step(args: &StepArgs) -> Result<()> {
     let StepArgs {
         model: model_dir,
@@ -109,26 +110,25 @@ pub fn train_step(args: &StepArgs) -> Result<()> {
             }
         })
         .collect();
-    let ids = Tensor::from_vec(ids, (batch, seq), &dev)?;
-    let targets = Tensor::from_vec(targets, (batch, seq), &dev)?;
-    let pos = Tensor::arange(0u32, seq as u32, &dev)?
-        .unsqueeze(0)?
-        .repeat((batch, 1))?;
-    let seg = Tensor::zeros((batch, seq), DType::U32, &dev)?;
+    let micro_batch = Batch {
+        supervised: targets.iter().filter(|&&t| t >= 0).count(),
+        tokens: batch * seq,
+        ids: Tensor::from_vec(ids, (batch, seq), &dev)?,
+        targets: Tensor::from_vec(targets, (batch, seq), &dev)?,
+        positions: Tensor::arange(0u32, seq as u32, &dev)?
+            .unsqueeze(0)?
+            .repeat((batch, 1))?,
+        segments: Tensor::zeros((batch, seq), DType::U32, &dev)?,
+    };
+    let step = Step::single();
     let mut times = Vec::new();
     let mut losses = Vec::new();
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        let (loss, n) = model.loss(&ids, &pos, &seg, &targets)?;
-        let grads = model.backward(&loss)?;
-        let g: Vec<Option<Tensor>> = opt
-            .params()
-            .iter()
-            .map(|p| grads.get(p.var.as_tensor()).cloned())
-            .collect();
-        drop(grads);
-        opt.step(&g, 1e-4, 1.0 / n as f64)?;
-        losses.push(loss.to_scalar::<f32>()? as f64 / n as f64);
+        let done = step.run(&mut model, &mut opt, i as u64, 1e-4, 1, |_| {
+            Ok(micro_batch.clone())
+        })?;
+        losses.push(done.loss);
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use whet_train::config::Format;
+
+use crate::config::Format;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {

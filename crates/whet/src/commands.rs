@@ -12,10 +12,11 @@ use whet_kernels::Kernels;
 use whet_model::{GenerationConfig, LoadOptions, Model, Trainable};
 use whet_tokenize::Tokenizer;
 use whet_train::comm::Communicator;
-use whet_train::config::{Config, Format, Method};
+use whet_train::metrics::MetricsLine;
 use whet_train::{EvalMetrics, Observer, Row, StepMetrics, Trainer, evaluate};
 
 use crate::cli::{GenerateArgs, ModelArgs};
+use crate::config::{Config, Format, Method};
 use crate::pipeline::{self, DataSpec};
 use crate::report::{self, Generation, Report};
 
@@ -652,9 +653,10 @@ fn train_on(
     };
     let before = if leader { Some(measure(&model)?) } else { None };
 
+    let trainer_cfg = cfg.trainer();
     let mut trainer = Trainer {
         model: &mut model,
-        config: &cfg,
+        config: &trainer_cfg,
         train: &data.train,
         validation: &data.validation,
         out: &out,
@@ -725,17 +727,11 @@ pub type Curve = Vec<(u64, f64)>;
 
 /// (train, validation) loss curves from `metrics.jsonl`.
 pub fn read_curves(path: &Path) -> Result<(Curve, Curve)> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let (mut train, mut val) = (Vec::new(), Vec::new());
-    for line in text.lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}: bad line", path.display()))?;
-        let step = v["step"].as_u64().unwrap_or(0);
-        match v["kind"].as_str() {
-            Some("train") => train.push((step, v["loss"].as_f64().unwrap_or(f64::NAN))),
-            Some("eval") => val.push((step, v["val_loss"].as_f64().unwrap_or(f64::NAN))),
-            _ => {}
+    for line in whet_train::metrics::read(path)? {
+        match line {
+            MetricsLine::Step(m) => train.push((m.step, m.loss)),
+            MetricsLine::Eval(m) => val.push((m.step, m.val_loss)),
         }
     }
     Ok((train, val))

@@ -6,9 +6,9 @@ use anyhow::Result;
 use whet_data::dedup::DedupConfig;
 use whet_data::pii::Scrubber;
 use whet_tokenize::{TokenizedExample, Tokenizer};
-use whet_train::config::Format;
 
 use crate::commands::load_tokenizer;
+use crate::config::Format;
 use crate::pipeline::{self, DataSpec};
 
 /// Decodes `ex` with every learned span wrapped in `⟦...⟧`.

@@ -7,10 +7,10 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use whet_tokenize::Tokenizer;
-use whet_train::config::Config;
 use whet_train::{Quiet, Trainer};
 
 use crate::commands::device;
+use crate::config::Config;
 use crate::pipeline::{self, DataSpec, Prepared};
 
 #[derive(Debug, Serialize)]
@@ -48,6 +48,7 @@ pub fn run(cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &Path) -> Result
         .chain(&data.validation_examples)
         .cloned()
         .collect();
+    let trainer_cfg = cfg.trainer();
     let mut folds = Vec::with_capacity(k);
     for fold in 0..k {
         let split = whet_data::split::fold_split(all.iter().cloned(), k, fold, cfg.train.seed)?;
@@ -68,7 +69,7 @@ pub fn run(cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &Path) -> Result
         let fold_out = out.join(format!("fold-{fold}"));
         let mut trainer = Trainer {
             model: &mut model,
-            config: cfg,
+            config: &trainer_cfg,
             train: &train,
             validation: &validation,
             out: &fold_out,

@@ -13,7 +13,8 @@ use whet_tokenize::{
     PackedRow, TokenizeConfig, TokenizeReport, TokenizedExample, Tokenizer, Truncation,
 };
 use whet_train::Row;
-use whet_train::config::{DataSection, Format};
+
+use crate::config::{DataSection, Format};
 
 /// How to turn files into rows; built from a training config or from CLI flags.
 #[derive(Debug, Clone, Serialize)]

@@ -10,9 +10,9 @@ use serde::Serialize;
 use whet_data::atomic::{self, Existing};
 use whet_model::{GenerationConfig, Model};
 use whet_tokenize::Tokenizer;
-use whet_train::config::{Config, Format};
 use whet_train::{Row, Summary, evaluate};
 
+use crate::config::{Config, Format};
 use crate::pipeline::DataReport;
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -131,7 +131,7 @@ impl Report {
             "Model `{}`, method {:?}{}, {} optimizer steps ({} resumed), wall time {:.0} s.\n",
             c.model.path.display(),
             c.method,
-            if c.method == whet_train::config::Method::Lora {
+            if c.method == crate::config::Method::Lora {
                 format!(
                     " (r={}, alpha={}, targets {:?}{})",
                     c.lora.r,

@@ -22,10 +22,12 @@
 //! the whole job, so a rank that hangs (not only one that dies, which the launcher notices)
 //! cannot stall the others forever.
 
+mod agree;
 #[cfg(feature = "mpi")]
 mod mpi;
 #[cfg(feature = "cuda")]
 mod nccl;
+mod reduce;
 pub mod rendezvous;
 mod watchdog;
 
@@ -33,10 +35,13 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor};
 
+pub(crate) use self::agree::agree_on_start;
+pub use self::agree::{Agreement, agree};
 #[cfg(feature = "mpi")]
 pub use self::mpi::Mpi;
 #[cfg(feature = "cuda")]
 pub use self::nccl::Nccl;
+pub(crate) use self::reduce::{LocalStep, all_reduce_gradients};
 pub use self::watchdog::{Watchdog, timeout_from_env, timeout_message};
 use crate::{Result, TrainError};
 
@@ -113,39 +118,6 @@ pub fn sum_over_ranks(comm: &dyn Communicator, values: &[f64]) -> Result<Vec<f64
         }
     }
     Ok(sum)
-}
-
-/// One quantity every rank must hold identically before training starts.
-pub struct Agreement {
-    pub what: &'static str,
-    pub value: f64,
-    /// What to do when the ranks differ.
-    pub hint: &'static str,
-}
-
-/// Checks that every rank holds the same value of each quantity; the same error on every rank
-/// otherwise (naming the first differing rank and both values).
-pub fn agree(comm: &dyn Communicator, items: &[Agreement]) -> Result<()> {
-    if comm.world_size() == 1 || items.is_empty() {
-        return Ok(());
-    }
-    let mine: Vec<f64> = items.iter().map(|a| a.value).collect();
-    let all = comm.all_gather_host(&mine)?;
-    let n = items.len();
-    for (i, item) in items.iter().enumerate() {
-        let first = all[i];
-        for (rank, per_rank) in all.chunks_exact(n).enumerate() {
-            let v = per_rank[i];
-            if v.to_bits() != first.to_bits() {
-                return Err(TrainError::RankMismatch {
-                    what: item.what,
-                    detail: format!("rank 0 has {first}, rank {rank} has {v}"),
-                    hint: item.hint,
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 pub(crate) fn comm_error(comm: &dyn Communicator, op: &str, message: String) -> TrainError {

@@ -3,8 +3,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::Device;
 use whet_model::{Config as ModelConfig, LoraConfig, Model};
+use whet_optim::{AdamWConfig, ScheduleKind, SgdConfig};
 use whet_train::comm::Communicator;
-use whet_train::{Config, Quiet, Row, Summary, Trainer};
+use whet_train::{Method, OptimizerChoice, Quiet, Row, Summary, Trainer, TrainerConfig};
 
 pub fn tiny_model(lora: bool) -> Model {
     let json = r#"{
@@ -59,27 +60,85 @@ pub fn rows(n: usize, len: usize) -> Vec<Row> {
         .collect()
 }
 
+/// A test run: its output folder and the trainer's settings.
+pub struct Config {
+    pub out: PathBuf,
+    pub trainer: TrainerConfig,
+}
+
+/// The test run's settings, with `key=value` overrides named by their run-config keys
+/// (`train.max_steps=2`, `output.save_every=1`, `method=full`).
 pub fn config(out: &Path, overrides: &[&str]) -> Config {
-    let text = format!(
-        r#"
-        [model]
-        path = "unused"
-        [data]
-        train = "unused.jsonl"
-        [train]
-        seed = 3
-        micro_batch = 2
-        lr = 1e-2
-        warmup_steps = 1
-        max_grad_norm = 1.0
-        [output]
-        dir = "{}"
-        keep_last = 2
-        "#,
-        out.display()
-    );
-    let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    Config::from_toml(&text, Path::new("/tmp/test.toml"), &o).unwrap()
+    // The run config's defaults for each optimizer.
+    let adamw = OptimizerChoice::AdamW(AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    });
+    let sgd = OptimizerChoice::Sgd(SgdConfig {
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 0.0,
+    });
+    let mut t = TrainerConfig {
+        method: Method::Lora,
+        seed: 3,
+        epochs: 1.0,
+        max_steps: 0,
+        micro_batch: 2,
+        grad_accum: 1,
+        optimizer: adamw,
+        lr: 1e-2,
+        schedule: ScheduleKind::Cosine,
+        warmup_steps: 1,
+        min_lr_ratio: 0.0,
+        max_grad_norm: 1.0,
+        neftune_alpha: 0.0,
+        activation_checkpointing: false,
+        eval_every: 0,
+        patience: 0,
+        min_delta: 0.0,
+        save_every: 0,
+        keep_last: 2,
+        config_toml: "# a whet-train test run\n".into(),
+    };
+    for o in overrides {
+        let (key, value) = o.split_once('=').unwrap();
+        let value = value.trim_matches('"');
+        let number = || value.parse::<f64>().unwrap();
+        let count = || value.parse::<u64>().unwrap();
+        let named = || serde_json::Value::String(value.into());
+        match key {
+            "method" => t.method = serde_json::from_value(named()).unwrap(),
+            "train.optimizer" => {
+                t.optimizer = match value {
+                    "adamw" => adamw,
+                    "sgd" => sgd,
+                    other => panic!("no optimizer `{other}`"),
+                }
+            }
+            "train.schedule" => t.schedule = serde_json::from_value(named()).unwrap(),
+            "train.epochs" => t.epochs = number(),
+            "train.lr" => t.lr = number(),
+            "train.max_grad_norm" => t.max_grad_norm = number(),
+            "train.min_delta" => t.min_delta = number(),
+            "train.neftune_alpha" => t.neftune_alpha = number(),
+            "train.max_steps" => t.max_steps = count(),
+            "train.eval_every" => t.eval_every = count(),
+            "train.warmup_steps" => t.warmup_steps = count(),
+            "train.patience" => t.patience = count() as u32,
+            "train.micro_batch" => t.micro_batch = count() as usize,
+            "train.grad_accum" => t.grad_accum = count() as usize,
+            "output.save_every" => t.save_every = count(),
+            "output.keep_last" => t.keep_last = count() as usize,
+            other => panic!("the tests have no override `{other}`"),
+        }
+    }
+    Config {
+        out: out.to_path_buf(),
+        trainer: t,
+    }
 }
 
 pub fn tempdir(tag: &str) -> PathBuf {
@@ -122,13 +181,12 @@ pub fn run(
     validation: &[Row],
     run_id: &str,
 ) -> whet_train::Result<Summary> {
-    let out = config.output.dir.clone();
     Trainer {
         model,
-        config,
+        config: &config.trainer,
         train,
         validation,
-        out: &out,
+        out: &config.out,
         device: Device::Cpu,
         run_id: run_id.into(),
         comm: &whet_train::comm::Single,
@@ -271,7 +329,7 @@ pub fn run_ranks(
     run_id: impl Fn(usize) -> String + Sync,
 ) -> Vec<RankRun> {
     let ranks = threads::group(world, bucket_elems);
-    let out = config.output.dir.clone();
+    let out = config.out.clone();
     std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .iter()
@@ -281,7 +339,7 @@ pub fn run_ranks(
                     let mut model = tiny_model(lora);
                     let summary = Trainer {
                         model: &mut model,
-                        config,
+                        config: &config.trainer,
                         train,
                         validation,
                         out,

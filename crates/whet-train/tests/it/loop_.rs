@@ -191,9 +191,9 @@ fn a_config_built_in_code_with_an_overflowing_batch_is_an_error_not_a_panic() {
     // micro_batch * grad_accum wraps to 0 (division by zero) and to 4 (another batch).
     for (grad_accum, epochs) in [(1usize << 62, 1.0), ((1 << 62) + 1, 1.0), (1, f64::NAN)] {
         let mut cfg = config(&out, &["train.max_steps=0"]);
-        cfg.train.micro_batch = 4;
-        cfg.train.grad_accum = grad_accum;
-        cfg.train.epochs = epochs;
+        cfg.trainer.micro_batch = 4;
+        cfg.trainer.grad_accum = grad_accum;
+        cfg.trainer.epochs = epochs;
         let mut model = tiny_model(true);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run(&mut model, &cfg, &train, &[], "r")

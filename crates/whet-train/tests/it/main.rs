@@ -3,5 +3,5 @@
 mod common;
 mod data_parallel;
 mod loop_;
-mod recipes;
+mod metrics;
 mod resume;

@@ -13,5 +13,6 @@ mod kernels;
 mod kfold;
 mod outputs;
 mod qlora_export;
+mod recipes;
 mod resume;
 mod train;

@@ -10,7 +10,7 @@ fn every_recipe_is_a_valid_config() {
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
-        let cfg = whet_train::Config::load(&path, &[])
+        let cfg = whet::config::Config::load(&path, &[])
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(
             cfg.data.train.is_file(),

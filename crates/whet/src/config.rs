@@ -1,0 +1,869 @@
+//! The run configuration: TOML read with serde, unknown keys rejected with a suggestion,
+//! `--set section.key=value` overrides applied before validation, and the fully resolved config
+//! written next to every checkpoint (torchtune's habit). The orchestrator owns it; the trainer
+//! takes the part it uses, [`Config::trainer`] (a `whet_train::TrainerConfig`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use whet_optim::{AdamWConfig, SgdConfig};
+pub use whet_train::Method;
+use whet_train::config::check;
+use whet_train::{OptimizerChoice, TrainError, TrainerConfig};
+
+pub type Result<T> = std::result::Result<T, ConfigError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}", path = path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error("override `{assignment}`: {message}")]
+    Override { assignment: String, message: String },
+    #[error("{path}: {source}", path = path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A setting the trainer checks ([`TrainerConfig::validate`]), named by its key.
+    #[error(transparent)]
+    Trainer(#[from] TrainError),
+    #[error(transparent)]
+    Model(#[from] whet_model::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub method: Method,
+    #[serde(default)]
+    pub lora: LoraSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face folder (config.json, *.safetensors, tokenizer.json, tokenizer_config.json).
+    pub path: PathBuf,
+    /// QLoRA: keep the frozen base's linear weights in this GGML type (`q4_0`, `q4_k`,
+    /// `q8_0`, ...; see `whet_model::quant`). LoRA only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
+}
+
+impl ModelSection {
+    /// The parsed `quantize` type (validated when the config loads).
+    pub fn quantize_type(&self) -> Option<candle_core::quantized::GgmlDType> {
+        self.quantize.as_deref().and_then(whet_model::quant::parse)
+    }
+}
+
+/// Which record shape the data has; `auto` picks from the fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    #[default]
+    Auto,
+    Text,
+    PromptCompletion,
+    Chat,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub train: PathBuf,
+    /// A separate validation file; without it `validation_fraction` of train is held out.
+    #[serde(default)]
+    pub validation: Option<PathBuf>,
+    #[serde(default = "defaults::validation_fraction")]
+    pub validation_fraction: f64,
+    #[serde(default)]
+    pub format: Format,
+    /// Tokens per packed row.
+    #[serde(default = "defaults::max_len")]
+    pub max_len: usize,
+    /// Pack several examples per row (documents never attend to each other).
+    #[serde(default = "defaults::yes")]
+    pub pack: bool,
+    /// Learn every assistant turn (true) or only the last (false).
+    #[serde(default = "defaults::yes")]
+    pub all_assistant_turns: bool,
+    /// Redact PII before tokenizing and write `pii_audit.json`.
+    #[serde(default)]
+    pub scrub_pii: bool,
+    /// Drop exact and near duplicates before splitting.
+    #[serde(default)]
+    pub dedup: bool,
+    /// Skip (and count) invalid rows instead of stopping at the first.
+    #[serde(default)]
+    pub skip_invalid: bool,
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names (`q_proj`, ...) or `["all-linear"]`.
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            target_modules: vec!["all-linear".into()],
+            use_rslora: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    #[default]
+    Adamw,
+    Sgd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub seed: u64,
+    pub epochs: f64,
+    /// Stop after this many optimizer steps (0: run `epochs`).
+    pub max_steps: u64,
+    /// Rows per forward/backward.
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step; the loss is normalised by the supervised tokens of
+    /// all of them together.
+    pub grad_accum: usize,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub schedule: whet_optim::ScheduleKind,
+    pub warmup_steps: u64,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub momentum: f64,
+    /// Clip the global gradient norm to this (0: off).
+    pub max_grad_norm: f64,
+    /// NEFTune noise on input embeddings (Jain et al. 2023): alpha / sqrt(len * dim); 0 = off.
+    pub neftune_alpha: f64,
+    /// Activation checkpointing per decoder layer: keep only each layer's input and recompute
+    /// the layer in backward (less activation memory, about one extra forward of time).
+    pub activation_checkpointing: bool,
+    /// Run evaluation every N optimizer steps (0: only at the end of each epoch).
+    pub eval_every: u64,
+    /// Early stopping: stop after `patience` evaluations without an improvement of at least
+    /// `min_delta` (0 = off).
+    pub patience: u32,
+    pub min_delta: f64,
+    /// k-fold cross-validation: train k models, report mean and spread of validation loss (0 = off).
+    pub k_folds: u32,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            epochs: 1.0,
+            max_steps: 0,
+            micro_batch: 4,
+            grad_accum: 1,
+            optimizer: OptimizerKind::Adamw,
+            lr: 2e-4,
+            schedule: whet_optim::ScheduleKind::Cosine,
+            warmup_steps: 0,
+            min_lr_ratio: 0.0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            momentum: 0.9,
+            max_grad_norm: 1.0,
+            neftune_alpha: 0.0,
+            activation_checkpointing: false,
+            eval_every: 0,
+            patience: 0,
+            min_delta: 0.0,
+            k_folds: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Prompts whose base and tuned generations go side by side into the report.
+    pub prompts: Vec<String>,
+    /// Held-out general text: its loss before and after shows what general ability was lost.
+    pub general_data: Option<PathBuf>,
+    pub max_new_tokens: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            prompts: Vec::new(),
+            general_data: None,
+            max_new_tokens: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+    /// Checkpoints kept besides the best one.
+    #[serde(default = "defaults::keep_last")]
+    pub keep_last: usize,
+    /// Write a checkpoint every N optimizer steps (0: at evaluations only).
+    #[serde(default)]
+    pub save_every: u64,
+}
+
+/// Upper bounds on the numeric settings: far above any real run, low enough that the
+/// products and allocations sized from them stay sane. The trainer's own (`micro_batch`,
+/// `grad_accum`, steps, epochs) are `whet_train::config::limits`, re-exported here.
+pub mod limits {
+    pub use whet_train::config::limits::*;
+    /// `data.max_len` (and at most the model's `max_position_embeddings`).
+    pub const MAX_LEN: u64 = 1 << 20;
+    /// `micro_batch * max_len`.
+    pub const TOKENS_PER_MICRO_BATCH: u64 = 1 << 24;
+    /// `micro_batch * max_len * max(hidden_size, intermediate_size)`: 32 GiB of f32.
+    pub const ACTIVATION_ELEMS: u64 = 1 << 33;
+    pub const LORA_RANK: u64 = 1 << 16;
+    pub const K_FOLDS: u64 = 1000;
+    pub const MAX_NEW_TOKENS: u64 = 1 << 20;
+}
+
+mod defaults {
+    pub fn validation_fraction() -> f64 {
+        0.1
+    }
+    pub fn max_len() -> usize {
+        512
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn keep_last() -> usize {
+        2
+    }
+}
+
+impl Config {
+    /// Reads a TOML file, applies `key=value` overrides, and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path, overrides)
+    }
+
+    /// [`Config::load`], then [`Config::check_model`] against the config.json of
+    /// `model.path`: every limit checked before anything is read, allocated or written.
+    pub fn load_for_model(path: &Path, overrides: &[String]) -> Result<Self> {
+        let config = Self::load(path, overrides)?;
+        let model_config = config.model.path.join(whet_model::load::CONFIG_FILE);
+        let model = whet_model::Config::from_file(&model_config)?;
+        config.check_model(path, &model, &model_config)?;
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let config: Config = Config::deserialize(value).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: with_suggestion(&e.to_string()),
+        })?;
+        // Relative paths in a config file are relative to that file.
+        // Absolute, so the config saved next to a checkpoint still points at the same files.
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let config =
+            config.rebased(&std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf()));
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn rebased(mut self, base: &Path) -> Self {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let fix = |p: &mut PathBuf| {
+            if let (Ok(rest), Some(home)) = (p.strip_prefix("~"), home.as_ref()) {
+                *p = home.join(rest);
+            }
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.model.path);
+        fix(&mut self.data.train);
+        if let Some(v) = self.data.validation.as_mut() {
+            fix(v);
+        }
+        if let Some(g) = self.eval.general_data.as_mut() {
+            fix(g);
+        }
+        fix(&mut self.output.dir);
+        self
+    }
+
+    /// Every setting in range, with an error naming its key; [`Config::load`] runs it (so
+    /// `--set` overrides go through it too). The trainer's settings are checked by
+    /// [`TrainerConfig::validate`] (which `whet_train::Trainer::run` runs again); checks against
+    /// the model's sizes are [`Config::check_model`].
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let bad = |field: &str, message: String| invalid(format!("`{field}` {message}"));
+        let real = |field: &str, v: f64, lo: f64, hi: f64, open_hi: bool, hint: &str| {
+            check::real(field, v, lo, hi, open_hi, hint).map_err(invalid)
+        };
+        let int =
+            |field: &str, v: u64, lo: u64, hi: u64| check::int(field, v, lo, hi).map_err(invalid);
+        self.trainer_with(String::new()).validate(path)?;
+        let t = &self.train;
+        // The keys of the optimizer not chosen, which the trainer does not see.
+        match t.optimizer {
+            OptimizerKind::Adamw => real("train.momentum", t.momentum, 0.0, 1.0, true, "")?,
+            OptimizerKind::Sgd => {
+                real("train.beta1", t.beta1, 0.0, 1.0, true, "")?;
+                real("train.beta2", t.beta2, 0.0, 1.0, true, "")?;
+            }
+        }
+        if t.k_folds == 1 {
+            return Err(bad(
+                "train.k_folds",
+                "k-fold cross-validation needs k >= 2 (0 turns it off)".into(),
+            ));
+        }
+        int("train.k_folds", t.k_folds.into(), 0, limits::K_FOLDS)?;
+        if self.data.max_len < 8 {
+            return Err(bad(
+                "data.max_len",
+                format!(
+                    "{} tokens is too short for a training row",
+                    self.data.max_len
+                ),
+            ));
+        }
+        int("data.max_len", self.data.max_len as u64, 8, limits::MAX_LEN)?;
+        match t.micro_batch.checked_mul(self.data.max_len) {
+            Some(tokens) if tokens as u64 <= limits::TOKENS_PER_MICRO_BATCH => {}
+            _ => {
+                return Err(bad(
+                    "train.micro_batch * data.max_len",
+                    format!(
+                        "(tokens per micro-batch) must be at most {}, got {} * {}",
+                        limits::TOKENS_PER_MICRO_BATCH,
+                        t.micro_batch,
+                        self.data.max_len
+                    ),
+                ));
+            }
+        }
+        real(
+            "data.validation_fraction",
+            self.data.validation_fraction,
+            0.0,
+            1.0,
+            true,
+            "",
+        )?;
+        if self.method == Method::Lora && self.lora.r == 0 {
+            return Err(bad("lora.r", "LoRA rank must be at least 1".into()));
+        }
+        int("lora.r", self.lora.r as u64, 0, limits::LORA_RANK)?;
+        real(
+            "lora.alpha",
+            self.lora.alpha,
+            f64::MIN_POSITIVE,
+            f64::INFINITY,
+            false,
+            "",
+        )?;
+        real("lora.dropout", self.lora.dropout, 0.0, 1.0, true, "")?;
+        self.check_target_modules(path)?;
+        int(
+            "eval.max_new_tokens",
+            self.eval.max_new_tokens as u64,
+            0,
+            limits::MAX_NEW_TOKENS,
+        )?;
+        if let Some(q) = &self.model.quantize {
+            if whet_model::quant::parse(q).is_none() {
+                return Err(bad(
+                    "model.quantize",
+                    format!(
+                        "{q:?} is not a quantization type; use one of {}",
+                        whet_model::quant::names()
+                    ),
+                ));
+            }
+            if self.method != Method::Lora {
+                return Err(bad(
+                    "model.quantize",
+                    "a quantized base (QLoRA) trains LoRA adapters only; set method = \"lora\" or remove quantize".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `["all-linear"]`, or a list of module names (one name is a list of one, as in PEFT;
+    /// a single string, PEFT's regex, is a type error at load).
+    fn check_target_modules(&self, path: &Path) -> Result<()> {
+        let modules = &self.lora.target_modules;
+        let bad = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("`lora.target_modules` {message}"),
+        };
+        if modules.is_empty() {
+            return Err(bad(format!(
+                "is empty; use [\"all-linear\"] or names from {:?}",
+                whet_model::LINEAR_MODULES
+            )));
+        }
+        if let [one] = modules.as_slice()
+            && one == "all-linear"
+        {
+            return Ok(());
+        }
+        for m in modules {
+            if !whet_model::LINEAR_MODULES.contains(&m.as_str()) {
+                return Err(bad(format!(
+                    "names {m:?}, not a linear module of this architecture; use [\"all-linear\"] or names from {:?}",
+                    whet_model::LINEAR_MODULES
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The LoRA request as `whet_model` takes it: `["all-linear"]` is every linear module,
+    /// any other list (one name included) is that list of module names.
+    pub fn lora_config(&self) -> whet_model::LoraConfig {
+        let l = &self.lora;
+        let mut c = whet_model::LoraConfig::new(l.r, l.alpha);
+        c.dropout = l.dropout;
+        c.use_rslora = l.use_rslora;
+        c.target_modules = match l.target_modules.as_slice() {
+            [one] if one == "all-linear" => whet_model::TargetModules::One(one.clone()),
+            many => whet_model::TargetModules::Many(many.to_vec()),
+        };
+        c
+    }
+
+    /// The settings whose limits depend on the model, checked before the model loads:
+    /// `lora.r` at most min(in, out) of every targeted layer, `data.max_len` at most the
+    /// model's `max_position_embeddings`, and the largest activation of a micro-batch
+    /// (`micro_batch * max_len * max(hidden, intermediate)` values) within
+    /// [`limits::ACTIVATION_ELEMS`].
+    /// `path` is the training config's file, `model_config` the model's config.json; both
+    /// label errors.
+    pub fn check_model(
+        &self,
+        path: &Path,
+        model: &whet_model::Config,
+        model_config: &Path,
+    ) -> Result<()> {
+        let bad = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("`{field}` {message} (model: {})", model_config.display()),
+        };
+        if self.method == Method::Lora {
+            let lora = self.lora_config();
+            // The targeted layer with the smallest min(out, in) bounds the rank.
+            let smallest = lora
+                .modules(model_config)?
+                .into_iter()
+                .filter_map(|m| model.linear_shape(m).map(|(o, i)| (o.min(i), o, i, m)))
+                .min();
+            if let Some((max, out_dim, in_dim, m)) = smallest
+                && self.lora.r > max
+            {
+                return Err(bad(
+                    "lora.r",
+                    format!(
+                        "= {} is larger than min(out {out_dim}, in {in_dim}) = {max} of `{m}` in this model; use a rank of at most {max}",
+                        self.lora.r
+                    ),
+                ));
+            }
+        }
+        let positions = model.max_position_embeddings;
+        if self.data.max_len > positions {
+            return Err(bad(
+                "data.max_len",
+                format!(
+                    "= {} is longer than this model's max_position_embeddings = {positions}; use at most {positions}",
+                    self.data.max_len
+                ),
+            ));
+        }
+        let width = model.hidden_size.max(model.intermediate_size);
+        let elems = self
+            .train
+            .micro_batch
+            .checked_mul(self.data.max_len)
+            .and_then(|n| n.checked_mul(width));
+        if elems.is_none_or(|n| n as u64 > limits::ACTIVATION_ELEMS) {
+            return Err(bad(
+                "train.micro_batch",
+                format!(
+                    "= {}: micro_batch * data.max_len ({}) * max(hidden_size, intermediate_size) ({width}) must be at most {} values per activation; lower train.micro_batch (and raise train.grad_accum) or data.max_len",
+                    self.train.micro_batch,
+                    self.data.max_len,
+                    limits::ACTIVATION_ELEMS
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The resolved config as TOML, as saved next to each checkpoint.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# could not serialise config: {e}\n"))
+    }
+
+    /// What the trainer takes of this config; its checkpoints store [`Config::to_toml`].
+    pub fn trainer(&self) -> TrainerConfig {
+        self.trainer_with(self.to_toml())
+    }
+
+    /// The `[train]` section, `method` and the checkpoint policy of `[output]`; the optimizer's
+    /// keys become the chosen optimizer's settings.
+    fn trainer_with(&self, config_toml: String) -> TrainerConfig {
+        let t = &self.train;
+        TrainerConfig {
+            method: self.method,
+            seed: t.seed,
+            epochs: t.epochs,
+            max_steps: t.max_steps,
+            micro_batch: t.micro_batch,
+            grad_accum: t.grad_accum,
+            optimizer: match t.optimizer {
+                OptimizerKind::Adamw => OptimizerChoice::AdamW(AdamWConfig {
+                    beta1: t.beta1,
+                    beta2: t.beta2,
+                    eps: 1e-8,
+                    weight_decay: t.weight_decay,
+                }),
+                OptimizerKind::Sgd => OptimizerChoice::Sgd(SgdConfig {
+                    momentum: t.momentum,
+                    nesterov: false,
+                    weight_decay: t.weight_decay,
+                }),
+            },
+            lr: t.lr,
+            schedule: t.schedule,
+            warmup_steps: t.warmup_steps,
+            min_lr_ratio: t.min_lr_ratio,
+            max_grad_norm: t.max_grad_norm,
+            neftune_alpha: t.neftune_alpha,
+            activation_checkpointing: t.activation_checkpointing,
+            eval_every: t.eval_every,
+            patience: t.patience,
+            min_delta: t.min_delta,
+            save_every: self.output.save_every,
+            keep_last: self.output.keep_last,
+            config_toml,
+        }
+    }
+}
+
+/// `train.lr=1e-4`: the value is parsed as TOML (number, bool, array, inline table), falling back
+/// to a plain string.
+fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<()> {
+    let bad = |message: String| ConfigError::Override {
+        assignment: assignment.to_string(),
+        message,
+    };
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| bad("expected `section.key=value`, e.g. `train.lr=1e-4`".into()))?;
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, sections) = parts.split_last().ok_or_else(|| bad("empty key".into()))?;
+    let mut table = root;
+    for part in sections {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| bad(format!("`{part}` is not a section")))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// serde says "unknown field `lr_rate`, expected one of `seed`, `lr`, ..."; add the closest name.
+fn with_suggestion(message: &str) -> String {
+    let Some(rest) = message.split("unknown field `").nth(1) else {
+        return message.to_string();
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let best = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|cand| (edit_distance(unknown, cand), cand))
+        .min();
+    match best {
+        Some((d, cand)) if d <= unknown.len().max(3) / 2 + 1 => {
+            format!("{message} (did you mean `{cand}`?)")
+        }
+        _ => message.to_string(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [model]
+        path = "m"
+        [data]
+        train = "d.jsonl"
+        [output]
+        dir = "out"
+    "#;
+
+    #[test]
+    fn unknown_keys_are_rejected_with_a_suggestion() {
+        let text = format!("{MINIMAL}\n[train]\nlearning_rate = 1e-4\n");
+        let err = Config::from_toml(&text, Path::new("run.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("run.toml") && err.contains("learning_rate"),
+            "{err}"
+        );
+        let err = Config::from_toml(MINIMAL, Path::new("run.toml"), &["train.lrr=1e-4".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `lr`"), "{err}");
+    }
+
+    #[test]
+    fn overrides_are_typed_and_paths_are_relative_to_the_file() {
+        let c = Config::from_toml(
+            MINIMAL,
+            Path::new("/cfg/run.toml"),
+            &[
+                "train.lr=1e-4".into(),
+                "lora.target_modules=[\"q_proj\"]".into(),
+                "method=full".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.lr, 1e-4);
+        assert_eq!(c.lora.target_modules, vec!["q_proj".to_string()]);
+        assert_eq!(c.method, Method::Full);
+        assert_eq!(c.data.train, Path::new("/cfg/d.jsonl"));
+        let again = Config::from_toml(&c.to_toml(), Path::new("/elsewhere/x.toml"), &[]).unwrap();
+        assert_eq!(again, c, "the saved config reads back to the same config");
+    }
+
+    /// The error of MINIMAL with `overrides`; panics when it loads.
+    fn refused(overrides: &[&str]) -> String {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        match Config::from_toml(MINIMAL, Path::new("run.toml"), &o) {
+            Ok(_) => panic!("{overrides:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn non_finite_and_out_of_range_numbers_are_refused_naming_the_key() {
+        let msg = refused(&["train.epochs=inf"]);
+        assert!(
+            msg.contains("run.toml")
+                && msg.contains("`train.epochs` must be a finite number > 0")
+                && msg.contains("got inf"),
+            "{msg}"
+        );
+        // nan used to train one step; with max_steps set, epochs must still be a number.
+        for o in [
+            &["train.epochs=nan"][..],
+            &["train.epochs=-1.0"],
+            &["train.epochs=nan", "train.max_steps=5"],
+            &["train.epochs=1e300"],
+        ] {
+            assert!(refused(o).contains("`train.epochs`"), "{o:?}");
+        }
+        for (o, key) in [
+            ("train.beta1=nan", "train.beta1"),
+            ("train.beta2=1.0", "train.beta2"),
+            ("train.momentum=-0.5", "train.momentum"),
+            ("train.weight_decay=inf", "train.weight_decay"),
+            ("train.min_lr_ratio=nan", "train.min_lr_ratio"),
+            ("train.max_grad_norm=nan", "train.max_grad_norm"),
+            ("train.neftune_alpha=-1.0", "train.neftune_alpha"),
+            ("train.min_delta=nan", "train.min_delta"),
+            ("train.lr=inf", "train.lr"),
+            ("lora.alpha=inf", "lora.alpha"),
+            ("lora.alpha=nan", "lora.alpha"),
+            ("lora.dropout=nan", "lora.dropout"),
+            ("data.validation_fraction=nan", "data.validation_fraction"),
+            ("train.k_folds=4000000000", "train.k_folds"),
+            ("train.max_steps=9000000000000000000", "train.max_steps"),
+            (
+                "eval.max_new_tokens=9000000000000000000",
+                "eval.max_new_tokens",
+            ),
+        ] {
+            let msg = refused(&[o]);
+            assert!(msg.contains(&format!("`{key}`")), "{o}: {msg}");
+        }
+    }
+
+    #[test]
+    fn batch_products_that_overflow_or_explode_are_refused() {
+        // 4 * 2^62 wraps to 0 (a division by zero in the trainer); 4 * (2^62 + 1) wraps to 4
+        // (silently another batch).
+        for o in [
+            "train.grad_accum=4611686018427387904",
+            "train.grad_accum=4611686018427387905",
+        ] {
+            let msg = refused(&["train.micro_batch=4", o]);
+            assert!(msg.contains("`train.grad_accum`"), "{o}: {msg}");
+        }
+        let msg = refused(&["train.micro_batch=65536", "train.grad_accum=65536"]);
+        assert!(
+            msg.contains("`train.micro_batch * train.grad_accum`"),
+            "{msg}"
+        );
+        let msg = refused(&["train.micro_batch=9223372036854775807"]);
+        assert!(msg.contains("`train.micro_batch`"), "{msg}");
+        let msg = refused(&["data.max_len=9223372036854775807"]);
+        assert!(msg.contains("`data.max_len`"), "{msg}");
+        let msg = refused(&["train.micro_batch=1024", "data.max_len=65536"]);
+        assert!(msg.contains("`train.micro_batch * data.max_len`"), "{msg}");
+        let msg = refused(&["lora.r=9223372036854775807"]);
+        assert!(msg.contains("`lora.r`"), "{msg}");
+    }
+
+    #[test]
+    fn one_target_module_is_a_list_of_one_name() {
+        let c = Config::from_toml(
+            MINIMAL,
+            Path::new("run.toml"),
+            &["lora.target_modules=[\"q_proj\"]".into()],
+        )
+        .unwrap();
+        let modules = c.lora_config().modules(Path::new("x")).unwrap();
+        assert_eq!(modules, vec!["q_proj"]);
+        let all = Config::from_toml(MINIMAL, Path::new("run.toml"), &[]).unwrap();
+        assert_eq!(
+            all.lora_config().modules(Path::new("x")).unwrap(),
+            whet_model::LINEAR_MODULES.to_vec()
+        );
+        let msg = refused(&["lora.target_modules=[\"q_proj\", \"qproj\"]"]);
+        assert!(
+            msg.contains("`lora.target_modules`") && msg.contains("qproj"),
+            "{msg}"
+        );
+        assert!(refused(&["lora.target_modules=[]"]).contains("`lora.target_modules`"));
+    }
+
+    #[test]
+    fn limits_that_depend_on_the_model_name_the_key() {
+        let model = whet_model::Config::from_json_str(
+            r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+                "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 128}"#,
+            Path::new("m/config.json"),
+        )
+        .unwrap();
+        let check = |overrides: &[&str]| {
+            let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+            let c = Config::from_toml(MINIMAL, Path::new("run.toml"), &o).unwrap();
+            c.check_model(Path::new("run.toml"), &model, Path::new("m/config.json"))
+                .map_err(|e| e.to_string())
+        };
+        check(&["lora.r=16", "data.max_len=128"]).unwrap();
+        // k_proj and v_proj are 16 x 32.
+        let msg = check(&["lora.r=17", "data.max_len=128"]).unwrap_err();
+        assert!(
+            msg.contains("`lora.r`") && msg.contains("k_proj") && msg.contains("m/config.json"),
+            "{msg}"
+        );
+        // Only q_proj (32 x 32) targeted: 32 fits.
+        check(&[
+            "lora.r=32",
+            "data.max_len=128",
+            "lora.target_modules=[\"q_proj\"]",
+        ])
+        .unwrap();
+        // Full fine-tuning has no rank.
+        check(&["lora.r=1000", "data.max_len=128", "method=full"]).unwrap();
+        let msg = check(&["lora.r=8", "data.max_len=129"]).unwrap_err();
+        assert!(
+            msg.contains("`data.max_len`") && msg.contains("max_position_embeddings"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_zero_learning_rate_is_an_error() {
+        let err = Config::from_toml(MINIMAL, Path::new("run.toml"), &["train.lr=0".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("train.lr"), "{err}");
+    }
+}
