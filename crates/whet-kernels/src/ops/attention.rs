@@ -55,13 +55,7 @@ pub fn attention(
         ),
         _ => AttentionMask::Cpu(Arc::new(cpu::attention::Windows::new(&seg, b, s))),
     };
-    let op = Attention {
-        scale,
-        mask,
-        lse: Stash::default(),
-    };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    apply(q, k, v, scale, mask)
 }
 
 /// [`attention`] on CUDA through the SIMT kernels only (no tensor cores): the tests compare the
@@ -77,12 +71,18 @@ pub fn attention_simt(
 ) -> Result<Tensor> {
     let (b, s, _, _) = k.dims4()?;
     let seg = segments.flatten_all()?.to_vec1::<u32>()?;
+    let mask = AttentionMask::Cuda(
+        Arc::new(crate::cuda::attention::Masks::new(&seg, b, s, q.device())?),
+        crate::cuda::attention::Kernel::Simt,
+    );
+    apply(q, k, v, scale, mask)
+}
+
+/// Applies the op, with `mask`, to q, k and v made contiguous.
+fn apply(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: AttentionMask) -> Result<Tensor> {
     let op = Attention {
         scale,
-        mask: AttentionMask::Cuda(
-            Arc::new(crate::cuda::attention::Masks::new(&seg, b, s, q.device())?),
-            crate::cuda::attention::Kernel::Simt,
-        ),
+        mask,
         lse: Stash::default(),
     };
     q.contiguous()?
