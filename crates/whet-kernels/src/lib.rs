@@ -24,6 +24,7 @@ mod checkpoint;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod dropout;
 // Its host-side planning is tested everywhere; only `flash-attn` builds call it.
 #[cfg_attr(not(feature = "flash-attn"), allow(dead_code))]
 mod flash;
@@ -34,6 +35,7 @@ pub mod reference;
 mod self_check;
 
 pub use checkpoint::{Segment, SideGrads, checkpoint};
+pub use dropout::dropout_mask;
 pub use kernels::{Kernels, Op, Ops};
 pub use quantized::quantized_linear;
 pub use self_check::{OpCheck, SelfCheck, self_check, self_check_ops};

@@ -566,16 +566,17 @@ fn dropout(x: &Tensor, p: f32, rng: &Mutex<StdRng>) -> Result<Tensor> {
 }
 
 /// The mask of [`dropout`]: 0 with probability `p`, else 1 / (1 - p); x's shape and dtype.
+/// One draw from `rng` seeds the mask, which `whet_kernels::dropout_mask` computes on x's own
+/// device (the same mask on every device for the same stream).
 fn dropout_mask(x: &Tensor, p: f32, rng: &Mutex<StdRng>) -> Result<Tensor> {
-    let keep = 1.0 / (1.0 - p);
-    let n = x.elem_count();
-    let mask: Vec<f32> = {
-        let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
-        (0..n)
-            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-            .collect()
-    };
-    Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?) // (..)
+    let seed: u64 = rng.lock().unwrap_or_else(|e| e.into_inner()).random();
+    Ok(whet_kernels::dropout_mask(
+        x.shape(),
+        p,
+        seed,
+        x.dtype(),
+        x.device(),
+    )?) // (..)
 }
 
 /// Writes `adapter_model.safetensors` (PEFT names) and `adapter_config.json` into `dir`, each

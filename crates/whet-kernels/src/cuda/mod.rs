@@ -11,6 +11,7 @@
 pub(crate) mod adamw;
 pub(crate) mod attention;
 pub(crate) mod cross_entropy;
+pub(crate) mod dropout;
 pub(crate) mod linear;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
@@ -47,6 +48,10 @@ pub(crate) const CROSS_ENTROPY: Src = Src {
     name: "cross_entropy",
     code: include_str!("kernels/cross_entropy.cu"),
 };
+pub(crate) const DROPOUT: Src = Src {
+    name: "dropout",
+    code: include_str!("kernels/dropout.cu"),
+};
 pub(crate) const RMS_NORM: Src = Src {
     name: "rms_norm",
     code: include_str!("kernels/rms_norm.cu"),
@@ -60,10 +65,11 @@ pub(crate) const SWIGLU: Src = Src {
     code: include_str!("kernels/swiglu.cu"),
 };
 
-pub(crate) const ALL: [&Src; 6] = [
+pub(crate) const ALL: [&Src; 7] = [
     &ADAMW,
     &ATTENTION,
     &CROSS_ENTROPY,
+    &DROPOUT,
     &RMS_NORM,
     &ROPE,
     &SWIGLU,

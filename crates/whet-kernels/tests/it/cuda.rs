@@ -16,8 +16,8 @@
 use anyhow::{Result, ensure};
 use candle_core::{DType, Device, Tensor, Var};
 use whet_kernels::{
-    IGNORE_INDEX, attention, attention_simt, cross_entropy_sum, linear, linear_cross_entropy_sum,
-    rms_norm, rope, rope_tables, swiglu,
+    IGNORE_INDEX, attention, attention_simt, cross_entropy_sum, dropout_mask, linear,
+    linear_cross_entropy_sum, rms_norm, rope, rope_tables, swiglu,
 };
 
 use crate::common::{rand, rand_vec};
@@ -271,6 +271,42 @@ fn rope_matches_cpu() -> Result<()> {
                 tl,
                 tl,
             )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn dropout_masks_on_cuda_equal_the_cpus_bit_for_bit() -> Result<()> {
+    let dev = gpu_or_skip!("dropout_masks_on_cuda_equal_the_cpus_bit_for_bit");
+    for dt in DTYPES {
+        for (shape, p, seed) in [
+            (vec![3, 5, 7], 0.5f32, 1u64),
+            (vec![2, 512, 576], 0.05, u64::MAX),
+        ] {
+            let want = dropout_mask(shape.as_slice(), p, seed, dt, &Device::Cpu)?;
+            let got = dropout_mask(shape.as_slice(), p, seed, dt, &dev)?;
+            ensure!(got.dims() == shape.as_slice() && got.dtype() == dt);
+            let (g, w) = (
+                got.to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+                want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let differ = g
+                .iter()
+                .zip(&w)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            eprintln!(
+                "dropout mask {shape:?} p {p} {dt:?}: {differ} of {} values differ",
+                w.len()
+            );
+            ensure!(
+                differ == 0,
+                "dropout mask {shape:?} {dt:?}: {differ} values differ"
+            );
         }
     }
     Ok(())
