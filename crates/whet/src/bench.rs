@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use whet_model::{LoraConfig, Model, TargetModules, Trainable};
 use whet_optim::{AdamW, AdamWConfig, Optimizer, Param};
 
-use crate::commands::device;
+use crate::runtime::Runtime;
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
 pub fn peak_rss_mib() -> Option<f64> {
@@ -44,7 +44,7 @@ pub struct StepArgs {
 
 /// Times `steps` optimizer steps (forward, backward, AdamW) on random tokens after `warmup`
 /// untimed ones; prints one JSON line.
-pub fn train_step(args: &StepArgs) -> Result<()> {
+pub fn train_step(rt: &Runtime, args: &StepArgs) -> Result<()> {
     let StepArgs {
         model: model_dir,
         method,
@@ -67,7 +67,7 @@ pub fn train_step(args: &StepArgs) -> Result<()> {
         "full" => Trainable::Full,
         other => anyhow::bail!("--method must be lora or full, not `{other}`"),
     };
-    let dev = device();
+    let dev = rt.device().clone();
     let quantize = match quantize {
         None => None,
         Some(q) => Some(whet_model::quant::parse(q).ok_or_else(|| {
@@ -79,8 +79,7 @@ pub fn train_step(args: &StepArgs) -> Result<()> {
     };
     let options = whet_model::LoadOptions { quantize };
     let mut model = Model::load_with(model_dir, trainable, &options, &dev)?;
-    model.set_compute_dtype(crate::commands::compute_dtype())?;
-    model.set_kernels(crate::commands::kernels()?);
+    rt.configure(&mut model)?;
     model.set_training(true);
     model.set_activation_checkpointing(checkpointing);
     let params: Vec<Param> = model
