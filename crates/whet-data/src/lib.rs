@@ -7,10 +7,13 @@
 //! - [`split`]: deterministic train/validation splits and k-fold assignment by a stable hash.
 //! - [`atomic`]: the one writer of every file and folder whet writes, and which folders it may
 //!   write into (whet's other crates write through it too).
+//! - [`byte_level`]: GPT-2's byte alphabet, a table that whet-tokenize and whet-model both read.
 //!
-//! Invariant: this crate knows nothing of tokenizers or tensors.
+//! Invariant: this crate knows nothing of tokenizers or tensors (the byte alphabet is a table of
+//! 256 characters, here only because both of its readers depend on this crate).
 
 pub mod atomic;
+pub mod byte_level;
 pub mod dedup;
 pub mod error;
 pub mod mapping;

@@ -17,7 +17,9 @@ pub enum Record {
     Conversation { messages: Vec<Message> },
 }
 
-/// The shape a dataset is read as; `Auto` picks from the fields present.
+/// The shape a dataset is read as; `Auto` picks from the fields present. The one record-shape
+/// choice of whet: `data.format` in a training config and `--format` on the command line are
+/// this, spelled as [`Shape::name`] (`auto`, `text`, `prompt-completion`, `chat`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Shape {
@@ -25,7 +27,29 @@ pub enum Shape {
     Auto,
     Text,
     PromptCompletion,
+    /// [`Record::Conversation`]; a config or the command line says `chat`.
+    #[serde(rename = "chat")]
     Conversation,
+}
+
+impl Shape {
+    /// Every shape, in the order `--help` and serde's errors list them.
+    pub const ALL: [Shape; 4] = [
+        Shape::Auto,
+        Shape::Text,
+        Shape::PromptCompletion,
+        Shape::Conversation,
+    ];
+
+    /// The name a config file and the command line use (serde's spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Auto => "auto",
+            Shape::Text => "text",
+            Shape::PromptCompletion => "prompt-completion",
+            Shape::Conversation => "chat",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

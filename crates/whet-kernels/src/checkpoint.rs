@@ -20,6 +20,8 @@ use candle_core::{
     CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, TensorId, Var, bail,
 };
 
+use crate::ops::Stash;
+
 /// The segment: input -> output, both (.., H); called once forward and once in backward.
 pub type Segment = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
@@ -75,7 +77,7 @@ pub fn checkpoint(
     // Forward without a lasting graph: the graph built here dies with `y`'s tracked copy.
     let y = segment(&x.detach())?.detach();
     let op = Checkpoint {
-        y: Mutex::new(Some(y)),
+        y: Stash::holding(y),
         segment,
         params,
         side: side.clone(),
@@ -86,7 +88,7 @@ pub fn checkpoint(
 
 struct Checkpoint {
     /// The forward result, handed over once by `cpu_fwd`.
-    y: Mutex<Option<Tensor>>,
+    y: Stash<Tensor>,
     segment: Segment,
     params: Vec<Tensor>,
     side: SideGrads,
@@ -104,7 +106,7 @@ impl CustomOp2 for Checkpoint {
         _s2: &CpuStorage,
         _l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Some(y) = self.y.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        let Some(y) = self.y.take() else {
             bail!("whet-checkpoint: forward ran twice")
         };
         let shape = y.shape().clone();

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::gguf::SUPPORTED_TYPES;
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,7 +18,8 @@ pub enum Error {
         hint: &'static str,
     },
 
-    /// An I/O error other than "not found" while reading or writing a file.
+    /// An I/O error other than "not found" while reading or writing a file (GGUF reading keeps
+    /// "not found" here too: its `op` says "cannot open the GGUF file").
     #[error("{}: {op}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -129,6 +132,88 @@ pub enum Error {
         path: PathBuf,
         tensor: String,
         found: String,
+    },
+
+    // ---- GGUF files (`gguf/`) ----
+    /// The file does not start with the GGUF magic.
+    #[error("{}: not a GGUF file: {detail}", path.display())]
+    NotGguf { path: PathBuf, detail: String },
+
+    /// The header or a tensor's data runs past the end of the file.
+    #[error(
+        "{}: truncated or corrupt GGUF file: {detail}. Re-download or re-export it (compare its size and sha256 with the source)",
+        path.display()
+    )]
+    GgufTruncated { path: PathBuf, detail: String },
+
+    /// The header cannot be read as GGUF (or its metadata would take too much memory).
+    #[error("{}: malformed GGUF header: {detail}", path.display())]
+    GgufMalformed { path: PathBuf, detail: String },
+
+    /// `general.architecture` is not the one whet reads ([`crate::gguf::ARCHITECTURE`]).
+    #[error(
+        "{}: general.architecture = {found:?}, but whet reads only \"llama\" GGUF files (SmolLM, TinyLlama, Llama 2); convert this model from its Hugging Face folder instead",
+        path.display()
+    )]
+    GgufArchitecture { path: PathBuf, found: String },
+
+    /// A tensor type whet cannot dequantize. `what` names the tensor when known
+    /// ("tensor blk.0.attn_q.weight"), else "a tensor".
+    #[error(
+        "{}: {what} is stored as GGML type {type_name} (id {type_id}), which whet cannot dequantize; supported: {SUPPORTED_TYPES}. Requantize the file (llama-quantize ... Q8_0) or convert from the Hugging Face folder",
+        path.display()
+    )]
+    GgufQuantization {
+        path: PathBuf,
+        what: String,
+        type_id: u32,
+        type_name: String,
+    },
+
+    /// A metadata key whet needs is absent; `hint` says why it matters.
+    #[error("{}: metadata key {key} is missing: {hint}", path.display())]
+    GgufMissingKey {
+        path: PathBuf,
+        key: String,
+        hint: &'static str,
+    },
+
+    /// A metadata value of the wrong type or out of range.
+    #[error("{}: metadata key {key}: expected {expected}, found {found}", path.display())]
+    GgufValue {
+        path: PathBuf,
+        key: String,
+        expected: String,
+        found: String,
+    },
+
+    /// A tensor whose shape, range, data or presence disagrees with the header or the metadata.
+    #[error("{}: tensor {tensor}: expected {expected}, found {found}", path.display())]
+    GgufTensor {
+        path: PathBuf,
+        tensor: String,
+        expected: String,
+        found: String,
+    },
+
+    /// A GGUF feature whet does not convert (`detail` says which, and what to do instead).
+    #[error("{}: {detail}", path.display())]
+    GgufUnsupported { path: PathBuf, detail: String },
+
+    /// The `llama.*` metadata describes a config that [`crate::Config::validate`] refuses.
+    #[error("{}: the llama.* metadata gives an invalid model config: {source}", path.display())]
+    GgufConfig {
+        path: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// A converted folder's file could not be written (`path` is the GGUF, `out` the folder).
+    #[error("{}: cannot write {}: {detail}", path.display(), out.display())]
+    GgufWrite {
+        path: PathBuf,
+        out: PathBuf,
+        detail: String,
     },
 
     // ---- adapters ----

@@ -18,6 +18,7 @@ use std::sync::RwLock;
 use regex::Regex;
 use tokenizers::models::bpe::BPE;
 use tokenizers::{Model, ModelWrapper, PreTokenizerWrapper};
+use whet_data::byte_level::bytes_to_unicode;
 
 /// The GPT-2 pattern without its look-ahead alternative `\s+(?!\S)`, which is applied by
 /// giving the last character of a whitespace run back when a non-space follows.
@@ -65,22 +66,6 @@ impl std::fmt::Debug for FastByteLevelBpe {
     }
 }
 
-/// GPT-2's `bytes_to_unicode`: printable bytes map to themselves, the rest to U+0100...
-fn byte_chars() -> [char; 256] {
-    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
-    let mut map = ['\0'; 256];
-    let mut n = 0u32;
-    for b in 0..=255u8 {
-        map[b as usize] = if printable(b) {
-            char::from(b)
-        } else {
-            n += 1;
-            char::from_u32(255 + n).expect("U+0100..U+0143 are chars")
-        };
-    }
-    map
-}
-
 impl FastByteLevelBpe {
     /// The fast path for this tokenizer, if its pipeline is one it reproduces exactly.
     pub(crate) fn new(tok: &tokenizers::Tokenizer) -> Option<Self> {
@@ -105,7 +90,7 @@ impl FastByteLevelBpe {
             re: Regex::new(GPT2_SPLIT).ok()?,
             bpe,
             added,
-            byte_char: byte_chars(),
+            byte_char: bytes_to_unicode(),
             cache: RwLock::new(WordCache::default()),
         })
     }
@@ -155,24 +140,5 @@ impl FastByteLevelBpe {
             cache.insert(word.into(), ids);
         }
         Some(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_map_is_gpt2s() {
-        let m = byte_chars();
-        assert_eq!(m[b'A' as usize], 'A');
-        assert_eq!(m[b' ' as usize], 'Ġ');
-        assert_eq!(m[b'\n' as usize], 'Ċ');
-        assert_eq!(m[0], 'Ā');
-        assert_eq!(m[0xAD], 'Ń');
-        let mut all: Vec<char> = m.to_vec();
-        all.sort();
-        all.dedup();
-        assert_eq!(all.len(), 256);
     }
 }

@@ -10,7 +10,7 @@ use whet_model::{LoraConfig, Model, TargetModules, Trainable};
 use whet_optim::{AdamW, AdamWConfig, Param};
 use whet_train::{Batch, Step};
 
-use crate::commands::device;
+use crate::runtime::Runtime;
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
 pub fn peak_rss_mib() -> Option<f64> {
@@ -45,7 +45,7 @@ pub struct StepArgs {
 
 /// Times `steps` optimizer steps (`whet_train::Step`: forward, backward, the global gradient
 /// norm, AdamW; no clipping) on random tokens after `warmup` untimed ones; prints one JSON line.
-pub fn train_step(args: &StepArgs) -> Result<()> {
+pub fn train_step(rt: &Runtime, args: &StepArgs) -> Result<()> {
     let StepArgs {
         model: model_dir,
         method,
@@ -68,7 +68,7 @@ pub fn train_step(args: &StepArgs) -> Result<()> {
         "full" => Trainable::Full,
         other => anyhow::bail!("--method must be lora or full, not `{other}`"),
     };
-    let dev = device();
+    let dev = rt.device().clone();
     let quantize = match quantize {
         None => None,
         Some(q) => Some(whet_model::quant::parse(q).ok_or_else(|| {
@@ -80,8 +80,7 @@ pub fn train_step(args: &StepArgs) -> Result<()> {
     };
     let options = whet_model::LoadOptions { quantize };
     let mut model = Model::load_with(model_dir, trainable, &options, &dev)?;
-    model.set_compute_dtype(crate::commands::compute_dtype())?;
-    model.set_kernels(crate::commands::kernels()?);
+    rt.configure(&mut model)?;
     model.set_training(true);
     model.set_activation_checkpointing(checkpointing);
     let params: Vec<Param> = model

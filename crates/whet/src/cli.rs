@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
-
-use crate::config::Format;
+use clap::Args;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use whet_data::Shape;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -41,21 +41,13 @@ pub struct GenerateArgs {
     pub seed: u64,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy)]
-pub enum FormatArg {
-    Auto,
-    Text,
-    PromptCompletion,
-    Chat,
-}
-
-impl From<FormatArg> for Format {
-    fn from(f: FormatArg) -> Self {
-        match f {
-            FormatArg::Auto => Format::Auto,
-            FormatArg::Text => Format::Text,
-            FormatArg::PromptCompletion => Format::PromptCompletion,
-            FormatArg::Chat => Format::Chat,
-        }
-    }
+/// `--format`: a record [`Shape`], spelled as `data.format` in a training config (`auto`,
+/// `text`, `prompt-completion`, `chat`).
+pub fn shape_parser() -> impl TypedValueParser<Value = Shape> {
+    PossibleValuesParser::new(Shape::ALL.map(Shape::name)).map(|name| {
+        Shape::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .unwrap_or_default()
+    })
 }

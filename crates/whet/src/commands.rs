@@ -1,236 +1,49 @@
-//! The subcommands: each loads what it needs from the library crates and reports.
+//! The subcommands: each loads what it needs from the library crates (models through the
+//! process's [`Runtime`]) and reports.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
+use whet_data::Shape;
 use whet_data::atomic::{self, Existing};
-use whet_data::{Message, Role};
-use whet_kernels::Kernels;
-use whet_model::{GenerationConfig, LoadOptions, Model, Trainable};
+use whet_model::{Model, Trainable};
 use whet_tokenize::Tokenizer;
 use whet_train::comm::Communicator;
 use whet_train::metrics::MetricsLine;
-use whet_train::{EvalMetrics, Observer, Row, StepMetrics, Trainer, evaluate};
+use whet_train::{EvalMetrics, Observer, StepMetrics, Trainer, evaluate};
 
 use crate::cli::{GenerateArgs, ModelArgs};
-use crate::config::{Config, Format, Method};
-use crate::pipeline::{self, DataSpec};
+use crate::config::{Config, Method};
+use crate::pipeline;
+use crate::prompt::{complete, generation_config, prompt_ids};
 use crate::report::{self, Generation, Report};
+use crate::runtime::{Runtime, load_tokenizer, run_id};
 
-/// The device and compute dtype every command uses (`--device`, `--dtype`); CPU f32 until set.
-static DEVICE: std::sync::OnceLock<(Device, DType)> = std::sync::OnceLock::new();
-/// `--kernels` as given (`auto` until set), and the set it resolved to on first use.
-static KERNELS_CHOICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-static KERNELS: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
-
-/// Picks how each op runs (`--kernels`, or `WHET_KERNELS`): `auto` (the fused kernels; on CUDA
-/// after a self-check against the composed reference, an op that fails it running its
-/// reference), `check` (the same self-check on any device), `fused`, `reference`, or
-/// `reference:OP,OP..`. Checked now, resolved when a command first loads a model.
-pub fn set_kernels(choice: &str) -> Result<()> {
-    if !matches!(choice, "auto" | "check") {
-        Kernels::parse(choice).map_err(|e| anyhow::anyhow!("--kernels {e}"))?;
-    }
-    KERNELS_CHOICE
-        .set(choice.to_string())
-        .map_err(|_| anyhow::anyhow!("the kernels were already chosen"))
-}
-
-/// The kernel set models run with on [`device`] (see [`set_kernels`]); the self-check runs
-/// once per process and prints its table to stderr.
-pub fn kernels() -> Result<Kernels> {
-    if let Some(k) = KERNELS.get() {
-        return Ok(*k);
-    }
-    let dev = device();
-    let choice = KERNELS_CHOICE.get().map(String::as_str).unwrap_or("auto");
-    let k = match choice {
-        "check" => checked_kernels(&dev)?,
-        "auto" if dev.is_cuda() => checked_kernels(&dev)?,
-        "auto" => Kernels::FUSED,
-        other => {
-            let k = Kernels::parse(other).map_err(|e| anyhow::anyhow!("--kernels {e}"))?;
-            if k != Kernels::FUSED {
-                eprintln!("kernels: {k} (--kernels)");
-            }
-            k
-        }
-    };
-    Ok(*KERNELS.get_or_init(|| k))
-}
-
-fn checked_kernels(dev: &Device) -> Result<Kernels> {
-    let check = whet_kernels::self_check(dev).context("the kernel self-check")?;
-    eprint!("{check}");
-    let k = check.kernels();
-    for op in check.failed_ops() {
-        eprintln!(
-            "warning: whet's fused `{op}` kernel disagrees with its reference on {}: it runs as the composed reference (slower, correct); please report this with the table above",
-            check.device
-        );
-    }
-    Ok(k)
-}
-
-/// Picks the device (`cpu`, `cuda`, `cuda:N`) and the compute dtype (`auto`: bf16 on CUDA,
-/// f32 on the CPU; `f32`; `bf16`, CUDA only) for the whole process.
-pub fn set_device(name: &str, dtype: &str) -> Result<()> {
-    let dev = match name {
-        "cpu" => Device::Cpu,
-        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
-            let ordinal: usize = match cuda.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse()
-                    .with_context(|| format!("--device {cuda}: expected cuda:N, N a number"))?,
-                // One rank per GPU: the rank's local rank among the visible devices.
-                None => whet_train::comm::local_cuda_ordinal(),
-            };
-            if !cfg!(feature = "cuda") {
-                bail!(
-                    "--device {cuda}: this whet was built without CUDA; build it with `cargo build --release -p whet --features cuda` (a CUDA toolkit is needed; `cargo xtask cuda-build` installs one)"
-                )
-            }
-            Device::new_cuda(ordinal).with_context(|| format!("--device {cuda}"))?
-        }
-        other => bail!("--device {other:?}: expected cpu, cuda or cuda:N"),
-    };
-    let dt = match (dtype, dev.is_cuda()) {
-        ("auto", true) | ("bf16", true) => DType::BF16,
-        ("auto", false) | ("f32", _) => DType::F32,
-        ("bf16", false) => bail!("--dtype bf16 needs --device cuda (the CPU kernels are f32)"),
-        (other, _) => bail!("--dtype {other:?}: expected auto, f32 or bf16"),
-    };
-    DEVICE
-        .set((dev, dt))
-        .map_err(|_| anyhow::anyhow!("the device was already chosen"))
-}
-
-pub fn device() -> Device {
-    DEVICE.get().map(|d| d.0.clone()).unwrap_or(Device::Cpu)
-}
-
-/// The dtype the forward computes in (trainable weights and optimizer state stay f32).
-pub fn compute_dtype() -> DType {
-    DEVICE.get().map(|d| d.1).unwrap_or(DType::F32)
-}
-
-/// Loads a model folder (frozen) and, when given, a LoRA adapter on top.
-pub fn load_model(args: &ModelArgs, trainable: Trainable) -> Result<Model> {
-    let mut model = Model::load(&args.model, trainable, &device())?;
-    if let Some(adapter) = &args.adapter {
-        model.load_adapter(adapter)?;
-    }
-    model.set_compute_dtype(compute_dtype())?;
-    model.set_kernels(kernels()?);
-    model.set_training(false);
-    Ok(model)
-}
-
-pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))
-}
-
-/// Prompt ids for generation: the chat template with a generation prompt, or the raw text
-/// (with BOS when the tokenizer adds one).
-pub fn prompt_ids(
-    tok: &Tokenizer,
-    prompt: &str,
-    chat: bool,
-    system: Option<&str>,
-) -> Result<Vec<u32>> {
-    if chat {
-        let template = tok.chat_template().context(
-            "--chat needs a chat template in tokenizer_config.json or chat_template.jinja",
-        )?;
-        let mut messages = Vec::new();
-        if let Some(system) = system {
-            messages.push(Message {
-                role: Role::System,
-                content: system.to_string(),
-            });
-        }
-        messages.push(Message {
-            role: Role::User,
-            content: prompt.to_string(),
-        });
-        let text = template.render(&messages, true)?;
-        Ok(tok.encode_ids(&text)?)
-    } else {
-        let mut ids = Vec::new();
-        if tok.adds_bos() {
-            ids.extend(tok.bos_id());
-        }
-        ids.extend(tok.encode_ids(prompt)?);
-        Ok(ids)
-    }
-}
-
-/// Generates and decodes the completion only.
-pub fn complete(
-    model: &Model,
-    tok: &Tokenizer,
-    ids: &[u32],
-    cfg: &GenerationConfig,
-) -> Result<String> {
-    // `whet_model::generate` returns the new tokens only (the stop token included).
-    let new = whet_model::generate(model, ids, cfg)?;
-    Ok(tok.decode(&new, true)?)
-}
-
-fn generation_config(g: &GenerateArgs) -> GenerationConfig {
-    GenerationConfig {
-        max_new_tokens: g.max_new_tokens,
-        temperature: g.temperature,
-        top_k: g.top_k,
-        top_p: g.top_p,
-        repetition_penalty: g.repetition_penalty,
-        seed: g.seed,
-        eos_token_ids: None,
-    }
-}
-
-pub fn generate(args: &ModelArgs, g: &GenerateArgs) -> Result<()> {
-    let model = load_model(args, Trainable::None)?;
+pub fn generate(rt: &Runtime, args: &ModelArgs, g: &GenerateArgs) -> Result<()> {
+    let model = rt.load_model(args, Trainable::None)?;
     let tok = load_tokenizer(&args.model)?;
-    let mut cfg = generation_config(g);
-    let mut eos = model.config().eos_token_ids();
-    eos.push(tok.eos_id());
-    cfg.eos_token_ids = Some(eos);
+    let cfg = generation_config(g, &model, &tok);
     let ids = prompt_ids(&tok, &g.prompt, g.chat, g.system.as_deref())?;
     println!("{}", complete(&model, &tok, &ids, &cfg)?);
     Ok(())
 }
 
 /// Loss of `data` as training would see it: the same reading, template, masks and packing.
-pub fn eval_rows(tok: &Tokenizer, data: &Path, format: Format, max_len: usize) -> Result<Vec<Row>> {
-    let spec = DataSpec {
-        format,
-        max_len,
-        pack: true,
-        all_assistant_turns: true,
-        skip_invalid: false,
-        system_prompt: None,
-    };
-    let (examples, _) = pipeline::read(data, &spec)?;
-    let (tokenized, report) = pipeline::tokenize(tok, &examples, &spec)?;
-    if tokenized.is_empty() {
-        bail!(
-            "{}: no example has a supervised token ({} excluded)",
-            data.display(),
-            report.rows_excluded()
-        );
-    }
-    Ok(pipeline::rows(tok, &tokenized, &spec)?.0)
-}
-
-pub fn eval(args: &ModelArgs, data: &Path, format: Format, max_len: usize) -> Result<()> {
-    let model = load_model(args, Trainable::None)?;
+pub fn eval(
+    rt: &Runtime,
+    args: &ModelArgs,
+    data: &Path,
+    format: Shape,
+    max_len: usize,
+) -> Result<()> {
+    let model = rt.load_model(args, Trainable::None)?;
     let tok = load_tokenizer(&args.model)?;
-    let rows = eval_rows(&tok, data, format, max_len)?;
-    let (loss, tokens) = evaluate(&model, &rows, 4, &device())?;
+    let spec = pipeline::flags_section(data, None, format, max_len, false);
+    let rows = pipeline::eval_rows(&tok, &spec)?;
+    let (loss, tokens) = evaluate(&model, &rows, 4, rt.device())?;
     println!(
         "{}",
         serde_json::json!({ "loss": loss, "perplexity": loss.exp(), "tokens": tokens })
@@ -282,18 +95,18 @@ const MERGE_RUN: &str = "whet merge";
 
 /// `whet merge`: the merged model is written as a whole folder with whet's marker, into an `out`
 /// that is new, empty or an earlier merge's (never between files whet does not own).
-pub fn merge(args: &ModelArgs, out: &Path) -> Result<()> {
+pub fn merge(rt: &Runtime, args: &ModelArgs, out: &Path) -> Result<()> {
     let Some(adapter) = &args.adapter else {
         bail!("whet merge needs --adapter DIR")
     };
     // Refused before the work, and again before the folder is renamed into place.
     atomic::check(out, MERGE_RUN)?;
-    let model = load_model(args, Trainable::None)?;
+    let model = rt.load_model(args, Trainable::None)?;
     let tok = load_tokenizer(&args.model)?;
     let mut merged = model.detached();
     merged.merge_lora()?;
-    let (a, n) = probe_logits(&model, &tok)?;
-    let (b, _) = probe_logits(&merged, &tok)?;
+    let (a, n) = probe_logits(&model, &tok, rt.device())?;
+    let (b, _) = probe_logits(&merged, &tok, rt.device())?;
     let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     atomic::write_owned_dir(out, MERGE_RUN, |dir| {
         merged.save_pretrained(dir)?;
@@ -307,7 +120,11 @@ pub fn merge(args: &ModelArgs, out: &Path) -> Result<()> {
 }
 
 /// The logits of a probe prompt (the start of the chat template or a fixed sentence).
-fn probe_logits(model: &Model, tok: &Tokenizer) -> Result<(candle_core::Tensor, usize)> {
+fn probe_logits(
+    model: &Model,
+    tok: &Tokenizer,
+    dev: &Device,
+) -> Result<(candle_core::Tensor, usize)> {
     let probe = prompt_ids(
         tok,
         "Write one sentence about the sea.",
@@ -315,9 +132,9 @@ fn probe_logits(model: &Model, tok: &Tokenizer) -> Result<(candle_core::Tensor, 
         None,
     )?;
     let n = probe.len();
-    let ids = candle_core::Tensor::from_vec(probe, (1, n), &device())?;
-    let pos = candle_core::Tensor::arange(0u32, n as u32, &device())?.unsqueeze(0)?;
-    let seg = candle_core::Tensor::zeros((1, n), candle_core::DType::U32, &device())?;
+    let ids = candle_core::Tensor::from_vec(probe, (1, n), dev)?;
+    let pos = candle_core::Tensor::arange(0u32, n as u32, dev)?.unsqueeze(0)?;
+    let seg = candle_core::Tensor::zeros((1, n), candle_core::DType::U32, dev)?;
     Ok((model.logits(&ids, &pos, &seg)?, n))
 }
 
@@ -325,6 +142,7 @@ fn probe_logits(model: &Model, tok: &Tokenizer) -> Result<(candle_core::Tensor, 
 /// with `force`), then reads it back (whet's GGUF import) and reports how far its logits are
 /// from the model's and whether the tokenizer survived.
 pub fn export_gguf(
+    rt: &Runtime,
     args: &ModelArgs,
     out: &Path,
     ty: &str,
@@ -344,7 +162,7 @@ pub fn export_gguf(
     };
     // Before the model loads: refused without the work.
     atomic::refuse_existing(out, existing)?;
-    let model = load_model(args, Trainable::None)?;
+    let model = rt.load_model(args, Trainable::None)?;
     let mut merged = model.detached();
     merged.merge_lora()?;
     let name = name.map(str::to_string).unwrap_or_else(|| {
@@ -360,11 +178,11 @@ pub fn export_gguf(
     // Read it back: convert to a scratch HF folder and compare.
     let scratch = tempfile::tempdir().context("creating a scratch folder")?;
     whet_model::gguf::convert_gguf_to_hf(out, scratch.path())?;
-    let back = Model::load(scratch.path(), Trainable::None, &device())?;
+    let back = Model::load(scratch.path(), Trainable::None, rt.device())?;
     let tok = load_tokenizer(&args.model)?;
     let tok_back = load_tokenizer(scratch.path())?;
-    let (a, n) = probe_logits(&merged, &tok)?;
-    let (b, _) = probe_logits(&back, &tok)?;
+    let (a, n) = probe_logits(&merged, &tok, rt.device())?;
+    let (b, _) = probe_logits(&back, &tok, rt.device())?;
     let diff = (&a - &b)?
         .abs()?
         .flatten_all()?
@@ -500,50 +318,13 @@ impl Observer for Progress {
     }
 }
 
-/// The model a training config asks for: its method's trainable weights, and a quantized
-/// base when `model.quantize` is set (QLoRA).
-pub fn load_for_training(cfg: &Config, seed: u64) -> Result<Model> {
-    let options = LoadOptions {
-        quantize: cfg.model.quantize_type(),
-    };
-    let mut model = Model::load_with(&cfg.model.path, trainable(cfg, seed), &options, &device())?;
-    model.set_compute_dtype(compute_dtype())?;
-    model.set_kernels(kernels()?);
-    Ok(model)
-}
-
-pub fn trainable(cfg: &Config, seed: u64) -> Trainable {
-    match cfg.method {
-        Method::Lora => Trainable::Lora {
-            config: cfg.lora_config(),
-            seed,
-        },
-        Method::Full => Trainable::Full,
-    }
-}
-
-/// A stable id of the run: the resolved config (less its output folder) and the data.
-pub fn run_id(cfg: &Config, train: &[Row]) -> String {
-    let mut h = whet_tokenize::fingerprint::Fnv128::new();
-    let mut c = cfg.clone();
-    c.output.dir = PathBuf::new();
-    h.bytes(c.to_toml().as_bytes());
-    for r in train {
-        for id in &r.input_ids {
-            h.bytes(&id.to_le_bytes());
-        }
-    }
-    h.hex()[..16].to_string()
-}
-
 /// `whet train`: one process, or one rank of a data-parallel run (`mpirun -n N whet train ...`;
 /// `whet_train::comm` picks the communicator from the launcher's environment). Every rank prepares
 /// the same data and model; rank 0 alone writes the audit, checkpoints, metrics, weights and
 /// report, and prints the progress.
-pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<()> {
-    let dev = device();
-    let comm = whet_train::comm::init(&dev)?;
-    let result = train_on(&*comm, &dev, config, overrides, with_report);
+pub fn train(rt: &Runtime, config: &Path, overrides: &[String], with_report: bool) -> Result<()> {
+    let comm = whet_train::comm::init(rt.device())?;
+    let result = train_on(rt, &*comm, config, overrides, with_report);
     if let Err(e) = &result
         && comm.world_size() > 1
     {
@@ -559,13 +340,14 @@ pub fn train(config: &Path, overrides: &[String], with_report: bool) -> Result<(
 }
 
 fn train_on(
+    rt: &Runtime,
     comm: &dyn Communicator,
-    dev: &Device,
     config: &Path,
     overrides: &[String],
     with_report: bool,
 ) -> Result<()> {
     let started = Instant::now();
+    let dev = rt.device();
     let leader = comm.rank() == 0;
     let cfg = Config::load_for_model(config, overrides)?;
     let out = cfg.output.dir.clone();
@@ -596,9 +378,9 @@ fn train_on(
                 cfg.train.k_folds
             );
         }
-        return crate::kfold::run(&cfg, &tok, &data, &out);
+        return crate::kfold::run(rt, &cfg, &tok, &data, &out);
     }
-    let mut model = load_for_training(&cfg, cfg.train.seed)?;
+    let mut model = rt.load_for_training(&cfg, cfg.train.seed)?;
     let (total_params, trainable_params) = model.num_params();
     if leader {
         eprintln!(
@@ -634,7 +416,10 @@ fn train_on(
         );
     }
     let general = match &cfg.eval.general_data {
-        Some(p) => Some(eval_rows(&tok, p, Format::Auto, cfg.data.max_len)?),
+        Some(p) => Some(pipeline::eval_rows(
+            &tok,
+            &pipeline::flags_section(p, None, Shape::Auto, cfg.data.max_len, false),
+        )?),
         None => None,
     };
 

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use whet_data::Shape;
 use whet_optim::{AdamWConfig, SgdConfig};
 pub use whet_train::Method;
 use whet_train::config::check;
@@ -65,17 +66,6 @@ impl ModelSection {
     }
 }
 
-/// Which record shape the data has; `auto` picks from the fields.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Format {
-    #[default]
-    Auto,
-    Text,
-    PromptCompletion,
-    Chat,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
@@ -85,8 +75,10 @@ pub struct DataSection {
     pub validation: Option<PathBuf>,
     #[serde(default = "defaults::validation_fraction")]
     pub validation_fraction: f64,
+    /// Which record shape the data has (`auto`, `text`, `prompt-completion`, `chat`); `auto`
+    /// picks from the fields.
     #[serde(default)]
-    pub format: Format,
+    pub format: Shape,
     /// Tokens per packed row.
     #[serde(default = "defaults::max_len")]
     pub max_len: usize,

@@ -3,13 +3,13 @@
 use std::path::Path;
 
 use anyhow::Result;
+use whet_data::Shape;
 use whet_data::dedup::DedupConfig;
 use whet_data::pii::Scrubber;
 use whet_tokenize::{TokenizedExample, Tokenizer};
 
-use crate::commands::load_tokenizer;
-use crate::config::Format;
-use crate::pipeline::{self, DataSpec};
+use crate::pipeline;
+use crate::runtime::load_tokenizer;
 
 /// Decodes `ex` with every learned span wrapped in `⟦...⟧`.
 pub fn marked(tok: &Tokenizer, ex: &TokenizedExample) -> Result<String> {
@@ -35,19 +35,12 @@ pub fn inspect(
     data: &Path,
     validation: Option<&Path>,
     model: &Path,
-    format: Format,
+    format: Shape,
     max_len: usize,
     skip_invalid: bool,
 ) -> Result<()> {
     let tok = load_tokenizer(model)?;
-    let spec = DataSpec {
-        format,
-        max_len,
-        pack: true,
-        all_assistant_turns: true,
-        skip_invalid,
-        system_prompt: None,
-    };
+    let spec = pipeline::flags_section(data, validation, format, max_len, skip_invalid);
     let (examples, read) = pipeline::read(data, &spec)?;
     println!("source: {} ({} file(s))", data.display(), read.files.len());
     println!(
@@ -145,7 +138,7 @@ pub fn inspect(
         kept.len()
     );
     let _ = dups;
-    if let Some(v) = validation {
+    if let Some(v) = &spec.validation {
         let (val, _) = pipeline::read(v, &spec)?;
         let leak = whet_data::dedup::leakage(&examples, &val, &DedupConfig::default())?;
         println!(

@@ -9,9 +9,9 @@ use serde::Serialize;
 use whet_tokenize::Tokenizer;
 use whet_train::{Quiet, Trainer};
 
-use crate::commands::device;
 use crate::config::Config;
-use crate::pipeline::{self, DataSpec, Prepared};
+use crate::pipeline::{self, Prepared};
+use crate::runtime::{Runtime, run_id};
 
 #[derive(Debug, Serialize)]
 pub struct FoldResult {
@@ -39,9 +39,8 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-pub fn run(cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &Path) -> Result<()> {
+pub fn run(rt: &Runtime, cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &Path) -> Result<()> {
     let k = cfg.train.k_folds as usize;
-    let spec = DataSpec::from(&cfg.data);
     let all: Vec<_> = data
         .train_examples
         .iter()
@@ -58,14 +57,12 @@ pub fn run(cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &Path) -> Result
                 all.len()
             );
         }
-        let (train_tok, _) = pipeline::tokenize(tok, &split.train, &spec)?;
-        let (val_tok, _) = pipeline::tokenize(tok, &split.validation, &spec)?;
-        let (train, _) = pipeline::rows(tok, &train_tok, &spec)?;
-        let (validation, _) = pipeline::rows(tok, &val_tok, &spec)?;
-        let mut model = crate::commands::load_for_training(cfg, cfg.train.seed)?;
+        let train = pipeline::rows(tok, &split.train, &cfg.data, None)?.rows;
+        let validation = pipeline::rows(tok, &split.validation, &cfg.data, None)?.rows;
+        let mut model = rt.load_for_training(cfg, cfg.train.seed)?;
         model.set_training(false);
         let (base, _) =
-            whet_train::evaluate(&model, &validation, cfg.train.micro_batch, &device())?;
+            whet_train::evaluate(&model, &validation, cfg.train.micro_batch, rt.device())?;
         let fold_out = out.join(format!("fold-{fold}"));
         let mut trainer = Trainer {
             model: &mut model,
@@ -73,8 +70,8 @@ pub fn run(cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &Path) -> Result
             train: &train,
             validation: &validation,
             out: &fold_out,
-            device: device(),
-            run_id: format!("{}-fold{fold}", crate::commands::run_id(cfg, &train)),
+            device: rt.device().clone(),
+            run_id: format!("{}-fold{fold}", run_id(cfg, &train)),
             comm: &whet_train::comm::Single,
         };
         let summary = trainer.run(&mut Quiet)?;

@@ -1,5 +1,10 @@
 //! whet's orchestrator: the only crate that knows every other crate. The `whet` binary
-//! (`src/main.rs`) parses arguments and calls [`commands`].
+//! (`src/main.rs`) parses arguments, builds the process's [`runtime::Runtime`] (device, dtype,
+//! kernels) and calls [`commands`] with it.
+//!
+//! Layers, each importing only from those below it: [`commands`] (the subcommands); [`kfold`],
+//! [`report`], [`inspect`], [`bench`] (one job each); [`runtime`] (model loading), [`pipeline`]
+//! (files to rows), [`prompt`] (prompts to completions), [`plot`]; [`cli`] (argument groups).
 
 pub mod bench;
 pub mod cli;
@@ -9,4 +14,6 @@ pub mod inspect;
 pub mod kfold;
 pub mod pipeline;
 pub mod plot;
+pub mod prompt;
 pub mod report;
+pub mod runtime;

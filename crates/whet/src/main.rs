@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use whet::runtime::Runtime;
 
 #[derive(Parser)]
 #[command(
@@ -53,8 +54,8 @@ enum Command {
         model: whet::cli::ModelArgs,
         #[arg(long)]
         data: PathBuf,
-        #[arg(long, value_enum, default_value = "auto")]
-        format: whet::cli::FormatArg,
+        #[arg(long, value_parser = whet::cli::shape_parser(), default_value = "auto")]
+        format: whet_data::Shape,
         #[arg(long, default_value_t = 2048)]
         max_len: usize,
     },
@@ -130,8 +131,8 @@ enum DataCommand {
         model: PathBuf,
         #[arg(long)]
         validation: Option<PathBuf>,
-        #[arg(long, value_enum, default_value = "auto")]
-        format: whet::cli::FormatArg,
+        #[arg(long, value_parser = whet::cli::shape_parser(), default_value = "auto")]
+        format: whet_data::Shape,
         #[arg(long, default_value_t = 2048)]
         max_len: usize,
         #[arg(long)]
@@ -179,33 +180,33 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    whet::commands::set_device(&cli.device, &cli.dtype)?;
-    whet::commands::set_kernels(&cli.kernels)?;
+    // The one runtime of this process, passed to every command that loads a model.
+    let rt = Runtime::new(&cli.device, &cli.dtype, &cli.kernels)?;
     match cli.command {
         Command::Train {
             config,
             overrides,
             no_report,
-        } => whet::commands::train(&config, &overrides, !no_report),
+        } => whet::commands::train(&rt, &config, &overrides, !no_report),
         Command::Eval {
             model,
             data,
             format,
             max_len,
-        } => whet::commands::eval(&model, &data, format.into(), max_len),
-        Command::Generate { model, sampling } => whet::commands::generate(&model, &sampling),
+        } => whet::commands::eval(&rt, &model, &data, format, max_len),
+        Command::Generate { model, sampling } => whet::commands::generate(&rt, &model, &sampling),
         Command::Convert(a) => {
             whet::commands::convert(&a.from_gguf, &a.out, a.check_sha256.as_deref())
         }
-        Command::BenchStep(args) => whet::bench::train_step(&args),
-        Command::Merge { model, out } => whet::commands::merge(&model, &out),
+        Command::BenchStep(args) => whet::bench::train_step(&rt, &args),
+        Command::Merge { model, out } => whet::commands::merge(&rt, &model, &out),
         Command::Export {
             model,
             gguf,
             ty,
             name,
             force,
-        } => whet::commands::export_gguf(&model, &gguf, &ty, name.as_deref(), force),
+        } => whet::commands::export_gguf(&rt, &model, &gguf, &ty, name.as_deref(), force),
         Command::Data {
             command:
                 DataCommand::Inspect {
@@ -220,7 +221,7 @@ fn run(cli: Cli) -> Result<()> {
             &data,
             validation.as_deref(),
             &model,
-            format.into(),
+            format,
             max_len,
             skip_invalid,
         ),

@@ -1,5 +1,7 @@
 //! Files to trainer rows: read, scrub, dedup, split, tokenize, pack. Each stage's report is kept
-//! so `whet data inspect`, the training log and the final report can show what happened.
+//! so `whet data inspect`, the training log and the final report can show what happened. Every
+//! command's rows come from [`rows`], and the `[data]` section (or the flags that stand for one,
+//! [`flags_section`]) is translated into the library crates' options here and nowhere else.
 
 use std::path::{Path, PathBuf};
 
@@ -14,103 +16,192 @@ use whet_tokenize::{
 };
 use whet_train::Row;
 
-use crate::config::{DataSection, Format};
+use crate::config::DataSection;
 
-/// How to turn files into rows; built from a training config or from CLI flags.
-#[derive(Debug, Clone, Serialize)]
-pub struct DataSpec {
-    pub format: Format,
-    pub max_len: usize,
-    pub pack: bool,
-    pub all_assistant_turns: bool,
-    pub skip_invalid: bool,
-    pub system_prompt: Option<String>,
-}
-
-impl From<&DataSection> for DataSpec {
-    fn from(d: &DataSection) -> Self {
-        Self {
-            format: d.format,
-            max_len: d.max_len,
-            pack: d.pack,
-            all_assistant_turns: d.all_assistant_turns,
-            skip_invalid: d.skip_invalid,
-            system_prompt: d.system_prompt.clone(),
-        }
+/// The `[data]` section that command-line flags stand for (`whet eval`, `whet data inspect`, and
+/// a training run's general-text data): `train` (and `validation`) read as `format`, packed at
+/// `max_len` with every assistant turn learned; nothing scrubbed, deduplicated or held out.
+pub fn flags_section(
+    train: &Path,
+    validation: Option<&Path>,
+    format: Shape,
+    max_len: usize,
+    skip_invalid: bool,
+) -> DataSection {
+    DataSection {
+        train: train.to_path_buf(),
+        validation: validation.map(Path::to_path_buf),
+        validation_fraction: 0.0,
+        format,
+        max_len,
+        pack: true,
+        all_assistant_turns: true,
+        scrub_pii: false,
+        dedup: false,
+        skip_invalid,
+        system_prompt: None,
     }
 }
 
-pub fn shape_of(format: Format) -> Shape {
-    match format {
-        Format::Auto => Shape::Auto,
-        Format::Text => Shape::Text,
-        Format::PromptCompletion => Shape::PromptCompletion,
-        Format::Chat => Shape::Conversation,
-    }
-}
+// The data settings, translated into the library crates' options: here and nowhere else.
 
-/// Reads every example of `path` (file, directory or glob).
-pub fn read(path: &Path, spec: &DataSpec) -> Result<(Vec<Example>, ReadReport)> {
-    let opts = ReadOptions {
+fn read_options(data: &DataSection) -> ReadOptions {
+    ReadOptions {
         mapping: Mapping {
-            shape: shape_of(spec.format),
-            system_prompt: spec.system_prompt.clone(),
+            shape: data.format,
+            system_prompt: data.system_prompt.clone(),
             ..Default::default()
         },
-        skip_invalid: spec.skip_invalid,
+        skip_invalid: data.skip_invalid,
         ..Default::default()
-    };
-    whet_data::read_all(path, &opts).with_context(|| format!("reading {}", path.display()))
+    }
 }
 
-/// Tokenizes with the settings training uses (TRL conventions: text gets EOS, prompt/completion
+/// The settings training tokenizes with (TRL conventions: text gets EOS, prompt/completion
 /// learns completion + EOS, chat learns assistant turns + end-of-turn).
-pub fn tokenize(
-    tok: &Tokenizer,
-    examples: &[Example],
-    spec: &DataSpec,
-) -> Result<(Vec<TokenizedExample>, TokenizeReport)> {
-    let cfg = TokenizeConfig {
-        max_len: Some(spec.max_len),
+fn tokenize_config(data: &DataSection) -> TokenizeConfig {
+    TokenizeConfig {
+        max_len: Some(data.max_len),
         truncation: Truncation::Right,
-        assistant_turns: if spec.all_assistant_turns {
+        assistant_turns: if data.all_assistant_turns {
             AssistantTurns::All
         } else {
             AssistantTurns::Last
         },
         ..Default::default()
-    };
-    Ok(tok.tokenize_examples(examples, &cfg)?)
+    }
+}
+
+/// Packing into rows of `max_len`, or `None`: one example per row, padded.
+fn pack_config(data: &DataSection, tok: &Tokenizer) -> Option<PackConfig> {
+    data.pack.then(|| PackConfig {
+        seq_len: data.max_len,
+        pad_id: tok.pad_id(),
+        truncation: Truncation::Right,
+        bos_id: tok.bos_id(),
+    })
+}
+
+/// What the cached rows of a set of examples depend on besides the tokenizer and the examples:
+/// part of the cache key, with the same fields and spelling as earlier whets keyed with, so
+/// their caches stay valid.
+#[derive(Serialize)]
+struct RowSettings<'a> {
+    format: Shape,
+    max_len: usize,
+    pack: bool,
+    all_assistant_turns: bool,
+    skip_invalid: bool,
+    system_prompt: Option<&'a str>,
+}
+
+impl<'a> From<&'a DataSection> for RowSettings<'a> {
+    fn from(d: &'a DataSection) -> Self {
+        RowSettings {
+            format: d.format,
+            max_len: d.max_len,
+            pack: d.pack,
+            all_assistant_turns: d.all_assistant_turns,
+            skip_invalid: d.skip_invalid,
+            system_prompt: d.system_prompt.as_deref(),
+        }
+    }
+}
+
+/// Reads every example of `path` (file, directory or glob) as `data` says.
+pub fn read(path: &Path, data: &DataSection) -> Result<(Vec<Example>, ReadReport)> {
+    whet_data::read_all(path, &read_options(data))
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+/// Tokenizes with the settings training uses: the first stage of [`rows`], on its own for
+/// `whet data inspect`, which shows examples as the model will be taught them.
+pub fn tokenize(
+    tok: &Tokenizer,
+    examples: &[Example],
+    data: &DataSection,
+) -> whet_tokenize::Result<(Vec<TokenizedExample>, TokenizeReport)> {
+    tok.tokenize_examples(examples, &tokenize_config(data))
 }
 
 /// Packs (or pads one example per row).
 fn packed(
     tok: &Tokenizer,
     examples: &[TokenizedExample],
-    spec: &DataSpec,
+    data: &DataSection,
 ) -> whet_tokenize::Result<(Vec<PackedRow>, Option<PackReport>)> {
-    if spec.pack {
-        let cfg = PackConfig {
-            seq_len: spec.max_len,
-            pad_id: tok.pad_id(),
-            truncation: Truncation::Right,
-            bos_id: tok.bos_id(),
-        };
-        let (rows, report) = whet_tokenize::pack(examples, &cfg)?;
-        Ok((rows, Some(report)))
-    } else {
-        Ok((whet_tokenize::pad_each(examples, tok.pad_id(), None)?, None))
+    match pack_config(data, tok) {
+        Some(cfg) => {
+            let (rows, report) = whet_tokenize::pack(examples, &cfg)?;
+            Ok((rows, Some(report)))
+        }
+        None => Ok((whet_tokenize::pad_each(examples, tok.pad_id(), None)?, None)),
     }
 }
 
-/// Packs (or pads one example per row) and shifts labels into next-token targets.
+/// Trainer rows and the reports of the passes that made them.
+pub struct Rows {
+    pub rows: Vec<Row>,
+    pub tokenize: TokenizeReport,
+    /// `None` when `data.pack` is off.
+    pub pack: Option<PackReport>,
+    /// Whether the rows came from the cache; `None` without one.
+    pub cache: Option<CacheStatus>,
+}
+
+/// Examples to trainer rows, the one way every command makes them: tokenize, pack (or pad one
+/// example per row), shift labels into next-token targets. With a `cache`, tokenize + pack go
+/// through it: keyed by the tokenizer, its chat template, every setting and the examples
+/// themselves (their content ids, in order), reused when all are unchanged.
 pub fn rows(
     tok: &Tokenizer,
-    examples: &[TokenizedExample],
-    spec: &DataSpec,
-) -> Result<(Vec<Row>, Option<PackReport>)> {
-    let (rows, report) = packed(tok, examples, spec)?;
-    Ok((rows.into_iter().map(to_row).collect(), report))
+    examples: &[Example],
+    data: &DataSection,
+    cache: Option<&Cache>,
+) -> Result<Rows> {
+    let build = || -> whet_tokenize::Result<CachedDataset> {
+        let (tokenized, tokenize_report) = tokenize(tok, examples, data)?;
+        let (rows, pack_report) = packed(tok, &tokenized, data)?;
+        Ok(CachedDataset {
+            rows,
+            tokenize_report,
+            pack_report,
+        })
+    };
+    let (built, status) = match cache {
+        Some(cache) => {
+            let ids: Vec<u8> = examples.iter().flat_map(|e| e.id.to_le_bytes()).collect();
+            let fp = FingerprintBuilder::new()
+                .tokenizer(tok)
+                .settings("data", &RowSettings::from(data))?
+                .bytes("examples", &ids)
+                .finish();
+            let (built, status) = cache.load_or_build(&fp, build)?;
+            (built, Some(status))
+        }
+        None => (build()?, None),
+    };
+    Ok(Rows {
+        rows: built.rows.into_iter().map(to_row).collect(),
+        tokenize: built.tokenize_report,
+        pack: built.pack_report,
+        cache: status,
+    })
+}
+
+/// The rows of one file as training would see them (the same reading, template, masks and
+/// packing), for a loss: `whet eval` and a run's general-text data.
+pub fn eval_rows(tok: &Tokenizer, data: &DataSection) -> Result<Vec<Row>> {
+    let (examples, _) = read(&data.train, data)?;
+    let rows = rows(tok, &examples, data, None)?;
+    if rows.rows.is_empty() {
+        bail!(
+            "{}: no example has a supervised token ({} excluded)",
+            data.train.display(),
+            rows.tokenize.rows_excluded()
+        );
+    }
+    Ok(rows.rows)
 }
 
 /// Where tokenized, packed datasets are cached: `$WHET_CACHE/datasets` (default
@@ -122,36 +213,6 @@ pub fn cache_dir() -> PathBuf {
             .join(".cache/whet"),
     };
     root.join("datasets")
-}
-
-/// Tokenize + pack through the cache: keyed by the tokenizer, its chat template, every setting
-/// and the examples themselves (their content ids, in order), reused when all are unchanged.
-pub fn cached_rows(
-    tok: &Tokenizer,
-    examples: &[Example],
-    spec: &DataSpec,
-) -> Result<(Vec<Row>, TokenizeReport, Option<PackReport>, CacheStatus)> {
-    let ids: Vec<u8> = examples.iter().flat_map(|e| e.id.to_le_bytes()).collect();
-    let fp = FingerprintBuilder::new()
-        .tokenizer(tok)
-        .settings("data", spec)?
-        .bytes("examples", &ids)
-        .finish();
-    let (data, status) = Cache::new(cache_dir()).load_or_build(&fp, || {
-        let (tokenized, tokenize_report) =
-            tokenize(tok, examples, spec).map_err(|e| whet_tokenize::Error::Setting {
-                field: "data",
-                what: format!("{e:#}"),
-            })?;
-        let (rows, pack_report) = packed(tok, &tokenized, spec)?;
-        Ok(CachedDataset {
-            rows,
-            tokenize_report,
-            pack_report,
-        })
-    })?;
-    let rows = data.rows.into_iter().map(to_row).collect();
-    Ok((rows, data.tokenize_report, data.pack_report, status))
 }
 
 fn to_row(r: PackedRow) -> Row {
@@ -195,14 +256,13 @@ pub struct Prepared {
 /// The full data path of a training run. Writes nothing: the PII audit comes back in
 /// [`Prepared::pii_audit`] for the caller to write once it knows it owns `out`.
 pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Result<Prepared> {
-    let spec = DataSpec::from(data);
     let mut report = DataReport::default();
     let mut pii_audit = None;
-    let (mut train, read_report) = read(&data.train, &spec)?;
+    let (mut train, read_report) = read(&data.train, data)?;
     report.train_read = Some(read_report);
     let mut validation = match &data.validation {
         Some(path) => {
-            let (v, r) = read(path, &spec)?;
+            let (v, r) = read(path, data)?;
             report.validation_read = Some(r);
             Some(v)
         }
@@ -249,7 +309,13 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
     if train.is_empty() {
         bail!("{}: no training examples were read", data.train.display());
     }
-    let (train_rows, r, pack, status) = cached_rows(tok, &train, &spec)?;
+    let cache = Cache::new(cache_dir());
+    let Rows {
+        rows: train_rows,
+        tokenize: r,
+        pack,
+        cache: status,
+    } = rows(tok, &train, data, Some(&cache))?;
     if train_rows.is_empty() {
         bail!(
             "{}: none of the {} training examples has a supervised token left: {} have none at all, {} lost theirs to truncation at data.max_len = {} ({} template errors). Raise data.max_len or check data.format",
@@ -263,16 +329,16 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
     }
     report.train_tokenize = Some(r);
     report.train_pack = pack;
-    report.cache = Some(format!("{status:?}"));
-    let (val_rows, r, _, _) = cached_rows(tok, &validation, &spec)?;
-    report.validation_tokenize = Some(r);
+    report.cache = status.map(|s| format!("{s:?}"));
+    let val = rows(tok, &validation, data, Some(&cache))?;
+    report.validation_tokenize = Some(val.tokenize);
     report.train_examples = train.len();
     report.validation_examples = validation.len();
     Ok(Prepared {
         train_examples: train,
         validation_examples: validation,
         train: train_rows,
-        validation: val_rows,
+        validation: val.rows,
         report,
         pii_audit,
     })

@@ -7,13 +7,15 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::Device;
 use serde::Serialize;
+use whet_data::Shape;
 use whet_data::atomic::{self, Existing};
-use whet_model::{GenerationConfig, Model};
+use whet_model::Model;
 use whet_tokenize::Tokenizer;
 use whet_train::{Row, Summary, evaluate};
 
-use crate::config::{Config, Format};
+use crate::config::Config;
 use crate::pipeline::DataReport;
+use crate::prompt::{complete, prompt_ids, report_generation_config};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Losses {
@@ -53,20 +55,12 @@ pub fn measure(
     }
     let mut gens = Vec::new();
     if generations {
-        let chat =
-            tok.chat_template().is_some() && matches!(cfg.data.format, Format::Chat | Format::Auto);
-        let mut gcfg = GenerationConfig::greedy(cfg.eval.max_new_tokens);
-        let mut eos = model.config().eos_token_ids();
-        eos.push(tok.eos_id());
-        gcfg.eos_token_ids = Some(eos);
-        gcfg.repetition_penalty = 1.1;
+        let chat = tok.chat_template().is_some()
+            && matches!(cfg.data.format, Shape::Conversation | Shape::Auto);
+        let gcfg = report_generation_config(cfg.eval.max_new_tokens, model, tok);
         for prompt in &cfg.eval.prompts {
-            let ids =
-                crate::commands::prompt_ids(tok, prompt, chat, cfg.data.system_prompt.as_deref())?;
-            gens.push((
-                prompt.clone(),
-                crate::commands::complete(model, tok, &ids, &gcfg)?,
-            ));
+            let ids = prompt_ids(tok, prompt, chat, cfg.data.system_prompt.as_deref())?;
+            gens.push((prompt.clone(), complete(model, tok, &ids, &gcfg)?));
         }
     }
     Ok(Measured {

@@ -191,6 +191,17 @@ fn explicit_shape_overrides_auto_detection() {
 }
 
 #[test]
+fn shape_names_are_serdes_spelling() {
+    // `data.format` (serde) and `--format` (`Shape::name`) must accept the same words.
+    for shape in Shape::ALL {
+        let json = serde_json::to_string(&shape).unwrap();
+        assert_eq!(json, format!("\"{}\"", shape.name()));
+        assert_eq!(serde_json::from_str::<Shape>(&json).unwrap(), shape);
+    }
+    assert_eq!(Shape::Conversation.name(), "chat");
+}
+
+#[test]
 fn null_fields_count_as_absent_for_detection() {
     let row = json!({"text": "t", "prompt": null, "completion": null, "messages": null});
     assert_eq!(map(row, &Mapping::default()).unwrap(), text("t"));

@@ -264,6 +264,25 @@ pub(crate) fn with_storage<R>(
     }
 }
 
+/// Runs `f` on the CUDA storages of `ts` (with their layouts), in order.
+pub(crate) fn with_storages<R, const N: usize>(
+    ts: [&Tensor; N],
+    op: &str,
+    f: impl FnOnce([(&CudaStorage, &Layout); N]) -> Result<R>,
+) -> Result<R> {
+    let guards = ts.map(|t| t.storage_and_layout());
+    let mut parts = Vec::with_capacity(N);
+    for ((s, l), t) in guards.iter().zip(ts) {
+        match &**s {
+            Storage::Cuda(cs) => parts.push((cs, *l)),
+            _ => bail!("{op}: expected a CUDA tensor, got one on {:?}", t.device()),
+        }
+    }
+    f(parts
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one storage per tensor")))
+}
+
 /// A fresh (uninitialised when `zero` is false) buffer of `n` elements of `dt`, as a storage,
 /// and its address.
 pub(crate) fn alloc(

@@ -4,7 +4,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Layout, Result, Tensor, bail};
 
-use super::{ROPE, alloc, func, grid_1d, launch, ptr, ptr_at, suffix, tensor, with_storage};
+use super::{ROPE, alloc, func, grid_1d, launch, ptr, ptr_at, suffix, tensor, with_storages};
 
 const OP: &str = "whet-rope";
 
@@ -71,10 +71,8 @@ pub(crate) fn apply(
 
 /// The gradient of x: the incoming gradient rotated back.
 pub(crate) fn bwd(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let out = with_storage(grad, OP, |g, lg| {
-        with_storage(cos, OP, |c, lc| {
-            with_storage(sin, OP, |s, ls| apply(g, lg, c, lc, s, ls, -1.0))
-        })
+    let out = with_storages([grad, cos, sin], OP, |[(g, lg), (c, lc), (s, ls)]| {
+        apply(g, lg, c, lc, s, ls, -1.0)
     })?;
     Ok(tensor(out, grad.shape()))
 }

