@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::gguf::SUPPORTED_TYPES;
+/// The GGML types whet dequantizes (`gguf::file`), as [`Error::GgufQuantization`] lists them.
+/// Kept here, where the message is, so the error type imports nothing of the crate.
+pub(crate) const SUPPORTED_TYPES: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
 
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -15,10 +15,6 @@ use memmap2::Mmap;
 use super::header;
 use crate::error::{Error, Result};
 
-/// The GGML types whet dequantizes, as [`Error::GgufQuantization`] lists them.
-pub(crate) const SUPPORTED_TYPES: &str =
-    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
-
 /// A GGUF file whose header has been read and whose tensor ranges have been checked against the
 /// file size. Tensor data is memory-mapped and only read when dequantized.
 pub struct GgufFile {

@@ -38,7 +38,6 @@ mod tokenizer;
 
 pub use config::ARCHITECTURE;
 pub use convert::{ConvertReport, convert_gguf_to_hf};
-pub(crate) use file::SUPPORTED_TYPES;
 pub use file::{GgufFile, TensorEntry};
 pub use metadata::METADATA_MEMORY_LIMIT;
 pub use tensors::{HfTensor, hf_tensor_name, permute_qk_rows, unpermute_qk_rows};
