@@ -91,6 +91,9 @@ pub(crate) fn fwd<T: Float>(logits: &[T], targets: &[i64], v: usize) -> (f64, Ve
                 .zip(targets.par_chunks(ROWS_PER_TASK)),
         )
         .map(|(lse, (x, t))| rows_fwd(x, t, v, lse))
+        .collect::<Vec<f64>>()
+        .into_iter()
+        // Summed in row order: a parallel `sum` adds in an order that varies from run to run.
         .sum();
     (loss, lse)
 }

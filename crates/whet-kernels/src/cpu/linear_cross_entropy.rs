@@ -100,6 +100,9 @@ pub(crate) fn fwd<T: Float>(h: &[T], w: &[T], targets: &[i64], dm: Dims) -> (f64
                     .zip(ch.targets.par_chunks(ROWS_PER_TASK)),
             )
             .map(|(lse, (x, t))| rows_fwd(x, t, dm.v, lse))
+            .collect::<Vec<f64>>()
+            .into_iter()
+            // Summed in row order: a parallel `sum` adds in an order that varies between runs.
             .sum::<f64>();
         for (&r, l) in ch.rows.iter().zip(lc.iter()) {
             lse[r] = *l;
@@ -132,6 +135,8 @@ pub(crate) fn fwd_with_grads<T: Float>(
                     .zip(ch.targets.par_chunks(ROWS_PER_TASK)),
             )
             .map(|(lse, (x, t))| rows_fwd(x, t, v, lse))
+            .collect::<Vec<f64>>()
+            .into_iter()
             .sum::<f64>();
         logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
             row_grad_in_place(row, lc[i], ch.targets[i] as usize, T::ONE);

@@ -468,6 +468,53 @@ mod tests {
         assert_eq!(exp_f32(0.0), 1.0);
     }
 
+    /// Reductions across rayon tasks (RMSNorm's dw, the cross-entropy loss) give the same bits
+    /// with any number of threads and on every run: their partial sums are added in row order,
+    /// not in the order work stealing happens to finish them.
+    #[test]
+    fn cross_task_sums_do_not_depend_on_the_threads() {
+        let (rows, h, v) = (1000usize, 96usize, 300usize);
+        let val = |i: usize, s: u64| {
+            let x = (i as u64 ^ s).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+            (x as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let x: Vec<f32> = (0..rows * h).map(|i| val(i, 1)).collect();
+        let w: Vec<f32> = (0..h).map(|i| 1.0 + 0.1 * val(i, 2)).collect();
+        let dy: Vec<f32> = (0..rows * h).map(|i| val(i, 3)).collect();
+        let logits: Vec<f32> = (0..rows * v).map(|i| 4.0 * val(i, 4)).collect();
+        let targets: Vec<i64> = (0..rows)
+            .map(|i| {
+                if i % 7 == 0 {
+                    -100
+                } else {
+                    (i * 31 % v) as i64
+                }
+            })
+            .collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let (_, dw) = rms_norm::bwd(&x, &w, &dy, 1e-6, true, true);
+                let (loss, _) = cross_entropy::fwd(&logits, &targets, v);
+                (dw.unwrap(), loss)
+            })
+        };
+        let (dw1, loss1) = run(1);
+        let bits = |d: &[f32]| d.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for threads in [2, 3, 8, 8, 8] {
+            let (dw, loss) = run(threads);
+            assert_eq!(bits(&dw), bits(&dw1), "RMSNorm dw with {threads} threads");
+            assert_eq!(
+                loss.to_bits(),
+                loss1.to_bits(),
+                "CE loss with {threads} threads"
+            );
+        }
+    }
+
     /// f32 products through every route of [`gemm`]: the packed kernel (wide and 16 columns),
     /// the transposed one for a C of few rows, and the `gemm` crate for small ones; each against
     /// f64 sums, overwriting and accumulating.

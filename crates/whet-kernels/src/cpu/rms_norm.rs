@@ -6,6 +6,9 @@ use super::{Float, dot, multiversion};
 
 /// Rows per rayon task.
 const ROWS: usize = 16;
+/// The most tasks the backward splits its rows into; a constant, not the thread count, so dw's
+/// summation order is the same on any machine.
+const DW_TASKS: usize = 64;
 
 #[inline(always)]
 fn rstd<T: Float>(x: &[T], eps: T) -> T {
@@ -112,29 +115,33 @@ pub(crate) fn bwd<T: Float>(
     } else {
         Vec::new()
     };
-    let add = |mut a: Vec<T>, b: Vec<T>| {
-        for (a, b) in a.iter_mut().zip(&b) {
-            *a += *b;
-        }
-        a
-    };
-    let zero = || {
-        if need_dw {
-            vec![T::ZERO; h]
-        } else {
-            Vec::new()
-        }
-    };
-    let dw = if need_dx {
-        dx.par_chunks_mut(ROWS * h)
-            .zip(x.par_chunks(ROWS * h).zip(dy.par_chunks(ROWS * h)))
+    // dw is a sum over rows: each task sums a fixed range of rows and the partial sums are
+    // added in row order, so the result does not depend on how rayon splits or steals the work
+    // (a `reduce` would add them in a different order from run to run).
+    let rows = x.len() / h;
+    let per_task = ROWS * rows.div_ceil(ROWS).div_ceil(DW_TASKS).max(1);
+    let partials: Vec<Vec<T>> = if need_dx {
+        dx.par_chunks_mut(per_task * h)
+            .zip(x.par_chunks(per_task * h).zip(dy.par_chunks(per_task * h)))
             .map(|(dx, (x, dy))| bwd_rows(Some(dx), x, w, dy, eps, need_dw))
-            .reduce(zero, add)
+            .collect()
     } else {
-        x.par_chunks(ROWS * h)
-            .zip(dy.par_chunks(ROWS * h))
+        x.par_chunks(per_task * h)
+            .zip(dy.par_chunks(per_task * h))
             .map(|(x, dy)| bwd_rows(None, x, w, dy, eps, need_dw))
-            .reduce(zero, add)
+            .collect()
     };
+    let mut dw = if need_dw {
+        vec![T::ZERO; h]
+    } else {
+        Vec::new()
+    };
+    if need_dw {
+        for p in &partials {
+            for (a, b) in dw.iter_mut().zip(p) {
+                *a += *b;
+            }
+        }
+    }
     (need_dx.then_some(dx), need_dw.then_some(dw))
 }
