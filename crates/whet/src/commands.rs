@@ -1,7 +1,7 @@
 //! The subcommands: each loads what it needs from the library crates (models through the
 //! process's [`Runtime`]) and reports.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -138,16 +138,30 @@ fn probe_logits(
     Ok((model.logits(&ids, &pos, &seg)?, n))
 }
 
-/// `whet export --gguf`: merges an adapter if given, writes the GGUF file (an existing one only
-/// with `force`), then reads it back (whet's GGUF import) and reports how far its logits are
-/// from the model's and whether the tokenizer survived.
-pub fn export_gguf(
+/// Where `whet export` writes.
+pub enum ExportTo {
+    /// One GGUF file; an existing one is replaced only with `force`.
+    Gguf { path: PathBuf, force: bool },
+    /// A folder for Ollama: [`OLLAMA_GGUF`] and `Modelfile`, written as a whole (new, empty, or
+    /// an earlier `--ollama` export's folder).
+    Ollama { dir: PathBuf },
+}
+
+/// The run an Ollama export folder's marker names: any `--ollama` export may replace it.
+const OLLAMA_RUN: &str = "whet export --ollama";
+/// The GGUF file's name in an Ollama export folder (the Modelfile's `FROM`).
+pub const OLLAMA_GGUF: &str = "model.gguf";
+
+/// `whet export`: merges an adapter if given, writes the GGUF file (and for Ollama the
+/// Modelfile beside it), then reads the GGUF back (whet's GGUF import) and reports how far its
+/// logits are from the model's and whether the tokenizer survived. Everything that can be
+/// refused (the type, the target, the chat template) is refused before the model loads.
+pub fn export(
     rt: &Runtime,
     args: &ModelArgs,
-    out: &Path,
+    to: &ExportTo,
     ty: &str,
     name: Option<&str>,
-    force: bool,
 ) -> Result<()> {
     let want = whet_model::quant::parse(ty).with_context(|| {
         format!(
@@ -155,13 +169,22 @@ pub fn export_gguf(
             whet_model::quant::names()
         )
     })?;
-    let existing = if force {
-        Existing::Replace
-    } else {
-        Existing::Refuse
+    let modelfile = match to {
+        ExportTo::Gguf { path, force } => {
+            let existing = if *force {
+                Existing::Replace
+            } else {
+                Existing::Refuse
+            };
+            atomic::refuse_existing(path, existing)?;
+            None
+        }
+        ExportTo::Ollama { dir } => {
+            atomic::check(dir, OLLAMA_RUN)?;
+            let tok = load_tokenizer(&args.model)?;
+            Some(whet_tokenize::ollama::Modelfile::from_tokenizer(&tok)?)
+        }
     };
-    // Before the model loads: refused without the work.
-    atomic::refuse_existing(out, existing)?;
     let model = rt.load_model(args, Trainable::None)?;
     let mut merged = model.detached();
     merged.merge_lora()?;
@@ -172,7 +195,41 @@ pub fn export_gguf(
             .unwrap_or_else(|| "whet-model".into())
     });
     let started = Instant::now();
-    let report = whet_model::export::export_gguf(&merged, &args.model, out, want, &name, existing)?;
+    let (report, out) = match (to, &modelfile) {
+        (ExportTo::Gguf { path, force }, _) => {
+            let existing = if *force {
+                Existing::Replace
+            } else {
+                Existing::Refuse
+            };
+            let report =
+                whet_model::export::export_gguf(&merged, &args.model, path, want, &name, existing)?;
+            (report, path.clone())
+        }
+        (ExportTo::Ollama { dir }, Some(modelfile)) => {
+            let mut report = None;
+            atomic::write_owned_dir(dir, OLLAMA_RUN, |tmp| -> Result<()> {
+                report = Some(whet_model::export::export_gguf(
+                    &merged,
+                    &args.model,
+                    &tmp.join(OLLAMA_GGUF),
+                    want,
+                    &name,
+                    Existing::Refuse,
+                )?);
+                atomic::write_file(
+                    &tmp.join("Modelfile"),
+                    modelfile.to_text(OLLAMA_GGUF).as_bytes(),
+                    Existing::Refuse,
+                )?;
+                Ok(())
+            })?;
+            let report = report.context("the export wrote no GGUF")?;
+            (report, dir.join(OLLAMA_GGUF))
+        }
+        (ExportTo::Ollama { .. }, None) => bail!("no Modelfile for the Ollama export"),
+    };
+    let out = out.as_path();
     let secs = started.elapsed().as_secs_f64();
 
     // Read it back: convert to a scratch HF folder and compare.
@@ -215,6 +272,12 @@ pub fn export_gguf(
             "max_abs_logit": scale,
             "probe_tokens": n,
             "tokenizer_round_trip": same_tokens,
+            "ollama": modelfile.as_ref().map(|m| serde_json::json!({
+                "modelfile": out.with_file_name("Modelfile"),
+                "template_family": m.family.name(),
+                "system": m.system,
+                "stop": m.stop,
+            })),
         })
     );
     if !same_tokens {

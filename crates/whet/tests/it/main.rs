@@ -11,6 +11,7 @@ mod hardening;
 mod inspect;
 mod kernels;
 mod kfold;
+mod ollama;
 mod outputs;
 mod qlora_export;
 mod recipes;
