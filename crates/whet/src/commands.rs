@@ -443,6 +443,19 @@ fn train_on(
         }
         return crate::kfold::run(rt, &cfg, &tok, &data, &out);
     }
+    let continued_from = match &cfg.model.adapter {
+        Some(a) => Some(report::ContinuedFrom::of(a)?),
+        None => None,
+    };
+    if leader && let Some(c) = &continued_from {
+        eprintln!(
+            "model: continuing from the adapter {}{}",
+            c.adapter.display(),
+            c.run
+                .as_ref()
+                .map_or(String::new(), |r| format!(" (whet run {r})"))
+        );
+    }
     let mut model = rt.load_for_training(&cfg, cfg.train.seed)?;
     let (total_params, trainable_params) = model.num_params();
     if leader {
@@ -552,6 +565,7 @@ fn train_on(
         .collect();
     let rep = Report {
         config: cfg.clone(),
+        continued_from,
         summary,
         data: data.report,
         before: before.losses,

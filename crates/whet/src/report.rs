@@ -76,9 +76,34 @@ pub struct Generation {
     pub tuned: String,
 }
 
+/// Where a run that continued from an adapter (`model.adapter`) came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContinuedFrom {
+    /// The adapter folder.
+    pub adapter: PathBuf,
+    /// sha256 of its `adapter_model.safetensors`.
+    pub sha256: String,
+    /// The whet run that wrote it (the `.whet-run` marker of its folder or the folder above), if
+    /// a whet run did.
+    pub run: Option<String>,
+}
+
+impl ContinuedFrom {
+    pub fn of(adapter: &Path) -> Result<Self> {
+        let weights = adapter.join(whet_model::lora::ADAPTER_WEIGHTS_FILE);
+        Ok(ContinuedFrom {
+            adapter: adapter.to_path_buf(),
+            sha256: crate::commands::sha256_file(&weights)?,
+            run: atomic::owner(adapter).or_else(|| adapter.parent().and_then(atomic::owner)),
+        })
+    }
+}
+
 #[derive(Serialize)]
 pub struct Report {
     pub config: Config,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continued_from: Option<ContinuedFrom>,
     pub summary: Summary,
     pub data: DataReport,
     pub before: Losses,
@@ -144,6 +169,17 @@ impl Report {
             self.summary.resumed_from,
             self.wall_time_s
         );
+        if let Some(c) = &self.continued_from {
+            let _ = writeln!(
+                s,
+                "Continued from the adapter `{}` (sha256 {}{}): the base column is that adapter.\n",
+                c.adapter.display(),
+                &c.sha256[..16.min(c.sha256.len())],
+                c.run
+                    .as_ref()
+                    .map_or(String::new(), |r| format!(", written by whet run `{r}`"))
+            );
+        }
         let _ = writeln!(s, "## Loss\n");
         let _ = writeln!(s, "| | base | tuned | change |\n|---|---|---|---|");
         let _ = writeln!(

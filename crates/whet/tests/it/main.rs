@@ -1,6 +1,7 @@
 //! End-to-end tests of the `whet` binary on a tiny Llama converted from a GGUF fixture.
 
 mod common;
+mod continue_;
 #[cfg(feature = "mpi")]
 mod distributed;
 mod errors;
