@@ -53,7 +53,7 @@ pub mod trainer;
 
 pub use config::{Method, OptimizerChoice, TrainerConfig};
 pub use error::{Result, TrainError};
-pub use metrics::{EvalMetrics, StepMetrics};
+pub use metrics::{EvalMetrics, SetLoss, StepMetrics};
 pub use rows::{Batch, Cursor, Row};
 pub use step::{Step, StepOutcome};
 pub use trainer::{Observer, Quiet, Summary, Trainer, evaluate, evaluate_sharded, load_trainable};

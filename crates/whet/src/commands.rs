@@ -378,6 +378,12 @@ impl Observer for Progress {
             m.val_ppl,
             if m.improved { "  best so far" } else { "" }
         ));
+        for set in &m.sets {
+            self.line(format!(
+                "  {}: loss {:.4} ({} tokens)",
+                set.name, set.loss, set.tokens
+            ));
+        }
     }
 }
 
@@ -499,6 +505,14 @@ fn train_on(
         None => None,
     };
 
+    let mut eval_sets = Vec::with_capacity(cfg.eval.sets.len());
+    for set in &cfg.eval.sets {
+        let spec = pipeline::flags_section(&set.path, None, set.format, cfg.data.max_len, false);
+        let rows = pipeline::eval_rows(&tok, &spec)
+            .with_context(|| format!("eval.sets `{}` ({})", set.name, set.path.display()))?;
+        eval_sets.push((set.name.clone(), rows));
+    }
+
     // Before training: the base model (LoRA starts as the identity, B = 0).
     model.set_training(false);
     let measure = |model: &Model| {
@@ -508,6 +522,7 @@ fn train_on(
             &cfg,
             &data.validation,
             general.as_deref(),
+            &eval_sets,
             with_report,
             dev,
         )
@@ -524,6 +539,7 @@ fn train_on(
         device: dev.clone(),
         run_id: id,
         comm,
+        eval_sets: &eval_sets,
     };
     let Some(before) = before else {
         // Another rank: train alongside rank 0; the report and exports are rank 0's.

@@ -213,6 +213,12 @@ pub struct EvalSection {
     /// Held-out general text: its loss before and after shows what general ability was lost.
     pub general_data: Option<PathBuf>,
     pub max_new_tokens: usize,
+    /// Named evaluation sets, each scored at every evaluation (logged in `metrics.jsonl` with
+    /// its name) and before/after in the report: `sets = [{ name = "faq", path = "faq.jsonl",
+    /// format = "chat" }]`. `data.validation` alone drives early stopping and the best
+    /// checkpoint.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<EvalSet>,
 }
 
 impl Default for EvalSection {
@@ -221,8 +227,20 @@ impl Default for EvalSection {
             prompts: Vec::new(),
             general_data: None,
             max_new_tokens: 64,
+            sets: Vec::new(),
         }
     }
+}
+
+/// One named evaluation set of `[eval] sets`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSet {
+    pub name: String,
+    pub path: PathBuf,
+    /// The record shape (`auto`, `text`, `prompt-completion`, `chat`).
+    #[serde(default)]
+    pub format: Shape,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -429,6 +447,9 @@ impl Config {
         if let Some(g) = self.eval.general_data.as_mut() {
             fix(g);
         }
+        for set in &mut self.eval.sets {
+            fix(&mut set.path);
+        }
         fix(&mut self.output.dir);
         self
     }
@@ -517,6 +538,27 @@ impl Config {
             0,
             limits::MAX_NEW_TOKENS,
         )?;
+        for (i, set) in self.eval.sets.iter().enumerate() {
+            let name = set.name.as_str();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(bad(
+                    &format!("eval.sets[{i}].name"),
+                    format!(
+                        "{name:?} must be a non-empty name of letters, digits, `-`, `_` or `.`"
+                    ),
+                ));
+            }
+            if self.eval.sets[..i].iter().any(|s| s.name == name) {
+                return Err(bad(
+                    &format!("eval.sets[{i}].name"),
+                    format!("{name:?} names two sets; each set needs its own name"),
+                ));
+            }
+        }
         if let Some(q) = &self.model.quantize {
             if whet_model::quant::parse(q).is_none() {
                 return Err(bad(

@@ -11,7 +11,7 @@ use whet_data::Shape;
 use whet_data::atomic::{self, Existing};
 use whet_model::Model;
 use whet_tokenize::Tokenizer;
-use whet_train::{Row, Summary, evaluate};
+use whet_train::{Row, SetLoss, Summary, evaluate};
 
 use crate::config::Config;
 use crate::pipeline::DataReport;
@@ -23,6 +23,9 @@ pub struct Losses {
     pub val_tokens: usize,
     pub general_loss: Option<f64>,
     pub general_tokens: usize,
+    /// `[eval] sets`, in their order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<SetLoss>,
 }
 
 pub struct Measured {
@@ -38,6 +41,7 @@ pub fn measure(
     cfg: &Config,
     validation: &[Row],
     general: Option<&[Row]>,
+    sets: &[(String, Vec<Row>)],
     generations: bool,
     device: &Device,
 ) -> Result<Measured> {
@@ -52,6 +56,15 @@ pub fn measure(
         let (l, n) = evaluate(model, rows, mb, device)?;
         losses.general_loss = Some(l);
         losses.general_tokens = n;
+    }
+    for (name, rows) in sets {
+        let (loss, tokens) = evaluate(model, rows, mb, device)?;
+        losses.sets.push(SetLoss {
+            name: name.clone(),
+            loss,
+            ppl: loss.exp(),
+            tokens,
+        });
     }
     let mut gens = Vec::new();
     if generations {
@@ -204,6 +217,18 @@ impl Report {
             fmt_loss(self.after.general_loss),
             delta(self.before.general_loss, self.after.general_loss)
         );
+        for (i, after) in self.after.sets.iter().enumerate() {
+            let before = self.before.sets.get(i).map(|b| b.loss);
+            let _ = writeln!(
+                s,
+                "| `{}` loss ({} tokens) | {} | {} | {} |",
+                after.name,
+                after.tokens,
+                fmt_loss(before),
+                fmt_loss(Some(after.loss)),
+                delta(before, Some(after.loss))
+            );
+        }
         let _ = writeln!(
             s,
             "\nTraining loss {} -> {}. Best validation loss {} at step {}{}.\n",

@@ -6,6 +6,7 @@ mod continue_;
 mod distributed;
 mod errors;
 mod eval_merge;
+mod eval_sets;
 mod formats;
 mod generate;
 mod hardening;
