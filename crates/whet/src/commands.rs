@@ -520,9 +520,11 @@ fn train_on(
             model,
             &tok,
             &cfg,
-            &data.validation,
-            general.as_deref(),
-            &eval_sets,
+            &report::EvalRows {
+                validation: &data.validation,
+                general: general.as_deref(),
+                sets: &eval_sets,
+            },
             with_report,
             dev,
         )

@@ -34,17 +34,30 @@ pub struct Measured {
     pub generations: Vec<(String, String)>,
 }
 
-/// Validation loss, general-text loss and the evaluation prompts' generations of `model` now.
+/// The rows the report scores a model on.
+pub struct EvalRows<'a> {
+    pub validation: &'a [Row],
+    /// Held-out general text (`eval.general_data`).
+    pub general: Option<&'a [Row]>,
+    /// `[eval] sets`, named.
+    pub sets: &'a [(String, Vec<Row>)],
+}
+
+/// Validation loss, general-text loss, the named sets' losses and the evaluation prompts'
+/// generations of `model` now.
 pub fn measure(
     model: &Model,
     tok: &Tokenizer,
     cfg: &Config,
-    validation: &[Row],
-    general: Option<&[Row]>,
-    sets: &[(String, Vec<Row>)],
+    rows: &EvalRows<'_>,
     generations: bool,
     device: &Device,
 ) -> Result<Measured> {
+    let EvalRows {
+        validation,
+        general,
+        sets,
+    } = *rows;
     let mb = cfg.train.micro_batch;
     let mut losses = Losses::default();
     if !validation.is_empty() {
