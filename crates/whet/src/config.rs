@@ -216,7 +216,7 @@ pub struct EvalSection {
     /// Named evaluation sets, each scored at every evaluation (logged in `metrics.jsonl` with
     /// its name) and before/after in the report: `sets = [{ name = "faq", path = "faq.jsonl",
     /// format = "chat" }]`. `data.validation` alone drives early stopping and the best
-    /// checkpoint.
+    /// checkpoint. A k-fold run (`train.k_folds`) scores its folds only.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sets: Vec<EvalSet>,
 }

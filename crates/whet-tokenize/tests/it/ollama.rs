@@ -247,3 +247,22 @@ fn unknown_and_lookalike_templates_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn no_chat_template_gives_the_raw_prompt() {
+    let tok = whet_tokenize::Tokenizer::from_files(
+        crate::common::fixtures().join("tokenizer.json"),
+        None::<&str>,
+    )
+    .unwrap();
+    let mf = Modelfile::from_tokenizer(&tok).unwrap();
+    assert_eq!(mf.family, Family::Raw);
+    assert_eq!(mf.template, "{{ .Prompt }}");
+    assert_eq!(mf.system, None);
+    assert_eq!(mf.stop, [tok.eos().text.clone()]);
+    let text = mf.to_text("model.gguf");
+    assert!(
+        text.contains("TEMPLATE \"\"\"{{ .Prompt }}\"\"\"\n"),
+        "{text}"
+    );
+}
