@@ -6,9 +6,9 @@
 //! control tokens, and [`Modelfile::from_tokenizer`] writes whet's Go template for it, the
 //! family's stop tokens (and the tokenizer's EOS), and the template's default system prompt
 //! (Modelfile `SYSTEM`, which Ollama inserts when a conversation has no system message).
-//! Families: ChatML (`<|im_start|>`: SmolLM2, Qwen2), Llama 3 (`<|start_header_id|>`) and
-//! Gemma (`<start_of_turn>`). Any other template (Mistral's `[INST]`, Phi-3's `<|user|>`...) is
-//! an [`Error::Ollama`] naming it; a tokenizer without a chat template gets Ollama's raw
+//! Families: ChatML (`<|im_start|>`: SmolLM2, Qwen2), Llama 3 (`<|start_header_id|>`), Gemma
+//! (`<start_of_turn>`) and Mistral (`[INST]`, v0.3's layout). Any other template (Phi-3's
+//! `<|user|>`, Llama 2's `<<SYS>>` variant of `[INST]`...) is an [`Error::Ollama`] naming it; a tokenizer without a chat template gets Ollama's raw
 //! `{{ .Prompt }}`.
 //!
 //! Before a Modelfile is returned, the translation is checked: the Go template, rendered by
@@ -19,8 +19,9 @@
 //! The Go templates are whet's own, in the style of Ollama's `template/*.gotmpl`
 //! (<https://github.com/ollama/ollama/tree/main/template>, syntax:
 //! <https://github.com/ollama/ollama/blob/main/docs/template.md>): messages only (`{{ range
-//! .Messages }}`, `{{ .Role }}`, `{{ .Content }}`, `{{ if eq .Role "..." }}`), which Ollama has
-//! used for every chat request since 0.3.
+//! .Messages }}`, `{{ .Role }}`, `{{ .Content }}`, `{{ if eq .Role "..." }}`; Mistral's needs
+//! `$.System` and "is this the last message"), which Ollama has used for every chat request
+//! since 0.3.
 
 use whet_data::{Message, Role};
 
@@ -36,6 +37,9 @@ pub enum Family {
     Llama3,
     /// `<start_of_turn>user|model\ncontent<end_of_turn>\n`.
     Gemma,
+    /// `[INST] user[/INST] assistant</s>`, the system prompt before the last user message
+    /// (Mistral 7B Instruct v0.3).
+    Mistral,
     /// No chat template: the prompt as given (`{{ .Prompt }}`).
     Raw,
 }
@@ -46,6 +50,7 @@ impl Family {
             Family::ChatMl => "chatml",
             Family::Llama3 => "llama3",
             Family::Gemma => "gemma",
+            Family::Mistral => "mistral",
             Family::Raw => "raw",
         }
     }
@@ -58,6 +63,8 @@ impl Family {
             Some(Family::ChatMl)
         } else if jinja.contains("<start_of_turn>") {
             Some(Family::Gemma)
+        } else if jinja.contains("[INST]") {
+            Some(Family::Mistral)
         } else {
             None
         }
@@ -75,6 +82,9 @@ impl Family {
             Family::Gemma => {
                 "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n"
             }
+            Family::Mistral => {
+                "{{- range $i, $_ := .Messages }}\n{{- if eq .Role \"user\" }}[INST] {{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]\n{{- else if eq .Role \"assistant\" }} {{ .Content }}</s>\n{{- end }}\n{{- end }}"
+            }
             Family::Raw => "{{ .Prompt }}",
         }
     }
@@ -85,6 +95,7 @@ impl Family {
             Family::ChatMl => &["<|im_start|>", "<|im_end|>"],
             Family::Llama3 => &["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
             Family::Gemma => &["<start_of_turn>", "<end_of_turn>"],
+            Family::Mistral => &["[INST]", "[/INST]"],
             Family::Raw => &[],
         }
     }
@@ -97,7 +108,7 @@ impl Family {
                 "<|start_header_id|>system<|end_header_id|>\n\n",
                 "<|eot_id|>",
             )),
-            Family::Gemma | Family::Raw => None,
+            Family::Gemma | Family::Mistral | Family::Raw => None,
         }
     }
 }
@@ -161,7 +172,7 @@ impl Modelfile {
         };
         let family = Family::detect(chat.source()).ok_or_else(|| {
             fail(format!(
-                "its family is not one whet translates (ChatML `<|im_start|>`, Llama 3 `<|start_header_id|>`, Gemma `<start_of_turn>`; Mistral `[INST]` and Phi-3 `<|user|>` are not translated yet). Write the Modelfile's TEMPLATE by hand (https://github.com/ollama/ollama/blob/main/docs/template.md), or export with --gguf alone. The template starts: {:?}",
+                "its family is not one whet translates (ChatML `<|im_start|>`, Llama 3 `<|start_header_id|>`, Gemma `<start_of_turn>`, Mistral `[INST]`; Phi-3 `<|user|>` and others are not translated yet). Write the Modelfile's TEMPLATE by hand (https://github.com/ollama/ollama/blob/main/docs/template.md), or export with --gguf alone. The template starts: {:?}",
                 chat.source().chars().take(120).collect::<String>()
             ))
         })?;
@@ -273,11 +284,32 @@ pub fn with_default_system(system: Option<&str>, mut messages: Vec<Message>) -> 
 #[derive(Debug)]
 enum Node {
     Text(String),
-    Role,
-    Content,
-    /// `if eq .Role "x"` branches, then the `else` branch.
-    If(Vec<(String, Vec<Node>)>, Vec<Node>),
-    Range(Vec<Node>),
+    /// `{{ EXPR }}`: its value as text.
+    Print(Expr),
+    /// `if` / `else if` branches, then the `else` branch.
+    If(Vec<(Expr, Vec<Node>)>, Vec<Node>),
+    /// `range .Messages` or `range $i, $_ := .Messages` (`$i` the index).
+    Range(Option<String>, Vec<Node>),
+}
+
+/// An argument or a call: `.Role`, `.Content`, `.System`, `$.System`, `$.Messages`, `$i`,
+/// `"text"`, `1`, and the calls `eq`, `and`, `not`, `len`, `slice` (parenthesised inside).
+#[derive(Debug)]
+enum Expr {
+    Field(String),
+    Var(String),
+    Str(String),
+    Int(i64),
+    Call(String, Vec<Expr>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+    /// The messages from this index on.
+    Messages(usize),
 }
 
 fn syntax(template: &str, what: impl Into<String>) -> Error {
@@ -287,15 +319,21 @@ fn syntax(template: &str, what: impl Into<String>) -> Error {
     }
 }
 
-/// Renders a Go template of the subset whet writes (`range .Messages`, `.Role`, `.Content`,
-/// `if eq .Role "..."`, `else`, `else if`, `end`, `{{-`/`-}}` trimming) for `messages` under
-/// Ollama's rules (`template.Execute`): consecutive messages of one role (other than `tool`)
-/// are merged with a blank line between them; system messages stay in `.Messages`. Anything
-/// outside the subset is an error.
+/// Renders a Go template of the subset whet writes for `messages` under Ollama's rules
+/// (`template.Execute`): consecutive messages of one role (other than `tool`) are merged with
+/// a blank line between them; system messages stay in `.Messages`, and `.System` is all of
+/// them joined by a blank line. The subset: text, `{{-`/`-}}` trimming, `range .Messages`
+/// (optionally `$i, $_ :=`), `if`/`else if`/`else`/`end`, the fields `.Role`, `.Content`,
+/// `.System`, `.Messages` (`$.` for the top level inside a range), and `eq`, `and`, `not`,
+/// `len`, `slice`. Anything else is an error.
 pub fn render(template: &str, messages: &[Message]) -> Result<String> {
     let mut collated: Vec<(String, String)> = Vec::new();
+    let mut system: Vec<&str> = Vec::new();
     for m in messages {
         let role = m.role.as_str();
+        if m.role == Role::System {
+            system.push(&m.content);
+        }
         match collated.last_mut() {
             Some((r, c)) if r == role && role != "tool" => {
                 c.push_str("\n\n");
@@ -313,8 +351,13 @@ pub fn render(template: &str, messages: &[Message]) -> Result<String> {
             "an `end` or `else` without its `if`/`range`",
         ));
     }
+    let ctx = Ctx {
+        template,
+        messages: &collated,
+        system: system.join("\n\n"),
+    };
     let mut out = String::new();
-    eval(&nodes, &collated, None, &mut out);
+    ctx.eval(&nodes, None, &mut out)?;
     Ok(out)
 }
 
@@ -379,88 +422,247 @@ fn parse(template: &str, tokens: &[Token], pos: &mut usize) -> Result<(Vec<Node>
             }
             Token::Action(a) => a.as_str(),
         };
-        match action {
-            ".Role" => nodes.push(Node::Role),
-            ".Content" => nodes.push(Node::Content),
-            "end" => return Ok((nodes, Some("end".into()))),
-            a if a == "else" || a.starts_with("else if ") => return Ok((nodes, Some(a.into()))),
-            "range .Messages" => match parse(template, tokens, pos)? {
-                (body, Some(e)) if e == "end" => nodes.push(Node::Range(body)),
-                _ => return Err(syntax(template, "`range .Messages` without its `end`")),
-            },
-            a if a.starts_with("if ") => {
-                let mut branches = Vec::new();
-                let mut cond = role_eq(template, &a[3..])?;
-                loop {
-                    let (body, end) = parse(template, tokens, pos)?;
-                    match end.as_deref() {
-                        Some("end") => {
-                            branches.push((cond, body));
-                            nodes.push(Node::If(branches, Vec::new()));
+        if action == "end" || action == "else" || action.starts_with("else if ") {
+            return Ok((nodes, Some(action.to_string())));
+        }
+        if let Some(over) = action.strip_prefix("range ") {
+            let index = match over.trim() {
+                ".Messages" => None,
+                other => {
+                    let Some((vars, what)) = other.split_once(":=") else {
+                        return Err(syntax(template, format!("`range {other}`")));
+                    };
+                    let (i, _) = vars.split_once(',').unwrap_or((vars, ""));
+                    if what.trim() != ".Messages" || !i.trim().starts_with('$') {
+                        return Err(syntax(template, format!("`range {other}`")));
+                    }
+                    Some(i.trim().to_string())
+                }
+            };
+            match parse(template, tokens, pos)? {
+                (body, Some(e)) if e == "end" => nodes.push(Node::Range(index, body)),
+                _ => return Err(syntax(template, "`range` without its `end`")),
+            }
+        } else if let Some(cond) = action.strip_prefix("if ") {
+            let mut branches = Vec::new();
+            let mut cond = expr(template, cond)?;
+            loop {
+                let (body, end) = parse(template, tokens, pos)?;
+                branches.push((cond, body));
+                match end.as_deref() {
+                    Some("end") => {
+                        nodes.push(Node::If(branches, Vec::new()));
+                        break;
+                    }
+                    Some("else") => match parse(template, tokens, pos)? {
+                        (other, Some(e)) if e == "end" => {
+                            nodes.push(Node::If(branches, other));
                             break;
                         }
-                        Some("else") => {
-                            branches.push((cond, body));
-                            match parse(template, tokens, pos)? {
-                                (other, Some(e)) if e == "end" => {
-                                    nodes.push(Node::If(branches, other));
-                                    break;
-                                }
-                                _ => return Err(syntax(template, "`else` without its `end`")),
-                            }
-                        }
-                        Some(e) if e.starts_with("else if ") => {
-                            branches.push((cond, body));
-                            cond = role_eq(template, &e[8..])?;
-                        }
-                        _ => return Err(syntax(template, "`if` without its `end`")),
-                    }
+                        _ => return Err(syntax(template, "`else` without its `end`")),
+                    },
+                    Some(e) if e.starts_with("else if ") => cond = expr(template, &e[8..])?,
+                    _ => return Err(syntax(template, "`if` without its `end`")),
                 }
             }
-            other => {
-                return Err(syntax(
-                    template,
-                    format!("`{{{{ {other} }}}}` is outside the subset whet writes"),
-                ));
-            }
+        } else {
+            nodes.push(Node::Print(expr(template, action)?));
         }
     }
     Ok((nodes, None))
 }
 
-/// `eq .Role "x"` -> `x`.
-fn role_eq(template: &str, cond: &str) -> Result<String> {
-    cond.trim()
-        .strip_prefix("eq .Role \"")
-        .and_then(|r| r.strip_suffix('"'))
-        .map(str::to_string)
-        .ok_or_else(|| {
-            syntax(
-                template,
-                format!("condition `{cond}` is not `eq .Role \"...\"`"),
-            )
-        })
+/// A pipeline without `|`: one argument, or a function and its arguments.
+fn expr(template: &str, text: &str) -> Result<Expr> {
+    let words = split_words(template, text)?;
+    let mut pos = 0;
+    let e = call(template, &words, &mut pos)?;
+    if pos != words.len() {
+        return Err(syntax(
+            template,
+            format!("`{text}`: unexpected `{}`", words[pos]),
+        ));
+    }
+    Ok(e)
 }
 
-fn eval(nodes: &[Node], messages: &[(String, String)], dot: Option<usize>, out: &mut String) {
-    for node in nodes {
-        match node {
-            Node::Text(t) => out.push_str(t),
-            Node::Role => out.push_str(dot.map_or("", |i| &messages[i].0)),
-            Node::Content => out.push_str(dot.map_or("", |i| &messages[i].1)),
-            Node::Range(body) => {
-                for i in 0..messages.len() {
-                    eval(body, messages, Some(i), out);
+fn split_words(template: &str, text: &str) -> Result<Vec<String>> {
+    let mut words = Vec::new();
+    let mut chars = text.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+        } else if c == '(' || c == ')' {
+            words.push(c.to_string());
+            chars.next();
+        } else if c == '"' {
+            chars.next();
+            let mut w = String::from('"');
+            loop {
+                match chars.next() {
+                    Some('"') => break,
+                    Some('\\') => return Err(syntax(template, "escapes in strings")),
+                    Some(c) => w.push(c),
+                    None => return Err(syntax(template, "an unclosed string")),
                 }
             }
-            Node::If(branches, other) => {
-                let role = dot.map_or("", |i| messages[i].0.as_str());
-                let body = branches
-                    .iter()
-                    .find(|(r, _)| r == role)
-                    .map_or(other, |(_, b)| b);
-                eval(body, messages, dot, out);
+            words.push(w);
+        } else {
+            let mut w = String::new();
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() || c == '(' || c == ')' {
+                    break;
+                }
+                w.push(c);
+                chars.next();
             }
+            words.push(w);
+        }
+    }
+    Ok(words)
+}
+
+const FUNCTIONS: [&str; 5] = ["eq", "and", "not", "len", "slice"];
+
+fn call(template: &str, words: &[String], pos: &mut usize) -> Result<Expr> {
+    let first = words
+        .get(*pos)
+        .ok_or_else(|| syntax(template, "an empty action"))?;
+    if FUNCTIONS.contains(&first.as_str()) {
+        *pos += 1;
+        let mut args = Vec::new();
+        while *pos < words.len() && words[*pos] != ")" {
+            args.push(arg(template, words, pos)?);
+        }
+        return Ok(Expr::Call(first.clone(), args));
+    }
+    arg(template, words, pos)
+}
+
+fn arg(template: &str, words: &[String], pos: &mut usize) -> Result<Expr> {
+    let w = words[*pos].as_str();
+    *pos += 1;
+    Ok(match w {
+        "(" => {
+            let e = call(template, words, pos)?;
+            if words.get(*pos).map(String::as_str) != Some(")") {
+                return Err(syntax(template, "a `(` without its `)`"));
+            }
+            *pos += 1;
+            e
+        }
+        ".Role" | ".Content" | ".System" | ".Messages" | "$.System" | "$.Messages" => {
+            Expr::Field(w.to_string())
+        }
+        _ if w.starts_with('"') => Expr::Str(w[1..].to_string()),
+        _ if w.starts_with('$') && w[1..].chars().all(|c| c.is_alphanumeric() || c == '_') => {
+            Expr::Var(w.to_string())
+        }
+        _ => match w.parse::<i64>() {
+            Ok(n) => Expr::Int(n),
+            Err(_) => {
+                return Err(syntax(
+                    template,
+                    format!("`{w}` is outside the subset whet writes"),
+                ));
+            }
+        },
+    })
+}
+
+struct Ctx<'a> {
+    template: &'a str,
+    messages: &'a [(String, String)],
+    system: String,
+}
+
+/// Inside a range: the message's index, and the index variable's name.
+type Dot<'a> = Option<(usize, Option<&'a str>)>;
+
+impl Ctx<'_> {
+    fn eval(&self, nodes: &[Node], dot: Dot<'_>, out: &mut String) -> Result<()> {
+        for node in nodes {
+            match node {
+                Node::Text(t) => out.push_str(t),
+                Node::Print(e) => match self.value(e, dot)? {
+                    Value::Str(s) => out.push_str(&s),
+                    Value::Int(n) => out.push_str(&n.to_string()),
+                    Value::Bool(b) => out.push_str(&b.to_string()),
+                    Value::Messages(_) => {
+                        return Err(syntax(self.template, "printing `.Messages`"));
+                    }
+                },
+                Node::Range(index, body) => {
+                    for i in 0..self.messages.len() {
+                        self.eval(body, Some((i, index.as_deref())), out)?;
+                    }
+                }
+                Node::If(branches, other) => {
+                    let mut body = other;
+                    for (cond, b) in branches {
+                        if self.truth(&self.value(cond, dot)?) {
+                            body = b;
+                            break;
+                        }
+                    }
+                    self.eval(body, dot, out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn value(&self, e: &Expr, dot: Dot<'_>) -> Result<Value> {
+        let fail = |what: String| Err(syntax(self.template, what));
+        Ok(match e {
+            Expr::Str(s) => Value::Str(s.clone()),
+            Expr::Int(n) => Value::Int(*n),
+            Expr::Field(f) => match (f.as_str(), dot) {
+                (".Role", Some((i, _))) => Value::Str(self.messages[i].0.clone()),
+                (".Content", Some((i, _))) => Value::Str(self.messages[i].1.clone()),
+                ("$.System", _) | (".System", None) => Value::Str(self.system.clone()),
+                ("$.Messages", _) | (".Messages", None) => Value::Messages(0),
+                (f, _) => return fail(format!("`{f}` here (inside a range, `.` is the message)")),
+            },
+            Expr::Var(v) => match dot {
+                Some((i, Some(name))) if name == v => Value::Int(i as i64),
+                _ => return fail(format!("`{v}` is not defined here")),
+            },
+            Expr::Call(f, args) => {
+                let vals = args
+                    .iter()
+                    .map(|a| self.value(a, dot))
+                    .collect::<Result<Vec<_>>>()?;
+                match (f.as_str(), vals.as_slice()) {
+                    ("eq", [a, b]) => Value::Bool(a == b),
+                    ("and", [_, ..]) => vals
+                        .iter()
+                        .find(|v| !self.truth(v))
+                        .unwrap_or(&vals[vals.len() - 1])
+                        .clone(),
+                    ("not", [a]) => Value::Bool(!self.truth(a)),
+                    ("len", [Value::Messages(from)]) => {
+                        Value::Int((self.messages.len() - from) as i64)
+                    }
+                    ("len", [Value::Str(s)]) => Value::Int(s.len() as i64),
+                    ("slice", [Value::Messages(from), Value::Int(n)])
+                        if *n >= 0 && from + (*n as usize) <= self.messages.len() =>
+                    {
+                        Value::Messages(from + *n as usize)
+                    }
+                    (f, v) => return fail(format!("`{f}` of {v:?}")),
+                }
+            }
+        })
+    }
+
+    /// Go's truth: false, 0, "" and an empty list are false.
+    fn truth(&self, v: &Value) -> bool {
+        match v {
+            Value::Str(s) => !s.is_empty(),
+            Value::Int(n) => *n != 0,
+            Value::Bool(b) => *b,
+            Value::Messages(from) => *from < self.messages.len(),
         }
     }
 }

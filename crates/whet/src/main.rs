@@ -91,8 +91,8 @@ enum Command {
         /// A folder for Ollama: `model.gguf` and a `Modelfile` (the chat template as Ollama's Go
         /// template, its default system prompt, the stop tokens); `ollama create NAME -f
         /// DIR/Modelfile`. The folder must be new, empty or an earlier `--ollama` export's
-        /// (replaced whole). Chat templates of the ChatML, Llama 3 and Gemma families are
-        /// translated; any other is refused before the work.
+        /// (replaced whole). Chat templates of the ChatML, Llama 3, Gemma and Mistral families
+        /// are translated; any other is refused before the work.
         #[arg(long)]
         ollama: Option<PathBuf>,
         /// Replace an existing --gguf file.

@@ -82,6 +82,7 @@ fn each_family_renders_every_conversation_as_transformers_does() {
         ("qwen2", Family::ChatMl),
         ("llama3", Family::Llama3),
         ("gemma2", Family::Gemma),
+        ("mistral_v03", Family::Mistral),
     ] {
         let tok = load(model);
         let mf = Modelfile::from_tokenizer(&tok).unwrap_or_else(|e| panic!("{model}: {e}"));
@@ -146,6 +147,9 @@ fn default_system_prompts_and_stops_per_family() {
     );
     let gemma = Modelfile::from_tokenizer(&load("gemma2")).unwrap();
     assert_eq!(gemma.stop, ["<start_of_turn>", "<end_of_turn>", "<eos>"]);
+    let mistral = Modelfile::from_tokenizer(&load("mistral_v03")).unwrap();
+    assert_eq!(mistral.system, None);
+    assert_eq!(mistral.stop, ["[INST]", "[/INST]", "</s>"]);
 }
 
 #[test]
@@ -212,26 +216,62 @@ fn a_sample_of_ollamas_rules() {
     assert_eq!(with[0].content, "d");
     let own = with_default_system(Some("d"), vec![msg(Role::System, "s")]);
     assert_eq!(own.len(), 1);
+    // Mistral's rule: the system prompt goes before the last message, when that is the user's.
+    let mistral = Family::Mistral.template();
+    assert_eq!(
+        render(
+            mistral,
+            &[
+                msg(Role::System, "s"),
+                msg(Role::User, "a"),
+                msg(Role::Assistant, "b"),
+                msg(Role::User, "c")
+            ]
+        )
+        .unwrap(),
+        "[INST] a[/INST] b</s>[INST] s\n\nc[/INST]"
+    );
+    assert_eq!(
+        render(
+            "{{ range $i, $_ := .Messages }}{{ $i }}{{ len (slice $.Messages $i) }}{{ end }}|{{ .System }}|{{ if not .System }}none{{ end }}",
+            &[msg(Role::System, "s1"), msg(Role::System, "s2"), msg(Role::User, "u")]
+        )
+        .unwrap(),
+        "0211|s1\n\ns2|"
+    );
     for bad in [
         "{{ range .Messages }}",
         "{{ .Tools }}",
-        "{{ if .System }}x{{ end }}",
+        "{{ .Role }}",
+        "{{ if .System }}x",
+        "{{ range .Messages }}{{ .System }}{{ end }}",
     ] {
-        assert!(render(bad, &[]).is_err(), "{bad}");
+        assert!(render(bad, &[msg(Role::User, "u")]).is_err(), "{bad}");
     }
-    for family in [Family::ChatMl, Family::Llama3, Family::Gemma, Family::Raw] {
+    for family in [
+        Family::ChatMl,
+        Family::Llama3,
+        Family::Gemma,
+        Family::Mistral,
+        Family::Raw,
+    ] {
         check_actions(family.template());
     }
 }
 
 #[test]
 fn unknown_and_lookalike_templates_are_refused() {
-    // Mistral's [INST]: not translated; the error names the template.
-    let e = Modelfile::from_tokenizer(&load("mistral_v03")).unwrap_err();
+    // Phi-3's <|user|>: not translated; the error names the template.
+    let mut tok = load("smollm2");
+    tok.set_chat_template(
+        "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}<|assistant|>\n",
+    )
+    .unwrap();
+    let e = Modelfile::from_tokenizer(&tok).unwrap_err();
     assert!(matches!(e, Error::Ollama { .. }), "{e:?}");
     let text = e.to_string();
     assert!(
-        text.contains("[INST]") && text.contains("tokenizer_config.json"),
+        text.contains("chat template set for") && text.contains("<|user|>"),
         "{text}"
     );
 

@@ -65,16 +65,20 @@ fn export_for_ollama_refuses_a_foreign_folder_and_an_unknown_template() {
     assert!(r.stderr.contains("not made by whet"), "{}", r.stderr);
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
 
-    // A Mistral [INST] template: refused before anything is written, naming the template.
+    // A Phi-3 style template: refused before anything is written, naming the template.
     let cfg_path = m.join("tokenizer_config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["chat_template"] = "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}".into();
+    cfg["chat_template"] =
+        "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}<|assistant|>\n"
+            .into();
     write(&cfg_path, &cfg.to_string());
     let out = tmp.join("new");
     let r = whet(["export", "--model", s(&m), "--ollama", s(&out)]).fails();
     assert!(
-        r.stderr.contains("tokenizer_config.json") && r.stderr.contains("[INST]"),
+        r.stderr.contains("tokenizer_config.json")
+            && r.stderr.contains("not one whet translates")
+            && r.stderr.contains("<|end|>"),
         "{}",
         r.stderr
     );
