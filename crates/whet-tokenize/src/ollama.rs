@@ -8,13 +8,14 @@
 //! (Modelfile `SYSTEM`, which Ollama inserts when a conversation has no system message).
 //! Families: ChatML (`<|im_start|>`: SmolLM2, Qwen2), Llama 3 (`<|start_header_id|>`), Gemma
 //! (`<start_of_turn>`) and Mistral (`[INST]`, v0.3's layout). Any other template (Phi-3's
-//! `<|user|>`, Llama 2's `<<SYS>>` variant of `[INST]`...) is an [`Error::Ollama`] naming it; a tokenizer without a chat template gets Ollama's raw
-//! `{{ .Prompt }}`.
+//! `<|user|>`, Llama 2's `<<SYS>>` variant of `[INST]`...) is an [`Error::Ollama`] naming it;
+//! a tokenizer without a chat template gets Ollama's raw `{{ .Prompt }}`.
 //!
 //! Before a Modelfile is returned, the translation is checked: the Go template, rendered by
 //! [`render`] under Ollama's rules, must give the same text as the Jinja template for probe
 //! conversations (with and without a system message), less a leading BOS where the template
-//! writes `bos_token` (llama.cpp adds BOS as a token). A family lookalike that renders differently is refused, not written.
+//! writes `bos_token` (llama.cpp adds BOS as a token). A family lookalike that renders
+//! differently is refused, not written.
 //!
 //! The Go templates are whet's own, in the style of Ollama's `template/*.gotmpl`
 //! (<https://github.com/ollama/ollama/tree/main/template>, syntax:
