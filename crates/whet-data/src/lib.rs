@@ -11,6 +11,22 @@
 //!
 //! Invariant: this crate knows nothing of tokenizers or tensors (the byte alphabet is a table of
 //! 256 characters, here only because both of its readers depend on this crate).
+//!
+//! # Example
+//!
+//! Read a JSONL file of chats; the shape is detected from the fields.
+//!
+//! ```
+//! use whet_data::{ReadOptions, Record, read_all};
+//!
+//! let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+//!     .join("../../fixtures/data/support/validation.jsonl");
+//! let (examples, report) = read_all(&path, &ReadOptions::default())?;
+//! assert_eq!(report.examples, examples.len() as u64);
+//! let Record::Conversation { messages } = &examples[0].record else { panic!("not a chat") };
+//! assert_eq!(messages[1].role.as_str(), "user");
+//! # Ok::<(), whet_data::DataError>(())
+//! ```
 
 pub mod atomic;
 pub mod byte_level;

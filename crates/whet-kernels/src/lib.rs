@@ -20,6 +20,30 @@
 //! `S` keys, `H` hidden, `NH` query heads, `NKV` key/value heads, `D` head dim, `V` vocabulary.
 //!
 //! Invariant: nothing in this crate knows about models, configs or files.
+//!
+//! # Example
+//!
+//! A fused op and its reference give the same values and the same gradients.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//!
+//! let dev = Device::Cpu;
+//! let x = Var::new(&[[3.0f32, 4.0], [1.0, -1.0]], &dev)?; // (T, H)
+//! let w = Tensor::new(&[1.0f32, 2.0], &dev)?; // (H)
+//! let fused = whet_kernels::rms_norm(x.as_tensor(), &w, 1e-6)?;
+//! let reference = whet_kernels::reference::rms_norm(x.as_tensor(), &w, 1e-6)?;
+//! let diff = (&fused - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(diff < 1e-6);
+//! // Row 0: x / sqrt(mean(x^2)) * w = [3, 4] / sqrt(12.5) * [1, 2].
+//! let y = fused.to_vec2::<f32>()?;
+//! assert!((y[0][1] - 8.0 / 12.5f32.sqrt()).abs() < 1e-5);
+//! let g_fused = fused.sum_all()?.backward()?;
+//! let g_ref = reference.sum_all()?.backward()?;
+//! let (a, b) = (g_fused.get(x.as_tensor()).unwrap(), g_ref.get(x.as_tensor()).unwrap());
+//! assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
 
 mod checkpoint;
 mod cpu;

@@ -10,6 +10,30 @@
 //! Invariant: the training path uses only `whet_kernels` ops (they have a backward); frozen
 //! weights are plain tensors, trainable ones are `candle_core::Var`s listed by
 //! [`Model::trainable`].
+//!
+//! # Example
+//!
+//! Load a Hugging Face folder and compute the loss of a packed row: the summed cross-entropy over
+//! the supervised targets, and their count.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use whet_model::{Model, Trainable};
+//!
+//! let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny_chat");
+//! let dev = Device::Cpu;
+//! let model = Model::load(&dir, Trainable::None, &dev)?;
+//! let ids = Tensor::new(&[[1u32, 40, 41, 42, 43]], &dev)?; // (B, T)
+//! let positions = Tensor::new(&[[0u32, 1, 2, 3, 4]], &dev)?; // (B, T)
+//! let segments = Tensor::zeros((1, 5), DType::U32, &dev)?; // one document
+//! let targets = Tensor::new(&[[40i64, 41, 42, 43, -100]], &dev)?; // next tokens, -100 unlearned
+//! let (sum, n) = model.loss(&ids, &positions, &segments, &targets)?;
+//! assert_eq!(n, 4);
+//! let logits = model.logits(&ids, &positions, &segments)?; // (B, T, V)
+//! assert_eq!(logits.dims(), [1, 5, model.config().vocab_size]);
+//! assert!(sum.to_scalar::<f32>()? > 0.0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod config;
 pub mod error;

@@ -6,6 +6,27 @@
 //! factor) is folded into the same pass, so the trainer never rescales gradients itself.
 //!
 //! Invariant: this crate knows nothing of models or data; a parameter is a name and a `Var`.
+//!
+//! # Example
+//!
+//! One AdamW step: the first update moves each weight by about `lr` against its gradient's sign.
+//!
+//! ```
+//! use candle_core::{Device, Var};
+//! use whet_optim::{AdamW, AdamWConfig, Optimizer, Param};
+//!
+//! let w = Var::new(&[1.0f32, -2.0, 3.0], &Device::Cpu)?;
+//! let mut adamw = AdamW::new(vec![Param::new("w", w.clone())], AdamWConfig::default())?;
+//! let loss = (w.as_tensor().sqr()?.sum_all()? * 0.5)?; // gradient = w
+//! let grads = loss.backward()?;
+//! adamw.step(&[grads.get(w.as_tensor()).cloned()], 0.1, 1.0)?;
+//! let after = w.as_tensor().to_vec1::<f32>()?;
+//! for (got, want) in after.iter().zip([0.9f32, -1.9, 2.9]) {
+//!     assert!((got - want).abs() < 1e-5, "{after:?}");
+//! }
+//! assert_eq!(adamw.step_count(), 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod adamw;
 mod buffers;

@@ -94,6 +94,9 @@ pub enum Error {
     #[error(transparent)]
     Write(#[from] whet_data::atomic::WriteError),
 
+    #[error("{template}: cannot write an Ollama template: {what}")]
+    Ollama { template: String, what: String },
+
     #[error("rows have different shapes: {what}")]
     Shape { what: String },
 

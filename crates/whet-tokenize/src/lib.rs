@@ -9,14 +9,48 @@
 //! - [`pack`], [`padding_free`], [`pad_each`], [`Batch`]: training rows with position and
 //!   segment ids; [`targets_from_labels`] for next-token targets in packed rows.
 //! - [`Cache`]: the result on disk as Parquet, keyed by a [`Fingerprint`].
+//! - [`ollama::Modelfile`]: the chat template as an Ollama `Modelfile` (Go template, stops).
 //!
 //! Invariant: this crate knows nothing of tensors; everything is plain `Vec<u32>` /
 //! `Vec<i64>`.
+//!
+//! # Example
+//!
+//! A model folder's tokenizer and chat template, a conversation rendered and tokenized with its
+//! assistant turn as the learned tokens.
+//!
+//! ```
+//! use whet_data::{Example, Message, Origin, Record, Role};
+//! use whet_tokenize::{IGNORE_INDEX, TokenizeConfig, Tokenizer};
+//!
+//! let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny_chat");
+//! let tok = Tokenizer::from_dir(&dir)?;
+//! let chat = vec![
+//!     Message { role: Role::User, content: "Hi".into() },
+//!     Message { role: Role::Assistant, content: "Hello!".into() },
+//! ];
+//! let text = tok.chat_template().expect("a chat model").render(&chat, false)?;
+//! assert_eq!(text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n");
+//!
+//! let example = Example {
+//!     id: 0,
+//!     origin: Origin { file: "chats.jsonl".into(), row: 0 },
+//!     record: Record::Conversation { messages: chat },
+//! };
+//! let (done, _report) = tok.tokenize_examples(&[example], &TokenizeConfig::default())?;
+//! let learned: Vec<u32> = done[0].input_ids.iter().zip(&done[0].labels)
+//!     .filter(|(_, l)| **l != IGNORE_INDEX)
+//!     .map(|(id, _)| *id)
+//!     .collect();
+//! assert_eq!(tok.decode(&learned, false)?, "Hello!<|im_end|>");
+//! # Ok::<(), whet_tokenize::Error>(())
+//! ```
 
 pub mod cache;
 pub mod error;
 mod fast;
 pub mod fingerprint;
+pub mod ollama;
 pub mod pack;
 pub mod template;
 pub mod tokenize;

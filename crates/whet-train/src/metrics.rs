@@ -48,6 +48,21 @@ pub struct EvalMetrics {
     pub val_ppl: f64,
     pub val_tokens: usize,
     pub improved: bool,
+    /// The named evaluation sets (`Trainer::eval_sets`), in their order; absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<SetLoss>,
+}
+
+/// The loss of one named evaluation set at an evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetLoss {
+    pub name: String,
+    /// NaN when the set holds no supervised token (written as `null`).
+    #[serde(deserialize_with = "nan_if_null")]
+    pub loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub ppl: f64,
+    pub tokens: usize,
 }
 
 /// One line of `metrics.jsonl`, told apart by its `kind`.

@@ -23,7 +23,7 @@ use whet_optim::{Optimizer, OptimizerState, Param};
 use crate::checkpoint::{self, TrainerState};
 use crate::comm::{self, Communicator};
 use crate::config::{Method, TrainerConfig};
-use crate::metrics::{EvalMetrics, MetricsLog, StepMetrics};
+use crate::metrics::{EvalMetrics, MetricsLog, SetLoss, StepMetrics};
 use crate::rows::{Batch, Cursor, Row, epoch_order};
 use crate::step::Step;
 use crate::{Result, TrainError};
@@ -116,6 +116,9 @@ pub struct Trainer<'a> {
     /// The ranks this run is data-parallel over ([`comm::Single`] for one process). Every rank
     /// runs the same `Trainer` on the same rows; rank 0 alone writes checkpoints and metrics.
     pub comm: &'a dyn Communicator,
+    /// Named evaluation sets, each scored at every evaluation beside `validation` and logged
+    /// with its name; only `validation` decides early stopping and the best checkpoint.
+    pub eval_sets: &'a [(String, Vec<Row>)],
 }
 
 impl<'a> Trainer<'a> {
@@ -316,6 +319,22 @@ impl<'a> Trainer<'a> {
             &self.device,
             self.comm,
         )?;
+        let mut sets = Vec::with_capacity(self.eval_sets.len());
+        for (name, rows) in self.eval_sets {
+            let (loss, tokens) = evaluate_sharded(
+                self.model,
+                rows,
+                self.config.micro_batch,
+                &self.device,
+                self.comm,
+            )?;
+            sets.push(SetLoss {
+                name: name.clone(),
+                loss,
+                ppl: loss.exp(),
+                tokens,
+            });
+        }
         self.model.set_training(true);
         let improved = state
             .best_val_loss
@@ -333,6 +352,7 @@ impl<'a> Trainer<'a> {
             val_ppl: val_loss.exp(),
             val_tokens,
             improved,
+            sets,
         })
     }
 

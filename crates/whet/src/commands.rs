@@ -1,7 +1,7 @@
 //! The subcommands: each loads what it needs from the library crates (models through the
 //! process's [`Runtime`]) and reports.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -138,16 +138,30 @@ fn probe_logits(
     Ok((model.logits(&ids, &pos, &seg)?, n))
 }
 
-/// `whet export --gguf`: merges an adapter if given, writes the GGUF file (an existing one only
-/// with `force`), then reads it back (whet's GGUF import) and reports how far its logits are
-/// from the model's and whether the tokenizer survived.
-pub fn export_gguf(
+/// Where `whet export` writes.
+pub enum ExportTo {
+    /// One GGUF file; an existing one is replaced only with `force`.
+    Gguf { path: PathBuf, force: bool },
+    /// A folder for Ollama: [`OLLAMA_GGUF`] and `Modelfile`, written as a whole (new, empty, or
+    /// an earlier `--ollama` export's folder).
+    Ollama { dir: PathBuf },
+}
+
+/// The run an Ollama export folder's marker names: any `--ollama` export may replace it.
+const OLLAMA_RUN: &str = "whet export --ollama";
+/// The GGUF file's name in an Ollama export folder (the Modelfile's `FROM`).
+pub const OLLAMA_GGUF: &str = "model.gguf";
+
+/// `whet export`: merges an adapter if given, writes the GGUF file (and for Ollama the
+/// Modelfile beside it), then reads the GGUF back (whet's GGUF import) and reports how far its
+/// logits are from the model's and whether the tokenizer survived. Everything that can be
+/// refused (the type, the target, the chat template) is refused before the model loads.
+pub fn export(
     rt: &Runtime,
     args: &ModelArgs,
-    out: &Path,
+    to: &ExportTo,
     ty: &str,
     name: Option<&str>,
-    force: bool,
 ) -> Result<()> {
     let want = whet_model::quant::parse(ty).with_context(|| {
         format!(
@@ -155,13 +169,22 @@ pub fn export_gguf(
             whet_model::quant::names()
         )
     })?;
-    let existing = if force {
-        Existing::Replace
-    } else {
-        Existing::Refuse
+    let modelfile = match to {
+        ExportTo::Gguf { path, force } => {
+            let existing = if *force {
+                Existing::Replace
+            } else {
+                Existing::Refuse
+            };
+            atomic::refuse_existing(path, existing)?;
+            None
+        }
+        ExportTo::Ollama { dir } => {
+            atomic::check(dir, OLLAMA_RUN)?;
+            let tok = load_tokenizer(&args.model)?;
+            Some(whet_tokenize::ollama::Modelfile::from_tokenizer(&tok)?)
+        }
     };
-    // Before the model loads: refused without the work.
-    atomic::refuse_existing(out, existing)?;
     let model = rt.load_model(args, Trainable::None)?;
     let mut merged = model.detached();
     merged.merge_lora()?;
@@ -172,7 +195,41 @@ pub fn export_gguf(
             .unwrap_or_else(|| "whet-model".into())
     });
     let started = Instant::now();
-    let report = whet_model::export::export_gguf(&merged, &args.model, out, want, &name, existing)?;
+    let (report, out) = match (to, &modelfile) {
+        (ExportTo::Gguf { path, force }, _) => {
+            let existing = if *force {
+                Existing::Replace
+            } else {
+                Existing::Refuse
+            };
+            let report =
+                whet_model::export::export_gguf(&merged, &args.model, path, want, &name, existing)?;
+            (report, path.clone())
+        }
+        (ExportTo::Ollama { dir }, Some(modelfile)) => {
+            let mut report = None;
+            atomic::write_owned_dir(dir, OLLAMA_RUN, |tmp| -> Result<()> {
+                report = Some(whet_model::export::export_gguf(
+                    &merged,
+                    &args.model,
+                    &tmp.join(OLLAMA_GGUF),
+                    want,
+                    &name,
+                    Existing::Refuse,
+                )?);
+                atomic::write_file(
+                    &tmp.join("Modelfile"),
+                    modelfile.to_text(OLLAMA_GGUF).as_bytes(),
+                    Existing::Refuse,
+                )?;
+                Ok(())
+            })?;
+            let report = report.context("the export wrote no GGUF")?;
+            (report, dir.join(OLLAMA_GGUF))
+        }
+        (ExportTo::Ollama { .. }, None) => bail!("no Modelfile for the Ollama export"),
+    };
+    let out = out.as_path();
     let secs = started.elapsed().as_secs_f64();
 
     // Read it back: convert to a scratch HF folder and compare.
@@ -215,6 +272,12 @@ pub fn export_gguf(
             "max_abs_logit": scale,
             "probe_tokens": n,
             "tokenizer_round_trip": same_tokens,
+            "ollama": modelfile.as_ref().map(|m| serde_json::json!({
+                "modelfile": out.with_file_name("Modelfile"),
+                "template_family": m.family.name(),
+                "system": m.system,
+                "stop": m.stop,
+            })),
         })
     );
     if !same_tokens {
@@ -315,6 +378,12 @@ impl Observer for Progress {
             m.val_ppl,
             if m.improved { "  best so far" } else { "" }
         ));
+        for set in &m.sets {
+            self.line(format!(
+                "  {}: loss {:.4} ({} tokens)",
+                set.name, set.loss, set.tokens
+            ));
+        }
     }
 }
 
@@ -380,6 +449,19 @@ fn train_on(
         }
         return crate::kfold::run(rt, &cfg, &tok, &data, &out);
     }
+    let continued_from = match &cfg.model.adapter {
+        Some(a) => Some(report::ContinuedFrom::of(a)?),
+        None => None,
+    };
+    if leader && let Some(c) = &continued_from {
+        eprintln!(
+            "model: continuing from the adapter {}{}",
+            c.adapter.display(),
+            c.run
+                .as_ref()
+                .map_or(String::new(), |r| format!(" (whet run {r})"))
+        );
+    }
     let mut model = rt.load_for_training(&cfg, cfg.train.seed)?;
     let (total_params, trainable_params) = model.num_params();
     if leader {
@@ -423,6 +505,14 @@ fn train_on(
         None => None,
     };
 
+    let mut eval_sets = Vec::with_capacity(cfg.eval.sets.len());
+    for set in &cfg.eval.sets {
+        let spec = pipeline::flags_section(&set.path, None, set.format, cfg.data.max_len, false);
+        let rows = pipeline::eval_rows(&tok, &spec)
+            .with_context(|| format!("eval.sets `{}` ({})", set.name, set.path.display()))?;
+        eval_sets.push((set.name.clone(), rows));
+    }
+
     // Before training: the base model (LoRA starts as the identity, B = 0).
     model.set_training(false);
     let measure = |model: &Model| {
@@ -430,8 +520,11 @@ fn train_on(
             model,
             &tok,
             &cfg,
-            &data.validation,
-            general.as_deref(),
+            &report::EvalRows {
+                validation: &data.validation,
+                general: general.as_deref(),
+                sets: &eval_sets,
+            },
             with_report,
             dev,
         )
@@ -448,6 +541,7 @@ fn train_on(
         device: dev.clone(),
         run_id: id,
         comm,
+        eval_sets: &eval_sets,
     };
     let Some(before) = before else {
         // Another rank: train alongside rank 0; the report and exports are rank 0's.
@@ -489,6 +583,7 @@ fn train_on(
         .collect();
     let rep = Report {
         config: cfg.clone(),
+        continued_from,
         summary,
         data: data.report,
         before: before.losses,

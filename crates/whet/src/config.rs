@@ -57,6 +57,13 @@ pub struct ModelSection {
     /// `q8_0`, ...; see `whet_model::quant`). LoRA only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<String>,
+    /// Continue LoRA training from this PEFT adapter folder (a whet run's `out/adapter`, or
+    /// PEFT's `save_pretrained`): its A/B are the starting values and its `adapter_config.json`
+    /// gives the run's `[lora]` settings (a `[lora]` key written in the config that differs
+    /// from the adapter's is an error). A finished run is extended by pointing this at its
+    /// adapter, with new data or more steps, and a new `output.dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelSection {
@@ -206,6 +213,12 @@ pub struct EvalSection {
     /// Held-out general text: its loss before and after shows what general ability was lost.
     pub general_data: Option<PathBuf>,
     pub max_new_tokens: usize,
+    /// Named evaluation sets, each scored at every evaluation (logged in `metrics.jsonl` with
+    /// its name) and before/after in the report: `sets = [{ name = "faq", path = "faq.jsonl",
+    /// format = "chat" }]`. `data.validation` alone drives early stopping and the best
+    /// checkpoint. A k-fold run (`train.k_folds`) scores its folds only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<EvalSet>,
 }
 
 impl Default for EvalSection {
@@ -214,8 +227,20 @@ impl Default for EvalSection {
             prompts: Vec::new(),
             general_data: None,
             max_new_tokens: 64,
+            sets: Vec::new(),
         }
     }
+}
+
+/// One named evaluation set of `[eval] sets`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSet {
+    pub name: String,
+    pub path: PathBuf,
+    /// The record shape (`auto`, `text`, `prompt-completion`, `chat`).
+    #[serde(default)]
+    pub format: Shape,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -289,6 +314,11 @@ impl Config {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
+        // The `[lora]` keys the user wrote (the others are defaults an adapter may override).
+        let lora_keys: Vec<String> = match value.get("lora") {
+            Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
         let config: Config = Config::deserialize(value).map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
             message: with_suggestion(&e.to_string()),
@@ -299,10 +329,101 @@ impl Config {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let config =
+        let mut config =
             config.rebased(&std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf()));
+        config.adopt_adapter(path, &lora_keys)?;
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// With `model.adapter`: the run's `[lora]` becomes the adapter's `adapter_config.json`;
+    /// a key in `written` (set in the file or by `--set`) that disagrees with it is an error.
+    fn adopt_adapter(&mut self, path: &Path, written: &[String]) -> Result<()> {
+        let Some(dir) = &self.model.adapter else {
+            return Ok(());
+        };
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        if self.method != Method::Lora {
+            return Err(invalid(format!(
+                "`model.adapter` continues LoRA training from {}; set method = \"lora\" (or merge the adapter first with `whet merge` to fine-tune the merged model)",
+                dir.display()
+            )));
+        }
+        let file = dir.join(whet_model::lora::ADAPTER_CONFIG_FILE);
+        let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let (a, _base) = whet_model::LoraConfig::from_peft_json(&text, &file)?;
+        let modules: Vec<String> = a.modules(&file)?.iter().map(|m| m.to_string()).collect();
+        let target_modules = if modules.len() == whet_model::LINEAR_MODULES.len() {
+            vec!["all-linear".to_string()]
+        } else {
+            modules
+        };
+        let adapter = LoraSection {
+            r: a.r,
+            alpha: a.alpha,
+            dropout: a.dropout,
+            target_modules,
+            use_rslora: a.use_rslora,
+        };
+        let mine = &self.lora;
+        let same_targets = |x: &[String], y: &[String]| {
+            let expand = |v: &[String]| -> Vec<String> {
+                let mut v: Vec<String> = match v {
+                    [one] if one == "all-linear" => whet_model::LINEAR_MODULES
+                        .iter()
+                        .map(|m| m.to_string())
+                        .collect(),
+                    many => many.to_vec(),
+                };
+                v.sort();
+                v
+            };
+            expand(x) == expand(y)
+        };
+        for key in written {
+            let (ours, theirs, same) = match key.as_str() {
+                "r" => (
+                    mine.r.to_string(),
+                    adapter.r.to_string(),
+                    mine.r == adapter.r,
+                ),
+                "alpha" => (
+                    mine.alpha.to_string(),
+                    adapter.alpha.to_string(),
+                    mine.alpha == adapter.alpha,
+                ),
+                "dropout" => (
+                    mine.dropout.to_string(),
+                    adapter.dropout.to_string(),
+                    mine.dropout == adapter.dropout,
+                ),
+                "use_rslora" => (
+                    mine.use_rslora.to_string(),
+                    adapter.use_rslora.to_string(),
+                    mine.use_rslora == adapter.use_rslora,
+                ),
+                "target_modules" => (
+                    format!("{:?}", mine.target_modules),
+                    format!("{:?}", adapter.target_modules),
+                    same_targets(&mine.target_modules, &adapter.target_modules),
+                ),
+                _ => continue,
+            };
+            if !same {
+                return Err(invalid(format!(
+                    "`lora.{key}` is {ours} but the adapter `model.adapter` continues from has {theirs} ({}); training continues with the adapter's settings: remove `lora.{key}` or set it to {theirs}",
+                    file.display()
+                )));
+            }
+        }
+        self.lora = adapter;
+        Ok(())
     }
 
     fn rebased(mut self, base: &Path) -> Self {
@@ -316,12 +437,18 @@ impl Config {
             }
         };
         fix(&mut self.model.path);
+        if let Some(a) = self.model.adapter.as_mut() {
+            fix(a);
+        }
         fix(&mut self.data.train);
         if let Some(v) = self.data.validation.as_mut() {
             fix(v);
         }
         if let Some(g) = self.eval.general_data.as_mut() {
             fix(g);
+        }
+        for set in &mut self.eval.sets {
+            fix(&mut set.path);
         }
         fix(&mut self.output.dir);
         self
@@ -411,6 +538,27 @@ impl Config {
             0,
             limits::MAX_NEW_TOKENS,
         )?;
+        for (i, set) in self.eval.sets.iter().enumerate() {
+            let name = set.name.as_str();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(bad(
+                    &format!("eval.sets[{i}].name"),
+                    format!(
+                        "{name:?} must be a non-empty name of letters, digits, `-`, `_` or `.`"
+                    ),
+                ));
+            }
+            if self.eval.sets[..i].iter().any(|s| s.name == name) {
+                return Err(bad(
+                    &format!("eval.sets[{i}].name"),
+                    format!("{name:?} names two sets; each set needs its own name"),
+                ));
+            }
+        }
         if let Some(q) = &self.model.quantize {
             if whet_model::quant::parse(q).is_none() {
                 return Err(bad(

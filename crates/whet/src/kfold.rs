@@ -73,6 +73,7 @@ pub fn run(rt: &Runtime, cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &P
             device: rt.device().clone(),
             run_id: format!("{}-fold{fold}", run_id(cfg, &train)),
             comm: &whet_train::comm::Single,
+            eval_sets: &[],
         };
         let summary = trainer.run(&mut Quiet)?;
         let best = summary.best_val_loss.unwrap_or(f64::NAN);

@@ -5,6 +5,18 @@
 //! Layers, each importing only from those below it: [`commands`] (the subcommands); [`kfold`],
 //! [`report`], [`inspect`], [`bench`] (one job each); [`runtime`] (model loading), [`pipeline`]
 //! (files to rows), [`prompt`] (prompts to completions), [`plot`]; [`cli`] (argument groups).
+//!
+//! # Example
+//!
+//! A run's configuration: a recipe with `--set` overrides, validated as `whet train` reads it.
+//!
+//! ```
+//! let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/default.toml");
+//! let cfg = whet::config::Config::load(&recipe, &["train.lr=1e-4".to_string()])?;
+//! assert_eq!(cfg.train.lr, 1e-4);
+//! assert!(whet::config::Config::load(&recipe, &["train.lr=fast".to_string()]).is_err());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod bench;
 pub mod cli;

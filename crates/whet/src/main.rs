@@ -77,15 +77,24 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Write the model (with an adapter merged in) as one GGUF file for llama.cpp / ollama,
-    /// then read it back and report the logit difference.
+    /// Write the model (with an adapter merged in) as one GGUF file for llama.cpp, or as a
+    /// folder for Ollama (the GGUF and a Modelfile), then read it back and report the logit
+    /// difference.
+    #[command(group(clap::ArgGroup::new("to").required(true).args(["gguf", "ollama"])))]
     Export {
         #[command(flatten)]
         model: whet::cli::ModelArgs,
         /// The GGUF file to write (written under a temporary name, renamed once complete). An
         /// existing file is refused unless --force is given.
         #[arg(long)]
-        gguf: PathBuf,
+        gguf: Option<PathBuf>,
+        /// A folder for Ollama: `model.gguf` and a `Modelfile` (the chat template as Ollama's Go
+        /// template, its default system prompt, the stop tokens); `ollama create NAME -f
+        /// DIR/Modelfile`. The folder must be new, empty or an earlier `--ollama` export's
+        /// (replaced whole). Chat templates of the ChatML, Llama 3, Gemma and Mistral families
+        /// are translated; any other is refused before the work.
+        #[arg(long)]
+        ollama: Option<PathBuf>,
         /// Replace an existing --gguf file.
         #[arg(long)]
         force: bool,
@@ -203,10 +212,18 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export {
             model,
             gguf,
+            ollama,
             ty,
             name,
             force,
-        } => whet::commands::export_gguf(&rt, &model, &gguf, &ty, name.as_deref(), force),
+        } => {
+            let to = match (gguf, ollama) {
+                (Some(path), _) => whet::commands::ExportTo::Gguf { path, force },
+                (None, Some(dir)) => whet::commands::ExportTo::Ollama { dir },
+                (None, None) => unreachable!("clap requires --gguf or --ollama"),
+            };
+            whet::commands::export(&rt, &model, &to, &ty, name.as_deref())
+        }
         Command::Data {
             command:
                 DataCommand::Inspect {

@@ -11,7 +11,7 @@ use whet_data::Shape;
 use whet_data::atomic::{self, Existing};
 use whet_model::Model;
 use whet_tokenize::Tokenizer;
-use whet_train::{Row, Summary, evaluate};
+use whet_train::{Row, SetLoss, Summary, evaluate};
 
 use crate::config::Config;
 use crate::pipeline::DataReport;
@@ -23,6 +23,9 @@ pub struct Losses {
     pub val_tokens: usize,
     pub general_loss: Option<f64>,
     pub general_tokens: usize,
+    /// `[eval] sets`, in their order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<SetLoss>,
 }
 
 pub struct Measured {
@@ -31,16 +34,30 @@ pub struct Measured {
     pub generations: Vec<(String, String)>,
 }
 
-/// Validation loss, general-text loss and the evaluation prompts' generations of `model` now.
+/// The rows the report scores a model on.
+pub struct EvalRows<'a> {
+    pub validation: &'a [Row],
+    /// Held-out general text (`eval.general_data`).
+    pub general: Option<&'a [Row]>,
+    /// `[eval] sets`, named.
+    pub sets: &'a [(String, Vec<Row>)],
+}
+
+/// Validation loss, general-text loss, the named sets' losses and the evaluation prompts'
+/// generations of `model` now.
 pub fn measure(
     model: &Model,
     tok: &Tokenizer,
     cfg: &Config,
-    validation: &[Row],
-    general: Option<&[Row]>,
+    rows: &EvalRows<'_>,
     generations: bool,
     device: &Device,
 ) -> Result<Measured> {
+    let EvalRows {
+        validation,
+        general,
+        sets,
+    } = *rows;
     let mb = cfg.train.micro_batch;
     let mut losses = Losses::default();
     if !validation.is_empty() {
@@ -52,6 +69,15 @@ pub fn measure(
         let (l, n) = evaluate(model, rows, mb, device)?;
         losses.general_loss = Some(l);
         losses.general_tokens = n;
+    }
+    for (name, rows) in sets {
+        let (loss, tokens) = evaluate(model, rows, mb, device)?;
+        losses.sets.push(SetLoss {
+            name: name.clone(),
+            loss,
+            ppl: loss.exp(),
+            tokens,
+        });
     }
     let mut gens = Vec::new();
     if generations {
@@ -76,9 +102,34 @@ pub struct Generation {
     pub tuned: String,
 }
 
+/// Where a run that continued from an adapter (`model.adapter`) came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContinuedFrom {
+    /// The adapter folder.
+    pub adapter: PathBuf,
+    /// sha256 of its `adapter_model.safetensors`.
+    pub sha256: String,
+    /// The whet run that wrote it (the `.whet-run` marker of its folder or the folder above), if
+    /// a whet run did.
+    pub run: Option<String>,
+}
+
+impl ContinuedFrom {
+    pub fn of(adapter: &Path) -> Result<Self> {
+        let weights = adapter.join(whet_model::lora::ADAPTER_WEIGHTS_FILE);
+        Ok(ContinuedFrom {
+            adapter: adapter.to_path_buf(),
+            sha256: crate::commands::sha256_file(&weights)?,
+            run: atomic::owner(adapter).or_else(|| adapter.parent().and_then(atomic::owner)),
+        })
+    }
+}
+
 #[derive(Serialize)]
 pub struct Report {
     pub config: Config,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continued_from: Option<ContinuedFrom>,
     pub summary: Summary,
     pub data: DataReport,
     pub before: Losses,
@@ -144,6 +195,17 @@ impl Report {
             self.summary.resumed_from,
             self.wall_time_s
         );
+        if let Some(c) = &self.continued_from {
+            let _ = writeln!(
+                s,
+                "Continued from the adapter `{}` (sha256 {}{}): the base column is that adapter.\n",
+                c.adapter.display(),
+                &c.sha256[..16.min(c.sha256.len())],
+                c.run
+                    .as_ref()
+                    .map_or(String::new(), |r| format!(", written by whet run `{r}`"))
+            );
+        }
         let _ = writeln!(s, "## Loss\n");
         let _ = writeln!(s, "| | base | tuned | change |\n|---|---|---|---|");
         let _ = writeln!(
@@ -168,6 +230,18 @@ impl Report {
             fmt_loss(self.after.general_loss),
             delta(self.before.general_loss, self.after.general_loss)
         );
+        for (i, after) in self.after.sets.iter().enumerate() {
+            let before = self.before.sets.get(i).map(|b| b.loss);
+            let _ = writeln!(
+                s,
+                "| `{}` loss ({} tokens) | {} | {} | {} |",
+                after.name,
+                after.tokens,
+                fmt_loss(before),
+                fmt_loss(Some(after.loss)),
+                delta(before, Some(after.loss))
+            );
+        }
         let _ = writeln!(
             s,
             "\nTraining loss {} -> {}. Best validation loss {} at step {}{}.\n",

@@ -139,12 +139,19 @@ impl Runtime {
         let options = LoadOptions {
             quantize: cfg.model.quantize_type(),
         };
-        let mut model = Model::load_with(
-            &cfg.model.path,
-            trainable(cfg, seed),
-            &options,
-            &self.device,
-        )?;
+        let start = match &cfg.model.adapter {
+            // The adapter's A/B, loaded as trainable Vars onto the frozen base.
+            Some(_) => Trainable::None,
+            None => trainable(cfg, seed),
+        };
+        let mut model = Model::load_with(&cfg.model.path, start, &options, &self.device)?;
+        if let Some(adapter) = &cfg.model.adapter {
+            let loaded = model
+                .load_adapter(adapter)
+                .with_context(|| format!("model.adapter = {}", adapter.display()))?;
+            // The config adopted the adapter's settings when it loaded (`Config::from_toml`).
+            debug_assert_eq!(loaded.r, cfg.lora.r);
+        }
         self.configure(&mut model)?;
         Ok(model)
     }
@@ -183,6 +190,12 @@ pub fn run_id(cfg: &Config, train: &[Row]) -> String {
     let mut c = cfg.clone();
     c.output.dir = PathBuf::new();
     h.bytes(c.to_toml().as_bytes());
+    // A run continued from an adapter is another run when the adapter's weights change.
+    if let Some(adapter) = &cfg.model.adapter
+        && let Ok(bytes) = std::fs::read(adapter.join(whet_model::lora::ADAPTER_WEIGHTS_FILE))
+    {
+        h.bytes(&bytes);
+    }
     for r in train {
         for id in &r.input_ids {
             h.bytes(&id.to_le_bytes());

@@ -4,6 +4,7 @@ mod cache;
 mod common;
 mod fastpath;
 mod masking;
+mod ollama;
 mod pack;
 mod parity;
 mod template;

@@ -190,6 +190,7 @@ pub fn run(
         device: Device::Cpu,
         run_id: run_id.into(),
         comm: &whet_train::comm::Single,
+        eval_sets: &[],
     }
     .run(&mut Quiet)
 }
@@ -346,6 +347,7 @@ pub fn run_ranks(
                         device: Device::Cpu,
                         run_id: run_id(comm.rank()),
                         comm,
+                        eval_sets: &[],
                     }
                     .run(&mut Quiet);
                     (summary, trainable_values(&model))

@@ -27,6 +27,7 @@ fn metrics_lines_read_back_typed() {
         val_ppl: f64::NAN,
         val_tokens: 0,
         improved: true,
+        sets: Vec::new(),
     };
     let mut log = MetricsLog::open(&path, 0).unwrap();
     log.step(&step).unwrap();

@@ -1,16 +1,19 @@
 //! End-to-end tests of the `whet` binary on a tiny Llama converted from a GGUF fixture.
 
 mod common;
+mod continue_;
 #[cfg(feature = "mpi")]
 mod distributed;
 mod errors;
 mod eval_merge;
+mod eval_sets;
 mod formats;
 mod generate;
 mod hardening;
 mod inspect;
 mod kernels;
 mod kfold;
+mod ollama;
 mod outputs;
 mod qlora_export;
 mod recipes;
