@@ -1,5 +1,6 @@
 //! End-to-end tests of the `whet` binary on a tiny Llama converted from a GGUF fixture.
 
+mod chat;
 mod common;
 #[cfg(feature = "mpi")]
 mod distributed;
@@ -15,4 +16,5 @@ mod outputs;
 mod qlora_export;
 mod recipes;
 mod resume;
+mod serve;
 mod train;
