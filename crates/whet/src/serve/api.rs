@@ -97,6 +97,14 @@ pub struct Sampling {
     pub n: Option<usize>,
     #[serde(default)]
     pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    /// One more chunk before `[DONE]`: no choices, the usage.
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +207,22 @@ pub struct Reply {
 }
 
 impl Reply {
+    fn usage(prompt_tokens: usize, completion: usize) -> Value {
+        json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        })
+    }
+
+    /// The stream's usage chunk (`stream_options.include_usage`).
+    pub fn usage_chunk(&self, prompt_tokens: usize, completion: usize) -> Value {
+        let mut v = self.chunk(None, false, None);
+        v["choices"] = json!([]);
+        v["usage"] = Reply::usage(prompt_tokens, completion);
+        v
+    }
+
     /// The whole answer (non-streaming).
     pub fn full(&self, text: &str, finish: &str, prompt_tokens: usize, completion: usize) -> Value {
         let choice = match self.kind {
@@ -221,11 +245,7 @@ impl Reply {
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion,
-            },
+            "usage": Reply::usage(prompt_tokens, completion),
         })
     }
 

@@ -24,6 +24,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -209,9 +210,9 @@ async fn one_model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -
     }
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
     let run = async {
-        let req: ChatRequest = parse(&body)?;
+        let req: ChatRequest = parse(body)?;
         let model = state.model_index(&req.sampling.model)?;
         if req.messages.is_empty() {
             return Err(ApiError::invalid(
@@ -237,9 +238,9 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
     let run = async {
-        let req: CompletionRequest = parse(&body)?;
+        let req: CompletionRequest = parse(body)?;
         let model = state.model_index(&req.sampling.model)?;
         let text = match req.prompt {
             Prompt::One(s) => s,
@@ -274,8 +275,13 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
+/// A request body, or why it could not be read (too large: 413).
+type Body = Result<Bytes, BytesRejection>;
+
+/// The JSON body; any content type is read as JSON, as OpenAI does.
+fn parse<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError::invalid(e.body_text(), None).status(e.status()))?;
+    serde_json::from_slice(&body).map_err(|e| {
         ApiError::invalid(
             format!("could not parse the JSON body of your request: {e}"),
             None,
@@ -384,7 +390,11 @@ impl AppState {
             model: self.names[model].clone(),
         };
         if s.stream {
-            return Ok(sse(reply, rx).into_response());
+            let usage = s
+                .stream_options
+                .is_some_and(|o| o.include_usage)
+                .then_some(prompt_tokens);
+            return Ok(sse(reply, rx, usage).into_response());
         }
         let mut text = String::new();
         while let Some(event) = rx.recv().await {
@@ -421,17 +431,22 @@ fn refused(r: Refused) -> ApiError {
     }
 }
 
-/// Where the stream is: the chat's opening chunk, text chunks, `[DONE]`, the end.
+/// Where the stream is: the chat's opening chunk, text chunks, the usage chunk, `[DONE]`, the
+/// end.
 enum Phase {
     Opening,
     Body,
+    Usage(Value),
     Done,
     End,
 }
 
+/// The answer as server-sent events; `usage`: the prompt's tokens, when the client asked for
+/// the usage chunk.
 fn sse(
     reply: Reply,
     rx: mpsc::UnboundedReceiver<Event>,
+    usage: Option<usize>,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let phase = match reply.kind {
         Kind::Chat => Phase::Opening,
@@ -447,6 +462,9 @@ fn sse(
                     return Some((Ok(e), (reply, rx, Phase::Body)));
                 }
                 Phase::Body => rx.recv().await,
+                Phase::Usage(chunk) => {
+                    return Some((Ok(data(chunk)), (reply, rx, Phase::Done)));
+                }
                 Phase::Done => {
                     let e = SseEvent::default().data("[DONE]");
                     return Some((Ok(e), (reply, rx, Phase::End)));
@@ -455,8 +473,15 @@ fn sse(
             };
             let (e, next) = match event {
                 Some(Event::Text(t)) => (data(reply.chunk(Some(&t), false, None)), Phase::Body),
-                Some(Event::Done { finish, .. }) => {
-                    (data(reply.chunk(None, false, Some(finish))), Phase::Done)
+                Some(Event::Done {
+                    finish,
+                    completion_tokens,
+                }) => {
+                    let next = match usage {
+                        Some(p) => Phase::Usage(reply.usage_chunk(p, completion_tokens)),
+                        None => Phase::Done,
+                    };
+                    (data(reply.chunk(None, false, Some(finish))), next)
                 }
                 Some(Event::Failed(m)) => (data(ApiError::server(m).body()), Phase::Done),
                 None => (

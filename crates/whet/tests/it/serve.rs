@@ -206,6 +206,12 @@ fn serve_answers_openai_requests_streamed_and_whole_for_each_adapter() {
                 .iter()
                 .all(|c| c["choices"][0]["finish_reason"].is_null())
         );
+        // With stream_options.include_usage: a last chunk with the usage and no choices.
+        streamed["stream_options"] = json!({ "include_usage": true });
+        let chunks = sse(&server, "/v1/chat/completions", &streamed);
+        let usage_chunk = chunks.last().unwrap();
+        assert_eq!(usage_chunk["choices"], json!([]));
+        assert_eq!(usage_chunk["usage"], body["usage"]);
         answers.push(content);
     }
     assert_ne!(answers[0], answers[1], "the adapter changed nothing");
@@ -323,6 +329,43 @@ fn serve_answers_bad_requests_and_a_full_queue_with_openai_errors() {
     );
     assert_eq!(error(code, &body, 400)["code"], "context_length_exceeded");
 
+    // A body over axum's 2 MiB limit: 413, OpenAI's body. The server answers once it has
+    // read 2 MiB and closes, so the body is sent from another thread that may fail to finish.
+    {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(server.addr()).unwrap();
+        let mut writer = tcp.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let body = vec![b'a'; 3 << 20];
+            let _ = write!(
+                writer,
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = writer.write_all(&body);
+        });
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        // The answer, up to the end of its JSON body.
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        let body = loop {
+            let n = tcp.read(&mut buf).unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&reply));
+            reply.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&reply).into_owned();
+            if let Some(at) = text.find("\r\n\r\n") {
+                if let Ok(v) = serde_json::from_str::<Value>(&text[at + 4..]) {
+                    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+                    break v;
+                }
+            }
+        };
+        error(413, &body, 413);
+        drop(tcp);
+        sender.join().unwrap();
+    }
+
     let (code, text) = call(
         ureq::get(&format!("http://{}/v1/nothing", server.addr())),
         None,
@@ -344,4 +387,78 @@ fn serve_answers_bad_requests_and_a_full_queue_with_openai_errors() {
     drop(hold);
     let (code, body) = post(&server, "/v1/chat/completions", &ok);
     assert_eq!(code, 200, "{body}");
+}
+
+/// Kills the child process when dropped (a failed assertion leaves no server behind).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn whet_serve_binary_serves_the_base_by_folder_name_and_each_named_adapter() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let tmp = Tmp::new("serve-bin");
+    let (m, out) = trained_chat_run(&tmp);
+    let adapter = format!("support={}", s(&out.join("adapter")));
+    let mut child = Child(
+        whet_cmd(["serve", "--model", s(&m), "--adapter", &adapter])
+            .args(["--port", "0", "--queue", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    let mut addr = None;
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("whet serve: http://") {
+            addr = rest.split_whitespace().next().map(str::to_string);
+            break;
+        }
+        seen.push(line);
+    }
+    let addr = addr.unwrap_or_else(|| panic!("no address announced: {seen:?}"));
+    let (code, text) = call(ureq::get(&format!("http://{addr}/v1/models")), None);
+    assert_eq!(code, 200, "{text}");
+    let models: Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["model", "support"]); // the base under its folder's name
+    let req = json!({ "model": "support", "messages": [{ "role": "user", "content": "Hi" }],
+                      "temperature": 0, "max_tokens": 3 });
+    let (code, text) = call(
+        ureq::post(&format!("http://{addr}/v1/chat/completions")),
+        Some(&req.to_string()),
+    );
+    assert_eq!(code, 200, "{text}");
+    drop(child);
+
+    // A malformed --adapter, and an adapter named like the base, are refused.
+    let bad = whet(["serve", "--model", s(&m), "--adapter", "no-name"]);
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("expected NAME=DIR"), "{}", bad.stderr);
+    let taken = format!("model={}", s(&out.join("adapter")));
+    let r = whet([
+        "serve",
+        "--model",
+        s(&m),
+        "--adapter",
+        &taken,
+        "--port",
+        "0",
+    ])
+    .fails();
+    assert!(r.stderr.contains("already taken"), "{}", r.stderr);
 }
