@@ -354,11 +354,11 @@ fn serve_answers_bad_requests_and_a_full_queue_with_openai_errors() {
             assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&reply));
             reply.extend_from_slice(&buf[..n]);
             let text = String::from_utf8_lossy(&reply).into_owned();
-            if let Some(at) = text.find("\r\n\r\n") {
-                if let Ok(v) = serde_json::from_str::<Value>(&text[at + 4..]) {
-                    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
-                    break v;
-                }
+            if let Some(at) = text.find("\r\n\r\n")
+                && let Ok(v) = serde_json::from_str::<Value>(&text[at + 4..])
+            {
+                assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+                break v;
             }
         };
         error(413, &body, 413);
