@@ -5,6 +5,8 @@
 //! (`TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper`), then a draw, or argmax
 //! when `temperature == 0` (greedy; the warpers are skipped, as with `do_sample=False`).
 
+use std::ops::ControlFlow;
+
 use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -196,10 +198,37 @@ pub fn softmax(scores: &[f32]) -> Vec<f64> {
     e.into_iter().map(|x| x / z).collect()
 }
 
+/// Why [`generate_stream`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The last token is a stop id.
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+    /// The callback asked to stop (a stop string, a client that went away).
+    Halted,
+}
+
 /// Generates up to `max_new_tokens` after `prompt_ids`, stopping after the first stop id
 /// (which is included, as transformers does). Returns the new tokens only. Runs on a
 /// detached copy of the model: no autograd graph, no LoRA dropout.
 pub fn generate(model: &Model, prompt_ids: &[u32], cfg: &GenerationConfig) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    generate_stream(model, prompt_ids, cfg, |id| {
+        out.push(id);
+        ControlFlow::Continue(())
+    })?;
+    Ok(out)
+}
+
+/// [`generate`] token by token: `on_token` gets each new token as soon as it is sampled (the
+/// stop id included) and may end generation early with `ControlFlow::Break`.
+pub fn generate_stream(
+    model: &Model,
+    prompt_ids: &[u32],
+    cfg: &GenerationConfig,
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<Finish> {
     cfg.validate()?;
     if prompt_ids.is_empty() {
         return Err(Error::Input {
@@ -217,7 +246,6 @@ pub fn generate(model: &Model, prompt_ids: &[u32], cfg: &GenerationConfig) -> Re
     let mut cache = model.new_cache();
     let mut history = prompt_ids.to_vec();
     let mut step_ids = prompt_ids.to_vec();
-    let mut out = Vec::new();
     for _ in 0..cfg.max_new_tokens {
         let n = step_ids.len();
         let ids = Tensor::from_vec(step_ids, (1, n), model.device())?; // (1, T)
@@ -227,12 +255,14 @@ pub fn generate(model: &Model, prompt_ids: &[u32], cfg: &GenerationConfig) -> Re
             model.ensure_finite("a logit", *bad)?;
         }
         let next = sampler.sample(&logits, &history);
-        out.push(next);
         history.push(next);
+        if on_token(next).is_break() {
+            return Ok(Finish::Halted);
+        }
         if stop.contains(&next) {
-            break;
+            return Ok(Finish::Stop);
         }
         step_ids = vec![next];
     }
-    Ok(out)
+    Ok(Finish::Length)
 }

@@ -47,6 +47,6 @@ pub mod quant;
 
 pub use config::{Config, ModelType, RopeKind, RopeScaling, TokenIds};
 pub use error::{Error, Result};
-pub use generate::{GenerationConfig, Sampler, generate};
+pub use generate::{Finish, GenerationConfig, Sampler, generate, generate_stream};
 pub use llama::{KvCache, LOSS_CHUNK_ROWS, LoadOptions, Model, QuantSummary, Trainable};
 pub use lora::{LINEAR_MODULES, Linear, LoraConfig, TargetModules};

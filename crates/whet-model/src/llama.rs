@@ -851,6 +851,15 @@ impl Model {
         Ok(cfg)
     }
 
+    /// A copy of this (frozen) model with the adapter in `dir` loaded, its own adapters
+    /// replacing any `self` has; `self` is unchanged. Every base weight is shared with `self`
+    /// (tensors are reference-counted): one base in memory serves several adapters.
+    pub fn with_adapter(&self, dir: &Path) -> Result<Model> {
+        let mut m = self.clone();
+        m.load_adapter(dir)?;
+        Ok(m)
+    }
+
     /// Writes `config.json` and `model.safetensors` (f32, HF names) into `dir`: a full
     /// fine-tuning checkpoint, or a merged LoRA model (call [`Model::merge_lora`] first). Each
     /// file is written atomically; see [`Model::save_adapter`] for the folder.

@@ -26,6 +26,13 @@ pub struct GenerateArgs {
     /// A system prompt for `--chat`.
     #[arg(long)]
     pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// Sampling flags of `whet generate` and `whet chat`.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
     /// 0 is greedy.

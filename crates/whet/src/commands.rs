@@ -15,7 +15,7 @@ use whet_train::comm::Communicator;
 use whet_train::metrics::MetricsLine;
 use whet_train::{EvalMetrics, Observer, StepMetrics, Trainer, evaluate};
 
-use crate::cli::{GenerateArgs, ModelArgs};
+use crate::cli::{GenerateArgs, ModelArgs, SamplingArgs};
 use crate::config::{Config, Method};
 use crate::pipeline;
 use crate::prompt::{complete, generation_config, prompt_ids};
@@ -25,10 +25,82 @@ use crate::runtime::{Runtime, load_tokenizer, run_id};
 pub fn generate(rt: &Runtime, args: &ModelArgs, g: &GenerateArgs) -> Result<()> {
     let model = rt.load_model(args, Trainable::None)?;
     let tok = load_tokenizer(&args.model)?;
-    let cfg = generation_config(g, &model, &tok);
+    let cfg = generation_config(&g.sampling, &model, &tok);
     let ids = prompt_ids(&tok, &g.prompt, g.chat, g.system.as_deref())?;
     println!("{}", complete(&model, &tok, &ids, &cfg)?);
     Ok(())
+}
+
+/// `whet chat`: the model (with its adapter) in a terminal conversation; with `compare`, the
+/// base (the adapter off) answers each turn first, then the tuned model.
+pub fn chat(
+    rt: &Runtime,
+    args: &ModelArgs,
+    sampling: &SamplingArgs,
+    system: Option<String>,
+    compare: bool,
+) -> Result<()> {
+    let base_args = ModelArgs {
+        model: args.model.clone(),
+        adapter: None,
+    };
+    let base = rt.load_model(&base_args, Trainable::None)?;
+    let tok = load_tokenizer(&args.model)?;
+    let cfg = generation_config(sampling, &base, &tok);
+    let tuned = match &args.adapter {
+        Some(dir) => Some(rt.with_adapter(&base, dir)?),
+        None if compare => bail!("--compare needs --adapter: it shows base and tuned answers"),
+        None => None,
+    };
+    let models: Vec<(&str, &Model)> = match &tuned {
+        Some(t) if compare => vec![("base", &base), ("tuned", t)],
+        Some(t) => vec![("tuned", t)],
+        None => vec![("base", &base)],
+    };
+    let stdin = std::io::stdin();
+    crate::chat::repl(&tok, &models, system, cfg, stdin.lock(), std::io::stdout())
+}
+
+/// `whet serve`: the base model under `name` (default: its folder's name) and each
+/// `(name, adapter folder)` on it, over HTTP until the process is stopped.
+pub fn serve(
+    rt: &Runtime,
+    model: &Path,
+    name: Option<&str>,
+    adapters: &[(String, std::path::PathBuf)],
+    opts: &crate::serve::ServeOptions,
+) -> Result<()> {
+    let args = ModelArgs {
+        model: model.to_path_buf(),
+        adapter: None,
+    };
+    let base = rt.load_model(&args, Trainable::None)?;
+    let tok = load_tokenizer(model)?;
+    let base_name = match name {
+        Some(n) => n.to_string(),
+        None => model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "base".into()),
+    };
+    let mut models = Vec::new();
+    for (n, dir) in adapters {
+        if *n == base_name || models.iter().any(|(m, _): &(String, Model)| m == n) {
+            bail!("--adapter {n}=...: the name {n:?} is already taken");
+        }
+        models.push((n.clone(), rt.with_adapter(&base, dir)?));
+    }
+    models.insert(0, (base_name, base));
+    let names: Vec<&str> = models.iter().map(|(n, _)| n.as_str()).collect();
+    let names = names.join(", ");
+    let server = crate::serve::Server::start(models, tok, opts)?;
+    eprintln!(
+        "whet serve: http://{} (models: {names}; queue {})",
+        server.addr(),
+        opts.queue
+    );
+    server.wait()
 }
 
 /// Loss of `data` as training would see it: the same reading, template, masks and packing.

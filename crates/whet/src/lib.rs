@@ -3,8 +3,9 @@
 //! kernels) and calls [`commands`] with it.
 //!
 //! Layers, each importing only from those below it: [`commands`] (the subcommands); [`kfold`],
-//! [`report`], [`inspect`], [`bench`] (one job each); [`runtime`] (model loading), [`pipeline`]
-//! (files to rows), [`prompt`] (prompts to completions), [`plot`]; [`cli`] (argument groups).
+//! [`report`], [`inspect`], [`bench`], [`chat`], [`serve`] (one job each); [`runtime`] (model
+//! loading), [`pipeline`] (files to rows), [`prompt`] (prompts to completions), [`stream`]
+//! (token ids to text as it is generated), [`plot`]; [`cli`] (argument groups).
 //!
 //! # Example
 //!
@@ -19,6 +20,7 @@
 //! ```
 
 pub mod bench;
+pub mod chat;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -29,3 +31,5 @@ pub mod plot;
 pub mod prompt;
 pub mod report;
 pub mod runtime;
+pub mod serve;
+pub mod stream;

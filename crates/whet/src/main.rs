@@ -66,6 +66,43 @@ enum Command {
         #[command(flatten)]
         sampling: whet::cli::GenerateArgs,
     },
+    /// Chat with a model in the terminal through its chat template, the answer streamed as it
+    /// is generated. Type /help for the commands (/reset, /system, /set, /settings, /quit).
+    Chat {
+        #[command(flatten)]
+        model: whet::cli::ModelArgs,
+        /// A system prompt (`/system TEXT` changes it).
+        #[arg(long)]
+        system: Option<String>,
+        /// Answer every turn with the base model (the adapter off) and the tuned one.
+        #[arg(long)]
+        compare: bool,
+        #[command(flatten)]
+        sampling: whet::cli::SamplingArgs,
+    },
+    /// An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (streaming or
+    /// not), /v1/models. Requests run one at a time, in order, behind a bounded queue.
+    Serve {
+        /// A Hugging Face model folder, served under its folder's name (or --name).
+        #[arg(long)]
+        model: PathBuf,
+        /// The base model's name in requests.
+        #[arg(long)]
+        name: Option<String>,
+        /// A LoRA adapter on the base, served as NAME (repeatable).
+        #[arg(long = "adapter", value_name = "NAME=DIR", value_parser = parse_adapter)]
+        adapters: Vec<(String, PathBuf)>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Requests that may wait behind the running one; more are answered 429.
+        #[arg(long, default_value_t = 16)]
+        queue: usize,
+        /// `max_tokens` of a request that gives none.
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+    },
     /// Convert a GGUF file into a Hugging Face folder.
     Convert(ConvertArgs),
     /// Merge a LoRA adapter into its base model (in f32) and write a Hugging Face folder.
@@ -114,6 +151,17 @@ enum Command {
         #[command(subcommand)]
         command: DataCommand,
     },
+}
+
+fn parse_adapter(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(dir)))
+        }
+        _ => Err(format!(
+            "{s:?}: expected NAME=DIR, e.g. support=out/adapter"
+        )),
+    }
 }
 
 #[derive(Args)]
@@ -204,6 +252,32 @@ fn run(cli: Cli) -> Result<()> {
             max_len,
         } => whet::commands::eval(&rt, &model, &data, format, max_len),
         Command::Generate { model, sampling } => whet::commands::generate(&rt, &model, &sampling),
+        Command::Chat {
+            model,
+            system,
+            compare,
+            sampling,
+        } => whet::commands::chat(&rt, &model, &sampling, system, compare),
+        Command::Serve {
+            model,
+            name,
+            adapters,
+            host,
+            port,
+            queue,
+            max_tokens,
+        } => whet::commands::serve(
+            &rt,
+            &model,
+            name.as_deref(),
+            &adapters,
+            &whet::serve::ServeOptions {
+                host,
+                port,
+                queue,
+                default_max_tokens: max_tokens,
+            },
+        ),
         Command::Convert(a) => {
             whet::commands::convert(&a.from_gguf, &a.out, a.check_sha256.as_deref())
         }

@@ -7,7 +7,7 @@ use whet_data::{Message, Role};
 use whet_model::{GenerationConfig, Model};
 use whet_tokenize::Tokenizer;
 
-use crate::cli::GenerateArgs;
+use crate::cli::SamplingArgs;
 
 /// Prompt ids for generation: the chat template with a generation prompt, or the raw text
 /// (with BOS when the tokenizer adds one).
@@ -44,6 +44,16 @@ pub fn prompt_ids(
     }
 }
 
+/// Prompt ids of a conversation: `messages` through the chat template, with the generation
+/// prompt (the assistant's turn opened).
+pub fn chat_ids(tok: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+    let template = tok
+        .chat_template()
+        .context("a chat needs a chat template in tokenizer_config.json or chat_template.jinja")?;
+    let text = template.render(messages, true)?;
+    Ok(tok.encode_ids(&text)?)
+}
+
 /// Generates and decodes the completion only.
 pub fn complete(
     model: &Model,
@@ -64,8 +74,8 @@ pub fn stop_tokens(model: &Model, tok: &Tokenizer) -> Vec<u32> {
     eos
 }
 
-/// `whet generate`'s sampling flags, stopping at [`stop_tokens`].
-pub fn generation_config(g: &GenerateArgs, model: &Model, tok: &Tokenizer) -> GenerationConfig {
+/// The sampling flags of `whet generate` and `whet chat`, stopping at [`stop_tokens`].
+pub fn generation_config(g: &SamplingArgs, model: &Model, tok: &Tokenizer) -> GenerationConfig {
     GenerationConfig {
         max_new_tokens: g.max_new_tokens,
         temperature: g.temperature,

@@ -133,6 +133,17 @@ impl Runtime {
         Ok(model)
     }
 
+    /// `base` with the LoRA adapter in `dir`, sharing the base's weights (one base in memory
+    /// for several adapters: `whet serve`, `whet chat --compare`).
+    pub fn with_adapter(&self, base: &Model, dir: &Path) -> Result<Model> {
+        let mut model = base
+            .with_adapter(dir)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+        self.configure(&mut model)?;
+        model.set_training(false);
+        Ok(model)
+    }
+
     /// The model a training config asks for: its method's trainable weights, and a quantized
     /// base when `model.quantize` is set (QLoRA).
     pub fn load_for_training(&self, cfg: &Config, seed: u64) -> Result<Model> {

@@ -179,3 +179,49 @@ fn temperature_sampling_draws_from_the_softmax() {
         );
     }
 }
+
+#[test]
+fn generate_stream_hands_out_generate_s_tokens_one_by_one_and_can_halt() {
+    use std::ops::ControlFlow;
+    use whet_model::{Finish, generate_stream};
+    let cfg = tiny_config("llama");
+    let model = spread_model(&cfg, 31, Trainable::None);
+    let prompt = [1u32, 17, 5, 40];
+    let mut gc = GenerationConfig::greedy(10);
+    gc.eos_token_ids = Some(vec![]);
+    let all = generate(&model, &prompt, &gc).unwrap();
+    let mut streamed = Vec::new();
+    let finish = generate_stream(&model, &prompt, &gc, |id| {
+        streamed.push(id);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!((finish, &streamed), (Finish::Length, &all));
+
+    // Halting after three tokens: exactly three, reported as halted.
+    let mut first = Vec::new();
+    let finish = generate_stream(&model, &prompt, &gc, |id| {
+        first.push(id);
+        if first.len() == 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert_eq!((finish, first.as_slice()), (Finish::Halted, &all[..3]));
+
+    // A stop id ends it after that token.
+    gc.eos_token_ids = Some(vec![all[4]]);
+    let mut upto = Vec::new();
+    let first_stop = all.iter().position(|&t| t == all[4]).unwrap();
+    let finish = generate_stream(&model, &prompt, &gc, |id| {
+        upto.push(id);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(
+        (finish, upto.as_slice()),
+        (Finish::Stop, &all[..=first_stop])
+    );
+}

@@ -387,3 +387,36 @@ fn full_and_lora_do_not_mix() {
     assert!(m.make_full_trainable().is_err());
     assert!(m.trainable().iter().all(|(n, _)| n.contains(".lora_")));
 }
+
+#[test]
+fn with_adapter_shares_the_base_and_leaves_it_unchanged() {
+    let cfg = tiny_config("llama");
+    let tuned = spread_model(
+        &cfg,
+        13,
+        Trainable::Lora {
+            config: LoraConfig::new(4, 8.0),
+            seed: 1,
+        },
+    );
+    randomize_b(&tuned, 3);
+    let dir = TempDir::new("with-adapter");
+    tuned.save_adapter(dir.path()).unwrap();
+
+    let base = spread_model(&cfg, 13, Trainable::None);
+    let before = logits(&base);
+    let a = base.with_adapter(dir.path()).unwrap();
+    assert!(base.lora_config().is_none(), "the base got the adapter");
+    assert_eq!(max_abs_diff(&logits(&base), &before), 0.0);
+    assert_eq!(max_abs_diff(&logits(&a), &logits(&tuned)), 0.0);
+    assert!(max_abs_diff(&logits(&a), &before) > 1e-3);
+    // The same base tensors, not copies.
+    let ids = |m: &Model| {
+        m.named_weights()
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.id()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&a), ids(&base));
+}

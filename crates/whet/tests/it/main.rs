@@ -1,5 +1,6 @@
 //! End-to-end tests of the `whet` binary on a tiny Llama converted from a GGUF fixture.
 
+mod chat;
 mod common;
 mod continue_;
 #[cfg(feature = "mpi")]
@@ -18,4 +19,5 @@ mod outputs;
 mod qlora_export;
 mod recipes;
 mod resume;
+mod serve;
 mod train;
