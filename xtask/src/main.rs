@@ -247,6 +247,7 @@ fn train_step(args: &[String]) -> Result<()> {
     let mut theirs = Vec::new();
     let mut our_rss = Vec::new();
     let mut their_rss = Vec::new();
+    let mut path = String::from("?");
     for round in 0..rounds {
         let out = Command::new(&whet)
             .arg("bench-step")
@@ -263,6 +264,7 @@ fn train_step(args: &[String]) -> Result<()> {
         let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
         println!("round {round} {line}");
         ours.push(field(&line, "tokens_per_s"));
+        path = text_field(&line, "cpu_path");
         our_rss.push(field(&line, "peak_rss_mib"));
         let out = Command::new(&python)
             .arg(&script)
@@ -294,7 +296,7 @@ fn train_step(args: &[String]) -> Result<()> {
     let best = |v: &[f64]| v.iter().cloned().fold(f64::NAN, f64::max);
     let tag = if checkpoint { " (checkpointing)" } else { "" };
     println!(
-        "whet {method}{tag}: {:.1} tokens/s (best of {rounds}), peak RSS {:.0} MiB",
+        "whet {method}{tag}: {:.1} tokens/s (best of {rounds}), peak RSS {:.0} MiB, CPU path {path} (WHET_CPU forces a lower one)",
         best(&ours),
         best(&our_rss)
     );
@@ -311,6 +313,15 @@ fn train_step(args: &[String]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A string field of a one-line JSON object (`"?"` when absent or not a string).
+fn text_field(line: &str, key: &str) -> String {
+    line.split(&format!("\"{key}\":\""))
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or("?")
+        .to_string()
 }
 
 /// A number field of a one-line JSON object, without a JSON dependency in xtask.

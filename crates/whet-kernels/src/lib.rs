@@ -78,6 +78,14 @@ pub use cuda::{cuda_memory_info, nvrtc_check};
 /// Label value that marks a position as "not supervised" (the Hugging Face convention).
 pub const IGNORE_INDEX: i64 = -100;
 
+/// The instruction set the CPU kernels run with in this process: `"avx512"`, `"avx2"` or
+/// `"scalar"`. The widest the CPU has, unless `WHET_CPU` names a lower one (so one machine can
+/// test and bench every path below its own); a path the CPU lacks is refused with a warning on
+/// stderr and the CPU's own runs. Read once, at the first kernel call.
+pub fn cpu_path() -> &'static str {
+    cpu::simd_level().name()
+}
+
 /// `c (m x n, row-major) = a (m x k) @ b (k x n)` in f32 on the CPU, through the same routine as
 /// the ops' matmuls: whet's AVX-512 kernel where the CPU has it and the problem is large, the
 /// `gemm` crate otherwise. Element `(r, c)` of an operand is `data[r * strides[0] + c *

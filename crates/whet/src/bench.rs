@@ -137,6 +137,8 @@ pub fn train_step(rt: &Runtime, args: &StepArgs) -> Result<()> {
         "{}",
         serde_json::json!({
             "impl": "whet",
+            // Which CPU kernels ran (`WHET_CPU` forces a lower path); none on a GPU.
+            "cpu_path": dev.is_cpu().then(whet_kernels::cpu_path),
             "method": method,
             "batch": batch,
             "seq": seq,

@@ -363,7 +363,7 @@ pub(crate) fn gemm<T: Float>(
 }
 
 /// Instruction sets the kernels are compiled for, picked once at runtime.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub(crate) enum Simd {
     /// The build target's baseline (SSE2 on x86-64).
     Base,
@@ -376,24 +376,77 @@ pub(crate) enum Simd {
 pub(crate) fn simd_level() -> Simd {
     static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f")
-                && has!("avx512vl")
-                && has!("avx512dq")
-                && has!("avx512bw")
-                && has!("avx2")
-                && has!("fma")
-            {
-                return Simd::V4;
-            }
-            if has!("avx2") && has!("fma") {
-                return Simd::V3;
-            }
+        let requested = std::env::var("WHET_CPU").ok();
+        let (level, warning) = choose_simd(detected_simd(), requested.as_deref());
+        if let Some(w) = warning {
+            eprintln!("warning: {w}");
         }
-        Simd::Base
+        level
     })
+}
+
+/// The widest instruction set this CPU has that the kernels are compiled for.
+fn detected_simd() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f")
+            && has!("avx512vl")
+            && has!("avx512dq")
+            && has!("avx512bw")
+            && has!("avx2")
+            && has!("fma")
+        {
+            return Simd::V4;
+        }
+        if has!("avx2") && has!("fma") {
+            return Simd::V3;
+        }
+    }
+    Simd::Base
+}
+
+impl Simd {
+    /// The name `WHET_CPU` takes and [`crate::cpu_path`] reports.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Simd::Base => "scalar",
+            Simd::V3 => "avx2",
+            Simd::V4 => "avx512",
+        }
+    }
+}
+
+/// The path the kernels run: `requested` (`WHET_CPU`: `avx512`, `avx2` or `scalar`) forces a
+/// lower one than `detected`, so one machine can test every path below its own; a path the CPU
+/// lacks, or an unknown name, runs `detected` with a warning saying why.
+fn choose_simd(detected: Simd, requested: Option<&str>) -> (Simd, Option<String>) {
+    let Some(req) = requested.map(str::trim).filter(|r| !r.is_empty()) else {
+        return (detected, None);
+    };
+    let want = match req.to_ascii_lowercase().as_str() {
+        "avx512" | "x86-64-v4" => Simd::V4,
+        "avx2" | "x86-64-v3" => Simd::V3,
+        "scalar" | "baseline" => Simd::Base,
+        _ => {
+            return (
+                detected,
+                Some(format!(
+                    "WHET_CPU={req:?} is not a CPU path (expected avx512, avx2 or scalar); running the {} path",
+                    detected.name()
+                )),
+            );
+        }
+    };
+    if want > detected {
+        let why = format!(
+            "WHET_CPU={req}: this CPU cannot run the {} path; running the {} path",
+            want.name(),
+            detected.name()
+        );
+        return (detected, Some(why));
+    }
+    (want, None)
 }
 
 /// Defines `$name`, which runs `$imp` (an `#[inline(always)]` generic kernel) compiled for
@@ -466,6 +519,30 @@ mod tests {
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_f32(-1000.0), 0.0);
         assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    /// `WHET_CPU` forces a path at or below the CPU's own and never above it.
+    #[test]
+    fn whet_cpu_forces_a_lower_path_only() {
+        use Simd::*;
+        assert_eq!(choose_simd(V4, None), (V4, None));
+        assert_eq!(choose_simd(V4, Some("avx2")), (V3, None));
+        assert_eq!(choose_simd(V4, Some(" AVX512 ")), (V4, None));
+        assert_eq!(choose_simd(V4, Some("scalar")), (Base, None));
+        assert_eq!(choose_simd(V3, Some("x86-64-v3")), (V3, None));
+        assert_eq!(choose_simd(V3, Some("")), (V3, None));
+        let (level, why) = choose_simd(V3, Some("avx512"));
+        assert_eq!(level, V3);
+        assert!(
+            why.unwrap()
+                .contains("cannot run the avx512 path; running the avx2 path")
+        );
+        let (level, why) = choose_simd(Base, Some("avx2"));
+        assert_eq!(level, Base);
+        assert!(why.unwrap().contains("running the scalar path"));
+        let (level, why) = choose_simd(V4, Some("sse9"));
+        assert_eq!(level, V4);
+        assert!(why.unwrap().contains("expected avx512, avx2 or scalar"));
     }
 
     /// Reductions across rayon tasks (RMSNorm's dw, the cross-entropy loss) give the same bits

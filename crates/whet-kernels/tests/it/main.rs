@@ -6,6 +6,7 @@ mod attention;
 mod backprop;
 mod checkpoint;
 mod common;
+mod cpu_path;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
