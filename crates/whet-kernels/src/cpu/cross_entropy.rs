@@ -76,15 +76,16 @@ fn rows_fwd_impl<T: Float>(logits: &[T], targets: &[i64], v: usize, lse: &mut [T
     loss
 }
 
-/// -> (sum of the losses, per-row lse (0 for ignored rows)). Targets must be checked.
-pub(crate) fn fwd<T: Float>(logits: &[T], targets: &[i64], v: usize) -> (f64, Vec<T>) {
-    let n = targets.len();
-    let mut lse = vec![T::ZERO; n];
-    if v == 0 || n == 0 {
-        return (0.0, lse);
-    }
-    let loss = lse
-        .par_chunks_mut(ROWS_PER_TASK)
+/// Fills `lse` (one per row of `logits`, (N, V)) and returns the summed loss, the rows split
+/// over rayon tasks. The per-task sums are added in row order: a parallel `sum` would add them
+/// in an order that varies from run to run.
+pub(crate) fn rows_fwd_sum<T: Float>(
+    logits: &[T],
+    targets: &[i64],
+    v: usize,
+    lse: &mut [T],
+) -> f64 {
+    lse.par_chunks_mut(ROWS_PER_TASK)
         .zip(
             logits
                 .par_chunks(ROWS_PER_TASK * v)
@@ -93,8 +94,17 @@ pub(crate) fn fwd<T: Float>(logits: &[T], targets: &[i64], v: usize) -> (f64, Ve
         .map(|(lse, (x, t))| rows_fwd(x, t, v, lse))
         .collect::<Vec<f64>>()
         .into_iter()
-        // Summed in row order: a parallel `sum` adds in an order that varies from run to run.
-        .sum();
+        .sum()
+}
+
+/// -> (sum of the losses, per-row lse (0 for ignored rows)). Targets must be checked.
+pub(crate) fn fwd<T: Float>(logits: &[T], targets: &[i64], v: usize) -> (f64, Vec<T>) {
+    let n = targets.len();
+    let mut lse = vec![T::ZERO; n];
+    if v == 0 || n == 0 {
+        return (0.0, lse);
+    }
+    let loss = rows_fwd_sum(logits, targets, v, &mut lse);
     (loss, lse)
 }
 

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::cross_entropy::{ROWS_PER_TASK, row_grad_in_place, rows_fwd};
+use super::cross_entropy::{row_grad_in_place, rows_fwd_sum};
 use super::{Float, Mat, gemm};
 use crate::IGNORE_INDEX;
 
@@ -92,18 +92,7 @@ pub(crate) fn fwd<T: Float>(h: &[T], w: &[T], targets: &[i64], dm: Dims) -> (f64
     for ch in dm.chunks(h, targets, &kept) {
         let logits = dm.logits(&mut buf, &ch.h, w);
         let lc = &mut lc[..ch.rows.len()];
-        loss += lc
-            .par_chunks_mut(ROWS_PER_TASK)
-            .zip(
-                logits
-                    .par_chunks(ROWS_PER_TASK * dm.v)
-                    .zip(ch.targets.par_chunks(ROWS_PER_TASK)),
-            )
-            .map(|(lse, (x, t))| rows_fwd(x, t, dm.v, lse))
-            .collect::<Vec<f64>>()
-            .into_iter()
-            // Summed in row order: a parallel `sum` adds in an order that varies between runs.
-            .sum::<f64>();
+        loss += rows_fwd_sum(logits, &ch.targets, dm.v, lc);
         for (&r, l) in ch.rows.iter().zip(lc.iter()) {
             lse[r] = *l;
         }
@@ -127,17 +116,7 @@ pub(crate) fn fwd_with_grads<T: Float>(
     let (dh, dw) = chunks_with_grads(h, w, targets, dm, (need_dh, need_dw), |logits, ch| {
         let v = dm.v;
         let mut lc = vec![T::ZERO; ch.rows.len()];
-        loss += lc
-            .par_chunks_mut(ROWS_PER_TASK)
-            .zip(
-                logits
-                    .par_chunks(ROWS_PER_TASK * v)
-                    .zip(ch.targets.par_chunks(ROWS_PER_TASK)),
-            )
-            .map(|(lse, (x, t))| rows_fwd(x, t, v, lse))
-            .collect::<Vec<f64>>()
-            .into_iter()
-            .sum::<f64>();
+        loss += rows_fwd_sum(logits, &ch.targets, v, &mut lc);
         logits.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
             row_grad_in_place(row, lc[i], ch.targets[i] as usize, T::ONE);
         });
