@@ -1,14 +1,19 @@
 //! f32 matmuls of a SmolLM2-135M training step (4 x 256 tokens, H = 576, I = 1536, KV = 192,
-//! V = 49152): whet's AVX-512 kernel (`whet_kernels::matmul_f32`) against the `gemm` crate that
-//! candle's CPU matmul uses, both on all threads, in the three layouts of a linear layer:
-//! `fwd` y = x @ w^T, `dx` = dy @ w, `dw` = dy^T @ x, and the rank-16 LoRA products.
-//! Throughput is in FLOP (2 m n k).
+//! V = 49152): whet's GEMM (`whet_kernels::matmul_f32`) against the `gemm` crate that candle's
+//! CPU matmul uses, both on all threads, in the three layouts of a linear layer: `fwd`
+//! y = x @ w^T, `dx` = dy @ w, `dw` = dy^T @ x, and the rank-16 LoRA products. Throughput is
+//! in FLOP (2 m n k), to read against the `peak` group's FMA peak of each path. whet's entries are named after the CPU path that ran (`whet-avx512`,
+//! `whet-avx2`, `whet-scalar`); `WHET_CPU` forces a lower one:
 //!
 //! `cargo bench -p whet-benches --bench gemm -- --warm-up-time 1 --measurement-time 3`
+//! `WHET_CPU=avx2 cargo bench -p whet-benches --bench gemm -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+#[path = "common/peak.rs"]
+mod peak;
 
 const M: usize = 1024;
 
@@ -74,9 +79,10 @@ fn bench_group(c: &mut Criterion, name: &str, cases: &[Case<'_>]) {
     for &(layout, (m, n, k), a, b) in cases {
         g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
         let mut out = vec![0f32; m * n];
-        g.bench_function(format!("{layout}/whet"), |bch| {
-            bch.iter(|| whet_kernels::matmul_f32(black_box(&mut out), a, b, (m, n, k)))
-        });
+        g.bench_function(
+            format!("{layout}/whet-{}", whet_kernels::cpu_path()),
+            |bch| bch.iter(|| whet_kernels::matmul_f32(black_box(&mut out), a, b, (m, n, k))),
+        );
         g.bench_function(format!("{layout}/gemm-crate"), |bch| {
             bch.iter(|| gemm_crate(black_box(&mut out), a, b, (m, n, k)))
         });
@@ -135,5 +141,5 @@ fn bench(c: &mut Criterion) {
     bench_group(c, "gemm/lora-r16", &cases);
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, peak::bench, bench);
 criterion_main!(benches);

@@ -1,6 +1,9 @@
 //! whet-kernels: each fast op against its `reference` composition, forward and forward +
 //! backward, at SmolLM2-135M layer sizes (B = 4, T = 256, H = 576, NH = 9, NKV = 3, D = 64,
-//! I = 1536, V = 49152). Throughput is in tokens (B * T rows, or N rows for the LM head).
+//! I = 1536, V = 49152). Throughput is in tokens (B * T rows, or N rows for the LM head), except
+//! attention's (FLOP of its products) and RMSNorm's (bytes of activations), which read against
+//! the `peak` group: the FMA peak of each CPU path and the read bandwidth of all cores. Run
+//! with `WHET_CPU=avx2` (or `scalar`) for a lower path.
 //!
 //! `cargo bench -p whet-benches --bench kernels -- --warm-up-time 1 --measurement-time 3`
 
@@ -11,6 +14,9 @@ use criterion::{
     BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime,
 };
 use whet_kernels::{IGNORE_INDEX, reference};
+
+#[path = "common/peak.rs"]
+mod peak;
 
 const B: usize = 4;
 const T: usize = 256;
@@ -41,9 +47,12 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 type Op<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
 
 /// Benches `fast` and `reference` on `inputs`: forward, and forward + backward with the
-/// inputs flagged in `train` as `Var`s (loss = sum of the output).
-fn bench_pair(
+/// inputs flagged in `train` as `Var`s (loss = sum of the output). `work`, when given, is the
+/// (forward, forward + backward) work in FLOP or bytes, replacing the group's throughput.
+#[allow(clippy::too_many_arguments)]
+fn bench_pair_with(
     g: &mut BenchmarkGroup<'_, WallTime>,
+    work: Option<(Throughput, Throughput)>,
     fast: Op<'_>,
     refr: Op<'_>,
     inputs: &[Tensor],
@@ -60,10 +69,18 @@ fn bench_pair(
             }
         })
         .collect();
-    for (name, f) in [("fast", fast), ("reference", refr)] {
+    // The fast ops are named after the CPU path that ran (`fast-avx512`, `fast-avx2`, ...).
+    let fast_name = format!("fast-{}", whet_kernels::cpu_path());
+    for (name, f) in [(fast_name.as_str(), fast), ("reference", refr)] {
+        if let Some((fwd, _)) = &work {
+            g.throughput(fwd.clone());
+        }
         g.bench_function(format!("{name}/fwd"), |b| {
             b.iter(|| black_box(f(inputs).expect("fwd")))
         });
+        if let Some((_, both)) = &work {
+            g.throughput(both.clone());
+        }
         g.bench_function(format!("{name}/fwd+bwd"), |b| {
             b.iter(|| {
                 let out = f(&args).expect("fwd");
@@ -73,15 +90,29 @@ fn bench_pair(
     }
 }
 
+/// [`bench_pair_with`] at the group's throughput.
+fn bench_pair(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    fast: Op<'_>,
+    refr: Op<'_>,
+    inputs: &[Tensor],
+    train: &[bool],
+) {
+    bench_pair_with(g, None, fast, refr, inputs, train)
+}
+
 fn kernels(c: &mut Criterion) {
     let tokens = (B * T) as u64;
 
+    // RMSNorm in bytes of activations moved (read x, write y; then read x and dy, write dx),
+    // against `peak/read`.
     let mut g = c.benchmark_group("rms_norm");
-    g.throughput(Throughput::Elements(tokens));
     let x = randn(&[B, T, H], 1);
     let w = (randn(&[H], 2) + 1.0).expect("w");
-    bench_pair(
+    let act = (B * T * H * 4) as u64;
+    bench_pair_with(
         &mut g,
+        Some((Throughput::Bytes(2 * act), Throughput::Bytes(5 * act))),
         &|a| whet_kernels::rms_norm(&a[0], &a[1], 1e-5),
         &|a| reference::rms_norm(&a[0], &a[1], 1e-5),
         &[x, w],
@@ -107,13 +138,19 @@ fn kernels(c: &mut Criterion) {
     );
     g.finish();
 
+    // Attention in FLOP of its products over the causal triangle (2 forward: QK^T, PV; 5 more
+    // backward: the recomputed QK^T, dV, dP, dQ, dK), against `peak/fma-*`.
     let mut g = c.benchmark_group("attention");
-    g.throughput(Throughput::Elements(tokens));
     // One document per row: the full causal triangle (packing only makes the fast op faster).
     let seg = Tensor::zeros((B, T), DType::U32, &Device::Cpu).expect("seg");
     let scale = 1.0 / (D as f64).sqrt();
-    bench_pair(
+    let product = (2 * B * NH * T * (T + 1) / 2 * D) as u64;
+    bench_pair_with(
         &mut g,
+        Some((
+            Throughput::Elements(2 * product),
+            Throughput::Elements(7 * product),
+        )),
         &|a| whet_kernels::attention(&a[0], &a[1], &a[2], &seg, scale),
         &|a| reference::attention(&a[0], &a[1], &a[2], &seg, scale),
         &[
@@ -190,5 +227,5 @@ fn kernels(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, kernels);
+criterion_group!(benches, peak::bench, kernels);
 criterion_main!(benches);

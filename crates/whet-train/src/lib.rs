@@ -56,4 +56,6 @@ pub use error::{Result, TrainError};
 pub use metrics::{EvalMetrics, SetLoss, StepMetrics};
 pub use rows::{Batch, Cursor, Row};
 pub use step::{Step, StepOutcome};
-pub use trainer::{Observer, Quiet, Summary, Trainer, evaluate, evaluate_sharded, load_trainable};
+pub use trainer::{
+    Observer, Quiet, Summary, TrainTime, Trainer, evaluate, evaluate_sharded, load_trainable,
+};

@@ -52,6 +52,19 @@ pub struct Summary {
     pub stopped_early: bool,
     pub evals: Vec<EvalMetrics>,
     pub losses: Vec<f64>,
+    /// Where this call's time went.
+    pub time: TrainTime,
+}
+
+/// Seconds a [`Trainer::run`] spent in each part of the loop.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct TrainTime {
+    /// Optimizer steps: forward, backward, update.
+    pub steps_s: f64,
+    /// Validation (and named eval sets) during training.
+    pub eval_s: f64,
+    /// Writing checkpoints.
+    pub checkpoint_s: f64,
 }
 
 /// Mean cross-entropy of `rows` under `model`, as `(loss, supervised tokens)`. The model should
@@ -178,6 +191,7 @@ impl<'a> Trainer<'a> {
             let lr = schedule.lr(state.step);
             let micro_batches: Vec<&[&Row]> = rows.chunks(t.micro_batch).collect();
             let device = &self.device;
+            let step_clock = Instant::now();
             let done = step.run(
                 self.model,
                 optimizer.as_mut(),
@@ -186,6 +200,7 @@ impl<'a> Trainer<'a> {
                 micro_batches.len(),
                 |j| Batch::from_rows(micro_batches[j], device),
             )?;
+            log.summary.time.steps_s += step_clock.elapsed().as_secs_f64();
             state.step += 1;
             state.tokens_seen += done.tokens as u64;
             log.step(&StepMetrics {
@@ -206,14 +221,19 @@ impl<'a> Trainer<'a> {
             let eval_now = self.eval_due(state.step, last);
             let mut stop = false;
             if eval_now && !self.validation.is_empty() {
-                log.eval(self.evaluate_now(&mut state)?)?;
+                let clock = Instant::now();
+                let e = self.evaluate_now(&mut state)?;
+                log.summary.time.eval_s += clock.elapsed().as_secs_f64();
+                log.eval(e)?;
                 stop = t.patience > 0 && state.stale_evals >= t.patience;
             }
             let save_now =
                 eval_now || (t.save_every > 0 && state.step.is_multiple_of(t.save_every));
             // Rank 0 writes; the others go on to the next step's collectives and wait there.
             if writer && (save_now || stop || last) {
+                let clock = Instant::now();
                 self.checkpoint(&state, optimizer.as_ref(), &mut log)?;
+                log.summary.time.checkpoint_s += clock.elapsed().as_secs_f64();
             }
             if stop {
                 log.summary.stopped_early = true;
@@ -435,6 +455,7 @@ impl<'o> Log<'o> {
             stopped_early: false,
             evals: Vec::new(),
             losses: Vec::new(),
+            time: TrainTime::default(),
         };
         Ok(Self {
             metrics,

@@ -488,12 +488,14 @@ fn train_on(
     with_report: bool,
 ) -> Result<()> {
     let started = Instant::now();
+    let mut time = report::RunTime::default();
     let dev = rt.device();
     let leader = comm.rank() == 0;
     let cfg = Config::load_for_model(config, overrides)?;
     let out = cfg.output.dir.clone();
     let tok = load_tokenizer(&cfg.model.path)?;
     let data = pipeline::prepare(&tok, &cfg.data, cfg.train.seed, &out)?;
+    time.data_s = started.elapsed().as_secs_f64();
     let id = run_id(&cfg, &data.train);
     // Before writing anything: `out` must be new, empty or this run's (rank 0 writes it).
     if leader {
@@ -534,7 +536,9 @@ fn train_on(
                 .map_or(String::new(), |r| format!(" (whet run {r})"))
         );
     }
+    let clock = Instant::now();
     let mut model = rt.load_for_training(&cfg, cfg.train.seed)?;
+    time.load_s = clock.elapsed().as_secs_f64();
     let (total_params, trainable_params) = model.num_params();
     if leader {
         eprintln!(
@@ -602,6 +606,9 @@ fn train_on(
         )
     };
     let before = if leader { Some(measure(&model)?) } else { None };
+    if let Some(b) = &before {
+        (time.base_eval_s, time.base_generate_s) = (b.eval_s, b.generate_s);
+    }
 
     let trainer_cfg = cfg.trainer();
     let mut trainer = Trainer {
@@ -623,6 +630,7 @@ fn train_on(
     let mut progress = Progress::new();
     let summary = trainer.run(&mut progress)?;
     progress.bar.finish_and_clear();
+    time.train = summary.time;
 
     // Evaluate the best checkpoint, and export it.
     if let Some(best) = &summary.best_checkpoint {
@@ -633,6 +641,7 @@ fn train_on(
         Method::Lora => "adapter",
         Method::Full => "model",
     });
+    let clock = Instant::now();
     atomic::write_dir(&final_dir, |dir| match cfg.method {
         Method::Lora => Ok(model.save_adapter(dir)?),
         Method::Full => {
@@ -640,7 +649,9 @@ fn train_on(
             copy_tokenizer_files(&cfg.model.path, dir)
         }
     })?;
+    time.save_s = clock.elapsed().as_secs_f64();
     let after = measure(&model)?;
+    (time.tuned_eval_s, time.tuned_generate_s) = (after.eval_s, after.generate_s);
     let losses = read_curves(&out.join("metrics.jsonl"))?;
     crate::plot::loss_curve(&out.join("loss.svg"), "whet: loss", &losses.0, &losses.1)?;
     let generations = before
@@ -662,10 +673,12 @@ fn train_on(
         after: after.losses,
         generations,
         wall_time_s: started.elapsed().as_secs_f64(),
+        time,
         output: final_dir.clone(),
     };
     let path = rep.write(&out)?;
     eprintln!("{}", rep.headline());
+    eprintln!("time: {}", rep.time.line());
     eprintln!(
         "report: {}\nweights: {}",
         path.display(),

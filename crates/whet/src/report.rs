@@ -32,6 +32,59 @@ pub struct Measured {
     pub losses: Losses,
     /// (prompt, completion)
     pub generations: Vec<(String, String)>,
+    /// Seconds spent scoring the losses.
+    pub eval_s: f64,
+    /// Seconds spent generating.
+    pub generate_s: f64,
+}
+
+/// Where a run's wall time went, in seconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RunTime {
+    /// Reading, scrubbing and tokenizing the data.
+    pub data_s: f64,
+    /// Loading the model (and quantizing it, for QLoRA).
+    pub load_s: f64,
+    /// Scoring the base model (validation, general text, named sets).
+    pub base_eval_s: f64,
+    /// The base model's generations for the report.
+    pub base_generate_s: f64,
+    /// The training loop: steps, validation during training, checkpoints.
+    pub train: whet_train::TrainTime,
+    /// Writing the adapter or model.
+    pub save_s: f64,
+    /// Scoring the tuned model.
+    pub tuned_eval_s: f64,
+    /// The tuned model's generations.
+    pub tuned_generate_s: f64,
+}
+
+impl RunTime {
+    /// The parts as (name, seconds), in the order they ran.
+    pub fn parts(&self) -> [(&'static str, f64); 10] {
+        [
+            ("data", self.data_s),
+            ("model load", self.load_s),
+            ("base eval", self.base_eval_s),
+            ("base generation", self.base_generate_s),
+            ("training steps", self.train.steps_s),
+            ("validation during training", self.train.eval_s),
+            ("checkpoints", self.train.checkpoint_s),
+            ("saving", self.save_s),
+            ("tuned eval", self.tuned_eval_s),
+            ("tuned generation", self.tuned_generate_s),
+        ]
+    }
+
+    /// One line: `data 0.4 s, model load 0.9 s, ...` (parts under 0.05 s left out).
+    pub fn line(&self) -> String {
+        self.parts()
+            .iter()
+            .filter(|(_, t)| *t >= 0.05)
+            .map(|(n, t)| format!("{n} {t:.1} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// The rows the report scores a model on.
@@ -59,6 +112,7 @@ pub fn measure(
         sets,
     } = *rows;
     let mb = cfg.train.micro_batch;
+    let clock = std::time::Instant::now();
     let mut losses = Losses::default();
     if !validation.is_empty() {
         let (l, n) = evaluate(model, validation, mb, device)?;
@@ -79,6 +133,8 @@ pub fn measure(
             tokens,
         });
     }
+    let eval_s = clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
     let mut gens = Vec::new();
     if generations {
         let chat = tok.chat_template().is_some()
@@ -92,6 +148,8 @@ pub fn measure(
     Ok(Measured {
         losses,
         generations: gens,
+        eval_s,
+        generate_s: clock.elapsed().as_secs_f64(),
     })
 }
 
@@ -136,6 +194,8 @@ pub struct Report {
     pub after: Losses,
     pub generations: Vec<Generation>,
     pub wall_time_s: f64,
+    /// Where `wall_time_s` went.
+    pub time: RunTime,
     pub output: PathBuf,
 }
 
@@ -264,6 +324,21 @@ impl Report {
                 let _ = writeln!(s, "**Tuned model**\n\n```text\n{}\n```\n", g.tuned.trim());
             }
         }
+        let _ = writeln!(s, "## Where the time went\n");
+        let _ = writeln!(s, "| part | seconds | share |\n|---|---|---|");
+        let wall = self.wall_time_s.max(1e-9);
+        let mut counted = 0.0;
+        for (name, t) in self.time.parts() {
+            counted += t;
+            let _ = writeln!(s, "| {name} | {t:.1} | {:.0}% |", 100.0 * t / wall);
+        }
+        let rest = (self.wall_time_s - counted).max(0.0);
+        let _ = writeln!(
+            s,
+            "| other (plots, report, setup) | {rest:.1} | {:.0}% |\n| **wall time** | {:.1} | |\n",
+            100.0 * rest / wall,
+            self.wall_time_s
+        );
         let _ = writeln!(s, "## Data\n");
         let d = &self.data;
         let _ = writeln!(

@@ -1,4 +1,4 @@
-//! f32 GEMM with an AVX-512 micro-kernel, for the matmuls of the training step.
+//! f32 GEMM with AVX-512 and AVX2 micro-kernels, for the matmuls of the training step.
 //!
 //! The `gemm` crate (candle's CPU matmul) runs its AVX2 `x2x6` kernel on stable Rust: it builds
 //! its AVX-512 kernels only with its `nightly` feature. On the 2-core Zen 4 machines whet is
@@ -6,9 +6,10 @@
 //! peak; this reaches 148-207 (`cargo bench -p whet-benches --bench gemm`).
 //! This is the BLIS loop nest (Van Zee & van de Geijn, "BLIS: A Framework for Rapidly
 //! Instantiating BLAS Functionality", 2015) mirrored for a row-major C: the micro-kernel keeps
-//! an `MR x NR` tile of C in 24 zmm registers, broadcasts `MR` values of packed A and loads `NR`
-//! values of packed B per step of the reduction. A's `MR x KC` sliver is read in place (it stays
-//! in L1 across the column panels), the packed B block (`KC x NC`) stays in L2.
+//! an `MR x NR` tile of C in registers (24 zmm for AVX-512's 12 x 32, 12 ymm for AVX2's
+//! 6 x 16, BLIS's Haswell shape), broadcasts `MR` values of A and loads `NR` values of packed B
+//! per step of the reduction. A's `MR x KC` sliver is read in place (it stays in L1 across the
+//! column panels), the packed B block (`KC x NC`) stays in L2.
 //!
 //! Threads split the rows of C (or its columns when it has few rows); each packs its own
 //! operands into thread-local buffers. The summation order over `k` is the plain one within
@@ -16,13 +17,9 @@
 
 use std::cell::RefCell;
 
-use super::Mat;
+use super::{Mat, Simd};
 
-/// Rows of C per micro-tile: values of A broadcast per reduction step.
-pub(crate) const MR: usize = 12;
-/// Columns of C per micro-tile: two zmm registers of B per reduction step.
-pub(crate) const NR: usize = 32;
-/// Reduction block: A's `MR x KC` sliver (18 KiB) stays in L1.
+/// Reduction block: A's `MR x KC` sliver (18 KiB at MR = 12) stays in L1.
 const KC: usize = 384;
 /// Columns per packed B block (`KC x NC`, at most 576 KiB) kept in L2.
 const NC: usize = 384;
@@ -32,9 +29,47 @@ thread_local! {
     static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Whether [`sgemm`] runs here (the CPU has AVX-512F).
+/// A micro-kernel for one instruction set: the tile of C it keeps in registers and the two
+/// routines of the loop nest that use vector instructions.
+trait Tile {
+    /// Rows of C per micro-tile: values of A broadcast per reduction step.
+    const MR: usize;
+    /// Columns of C per micro-tile: two vector registers of B per reduction step.
+    const NR: usize;
+    /// Whether threads split a wide C by columns rather than rows (measured per kernel with
+    /// `cargo bench -p whet-benches --bench gemm` on the step's shapes).
+    const SPLIT_COLUMNS: bool;
+
+    /// One full panel of B, `rs_cs = (rs, cs)`: `panel[p * NR + j] = b[p * rs + j * cs]` for `p < kc`, `j < NR`.
+    ///
+    /// # Safety
+    /// `b` addresses those elements, `panel` holds `kc * NR` values; the CPU has the
+    /// instruction set.
+    unsafe fn pack_panel(panel: *mut f32, b: *const f32, rs_cs: (usize, usize), kc: usize);
+
+    /// `c[r][j] = [c[r][j] +] sum_p a[r * a_rs + p * a_ps] * bp[p][j]`, stored for `r < mr`,
+    /// `j < nr`.
+    ///
+    /// # Safety
+    /// `a` addresses `MR` rows of `kc` values with the given steps, `bp` holds `kc * NR`
+    /// values; `c` addresses `mr` rows of `nr` values, `ldc` apart; the CPU has the
+    /// instruction set.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel(
+        kc: usize,
+        a: (*const f32, usize, usize),
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr_nr: (usize, usize),
+        accumulate: bool,
+    );
+}
+
+/// Whether [`sgemm`] runs here: the CPU has AVX-512 or AVX2 + FMA (and `WHET_CPU` does not
+/// ask for the scalar path).
 pub(crate) fn available() -> bool {
-    super::simd_level() == super::Simd::V4
+    super::simd_level() >= Simd::V3
 }
 
 /// Whether the problem is big enough for the packed kernel to pay off; smaller ones (tiny test
@@ -42,7 +77,7 @@ pub(crate) fn available() -> bool {
 /// products, `n = 16`) runs the one-register kernel; a C with few rows is better computed
 /// transposed (see `cpu::gemm`).
 pub(crate) fn worth_it(m: usize, n: usize, k: usize) -> bool {
-    m >= 2 * MR && n >= 8 && k >= 16 && m * n * k >= 1 << 18
+    m >= 24 && n >= 8 && k >= 16 && m * n * k >= 1 << 18
 }
 
 /// A raw C pointer that threads may share: they write disjoint tiles.
@@ -60,11 +95,31 @@ impl CPtr {
     }
 }
 
-/// `c (m x n, rows ldc apart) = [c +] a (m x k) @ b (k x n)`, on `threads` threads.
+/// `c (m x n, rows ldc apart) = [c +] a (m x k) @ b (k x n)`, on `threads` threads, with the
+/// widest micro-kernel the CPU (and `WHET_CPU`) allows.
 ///
 /// # Panics
-/// When the CPU lacks AVX-512F (check [`available`]) or an operand is out of bounds.
+/// When neither micro-kernel can run (check [`available`]) or an operand is out of bounds.
 pub(crate) fn sgemm(
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: Mat<'_, f32>,
+    b: Mat<'_, f32>,
+    mnk: (usize, usize, usize),
+    threads: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match super::simd_level() {
+        Simd::V4 => return sgemm_with::<Avx512>(c, ldc, accumulate, a, b, mnk, threads),
+        Simd::V3 => return sgemm_with::<Avx2>(c, ldc, accumulate, a, b, mnk, threads),
+        Simd::Base => {}
+    }
+    panic!("sgemm: needs AVX2 + FMA or AVX-512");
+}
+
+/// [`sgemm`] with the micro-kernel `K`, whose instruction set the caller checked.
+fn sgemm_with<K: Tile>(
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
@@ -73,7 +128,6 @@ pub(crate) fn sgemm(
     (m, n, k): (usize, usize, usize),
     threads: usize,
 ) {
-    assert!(available(), "sgemm: needs AVX-512F");
     assert!(
         m == 0 || n == 0 || ((m - 1) * ldc + n <= c.len() && n <= ldc),
         "sgemm: C out of bounds"
@@ -82,11 +136,14 @@ pub(crate) fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
+    let (mr, nr) = (K::MR, K::NR);
     let cp = CPtr(c.as_mut_ptr());
-    // Split the rows of C into whole micro-tiles when there are enough, else the columns.
-    // Columns when B is much larger than A (each thread then packs only its share of B).
-    let by_rows = (n <= 4 * m && m >= threads * MR * 4) || n < threads * NR * 2;
-    let (len, unit) = if by_rows { (m, MR) } else { (n, NR) };
+    // Which dimension of C the threads split, in whole micro-tiles. Split by columns, each
+    // thread packs only its share of B; by rows, each packs all of B but reads only its rows
+    // of A. `K::SPLIT_COLUMNS` says which its kernel prefers; columns always when B is much
+    // larger than A, rows when C is too narrow to share.
+    let by_rows = n < threads * 64 || (!K::SPLIT_COLUMNS && n <= 4 * m && m >= threads * 48);
+    let (len, unit) = if by_rows { (m, mr) } else { (n, nr) };
     let parts = threads.clamp(1, len.div_ceil(unit));
     let tiles = len.div_ceil(unit);
     let range = |t: usize| {
@@ -100,14 +157,14 @@ pub(crate) fn sgemm(
             return;
         }
         // SAFETY: thread t writes rows (or columns) lo..hi of C only, which no other thread
-        // touches; the bounds were asserted above; AVX-512F was checked by `available`.
+        // touches; the bounds were asserted above; `sgemm` checked the instruction set.
         unsafe {
             if by_rows {
                 let a = Mat {
                     data: &a.data[lo * a.rs..],
                     ..a
                 };
-                serial(
+                serial::<K>(
                     cp.get().add(lo * ldc),
                     ldc,
                     accumulate,
@@ -120,7 +177,7 @@ pub(crate) fn sgemm(
                     data: &b.data[lo * b.cs..],
                     ..b
                 };
-                serial(cp.get().add(lo), ldc, accumulate, a, b, (m, hi - lo, k));
+                serial::<K>(cp.get().add(lo), ldc, accumulate, a, b, (m, hi - lo, k));
             }
         }
     };
@@ -144,9 +201,8 @@ pub(crate) fn sgemm(
 ///
 /// # Safety
 /// `c` must address an `m x n` block with rows `ldc` apart that only this call writes; the
-/// CPU must have AVX-512F.
-#[target_feature(enable = "avx512f")]
-unsafe fn serial(
+/// CPU must have `K`'s instruction set.
+unsafe fn serial<K: Tile>(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
@@ -154,45 +210,51 @@ unsafe fn serial(
     b: Mat<'_, f32>,
     (m, n, k): (usize, usize, usize),
 ) {
+    let (mr_full, nr_full) = (K::MR, K::NR);
     PACK.with_borrow_mut(|(edge, bp)| {
         // Even blocks of whole panels: 576 columns are 2 x 288, not 384 + 192.
         let nblocks = n.div_ceil(NC);
-        let nc_max = n.div_ceil(nblocks).div_ceil(NR) * NR;
+        let nc_max = n.div_ceil(nblocks).div_ceil(nr_full) * nr_full;
         let kblocks = k.div_ceil(KC);
         let kc_max = k.div_ceil(kblocks);
-        edge.resize(kc_max * MR, 0.0);
+        edge.resize(kc_max * mr_full, 0.0);
         bp.resize(kc_max * nc_max, 0.0);
-        // Rows (or reduction steps) of A a multiple of 4 KiB apart share L1 sets: the `MR`
-        // streams of a sliver would evict each other, so such slivers are copied first.
-        let aliased = if a.cs == 1 { a.rs } else { a.cs } % 1024 == 0;
+        // A sliver is read in place when its `MR` rows are contiguous streams, unless they
+        // lie a multiple of 4 KiB apart: then they share L1 sets and evict each other. A
+        // transposed A (the weight gradient's dy^T) is copied too when the copy serves several
+        // panels of B: its `KC` reduction steps are `KC` cache lines a fixed stride apart,
+        // which for the model's widths (576, 1536 floats) fall into a few L1 sets.
+        let copied = if a.cs == 1 {
+            a.rs.is_multiple_of(1024)
+        } else {
+            a.cs.is_multiple_of(1024) || n >= 4 * nr_full
+        };
         let mut jc = 0;
         while jc < n {
             let nc = nc_max.min(n - jc);
             let mut pc = 0;
             while pc < k {
                 let kc = kc_max.min(k - pc);
-                pack_b(bp, b, pc, kc, jc, nc);
+                // SAFETY: `K`'s instruction set is the caller's contract.
+                unsafe { pack_b::<K>(bp, b, pc, kc, jc, nc) };
                 let acc = accumulate || pc > 0;
                 let mut ic = 0;
                 while ic < m {
-                    let mr = MR.min(m - ic);
+                    let mr = mr_full.min(m - ic);
                     // (pointer, row step, reduction step) of this sliver of A.
-                    let (ap, a_rs, a_ps) = if mr == MR && !aliased {
+                    let (ap, a_rs, a_ps) = if mr == mr_full && !copied {
                         (a.data[ic * a.rs + pc * a.cs..].as_ptr(), a.rs, a.cs)
                     } else {
-                        copy_sliver(edge, a, (ic, mr), (pc, kc))
+                        copy_sliver(edge, mr_full, a, (ic, mr), (pc, kc))
                     };
                     let mut jr = 0;
                     while jr < nc {
-                        let nr = NR.min(nc - jr);
+                        let nr = nr_full.min(nc - jr);
                         // SAFETY: rows ic..ic+MR and columns pc..pc+kc of A are in bounds
                         // (checked by `sgemm`, or the zero-padded copy); the tile (ic..ic+mr,
                         // jc+jr..jc+jr+nr) lies in C's block; the packed panel holds kc x NR.
                         unsafe {
-                            // A panel of at most 16 columns (the LoRA rank-16 products) runs
-                            // the one-register kernel: no multiply-adds on zero padding.
-                            let kernel = if nr <= 16 { kernel::<1> } else { kernel::<2> };
-                            kernel(
+                            K::kernel(
                                 kc,
                                 (ap, a_rs, a_ps),
                                 bp.as_ptr().add(jr * kc),
@@ -202,9 +264,9 @@ unsafe fn serial(
                                 acc,
                             );
                         }
-                        jr += NR;
+                        jr += nr_full;
                     }
-                    ic += MR;
+                    ic += mr_full;
                 }
                 pc += kc;
             }
@@ -213,16 +275,17 @@ unsafe fn serial(
     });
 }
 
-/// Copies rows `i0..i0+mr` and columns `p0..p0+kc` of A into `buf`, zero rows past `mr`; returns
-/// the sliver as (pointer, row step, reduction step) for [`kernel`].
+/// Copies rows `i0..i0+mr` and columns `p0..p0+kc` of A into `buf` as a sliver of `mr_full`
+/// rows, zero rows past `mr`; returns it as (pointer, row step, reduction step) for the kernel.
 fn copy_sliver(
     buf: &mut [f32],
+    mr_full: usize,
     a: Mat<'_, f32>,
     (i0, mr): (usize, usize),
     (p0, kc): (usize, usize),
 ) -> (*const f32, usize, usize) {
-    let buf = &mut buf[..kc * MR];
-    if mr < MR {
+    let buf = &mut buf[..kc * mr_full];
+    if mr < mr_full {
         buf.fill(0.0);
     }
     let at = |r: usize, p: usize| (i0 + r) * a.rs + (p0 + p) * a.cs;
@@ -233,9 +296,9 @@ fn copy_sliver(
         (buf.as_ptr(), kc, 1)
     } else if a.rs == 1 {
         for p in 0..kc {
-            buf[p * MR..p * MR + mr].copy_from_slice(&a.data[at(0, p)..][..mr]);
+            buf[p * mr_full..p * mr_full + mr].copy_from_slice(&a.data[at(0, p)..][..mr]);
         }
-        (buf.as_ptr(), 1, MR)
+        (buf.as_ptr(), 1, mr_full)
     } else {
         for r in 0..mr {
             for p in 0..kc {
@@ -248,132 +311,375 @@ fn copy_sliver(
 
 /// Packs rows `p0..p0+kc` and columns `j0..j0+nc` of B as `NR`-wide panels, each `kc` rows
 /// of `NR` values (zero columns past `nc` in the last panel).
-#[target_feature(enable = "avx512f")]
-fn pack_b(dst: &mut [f32], b: Mat<'_, f32>, p0: usize, kc: usize, j0: usize, nc: usize) {
-    #[cfg(target_arch = "x86_64")]
-    use std::arch::x86_64::*;
+///
+/// # Safety
+/// The CPU has `K`'s instruction set.
+unsafe fn pack_b<K: Tile>(
+    dst: &mut [f32],
+    b: Mat<'_, f32>,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+) {
+    let nr_full = K::NR;
     let mut jr = 0;
     while jr < nc {
-        let nr = NR.min(nc - jr);
-        let panel = &mut dst[jr * kc..(jr + NR) * kc];
-        if nr < NR {
-            panel.fill(0.0);
-        }
+        let nr = nr_full.min(nc - jr);
+        let panel = &mut dst[jr * kc..(jr + nr_full) * kc];
         let src = |p: usize, j: usize| (p0 + p) * b.rs + (j0 + jr + j) * b.cs;
-        if nr == NR && b.cs == 1 {
-            // Rows of B are contiguous: two 16-wide copies per row.
-            for p in 0..kc {
-                let from = &b.data[src(p, 0)..][..NR];
-                let to = &mut panel[p * NR..][..NR];
-                // SAFETY: both slices hold NR = 32 values.
-                unsafe {
-                    _mm512_storeu_ps(to.as_mut_ptr(), _mm512_loadu_ps(from.as_ptr()));
-                    _mm512_storeu_ps(
-                        to.as_mut_ptr().add(16),
-                        _mm512_loadu_ps(from.as_ptr().add(16)),
-                    );
-                }
-            }
-        } else if nr == NR && b.rs == 1 && b.cs * 16 < i32::MAX as usize {
-            // Columns of B are contiguous (the weight in `x @ w^T`): gather 16 columns at a
-            // time, each a run the source walks along.
-            let first = &b.data[src(0, 0)..];
-            let last = src(kc - 1, NR - 1) - src(0, 0);
-            assert!(last < first.len(), "pack_b: B out of bounds");
-            // SAFETY: every gathered index, (j * cs + p) for j < 32, p < kc, is at most `last`,
-            // in bounds of `first` by the assert.
-            unsafe {
-                let idx = _mm512_mullo_epi32(
-                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                    _mm512_set1_epi32(b.cs as i32),
-                );
-                let base0 = first.as_ptr();
-                let base1 = base0.add(16 * b.cs);
-                let out = panel.as_mut_ptr();
-                for p in 0..kc {
-                    let v0 = _mm512_i32gather_ps::<4>(idx, base0.add(p));
-                    let v1 = _mm512_i32gather_ps::<4>(idx, base1.add(p));
-                    _mm512_storeu_ps(out.add(p * NR), v0);
-                    _mm512_storeu_ps(out.add(p * NR + 16), v1);
-                }
-            }
+        let fast = b.cs == 1 || b.rs == 1;
+        if nr == nr_full && fast {
+            let from = &b.data[src(0, 0)..];
+            let last = src(kc - 1, nr_full - 1) - src(0, 0);
+            assert!(last < from.len(), "pack_b: B out of bounds");
+            // SAFETY: every element read, (p * rs + j * cs) for p < kc, j < NR, is at most
+            // `last`, in bounds of `from` by the assert; the panel holds kc * NR values.
+            unsafe { K::pack_panel(panel.as_mut_ptr(), from.as_ptr(), (b.rs, b.cs), kc) };
         } else {
+            if nr < nr_full {
+                panel.fill(0.0);
+            }
             for j in 0..nr {
                 for p in 0..kc {
-                    panel[p * NR + j] = b.data[src(p, j)];
+                    panel[p * nr_full + j] = b.data[src(p, j)];
                 }
             }
         }
-        jr += NR;
+        jr += nr_full;
     }
 }
 
-/// One `MR x 16W` tile (`W` zmm registers per row, 1 or 2): `c[r][j] = [c[r][j] +]
-/// sum_p a[r * a_rs + p * a_ps] * bp[p][j]`, stored for `r < mr`, `j < nr <= 16W`.
-///
-/// # Safety
-/// `a` addresses `MR` rows of `kc` values with the given steps, `bp` holds `kc * NR` values;
-/// `c` addresses `mr` rows of `nr` values, `ldc` apart; the CPU has AVX-512F.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f")]
-unsafe fn kernel<const W: usize>(
-    kc: usize,
-    (a, a_rs, a_ps): (*const f32, usize, usize),
-    bp: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    (mr, nr): (usize, usize),
-    accumulate: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller's contract covers every pointer offset below.
-    unsafe {
-        use std::arch::x86_64::*;
-        let mut c0 = [_mm512_setzero_ps(); MR];
-        let mut c1 = [_mm512_setzero_ps(); MR];
-        let rows: [*const f32; MR] = std::array::from_fn(|r| a.add(r * a_rs));
-        let mut b = bp;
-        let mut p = 0;
-        while p < kc {
-            let b0 = _mm512_loadu_ps(b);
-            let off = p * a_ps;
-            if W == 2 {
-                let b1 = _mm512_loadu_ps(b.add(16));
-                for r in 0..MR {
-                    let ar = _mm512_set1_ps(*rows[r].add(off));
-                    c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
-                    c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+/// The AVX-512 micro-kernel: 12 x 32, in 24 zmm registers.
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Tile for Avx512 {
+    const MR: usize = 12;
+    const NR: usize = 32;
+    // Zen 4: 5-20% faster by columns on the up, down and weight-gradient products (packing
+    // half of B per thread), within noise elsewhere.
+    const SPLIT_COLUMNS: bool = true;
+
+    unsafe fn pack_panel(panel: *mut f32, b: *const f32, rs_cs: (usize, usize), kc: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { avx512::pack_panel(panel, b, rs_cs, kc) }
+    }
+
+    unsafe fn kernel(
+        kc: usize,
+        a: (*const f32, usize, usize),
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        (mr, nr): (usize, usize),
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract. A panel of at most 16 columns (the LoRA rank-16
+        // products) runs the one-register kernel: no multiply-adds on zero padding.
+        unsafe {
+            if nr <= 16 {
+                avx512::kernel::<1>(kc, a, bp, c, ldc, (mr, nr), accumulate)
+            } else {
+                avx512::kernel::<2>(kc, a, bp, c, ldc, (mr, nr), accumulate)
+            }
+        }
+    }
+}
+
+/// The AVX2 + FMA micro-kernel: 6 x 16, in 12 ymm registers (BLIS's Haswell shape).
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Tile for Avx2 {
+    const MR: usize = 6;
+    const NR: usize = 16;
+    // Zen 4 on this path: rows were as fast or up to 10% faster.
+    const SPLIT_COLUMNS: bool = false;
+
+    unsafe fn pack_panel(panel: *mut f32, b: *const f32, rs_cs: (usize, usize), kc: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { avx2::pack_panel::<{ Self::NR }>(panel, b, rs_cs, kc) }
+    }
+
+    unsafe fn kernel(
+        kc: usize,
+        a: (*const f32, usize, usize),
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        (mr, nr): (usize, usize),
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract; at most 8 columns run the one-register kernel.
+        unsafe {
+            if nr <= 8 {
+                avx2::kernel::<1>(kc, a, bp, c, ldc, (mr, nr), accumulate)
+            } else {
+                avx2::kernel::<2>(kc, a, bp, c, ldc, (mr, nr), accumulate)
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Avx512, Tile};
+
+    const MR: usize = Avx512::MR;
+    const NR: usize = Avx512::NR;
+
+    /// [`Tile::pack_panel`] for AVX-512: two 16-wide copies per row when B's rows are
+    /// contiguous; when its columns are (the weight in `x @ w^T`), the AVX2 transposes.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn pack_panel(
+        out: *mut f32,
+        b: *const f32,
+        rs_cs: (usize, usize),
+        kc: usize,
+    ) {
+        // SAFETY: the caller's contract covers every offset read and written; AVX-512F
+        // implies AVX2 and FMA on every CPU that has it (and `simd_level` checks all three).
+        unsafe {
+            if rs_cs.1 != 1 {
+                return super::avx2::pack_panel::<NR>(out, b, rs_cs, kc);
+            }
+            for p in 0..kc {
+                let from = b.add(p * rs_cs.0);
+                _mm512_storeu_ps(out.add(p * NR), _mm512_loadu_ps(from));
+                _mm512_storeu_ps(out.add(p * NR + 16), _mm512_loadu_ps(from.add(16)));
+            }
+        }
+    }
+
+    /// One `MR x 16W` tile (`W` zmm registers per row, 1 or 2), as [`Tile::kernel`].
+    ///
+    /// # Safety
+    /// [`Tile::kernel`]'s, with `nr <= 16W`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn kernel<const W: usize>(
+        kc: usize,
+        (a, a_rs, a_ps): (*const f32, usize, usize),
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        (mr, nr): (usize, usize),
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract covers every pointer offset below.
+        unsafe {
+            let mut c0 = [_mm512_setzero_ps(); MR];
+            let mut c1 = [_mm512_setzero_ps(); MR];
+            let rows: [*const f32; MR] = std::array::from_fn(|r| a.add(r * a_rs));
+            let mut b = bp;
+            let mut p = 0;
+            while p < kc {
+                let b0 = _mm512_loadu_ps(b);
+                let off = p * a_ps;
+                if W == 2 {
+                    let b1 = _mm512_loadu_ps(b.add(16));
+                    for r in 0..MR {
+                        let ar = _mm512_set1_ps(*rows[r].add(off));
+                        c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
+                        c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+                    }
+                } else {
+                    for r in 0..MR {
+                        c0[r] = _mm512_fmadd_ps(_mm512_set1_ps(*rows[r].add(off)), b0, c0[r]);
+                    }
+                }
+                b = b.add(NR);
+                p += 1;
+            }
+            let m0: __mmask16 = if nr >= 16 { 0xffff } else { (1u16 << nr) - 1 };
+            let m1: __mmask16 = if nr >= 32 {
+                0xffff
+            } else if nr > 16 {
+                (1u16 << (nr - 16)) - 1
+            } else {
+                0
+            };
+            for r in 0..mr {
+                let row = c.add(r * ldc);
+                // With `nr <= 16` the second half lies past the row (past the end of `c` on
+                // the last row) and `m1` is 0: the masked load and store touch no memory
+                // there, but `add` would still be UB for a pointer beyond one-past-the-end, so
+                // the address is formed with `wrapping_add` and never dereferenced unmasked.
+                let row1 = row.wrapping_add(16);
+                let (mut v0, mut v1) = (c0[r], c1[r]);
+                if accumulate {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row1));
+                }
+                _mm512_mask_storeu_ps(row, m0, v0);
+                _mm512_mask_storeu_ps(row1, m1, v1);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Avx2, Tile};
+
+    const MR: usize = Avx2::MR;
+    const NR: usize = Avx2::NR;
+
+    /// [`Tile::pack_panel`] for a panel `W` columns wide (a multiple of 8), with AVX2: 8-wide
+    /// copies per row when B's rows are contiguous; when its columns are (the weight in
+    /// `x @ w^T`), 8 x 8 blocks loaded along the columns and transposed in registers. The
+    /// AVX-512 tile packs its transposed panels this way too: gathers are slower on both
+    /// vendors' cores.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pack_panel<const W: usize>(
+        out: *mut f32,
+        b: *const f32,
+        (rs, cs): (usize, usize),
+        kc: usize,
+    ) {
+        // SAFETY: the caller's contract covers every offset read and written.
+        unsafe {
+            if cs == 1 {
+                for p in 0..kc {
+                    let from = b.add(p * rs);
+                    for q in (0..W).step_by(8) {
+                        _mm256_storeu_ps(out.add(p * W + q), _mm256_loadu_ps(from.add(q)));
+                    }
+                }
+                return;
+            }
+            // Column j of the panel is the run b[j * cs + p * rs], p = 0.., with rs = 1.
+            for group in 0..W / 8 {
+                let col = |j: usize| b.add((group * 8 + j) * cs);
+                let mut p = 0;
+                while p + 8 <= kc {
+                    let r: [__m256; 8] =
+                        std::array::from_fn(|j| _mm256_loadu_ps(col(j).add(p * rs)));
+                    let t = transpose8(r);
+                    for (q, v) in t.iter().enumerate() {
+                        _mm256_storeu_ps(out.add((p + q) * W + group * 8), *v);
+                    }
+                    p += 8;
+                }
+                while p < kc {
+                    for j in 0..8 {
+                        *out.add(p * W + group * 8 + j) = *col(j).add(p * rs);
+                    }
+                    p += 1;
+                }
+            }
+        }
+    }
+
+    /// The transpose of 8 rows of 8 values.
+    #[inline(always)]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // SAFETY: shuffles of registers only; the caller enabled AVX.
+        unsafe {
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xee>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xee>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xee>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xee>(t5, t7);
+            [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ]
+        }
+    }
+
+    /// One `MR x 8W` tile (`W` ymm registers per row, 1 or 2), as [`Tile::kernel`]. AVX2 has
+    /// no masked stores of this kind, so an edge tile goes through a buffer.
+    ///
+    /// # Safety
+    /// [`Tile::kernel`]'s, with `nr <= 8W`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel<const W: usize>(
+        kc: usize,
+        (a, a_rs, a_ps): (*const f32, usize, usize),
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        (mr, nr): (usize, usize),
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract covers every pointer offset below.
+        unsafe {
+            let mut c0 = [_mm256_setzero_ps(); MR];
+            let mut c1 = [_mm256_setzero_ps(); MR];
+            let rows: [*const f32; MR] = std::array::from_fn(|r| a.add(r * a_rs));
+            let mut b = bp;
+            let mut p = 0;
+            while p < kc {
+                let b0 = _mm256_loadu_ps(b);
+                let off = p * a_ps;
+                if W == 2 {
+                    let b1 = _mm256_loadu_ps(b.add(8));
+                    for r in 0..MR {
+                        let ar = _mm256_broadcast_ss(&*rows[r].add(off));
+                        c0[r] = _mm256_fmadd_ps(ar, b0, c0[r]);
+                        c1[r] = _mm256_fmadd_ps(ar, b1, c1[r]);
+                    }
+                } else {
+                    for r in 0..MR {
+                        let ar = _mm256_broadcast_ss(&*rows[r].add(off));
+                        c0[r] = _mm256_fmadd_ps(ar, b0, c0[r]);
+                    }
+                }
+                b = b.add(NR);
+                p += 1;
+            }
+            if nr == 8 * W {
+                for r in 0..mr {
+                    let row = c.add(r * ldc);
+                    let (mut v0, mut v1) = (c0[r], c1[r]);
+                    if accumulate {
+                        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(row));
+                        if W == 2 {
+                            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(row.add(8)));
+                        }
+                    }
+                    _mm256_storeu_ps(row, v0);
+                    if W == 2 {
+                        _mm256_storeu_ps(row.add(8), v1);
+                    }
                 }
             } else {
-                for r in 0..MR {
-                    c0[r] = _mm512_fmadd_ps(_mm512_set1_ps(*rows[r].add(off)), b0, c0[r]);
+                let mut tile = [0f32; NR];
+                for r in 0..mr {
+                    _mm256_storeu_ps(tile.as_mut_ptr(), c0[r]);
+                    _mm256_storeu_ps(tile.as_mut_ptr().add(8), c1[r]);
+                    let row = std::slice::from_raw_parts_mut(c.add(r * ldc), nr);
+                    for (out, v) in row.iter_mut().zip(tile) {
+                        *out = if accumulate { *out + v } else { v };
+                    }
                 }
             }
-            b = b.add(NR);
-            p += 1;
-        }
-        let m0: __mmask16 = if nr >= 16 { 0xffff } else { (1u16 << nr) - 1 };
-        let m1: __mmask16 = if nr >= 32 {
-            0xffff
-        } else if nr > 16 {
-            (1u16 << (nr - 16)) - 1
-        } else {
-            0
-        };
-        for r in 0..mr {
-            let row = c.add(r * ldc);
-            // With `nr <= 16` the second half lies past the row (past the end of `c` on the
-            // last row) and `m1` is 0: the masked load and store touch no memory there, but
-            // `add` would still be UB for a pointer beyond one-past-the-end, so the address is
-            // formed with `wrapping_add` and never dereferenced unmasked.
-            let row1 = row.wrapping_add(16);
-            let (mut v0, mut v1) = (c0[r], c1[r]);
-            if accumulate {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row1));
-            }
-            _mm512_mask_storeu_ps(row, m0, v0);
-            _mm512_mask_storeu_ps(row1, m1, v1);
         }
     }
 }
@@ -412,10 +718,38 @@ mod tests {
         }
     }
 
-    /// Runs `sgemm` on one case and compares every element of C with an f64 product, within
-    /// f32 rounding of the sum of |a||b| terms.
+    /// A loop nest with one micro-kernel, as `sgemm` runs it.
+    type Sgemm =
+        fn(&mut [f32], usize, bool, Mat<'_, f32>, Mat<'_, f32>, (usize, usize, usize), usize);
+
+    /// Every micro-kernel this CPU can run, by name; prints the ones it cannot.
+    fn paths() -> Vec<(&'static str, Sgemm)> {
+        let level = super::super::detected_simd();
+        let mut paths: Vec<(&'static str, Sgemm)> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if level >= Simd::V4 {
+                paths.push(("avx512", sgemm_with::<Avx512>));
+            } else {
+                println!("skipped the avx512 kernel: this CPU has no AVX-512");
+            }
+            if level >= Simd::V3 {
+                paths.push(("avx2", sgemm_with::<Avx2>));
+            } else {
+                println!("skipped the avx2 kernel: this CPU has no AVX2 + FMA");
+            }
+        }
+        if level == Simd::Base {
+            println!("skipped: no micro-kernel runs on this CPU, so sgemm never runs here");
+        }
+        paths
+    }
+
+    /// Runs one micro-kernel's loop nest on one case and compares every element of C with an
+    /// f64 product, within f32 rounding of the sum of |a||b| terms.
     #[allow(clippy::too_many_arguments)]
     fn check(
+        (path, sgemm): (&str, Sgemm),
         (m, n, k): (usize, usize, usize),
         (a_t, lda): (bool, usize),
         (b_t, ldb): (bool, usize),
@@ -457,7 +791,7 @@ mod tests {
                 }
                 assert!(
                     (got - want).abs() <= 4e-7 * mag + 1e-30,
-                    "({m}, {n}, {k}) a_t {a_t} b_t {b_t} acc {accumulate} threads {threads}: \
+                    "{path} ({m}, {n}, {k}) a_t {a_t} b_t {b_t} acc {accumulate} threads {threads}: \
                      c[{i}][{j}] = {got}, want {want}"
                 );
             }
@@ -466,35 +800,38 @@ mod tests {
 
     #[test]
     fn matches_f64_products_across_shapes_layouts_and_threads() {
-        if !available() {
-            println!("skipped: this CPU has no AVX-512F, so sgemm never runs here");
-            return;
-        }
-        // Edges in every dimension: partial tiles of rows (MR = 12) and columns (NR = 32),
-        // several KC and NC blocks, a single row tile, a long thin product, and narrow ones
-        // (16 and 9 columns: the one-register kernel).
+        // Edges in every dimension: partial tiles of rows (MR = 12 or 6) and columns (NR = 32
+        // or 16), several KC and NC blocks, a single row tile, a long thin product, and narrow
+        // ones (16, 9 and 8 columns: the one-register kernels), reductions that are not a
+        // multiple of the 8 x 8 transpose.
         let shapes = [
             (100, 70, 50),
             (12, 32, 16),
+            (6, 16, 16),
             (37, 400, 800),
             (130, 33, 385),
             (25, 800, 7),
             (61, 16, 500),
             (30, 9, 40),
+            (31, 8, 43),
+            (7, 5, 3),
         ];
-        for (m, n, k) in shapes {
-            for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
-                for threads in [1, 2, 3] {
-                    let lda = if a_t { m + 3 } else { k + 1 };
-                    let ldb = if b_t { k } else { n + 5 };
-                    check(
-                        (m, n, k),
-                        (a_t, lda),
-                        (b_t, ldb),
-                        n + 2,
-                        threads == 2,
-                        threads,
-                    );
+        for path in paths() {
+            for (m, n, k) in shapes {
+                for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+                    for threads in [1, 2, 3] {
+                        let lda = if a_t { m + 3 } else { k + 1 };
+                        let ldb = if b_t { k } else { n + 5 };
+                        check(
+                            path,
+                            (m, n, k),
+                            (a_t, lda),
+                            (b_t, ldb),
+                            n + 2,
+                            threads == 2,
+                            threads,
+                        );
+                    }
                 }
             }
         }
@@ -502,12 +839,18 @@ mod tests {
 
     #[test]
     fn rows_4_kib_apart_take_the_copied_path() {
-        if !available() {
-            println!("skipped: this CPU has no AVX-512F, so sgemm never runs here");
-            return;
-        }
         // lda = 1024 floats: the rows of a sliver alias in L1 and are copied before the kernel.
-        check((50, 96, 300), (false, 1024), (false, 96), 96, false, 2);
-        check((50, 96, 300), (true, 1024), (true, 1024), 96, true, 1);
+        for path in paths() {
+            check(
+                path,
+                (50, 96, 300),
+                (false, 1024),
+                (false, 96),
+                96,
+                false,
+                2,
+            );
+            check(path, (50, 96, 300), (true, 1024), (true, 1024), 96, true, 1);
+        }
     }
 }

@@ -113,6 +113,52 @@ fn a_lora_chat_run_writes_metrics_plot_report_adapter_and_checkpoints() {
     );
     assert!(md.contains("loss.svg"));
 
+    // Where the time went: every part measured, none more than the wall time, the steps and
+    // the evaluations non-zero, and the same split in report.md.
+    let time = &report["time"];
+    let wall = report["wall_time_s"].as_f64().unwrap();
+    let part = |k: &str| {
+        time[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("time.{k}: {time}"))
+    };
+    let train_part = |k: &str| {
+        time["train"][k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("time.train.{k}: {time}"))
+    };
+    let parts = [
+        part("data_s"),
+        part("load_s"),
+        part("base_eval_s"),
+        part("base_generate_s"),
+        train_part("steps_s"),
+        train_part("eval_s"),
+        train_part("checkpoint_s"),
+        part("save_s"),
+        part("tuned_eval_s"),
+        part("tuned_generate_s"),
+    ];
+    assert!(parts.iter().all(|t| *t >= 0.0), "{time}");
+    assert!(parts.iter().sum::<f64>() <= wall, "{time} vs wall {wall}");
+    for k in ["steps_s", "eval_s"] {
+        assert!(train_part(k) > 0.0, "time.train.{k}: {time}");
+    }
+    assert!(
+        part("base_generate_s") > 0.0 && part("tuned_eval_s") > 0.0,
+        "{time}"
+    );
+    assert!(md.contains("## Where the time went"), "{md}");
+    let steps_row = md
+        .lines()
+        .find(|l| l.starts_with("| training steps |"))
+        .expect("a training-steps row");
+    assert_eq!(
+        steps_row.split('|').nth(2).map(str::trim),
+        Some(format!("{:.1}", train_part("steps_s")).as_str()),
+        "{steps_row}"
+    );
+
     // The PEFT adapter.
     let adapter = out.join("adapter");
     let ac: Value =
