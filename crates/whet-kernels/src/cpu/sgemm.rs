@@ -29,8 +29,26 @@ thread_local! {
     static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// A micro-kernel for one instruction set: the tile of C it keeps in registers and the two
-/// routines of the loop nest that use vector instructions.
+/// One micro-tile: `c[r][j] = [c[r][j] +] sum_p a[r * a_rs + p * a_ps] * bp[p][j]` for
+/// `r < mr`, `j < nr`, from (kc, (a, a_rs, a_ps), bp, c, ldc, (mr, nr), accumulate).
+///
+/// # Safety
+/// `a` addresses `MR` rows of `kc` values with the given steps, `bp` holds `kc * NR` values;
+/// `c` addresses `mr` rows of `nr` values, `ldc` apart; `nr` fits the kernel; the CPU has its
+/// instruction set.
+type KernelFn =
+    unsafe fn(usize, (*const f32, usize, usize), *const f32, *mut f32, usize, (usize, usize), bool);
+
+/// One full panel of B: `panel[p * NR + j] = b[p * rs + j * cs]` for `p < kc`, `j < NR`, from
+/// (panel, b, (rs, cs), kc).
+///
+/// # Safety
+/// `b` addresses those elements, `panel` holds `kc * NR` values; the CPU has the instruction
+/// set.
+type PackFn = unsafe fn(*mut f32, *const f32, (usize, usize), usize);
+
+/// A micro-kernel for one instruction set: the tile of C it keeps in registers, how threads
+/// share C, and the routines of the loop nest that use vector instructions.
 trait Tile {
     /// Rows of C per micro-tile: values of A broadcast per reduction step.
     const MR: usize;
@@ -39,31 +57,11 @@ trait Tile {
     /// Whether threads split a wide C by columns rather than rows (measured per kernel with
     /// `cargo bench -p whet-benches --bench gemm` on the step's shapes).
     const SPLIT_COLUMNS: bool;
-
-    /// One full panel of B, `rs_cs = (rs, cs)`: `panel[p * NR + j] = b[p * rs + j * cs]` for `p < kc`, `j < NR`.
-    ///
-    /// # Safety
-    /// `b` addresses those elements, `panel` holds `kc * NR` values; the CPU has the
-    /// instruction set.
-    unsafe fn pack_panel(panel: *mut f32, b: *const f32, rs_cs: (usize, usize), kc: usize);
-
-    /// `c[r][j] = [c[r][j] +] sum_p a[r * a_rs + p * a_ps] * bp[p][j]`, stored for `r < mr`,
-    /// `j < nr`.
-    ///
-    /// # Safety
-    /// `a` addresses `MR` rows of `kc` values with the given steps, `bp` holds `kc * NR`
-    /// values; `c` addresses `mr` rows of `nr` values, `ldc` apart; the CPU has the
-    /// instruction set.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel(
-        kc: usize,
-        a: (*const f32, usize, usize),
-        bp: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        mr_nr: (usize, usize),
-        accumulate: bool,
-    );
+    /// The tile for panels of at most `NR / 2` columns (one vector register: no multiply-adds
+    /// on zero padding in the LoRA rank-16 products) and for the others.
+    const KERNELS: [KernelFn; 2];
+    /// Packs one full panel of B.
+    const PACK: PackFn;
 }
 
 /// Whether [`sgemm`] runs here: the CPU has AVX-512 or AVX2 + FMA (and `WHET_CPU` does not
@@ -254,7 +252,7 @@ unsafe fn serial<K: Tile>(
                         // (checked by `sgemm`, or the zero-padded copy); the tile (ic..ic+mr,
                         // jc+jr..jc+jr+nr) lies in C's block; the packed panel holds kc x NR.
                         unsafe {
-                            K::kernel(
+                            K::KERNELS[usize::from(nr > nr_full / 2)](
                                 kc,
                                 (ap, a_rs, a_ps),
                                 bp.as_ptr().add(jr * kc),
@@ -335,7 +333,7 @@ unsafe fn pack_b<K: Tile>(
             assert!(last < from.len(), "pack_b: B out of bounds");
             // SAFETY: every element read, (p * rs + j * cs) for p < kc, j < NR, is at most
             // `last`, in bounds of `from` by the assert; the panel holds kc * NR values.
-            unsafe { K::pack_panel(panel.as_mut_ptr(), from.as_ptr(), (b.rs, b.cs), kc) };
+            unsafe { (K::PACK)(panel.as_mut_ptr(), from.as_ptr(), (b.rs, b.cs), kc) };
         } else {
             if nr < nr_full {
                 panel.fill(0.0);
@@ -361,31 +359,8 @@ impl Tile for Avx512 {
     // Zen 4: 5-20% faster by columns on the up, down and weight-gradient products (packing
     // half of B per thread), within noise elsewhere.
     const SPLIT_COLUMNS: bool = true;
-
-    unsafe fn pack_panel(panel: *mut f32, b: *const f32, rs_cs: (usize, usize), kc: usize) {
-        // SAFETY: the caller's contract.
-        unsafe { avx512::pack_panel(panel, b, rs_cs, kc) }
-    }
-
-    unsafe fn kernel(
-        kc: usize,
-        a: (*const f32, usize, usize),
-        bp: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        (mr, nr): (usize, usize),
-        accumulate: bool,
-    ) {
-        // SAFETY: the caller's contract. A panel of at most 16 columns (the LoRA rank-16
-        // products) runs the one-register kernel: no multiply-adds on zero padding.
-        unsafe {
-            if nr <= 16 {
-                avx512::kernel::<1>(kc, a, bp, c, ldc, (mr, nr), accumulate)
-            } else {
-                avx512::kernel::<2>(kc, a, bp, c, ldc, (mr, nr), accumulate)
-            }
-        }
-    }
+    const KERNELS: [KernelFn; 2] = [avx512::kernel::<1>, avx512::kernel::<2>];
+    const PACK: PackFn = avx512::pack_panel;
 }
 
 /// The AVX2 + FMA micro-kernel: 6 x 16, in 12 ymm registers (BLIS's Haswell shape).
@@ -398,30 +373,8 @@ impl Tile for Avx2 {
     const NR: usize = 16;
     // Zen 4 on this path: rows were as fast or up to 10% faster.
     const SPLIT_COLUMNS: bool = false;
-
-    unsafe fn pack_panel(panel: *mut f32, b: *const f32, rs_cs: (usize, usize), kc: usize) {
-        // SAFETY: the caller's contract.
-        unsafe { avx2::pack_panel::<{ Self::NR }>(panel, b, rs_cs, kc) }
-    }
-
-    unsafe fn kernel(
-        kc: usize,
-        a: (*const f32, usize, usize),
-        bp: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        (mr, nr): (usize, usize),
-        accumulate: bool,
-    ) {
-        // SAFETY: the caller's contract; at most 8 columns run the one-register kernel.
-        unsafe {
-            if nr <= 8 {
-                avx2::kernel::<1>(kc, a, bp, c, ldc, (mr, nr), accumulate)
-            } else {
-                avx2::kernel::<2>(kc, a, bp, c, ldc, (mr, nr), accumulate)
-            }
-        }
-    }
+    const KERNELS: [KernelFn; 2] = [avx2::kernel::<1>, avx2::kernel::<2>];
+    const PACK: PackFn = avx2::pack_panel::<{ Avx2::NR }>;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -433,7 +386,7 @@ mod avx512 {
     const MR: usize = Avx512::MR;
     const NR: usize = Avx512::NR;
 
-    /// [`Tile::pack_panel`] for AVX-512: two 16-wide copies per row when B's rows are
+    /// [`Tile::PACK`] for AVX-512: two 16-wide copies per row when B's rows are
     /// contiguous; when its columns are (the weight in `x @ w^T`), the AVX2 transposes.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn pack_panel(
@@ -456,10 +409,10 @@ mod avx512 {
         }
     }
 
-    /// One `MR x 16W` tile (`W` zmm registers per row, 1 or 2), as [`Tile::kernel`].
+    /// One `MR x 16W` tile (`W` zmm registers per row, 1 or 2), as a [`KernelFn`].
     ///
     /// # Safety
-    /// [`Tile::kernel`]'s, with `nr <= 16W`.
+    /// [`KernelFn`]'s, with `nr <= 16W`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn kernel<const W: usize>(
@@ -532,7 +485,7 @@ mod avx2 {
     const MR: usize = Avx2::MR;
     const NR: usize = Avx2::NR;
 
-    /// [`Tile::pack_panel`] for a panel `W` columns wide (a multiple of 8), with AVX2: 8-wide
+    /// [`Tile::PACK`] for a panel `W` columns wide (a multiple of 8), with AVX2: 8-wide
     /// copies per row when B's rows are contiguous; when its columns are (the weight in
     /// `x @ w^T`), 8 x 8 blocks loaded along the columns and transposed in registers. The
     /// AVX-512 tile packs its transposed panels this way too: gathers are slower on both
@@ -612,11 +565,11 @@ mod avx2 {
         }
     }
 
-    /// One `MR x 8W` tile (`W` ymm registers per row, 1 or 2), as [`Tile::kernel`]. AVX2 has
+    /// One `MR x 8W` tile (`W` ymm registers per row, 1 or 2), as a [`KernelFn`]. AVX2 has
     /// no masked stores of this kind, so an edge tile goes through a buffer.
     ///
     /// # Safety
-    /// [`Tile::kernel`]'s, with `nr <= 8W`.
+    /// [`KernelFn`]'s, with `nr <= 8W`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kernel<const W: usize>(
