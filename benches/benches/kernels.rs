@@ -49,7 +49,6 @@ type Op<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
 /// Benches `fast` and `reference` on `inputs`: forward, and forward + backward with the
 /// inputs flagged in `train` as `Var`s (loss = sum of the output). `work`, when given, is the
 /// (forward, forward + backward) work in FLOP or bytes, replacing the group's throughput.
-#[allow(clippy::too_many_arguments)]
 fn bench_pair_with(
     g: &mut BenchmarkGroup<'_, WallTime>,
     work: Option<(Throughput, Throughput)>,

@@ -87,8 +87,8 @@ pub fn cpu_path() -> &'static str {
 }
 
 /// `c (m x n, row-major) = a (m x k) @ b (k x n)` in f32 on the CPU, through the same routine as
-/// the ops' matmuls: whet's AVX-512 kernel where the CPU has it and the problem is large, the
-/// `gemm` crate otherwise. Element `(r, c)` of an operand is `data[r * strides[0] + c *
+/// the ops' matmuls: whet's AVX-512 or AVX2 kernel (see [`cpu_path`]) where the problem is large,
+/// the `gemm` crate otherwise. Element `(r, c)` of an operand is `data[r * strides[0] + c *
 /// strides[1]]`, so transposed views cost nothing. For benches and tests; the model calls the ops.
 ///
 /// # Panics

@@ -598,7 +598,7 @@ mod tests {
     #[test]
     fn f32_gemm_routes_match_f64_products() {
         if !sgemm::available() {
-            println!("note: no AVX-512F here, so every f32 product takes the gemm crate's route");
+            println!("note: the scalar path, so every f32 product takes the gemm crate's route");
         }
         let val = |i: usize, s: usize| ((i * s) % 211) as f32 / 105.0 - 1.0;
         // (m, n, k): wide, narrow (LoRA down projection), few rows (LoRA A gradient), small.

@@ -11,8 +11,8 @@
 //! per step of the reduction. A's `MR x KC` sliver is read in place (it stays in L1 across the
 //! column panels), the packed B block (`KC x NC`) stays in L2.
 //!
-//! Threads split the rows of C (or its columns when it has few rows); each packs its own
-//! operands into thread-local buffers. The summation order over `k` is the plain one within
+//! Threads split C by rows or by columns, whichever the kernel's `Tile` prefers (by rows when C
+//! is too narrow to share); each packs its own operands into thread-local buffers. The summation order over `k` is the plain one within
 //! each `KC` block, so results differ from `gemm`'s only by float reordering.
 
 use std::cell::RefCell;
@@ -360,7 +360,8 @@ impl Tile for Avx512 {
     // half of B per thread), within noise elsewhere.
     const SPLIT_COLUMNS: bool = true;
     const KERNELS: [KernelFn; 2] = [avx512::kernel::<1>, avx512::kernel::<2>];
-    const PACK: PackFn = avx512::pack_panel;
+    // The AVX2 packing, 32 columns wide: its copies are bound by memory, not vector width.
+    const PACK: PackFn = avx2::pack_panel::<{ Avx512::NR }>;
 }
 
 /// The AVX2 + FMA micro-kernel: 6 x 16, in 12 ymm registers (BLIS's Haswell shape).
@@ -385,29 +386,6 @@ mod avx512 {
 
     const MR: usize = Avx512::MR;
     const NR: usize = Avx512::NR;
-
-    /// [`Tile::PACK`] for AVX-512: two 16-wide copies per row when B's rows are
-    /// contiguous; when its columns are (the weight in `x @ w^T`), the AVX2 transposes.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn pack_panel(
-        out: *mut f32,
-        b: *const f32,
-        rs_cs: (usize, usize),
-        kc: usize,
-    ) {
-        // SAFETY: the caller's contract covers every offset read and written; AVX-512F
-        // implies AVX2 and FMA on every CPU that has it (and `simd_level` checks all three).
-        unsafe {
-            if rs_cs.1 != 1 {
-                return super::avx2::pack_panel::<NR>(out, b, rs_cs, kc);
-            }
-            for p in 0..kc {
-                let from = b.add(p * rs_cs.0);
-                _mm512_storeu_ps(out.add(p * NR), _mm512_loadu_ps(from));
-                _mm512_storeu_ps(out.add(p * NR + 16), _mm512_loadu_ps(from.add(16)));
-            }
-        }
-    }
 
     /// One `MR x 16W` tile (`W` zmm registers per row, 1 or 2), as a [`KernelFn`].
     ///
@@ -485,11 +463,10 @@ mod avx2 {
     const MR: usize = Avx2::MR;
     const NR: usize = Avx2::NR;
 
-    /// [`Tile::PACK`] for a panel `W` columns wide (a multiple of 8), with AVX2: 8-wide
+    /// [`Tile::PACK`] for a panel `W` columns wide (a multiple of 8), for both tiles: 8-wide
     /// copies per row when B's rows are contiguous; when its columns are (the weight in
-    /// `x @ w^T`), 8 x 8 blocks loaded along the columns and transposed in registers. The
-    /// AVX-512 tile packs its transposed panels this way too: gathers are slower on both
-    /// vendors' cores.
+    /// `x @ w^T`), 8 x 8 blocks loaded along the columns and transposed in registers, not
+    /// gathered (gathers are slower on both vendors' cores).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn pack_panel<const W: usize>(
         out: *mut f32,
