@@ -251,7 +251,7 @@ fn kernels(c: &mut Criterion) {
         let q = randn(&[B, T, nh, d], 6, &dev);
         let k = randn(&[B, T, nkv, d], 7, &dev);
         let v = randn(&[B, T, nkv, d], 8, &dev);
-        let att = |a: &[Tensor]| whet_kernels::attention(&a[0], &a[1], &a[2], &seg, scale);
+        let att = |a: &[Tensor]| whet_kernels::attention(&a[0], &a[1], &a[2], &seg, scale, None);
         let fwd_flops = 4.0 * (B * nh * d) as f64 * (T as f64) * (T as f64) / 2.0;
         bench(
             c,

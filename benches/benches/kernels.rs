@@ -150,8 +150,8 @@ fn kernels(c: &mut Criterion) {
             Throughput::Elements(2 * product),
             Throughput::Elements(7 * product),
         )),
-        &|a| whet_kernels::attention(&a[0], &a[1], &a[2], &seg, scale),
-        &|a| reference::attention(&a[0], &a[1], &a[2], &seg, scale),
+        &|a| whet_kernels::attention(&a[0], &a[1], &a[2], &seg, scale, None),
+        &|a| reference::attention(&a[0], &a[1], &a[2], &seg, scale, None),
         &[
             randn(&[B, T, NH, D], 4),
             randn(&[B, T, NKV, D], 5),

@@ -20,6 +20,7 @@ pub enum Op {
     Rope,
     Attention,
     Swiglu,
+    Geglu,
     Linear,
     LoraLinear,
     CrossEntropy,
@@ -27,11 +28,12 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 9] = [
         Op::RmsNorm,
         Op::Rope,
         Op::Attention,
         Op::Swiglu,
+        Op::Geglu,
         Op::Linear,
         Op::LoraLinear,
         Op::CrossEntropy,
@@ -45,6 +47,7 @@ impl Op {
             Op::Rope => "rope",
             Op::Attention => "attention",
             Op::Swiglu => "swiglu",
+            Op::Geglu => "geglu",
             Op::Linear => "linear",
             Op::LoraLinear => "lora_linear",
             Op::CrossEntropy => "cross_entropy_sum",
@@ -162,9 +165,12 @@ pub trait Ops {
         v: &Tensor,
         segments: &Tensor,
         scale: f64,
+        window: Option<usize>,
     ) -> Result<Tensor>;
     /// See [`crate::swiglu`].
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
+    /// See [`crate::geglu`].
+    fn geglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
     /// See [`crate::linear`].
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>;
     /// See [`crate::lora_linear`].
@@ -215,11 +221,12 @@ impl Ops for Kernels {
         v: &Tensor,
         segments: &Tensor,
         scale: f64,
+        window: Option<usize>,
     ) -> Result<Tensor> {
         if self.uses_reference(Op::Attention) {
-            reference::attention(q, k, v, segments, scale)
+            reference::attention(q, k, v, segments, scale, window)
         } else {
-            crate::attention(q, k, v, segments, scale)
+            crate::attention(q, k, v, segments, scale, window)
         }
     }
 
@@ -228,6 +235,14 @@ impl Ops for Kernels {
             reference::swiglu(gate, up)
         } else {
             crate::swiglu(gate, up)
+        }
+    }
+
+    fn geglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if self.uses_reference(Op::Geglu) {
+            reference::geglu(gate, up)
+        } else {
+            crate::geglu(gate, up)
         }
     }
 

@@ -64,7 +64,7 @@ pub use kernels::{Kernels, Op, Ops};
 #[cfg(feature = "cuda")]
 pub use ops::attention_simt;
 pub use ops::{
-    attention, cross_entropy_sum, linear, linear_cross_entropy_sum,
+    attention, cross_entropy_sum, geglu, linear, linear_cross_entropy_sum,
     linear_cross_entropy_sum_for_training, lora_linear, quantized_linear, rms_norm, rope,
     rope_tables, swiglu,
 };

@@ -26,8 +26,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[lo, hi], D::Minus1)
 }
 
-/// Additive mask (B, 1, T, S): 0 where attention is allowed, -1e30 elsewhere.
-pub fn attention_bias(segments: &Tensor, t: usize) -> Result<Tensor> {
+/// Additive mask (B, 1, T, S): 0 where attention is allowed, -1e30 elsewhere; `window`: only
+/// the `window` latest keys (`p - j < window`).
+pub fn attention_bias(segments: &Tensor, t: usize, window: Option<usize>) -> Result<Tensor> {
     let (b, s) = segments.dims2()?;
     let seg = segments.to_vec2::<u32>()?;
     let offset = s - t;
@@ -36,7 +37,7 @@ pub fn attention_bias(segments: &Tensor, t: usize) -> Result<Tensor> {
         for i in 0..t {
             let p = i + offset;
             for j in 0..s {
-                if j > p || row[j] != row[p] {
+                if j > p || row[j] != row[p] || window.is_some_and(|w| p - j >= w) {
                     bias[(bi * t + i) * s + j] = -1e30;
                 }
             }
@@ -59,6 +60,7 @@ pub fn attention(
     v: &Tensor,
     segments: &Tensor,
     scale: f64,
+    window: Option<usize>,
 ) -> Result<Tensor> {
     let (b, t, nh, d) = q.dims4()?;
     let (_, s, nkv, _) = k.dims4()?;
@@ -74,10 +76,15 @@ pub fn attention(
     let k = expand(k)?.contiguous()?; // (B, NH, S, D)
     let v = expand(v)?.contiguous()?;
     let scores = (q.matmul(&k.t()?)? * scale)?; // (B, NH, T, S)
-    let bias = attention_bias(segments, t)?.to_dtype(scores.dtype())?;
+    let bias = attention_bias(segments, t, window)?.to_dtype(scores.dtype())?;
     let scores = scores.broadcast_add(&bias)?;
     let probs = softmax_last_dim(&scores)?;
     probs.matmul(&v)?.transpose(1, 2) // (B, T, NH, D)
+}
+
+/// `gelu_tanh(gate) * up` from candle's `gelu` (the tanh approximation), which has a backward.
+pub fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.gelu()? * up
 }
 
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {

@@ -239,7 +239,7 @@ fn cases(dev: &Device) -> Result<Vec<Case>> {
         .collect();
     let mask = Tensor::from_vec(mask, (2, 5, 48), dev)?;
 
-    let attention: Run = |o, t| o.attention(&t[0], &t[1], &t[2], &t[3], 0.125);
+    let attention: Run = |o, t| o.attention(&t[0], &t[1], &t[2], &t[3], 0.125, None);
     let mut cases = vec![
         Case {
             op: Op::RmsNorm,
@@ -304,6 +304,16 @@ fn cases(dev: &Device) -> Result<Vec<Case>> {
                 float(&[2, 5, 96], 11, dev, true)?,
             ],
             run: |o, t| o.swiglu(&t[0], &t[1]),
+            backward: true,
+        },
+        Case {
+            op: Op::Geglu,
+            name: "2x5x96",
+            inputs: vec![
+                float(&[2, 5, 96], 10, dev, true)?,
+                float(&[2, 5, 96], 11, dev, true)?,
+            ],
+            run: |o, t| o.geglu(&t[0], &t[1]),
             backward: true,
         },
         Case {

@@ -1,7 +1,8 @@
-//! `config.json` as Hugging Face writes it for the Llama family: `llama` (SmolLM, TinyLlama,
-//! Llama 2/3), `mistral` and `qwen2`. The fields mirror transformers' `LlamaConfig`,
-//! `MistralConfig` and `Qwen2Config`; unknown fields (`architectures`, `torch_dtype`, ...) are
-//! ignored. Values are checked by [`Config::validate`], which [`Config::from_file`] runs.
+//! `config.json` as Hugging Face writes it for the decoders whet implements: `llama` (SmolLM,
+//! TinyLlama, Llama 2/3/3.2), `mistral`, `qwen2`, `qwen3` and `gemma3_text` (Gemma 3 270M, 1B).
+//! The fields mirror transformers' `LlamaConfig`, `MistralConfig`, `Qwen2Config`,
+//! `Qwen3Config` and `Gemma3TextConfig`; unknown fields (`architectures`, `torch_dtype`, ...)
+//! are ignored. Values are checked by [`Config::validate`], which [`Config::from_file`] runs.
 
 use std::path::Path;
 
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// The `model_type` values this crate implements.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3_text"];
 
 /// Upper bounds on `config.json`'s sizes, far above every released Llama-family model (Llama 3
 /// 405B: vocabulary 128256, hidden 16384, intermediate 53248, 126 layers, 128 heads of 128) and
@@ -35,6 +36,11 @@ pub enum ModelType {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen2 without q/k/v bias, with per-head q/k RMSNorm.
+    Qwen3,
+    /// Gemma 3's text decoder: `(1 + w)` RMSNorms around attention and MLP, GeGLU, q/k norms,
+    /// scaled embeddings, local sliding-window layers between global ones.
+    Gemma3,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,7 +66,7 @@ pub struct Config {
     pub rope_scaling: Option<RopeScaling>,
     /// transformers >= 5 spelling of `rope_theta` + `rope_scaling`; wins when present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rope_parameters: Option<RopeScaling>,
+    pub rope_parameters: Option<RopeParameters>,
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
     #[serde(default)]
@@ -79,13 +85,63 @@ pub struct Config {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
-    /// Mistral / Qwen2 sliding-window attention. Ignored: whet trains at sequence lengths
-    /// below the window (4096 for Mistral 7B v0.1; Qwen2 ships `use_sliding_window: false`),
-    /// where the window changes nothing.
+    /// Sliding-window attention (keys): every Mistral layer, Gemma 3's local layers, Qwen's
+    /// with `use_sliding_window` ([`Config::layer_attention`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_sliding_window: Option<bool>,
+    /// Qwen2/Qwen3 with `use_sliding_window`: layers from this index on use the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
+    /// Per layer, `"full_attention"` or `"sliding_attention"` (transformers >= 4.53).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// Gemma 3 before `layer_types`: every `n`-th layer is global, the others local.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_pattern: Option<usize>,
+    /// The same under the name transformers >= 4.53 writes (it also writes `layer_types`).
+    #[serde(
+        default,
+        rename = "_sliding_window_pattern",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sliding_window_pattern_: Option<usize>,
+    /// Gemma 3: the rotary base of the local (sliding-window) layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma 3: attention scores are scaled by `query_pre_attn_scalar ** -0.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma's spelling of `hidden_act`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<String>,
+    /// Gemma 2's tanh caps; must be absent (null) for the models whet implements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
+    /// EmbeddingGemma's encoder mode; must be absent or false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_bidirectional_attention: Option<bool>,
+}
+
+/// `rope_parameters`: one set for every layer, or (Gemma 3 in transformers >= 5) one per
+/// layer type, `full_attention` and `sliding_attention`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RopeParameters {
+    PerLayerType(std::collections::BTreeMap<String, RopeScaling>),
+    One(RopeScaling),
+}
+
+/// Which attention a decoder layer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerAttention {
+    /// Causal over the whole document.
+    Full,
+    /// Causal over the `window` latest keys (`Config::sliding_window`).
+    Sliding,
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -106,8 +162,8 @@ pub enum TokenIds {
     Many(Vec<u32>),
 }
 
-/// `rope_scaling` / `rope_parameters`. Only the `default` and `llama3` rope types exist here;
-/// any other type (`linear`, `dynamic`, `yarn`, `longrope`, ...) is a deserialization error
+/// `rope_scaling` / `rope_parameters`. Only the `default`, `linear` and `llama3` rope types
+/// exist here; any other type (`dynamic`, `yarn`, `longrope`, ...) is a deserialization error
 /// naming the field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RopeRaw", into = "RopeRaw")]
@@ -120,6 +176,10 @@ pub struct RopeScaling {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeKind {
     Default,
+    /// Position interpolation (HF `_compute_linear_scaling_rope_parameters`): frequencies / factor.
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1 frequency-dependent scaling (HF `_compute_llama3_parameters`).
     Llama3 {
         factor: f64,
@@ -158,6 +218,14 @@ impl TryFrom<RopeRaw> for RopeScaling {
             .unwrap_or_else(|| "default".to_string());
         let kind = match ty.as_str() {
             "default" => RopeKind::Default,
+            "linear" => match raw.factor {
+                Some(factor) if factor.is_finite() && factor > 0.0 => RopeKind::Linear { factor },
+                other => {
+                    return Err(format!(
+                        "rope type `linear` needs a finite `factor` > 0, found {other:?}"
+                    ));
+                }
+            },
             "llama3" => {
                 let need = |v: Option<f64>, name: &str| {
                     v.ok_or_else(|| format!("rope type `llama3` needs `{name}`"))
@@ -195,7 +263,7 @@ impl TryFrom<RopeRaw> for RopeScaling {
             }
             other => {
                 return Err(format!(
-                    "rope type `{other}` is not supported; supported: default, llama3"
+                    "rope type `{other}` is not supported; supported: default, linear, llama3"
                 ));
             }
         };
@@ -217,6 +285,10 @@ impl From<RopeScaling> for RopeRaw {
             high_freq_factor: None,
             original_max_position_embeddings: None,
         };
+        if let RopeKind::Linear { factor } = r.kind {
+            raw.rope_type = Some("linear".to_string());
+            raw.factor = Some(factor);
+        }
         if let RopeKind::Llama3 {
             factor,
             low_freq_factor,
@@ -250,7 +322,15 @@ impl Config {
 
     /// Parses and validates config JSON; `path` only labels errors.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Config> {
-        let cfg: Config = crate::error::from_json_str(text, path)?;
+        let mut cfg: Config = crate::error::from_json_str(text, path)?;
+        if cfg.model_type == "gemma3_text" {
+            // `Gemma3TextConfig` ties the head by default, and transformers leaves out of
+            // config.json the values equal to `PretrainedConfig`'s own default (true).
+            let raw: serde_json::Value = crate::error::from_json_str(text, path)?;
+            if raw.get("tie_word_embeddings").is_none() {
+                cfg.tie_word_embeddings = true;
+            }
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -265,11 +345,43 @@ impl Config {
                 expected: expected.to_string(),
             })
         };
-        self.model_type_checked(path)?;
+        let ty = self.model_type_checked(path)?;
         self.validate_ranges(path)?;
-        if self.hidden_act != "silu" {
+        if ty == ModelType::Gemma3 {
+            let act = self
+                .hidden_activation
+                .as_deref()
+                .unwrap_or("gelu_pytorch_tanh");
+            if act != "gelu_pytorch_tanh" {
+                return unsupported(
+                    "hidden_activation",
+                    format!("{act:?}"),
+                    "\"gelu_pytorch_tanh\" (Gemma 3's GeGLU)",
+                );
+            }
+        } else if self.hidden_act != "silu" {
             return unsupported("hidden_act", format!("{:?}", self.hidden_act), "\"silu\"");
         }
+        for (field, v) in [
+            ("final_logit_softcapping", self.final_logit_softcapping),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+        ] {
+            if let Some(v) = v {
+                return unsupported(
+                    field,
+                    v.to_string(),
+                    "null: soft-capping is not implemented",
+                );
+            }
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            return unsupported(
+                "use_bidirectional_attention",
+                "true".into(),
+                "false: whet trains causal language models",
+            );
+        }
+        self.validate_layer_attention(path)?;
         if self.mlp_bias {
             return unsupported(
                 "mlp_bias",
@@ -394,7 +506,10 @@ impl Config {
                 "a finite number in (0, 1), such as 1e-5".into(),
             );
         }
-        let (field, theta) = match self.rope_parameters.as_ref().and_then(|r| r.rope_theta) {
+        let (field, theta) = match self
+            .rope_parameters_for(LayerAttention::Full)
+            .and_then(|r| r.rope_theta)
+        {
             Some(t) => ("rope_parameters.rope_theta", t),
             None => ("rope_theta", self.rope_base()),
         };
@@ -409,11 +524,84 @@ impl Config {
         Ok(())
     }
 
+    /// `layer_types`, the window and the Gemma 3 layer pattern agree with the layer count.
+    fn validate_layer_attention(&self, path: &Path) -> Result<()> {
+        let invalid = |field: &str, found: String, expected: String| {
+            Err(Error::InvalidConfig {
+                path: path.to_path_buf(),
+                field: field.to_string(),
+                found,
+                expected,
+            })
+        };
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return invalid(
+                    "layer_types",
+                    format!("{} entries", types.len()),
+                    format!(
+                        "one per layer (num_hidden_layers = {})",
+                        self.num_hidden_layers
+                    ),
+                );
+            }
+            if let Some((i, t)) = types
+                .iter()
+                .enumerate()
+                .find(|(_, t)| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
+            {
+                return invalid(
+                    &format!("layer_types[{i}]"),
+                    format!("{t:?}"),
+                    "\"full_attention\" or \"sliding_attention\"".into(),
+                );
+            }
+        }
+        if self.sliding_window_pattern == Some(0) || self.sliding_window_pattern_ == Some(0) {
+            return invalid(
+                "sliding_window_pattern",
+                "0".into(),
+                "a positive layer count".into(),
+            );
+        }
+        let sliding =
+            (0..self.num_hidden_layers).any(|i| self.layer_attention(i) == LayerAttention::Sliding);
+        if sliding && self.sliding_window.is_none_or(|w| w == 0) {
+            return invalid(
+                "sliding_window",
+                format!("{:?}", self.sliding_window),
+                "a positive number of keys: some layers use sliding-window attention".into(),
+            );
+        }
+        if let Some(q) = self.query_pre_attn_scalar
+            && !(q.is_finite() && q > 0.0)
+        {
+            return invalid(
+                "query_pre_attn_scalar",
+                q.to_string(),
+                "a finite number > 0, such as 256".into(),
+            );
+        }
+        if let Some(theta) = self.rope_local_base_freq
+            && !(theta.is_finite()
+                && (limits::ROPE_THETA.0..=limits::ROPE_THETA.1).contains(&theta))
+        {
+            return invalid(
+                "rope_local_base_freq",
+                theta.to_string(),
+                "a finite number in [1, 1e15], such as 10000".into(),
+            );
+        }
+        Ok(())
+    }
+
     fn model_type_checked(&self, path: &Path) -> Result<ModelType> {
         match self.model_type.as_str() {
             "llama" => Ok(ModelType::Llama),
             "mistral" => Ok(ModelType::Mistral),
             "qwen2" => Ok(ModelType::Qwen2),
+            "qwen3" => Ok(ModelType::Qwen3),
+            "gemma3_text" => Ok(ModelType::Gemma3),
             other => Err(Error::UnsupportedModelType {
                 path: path.to_path_buf(),
                 found: other.to_string(),
@@ -459,7 +647,10 @@ impl Config {
         match self.model_type() {
             // HF `Qwen2Attention`: `nn.Linear(..., bias=True)` for q/k/v, hard-coded.
             ModelType::Qwen2 => true,
-            ModelType::Llama => self.attention_bias.unwrap_or(false),
+            // `Qwen3Attention`, `Gemma3Attention`: `bias=config.attention_bias` on all four.
+            ModelType::Llama | ModelType::Qwen3 | ModelType::Gemma3 => {
+                self.attention_bias.unwrap_or(false)
+            }
             ModelType::Mistral => false,
         }
     }
@@ -469,7 +660,73 @@ impl Config {
         match self.model_type() {
             ModelType::Qwen2 | ModelType::Mistral => false,
             // HF `LlamaAttention`: `o_proj = nn.Linear(..., bias=config.attention_bias)`.
-            ModelType::Llama => self.attention_bias.unwrap_or(false),
+            ModelType::Llama | ModelType::Qwen3 | ModelType::Gemma3 => {
+                self.attention_bias.unwrap_or(false)
+            }
+        }
+    }
+
+    /// RMSNorm over each head of q and k before rope (Qwen3, Gemma 3).
+    pub fn qk_norm(&self) -> bool {
+        matches!(self.model_type(), ModelType::Qwen3 | ModelType::Gemma3)
+    }
+
+    /// Gemma's layout: RMSNorms scale by `1 + w` (weights start at 0), the attention and MLP
+    /// outputs are normed before the residual add, embeddings are scaled by `sqrt(hidden)`,
+    /// the MLP is GeGLU.
+    pub fn is_gemma(&self) -> bool {
+        self.model_type() == ModelType::Gemma3
+    }
+
+    /// The attention score scale: `query_pre_attn_scalar ** -0.5` for Gemma 3, else
+    /// `head_dim ** -0.5`.
+    pub fn attention_scale(&self) -> f64 {
+        match (self.model_type(), self.query_pre_attn_scalar) {
+            (ModelType::Gemma3, Some(q)) => 1.0 / q.sqrt(),
+            _ => 1.0 / (self.head_dim() as f64).sqrt(),
+        }
+    }
+
+    /// Which attention layer `i` runs: `layer_types` when given, else Gemma 3's pattern (every
+    /// `sliding_window_pattern`-th layer global, 6 by default), Mistral's window on every layer,
+    /// and Qwen's `use_sliding_window` from `max_window_layers` on (transformers' rules).
+    pub fn layer_attention(&self, i: usize) -> LayerAttention {
+        use LayerAttention::{Full, Sliding};
+        if let Some(types) = &self.layer_types {
+            return match types.get(i).map(String::as_str) {
+                Some("sliding_attention") => Sliding,
+                _ => Full,
+            };
+        }
+        match self.model_type() {
+            ModelType::Gemma3 => {
+                let n = self
+                    .sliding_window_pattern
+                    .or(self.sliding_window_pattern_)
+                    .unwrap_or(6)
+                    .max(1);
+                if (i + 1).is_multiple_of(n) {
+                    Full
+                } else {
+                    Sliding
+                }
+            }
+            ModelType::Mistral if self.sliding_window.is_some() => Sliding,
+            ModelType::Qwen2 | ModelType::Qwen3
+                if self.use_sliding_window == Some(true)
+                    && i >= self.max_window_layers.unwrap_or(0) =>
+            {
+                Sliding
+            }
+            _ => Full,
+        }
+    }
+
+    /// The key window of layer `i` (`None`: the whole document).
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        match self.layer_attention(i) {
+            LayerAttention::Full => None,
+            LayerAttention::Sliding => self.sliding_window,
         }
     }
 
@@ -482,44 +739,101 @@ impl Config {
         }
     }
 
-    /// Rotary base: `rope_parameters.rope_theta`, else `rope_theta`, else 10000.
-    pub fn rope_base(&self) -> f64 {
-        self.rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_theta)
-            .or(self.rope_theta)
-            .unwrap_or(10_000.0)
+    /// The `rope_parameters` entry for one attention kind: the single set, or the set of its
+    /// layer type.
+    fn rope_parameters_for(&self, kind: LayerAttention) -> Option<&RopeScaling> {
+        match self.rope_parameters.as_ref()? {
+            RopeParameters::One(r) => Some(r),
+            RopeParameters::PerLayerType(m) => m.get(match kind {
+                LayerAttention::Full => "full_attention",
+                LayerAttention::Sliding => "sliding_attention",
+            }),
+        }
     }
 
-    /// The rope type in force: `rope_parameters` when present, else `rope_scaling`.
+    /// Whether the local layers have rotary tables of their own (Gemma 3).
+    pub fn local_rope(&self) -> bool {
+        self.is_gemma() || matches!(self.rope_parameters, Some(RopeParameters::PerLayerType(_)))
+    }
+
+    /// Rotary base of the global layers: `rope_parameters.rope_theta`, else `rope_theta`,
+    /// else 10000 (Gemma 3: 1e6).
+    pub fn rope_base(&self) -> f64 {
+        self.rope_base_for(LayerAttention::Full)
+    }
+
+    /// Rotary base of one attention kind. Gemma 3's local layers: `rope_local_base_freq`
+    /// (10000 by default), or `rope_parameters.sliding_attention.rope_theta`.
+    pub fn rope_base_for(&self, kind: LayerAttention) -> f64 {
+        let given = self.rope_parameters_for(kind).and_then(|r| r.rope_theta);
+        match (kind, self.local_rope()) {
+            (LayerAttention::Sliding, true) => {
+                given.or(self.rope_local_base_freq).unwrap_or(10_000.0)
+            }
+            _ => given.or(self.rope_theta).unwrap_or(if self.is_gemma() {
+                1_000_000.0
+            } else {
+                10_000.0
+            }),
+        }
+    }
+
+    /// The rope type in force on the global layers: `rope_parameters` when present, else
+    /// `rope_scaling`.
     pub fn rope_kind(&self) -> RopeKind {
-        self.rope_parameters
-            .as_ref()
+        self.rope_kind_for(LayerAttention::Full)
+    }
+
+    /// The rope type of one attention kind; Gemma 3's local layers never scale.
+    pub fn rope_kind_for(&self, kind: LayerAttention) -> RopeKind {
+        if kind == LayerAttention::Sliding && self.local_rope() {
+            return self
+                .rope_parameters_for(kind)
+                .map(|r| r.kind.clone())
+                .unwrap_or(RopeKind::Default);
+        }
+        self.rope_parameters_for(kind)
             .or(self.rope_scaling.as_ref())
             .map(|r| r.kind.clone())
             .unwrap_or(RopeKind::Default)
     }
 
+    /// [`Config::inv_freq_for`] the global layers.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        self.inv_freq_for(LayerAttention::Full)
+    }
+
     /// Rotary inverse frequencies, `head_dim / 2` values, computed in f32 like transformers'
     /// `_compute_default_rope_parameters`:
-    /// `1 / base ** (arange(0, dim, 2).float() / dim)`, then for `llama3` rope
-    /// `_compute_llama3_parameters` (`modeling_rope_utils.py`), line for line.
-    pub fn inv_freq(&self) -> Vec<f32> {
+    /// `1 / base ** (arange(0, dim, 2).float() / dim)`, then for `linear` rope divided by the
+    /// factor and for `llama3` rope `_compute_llama3_parameters` (`modeling_rope_utils.py`),
+    /// line for line.
+    pub fn inv_freq_for(&self, kind: LayerAttention) -> Vec<f32> {
         let dim = self.head_dim();
-        let base = self.rope_base() as f32;
+        let base = self.rope_base_for(kind) as f32;
         let inv: Vec<f32> = (0..dim)
             .step_by(2)
             .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
             .collect();
-        let RopeKind::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } = self.rope_kind()
-        else {
-            return inv;
-        };
+        let (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) =
+            match self.rope_kind_for(kind) {
+                RopeKind::Default => return inv,
+                RopeKind::Linear { factor } => {
+                    let factor = factor as f32;
+                    return inv.into_iter().map(|f| f / factor).collect();
+                }
+                RopeKind::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                } => (
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                ),
+            };
         let (factor, low, high) = (
             factor as f32,
             low_freq_factor as f32,

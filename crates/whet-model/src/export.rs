@@ -65,6 +65,17 @@ pub fn export_gguf(
                 "GGUF export writes the llama architecture; qwen2 (q/k/v biases, architecture `qwen2`) is not supported yet".into(),
             );
         }
+        ModelType::Qwen3 | ModelType::Gemma3 => {
+            return fail(format!(
+                "GGUF export writes the llama architecture; {} (q/k norms{}) is not supported yet",
+                cfg.model_type,
+                if cfg.is_gemma() {
+                    ", Gemma's norms and GeGLU"
+                } else {
+                    ""
+                }
+            ));
+        }
     }
     if cfg.qkv_bias() || cfg.o_bias() || cfg.mlp_bias {
         return fail("attention or MLP biases have no place in llama's GGUF layout".into());

@@ -45,7 +45,9 @@ pub mod load;
 pub mod lora;
 pub mod quant;
 
-pub use config::{Config, ModelType, RopeKind, RopeScaling, TokenIds};
+pub use config::{
+    Config, LayerAttention, ModelType, RopeKind, RopeParameters, RopeScaling, TokenIds,
+};
 pub use error::{Error, Result};
 pub use generate::{Finish, GenerationConfig, Sampler, generate, generate_stream};
 pub use llama::{KvCache, LOSS_CHUNK_ROWS, LoadOptions, Model, QuantSummary, Trainable};

@@ -1,12 +1,16 @@
-//! The Llama decoder (Touvron et al. 2023, arXiv:2302.13971), which also covers Mistral
-//! (same graph; sliding window ignored, see [`Config::sliding_window`]) and Qwen2 (q/k/v
-//! bias). Written for training: every op comes from `whet_kernels` (candle's fused
+//! The Llama decoder (Touvron et al. 2023, arXiv:2302.13971) and the architectures that differ
+//! from it by a few switches read off the config: Mistral (sliding-window attention), Qwen2
+//! (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and Gemma 3 (`1 + w` RMSNorms before and after
+//! attention and MLP, GeGLU, q/k norms, embeddings scaled by `sqrt(hidden)`,
+//! `query_pre_attn_scalar`, local sliding-window layers with a rotary base of their own between
+//! global ones). Written for training: every op comes from `whet_kernels` (candle's fused
 //! softmax / rms_norm / rope / sdpa have no backward), q/k/v stay (B, T, NH, D) straight from
 //! the projection, and packed rows are handled by `segments` (a query attends only to keys of
 //! its own document) plus per-document `positions`.
 //!
-//! Layout follows candle-transformers `models/llama.rs` and HF `modeling_llama.py`:
-//! `Attention`, `Mlp`, `Block`, `Model`, each with `load` and `forward`.
+//! Layout follows candle-transformers `models/llama.rs` and HF `modeling_llama.py`,
+//! `modeling_qwen3.py` and `modeling_gemma3.py`: `Attention`, `Mlp`, `Block`, `Model`, each
+//! with `load` and `forward`.
 //!
 //! Shapes: `B` batch, `T` tokens, `S` keys (T plus cached), `H` hidden, `NH` query heads,
 //! `NKV` key/value heads, `D` head dim, `I` intermediate, `V` vocabulary, `N` rows = B * T.
@@ -20,7 +24,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use whet_kernels::{IGNORE_INDEX, Kernels, Ops, Segment, SideGrads, checkpoint, rope_tables};
 
-use crate::config::Config;
+use crate::config::{Config, LayerAttention};
 use crate::error::{Error, Result};
 use crate::load::{CONFIG_FILE, Init, Param, SafetensorsFiles, Source, Vb, WEIGHTS_FILE};
 use crate::lora::{self, Linear, LoraConfig};
@@ -68,18 +72,26 @@ pub enum Trainable {
 struct RmsNorm {
     weight: Param, // (H)
     eps: f64,
+    /// Gemma: the norm scales by `1 + weight` (and a fresh weight is 0).
+    offset: bool,
 }
 
 impl RmsNorm {
-    fn load(vb: Vb, size: usize, eps: f64) -> Result<Self> {
+    fn load(vb: Vb, size: usize, cfg: &Config) -> Result<Self> {
+        let offset = cfg.is_gemma();
+        let init = if offset { Init::Zeros } else { Init::Ones };
         Ok(RmsNorm {
-            weight: vb.get(&[size], "weight", Init::Ones)?,
-            eps,
+            weight: vb.get(&[size], "weight", init)?,
+            eps: cfg.rms_norm_eps,
+            offset,
         })
     }
 
     /// x: (.., H) -> (.., H)
     fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
+        if self.offset {
+            return Ok(k.rms_norm(x, &(&self.weight.t + 1.0)?, self.eps)?);
+        }
         Ok(k.rms_norm(x, &self.weight.t, self.eps)?)
     }
 }
@@ -93,13 +105,20 @@ pub struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3, Gemma 3: RMSNorm over each head of q and k, before rope.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// Score scale, `head_dim ** -0.5` unless the config says otherwise.
+    scale: f64,
+    /// Sliding window (keys) of this layer; `None` attends to the whole document.
+    window: Option<usize>,
 }
 
 impl Attention {
-    fn load(vb: Vb, cfg: &Config) -> Result<Self> {
+    fn load(vb: Vb, cfg: &Config, layer: usize) -> Result<Self> {
         let (h, nh, nkv, d) = (
             cfg.hidden_size,
             cfg.num_attention_heads,
@@ -107,14 +126,23 @@ impl Attention {
             cfg.head_dim(),
         );
         let (qkv_bias, o_bias) = (cfg.qkv_bias(), cfg.o_bias());
+        let head_norm = |name: &str| -> Result<Option<RmsNorm>> {
+            cfg.qk_norm()
+                .then(|| RmsNorm::load(vb.pp(name), d, cfg))
+                .transpose()
+        };
         Ok(Attention {
             q_proj: Linear::load(vb.pp("q_proj"), h, nh * d, qkv_bias)?,
             k_proj: Linear::load(vb.pp("k_proj"), h, nkv * d, qkv_bias)?,
             v_proj: Linear::load(vb.pp("v_proj"), h, nkv * d, qkv_bias)?,
             o_proj: Linear::load(vb.pp("o_proj"), nh * d, h, o_bias)?,
+            q_norm: head_norm("q_norm")?,
+            k_norm: head_norm("k_norm")?,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
+            scale: cfg.attention_scale(),
+            window: cfg.layer_window(layer),
         })
     }
 
@@ -140,6 +168,10 @@ impl Attention {
             .v_proj
             .forward(x, train, ops)?
             .reshape((b, t, nkv, d))?; // (B, T, NKV, D)
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q, ops)?, kn.forward(&k, ops)?),
+            _ => (q, k),
+        };
         let q = ops.rope(&q, cos, sin)?; // (B, T, NH, D)
         let k = ops.rope(&k, cos, sin)?; // (B, T, NKV, D)
         let (k, v) = match cache {
@@ -153,14 +185,17 @@ impl Attention {
                 (k, v)
             }
         };
-        let scale = 1.0 / (d as f64).sqrt();
-        let y = ops.attention(&q, &k, &v, segments, scale)?; // (B, T, NH, D)
+        let y = ops.attention(&q, &k, &v, segments, self.scale, self.window)?; // (B, T, NH, D)
         let y = y.reshape((b, t, nh * d))?; // (B, T, NH * D)
         self.o_proj.forward(&y, train, ops) // (B, T, H)
     }
 
     fn linears(&self) -> [&Linear; 4] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
+    fn norms(&self) -> impl Iterator<Item = &RmsNorm> {
+        self.q_norm.iter().chain(&self.k_norm)
     }
 
     fn linears_mut(&mut self) -> [&mut Linear; 4] {
@@ -178,6 +213,8 @@ pub struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// GeGLU (Gemma) instead of SwiGLU.
+    gelu: bool,
 }
 
 impl Mlp {
@@ -187,14 +224,19 @@ impl Mlp {
             gate_proj: Linear::load(vb.pp("gate_proj"), h, i, false)?,
             up_proj: Linear::load(vb.pp("up_proj"), h, i, false)?,
             down_proj: Linear::load(vb.pp("down_proj"), i, h, false)?,
+            gelu: cfg.is_gemma(),
         })
     }
 
-    /// x: (B, T, H) -> (B, T, H). SwiGLU (Shazeer 2020, arXiv:2002.05202).
+    /// x: (B, T, H) -> (B, T, H). SwiGLU or GeGLU (Shazeer 2020, arXiv:2002.05202).
     fn forward(&self, x: &Tensor, train: bool, ops: Kernels) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x, train, ops)?; // (B, T, I)
         let up = self.up_proj.forward(x, train, ops)?; // (B, T, I)
-        let act = ops.swiglu(&gate, &up)?; // (B, T, I)
+        let act = if self.gelu {
+            ops.geglu(&gate, &up)?
+        } else {
+            ops.swiglu(&gate, &up)?
+        }; // (B, T, I)
         self.down_proj.forward(&act, train, ops) // (B, T, H)
     }
 
@@ -212,21 +254,39 @@ pub struct Block {
     self_attn: Attention,
     mlp: Mlp,
     input_layernorm: RmsNorm,
+    /// Llama: the norm before the MLP. Gemma: the norm of the attention's output.
     post_attention_layernorm: RmsNorm,
+    /// Gemma: the norms before and after the MLP.
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
+    /// Which rotary table the layer reads (0 global, 1 local: [`Model::hidden`]).
+    rope: usize,
 }
 
 impl Block {
-    fn load(vb: Vb, cfg: &Config) -> Result<Self> {
-        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    fn load(vb: Vb, cfg: &Config, layer: usize) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let norm = |name: &str| RmsNorm::load(vb.pp(name), h, cfg);
+        let feedforward_norms = if cfg.is_gemma() {
+            Some((
+                norm("pre_feedforward_layernorm")?,
+                norm("post_feedforward_layernorm")?,
+            ))
+        } else {
+            None
+        };
+        let local = cfg.local_rope() && cfg.layer_attention(layer) == LayerAttention::Sliding;
         Ok(Block {
-            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, layer)?,
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
-            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), h, eps)?,
-            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), h, eps)?,
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            feedforward_norms,
+            rope: usize::from(local),
         })
     }
 
-    /// Pre-norm residual block. x: (B, T, H) -> (B, T, H)
+    /// Pre-norm residual block (Gemma: also normed after attention and MLP).
+    /// x: (B, T, H) -> (B, T, H)
     fn forward(
         &self,
         x: &Tensor,
@@ -240,9 +300,17 @@ impl Block {
         let h = self
             .self_attn
             .forward(&h, cos, sin, segments, cache, (train, ops))?; // (B, T, H)
+        let Some((pre_ff, post_ff)) = &self.feedforward_norms else {
+            let x = (x + h)?; // (B, T, H)
+            let h = self.post_attention_layernorm.forward(&x, ops)?; // (B, T, H)
+            let h = self.mlp.forward(&h, train, ops)?; // (B, T, H)
+            return Ok((x + h)?);
+        };
+        let h = self.post_attention_layernorm.forward(&h, ops)?; // (B, T, H)
         let x = (x + h)?; // (B, T, H)
-        let h = self.post_attention_layernorm.forward(&x, ops)?; // (B, T, H)
+        let h = pre_ff.forward(&x, ops)?; // (B, T, H)
         let h = self.mlp.forward(&h, train, ops)?; // (B, T, H)
+        let h = post_ff.forward(&h, ops)?; // (B, T, H)
         Ok((x + h)?)
     }
 
@@ -315,11 +383,49 @@ impl Block {
     }
 
     /// Norm weights in HF state-dict order.
-    fn norms(&self) -> [&Param; 2] {
-        [
-            &self.input_layernorm.weight,
-            &self.post_attention_layernorm.weight,
-        ]
+    fn norms(&self) -> Vec<&Param> {
+        let mut v: Vec<&Param> = self.self_attn.norms().map(|n| &n.weight).collect();
+        v.push(&self.input_layernorm.weight);
+        v.push(&self.post_attention_layernorm.weight);
+        if let Some((pre, post)) = &self.feedforward_norms {
+            v.extend([&pre.weight, &post.weight]);
+        }
+        v
+    }
+
+    /// The block's HF (base) weights: linears, biases, norms.
+    fn base_params_mut(&mut self) -> Vec<&mut Param> {
+        let Block {
+            self_attn,
+            mlp,
+            input_layernorm,
+            post_attention_layernorm,
+            feedforward_norms,
+            ..
+        } = self;
+        let Attention {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            q_norm,
+            k_norm,
+            ..
+        } = self_attn;
+        let mut v = Vec::new();
+        for l in [q_proj, k_proj, v_proj, o_proj]
+            .into_iter()
+            .chain(mlp.linears_mut())
+        {
+            v.extend(l.base_params_mut());
+        }
+        v.extend(q_norm.iter_mut().chain(k_norm).map(|n| &mut n.weight));
+        v.push(&mut input_layernorm.weight);
+        v.push(&mut post_attention_layernorm.weight);
+        if let Some((pre, post)) = feedforward_norms {
+            v.extend([&mut pre.weight, &mut post.weight]);
+        }
+        v
     }
 }
 
@@ -344,7 +450,8 @@ impl KvCache {
 // ---------------------------------------------------------------------------------------------
 // the model
 
-/// A causal LM (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`), f32.
+/// A causal LM (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
+/// `Qwen3ForCausalLM`, `Gemma3ForCausalLM`), f32.
 #[derive(Debug, Clone)]
 pub struct Model {
     cfg: Config,
@@ -353,7 +460,9 @@ pub struct Model {
     norm: RmsNorm,
     /// (V, H); `None` when `tie_word_embeddings`, the head then reads `embed_tokens`.
     lm_head: Option<Param>,
-    inv_freq: Vec<f32>, // (D/2)
+    /// Rotary inverse frequencies, (D/2) each: the global layers', then (Gemma 3) the local
+    /// layers'. A block reads `rope[block.rope]`.
+    rope: Vec<Vec<f32>>,
     lora: Option<LoraConfig>,
     training: bool,
     /// NEFTune (Jain et al. 2023, arXiv:2310.05914): uniform noise of magnitude
@@ -379,9 +488,13 @@ impl Model {
         let m = vb.pp("model");
         let embed_tokens = m.pp("embed_tokens").get(&[v, h], "weight", Init::Normal)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(m.pp("layers").pp(i), cfg))
+            .map(|i| Block::load(m.pp("layers").pp(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(m.pp("norm"), h, cfg.rms_norm_eps)?;
+        let norm = RmsNorm::load(m.pp("norm"), h, cfg)?;
+        let mut rope = vec![cfg.inv_freq_for(LayerAttention::Full)];
+        if cfg.local_rope() {
+            rope.push(cfg.inv_freq_for(LayerAttention::Sliding));
+        }
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
@@ -393,7 +506,7 @@ impl Model {
             layers,
             norm,
             lm_head,
-            inv_freq: cfg.inv_freq(),
+            rope,
             lora: None,
             training: true,
             neftune_alpha: 0.0,
@@ -602,14 +715,7 @@ impl Model {
     fn base_params_mut(&mut self) -> Vec<&mut Param> {
         let mut v = vec![&mut self.embed_tokens];
         for block in &mut self.layers {
-            for l in block.self_attn.linears_mut() {
-                v.extend(l.base_params_mut());
-            }
-            for l in block.mlp.linears_mut() {
-                v.extend(l.base_params_mut());
-            }
-            v.push(&mut block.input_layernorm.weight);
-            v.push(&mut block.post_attention_layernorm.weight);
+            v.extend(block.base_params_mut());
         }
         v.push(&mut self.norm.weight);
         v.extend(self.lm_head.as_mut());
@@ -944,11 +1050,7 @@ impl Model {
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (h, ops) = (self.cfg.hidden_size, self.kernels);
-        let mut x = self
-            .embed_tokens
-            .t
-            .embedding(&ids.flatten_all()?)? // (B * T, H)
-            .reshape((b, t, h))?; // (B, T, H)
+        let mut x = self.embed(ids)?; // (B, T, H)
         if train && self.neftune_alpha > 0.0 {
             // HF `neftune_post_forward_hook`: U(-mag, mag) with mag = alpha / sqrt(T * H).
             let mag = (self.neftune_alpha / ((t * h) as f64).sqrt()) as f32;
@@ -959,16 +1061,44 @@ impl Model {
             let noise = Tensor::from_vec(noise, (b, t, h), &self.device)?.to_dtype(x.dtype())?;
             x = (x + noise)?; // (B, T, H)
         }
-        let (cos, sin) = rope_tables(positions, &self.inv_freq)?; // (B, T, D/2) each
-        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        let tables = self.rope_tables(positions, x.dtype())?;
         for block in &self.layers {
+            let (cos, sin) = &tables[block.rope];
             x = if train && self.checkpointing {
-                block.forward_checkpointed(&x, &cos, &sin, segments, &self.side_grads, ops)?
+                block.forward_checkpointed(&x, cos, sin, segments, &self.side_grads, ops)?
             } else {
-                block.forward(&x, &cos, &sin, segments, None, (train, ops))?
+                block.forward(&x, cos, sin, segments, None, (train, ops))?
             }; // (B, T, H)
         }
         self.norm.forward(&x, ops) // (B, T, H)
+    }
+
+    /// Token embeddings, (B, T) -> (B, T, H); Gemma scales them by `sqrt(hidden)`.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let h = self.cfg.hidden_size;
+        let x = self
+            .embed_tokens
+            .t
+            .embedding(&ids.flatten_all()?)? // (B * T, H)
+            .reshape((b, t, h))?; // (B, T, H)
+        if self.cfg.is_gemma() {
+            // HF `Gemma3TextScaledWordEmbedding`: the scale in the weights' dtype.
+            let scale = Tensor::new((h as f32).sqrt(), x.device())?.to_dtype(x.dtype())?;
+            return Ok(x.broadcast_mul(&scale)?);
+        }
+        Ok(x)
+    }
+
+    /// (cos, sin), (B, T, D/2) each in `dtype`, per rotary table.
+    fn rope_tables(&self, positions: &Tensor, dtype: DType) -> Result<Vec<(Tensor, Tensor)>> {
+        self.rope
+            .iter()
+            .map(|inv_freq| {
+                let (cos, sin) = rope_tables(positions, inv_freq)?;
+                Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
+            })
+            .collect()
     }
 
     /// Training forward. ids, positions, segments: (B, T) u32 (a packed row restarts
@@ -1062,18 +1192,14 @@ impl Model {
         let positions = Tensor::from_vec(positions, (b, t), &self.device)?; // (B, T)
         let segments = Tensor::zeros((b, s), DType::U32, &self.device)?; // (B, S)
         self.check_id_range(ids)?;
-        let (h, ops) = (self.cfg.hidden_size, self.kernels);
+        let ops = self.kernels;
         let view = self.compute_view()?;
         let this = view.as_ref();
-        let mut x = this
-            .embed_tokens
-            .t
-            .embedding(&ids.flatten_all()?)? // (B * T, H)
-            .reshape((b, t, h))?; // (B, T, H)
-        let (cos, sin) = rope_tables(&positions, &self.inv_freq)?; // (B, T, D/2) each
-        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        let mut x = this.embed(ids)?; // (B, T, H)
+        let tables = self.rope_tables(&positions, x.dtype())?;
         for (block, slot) in this.layers.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(&x, &cos, &sin, &segments, Some(slot), (false, ops))?; // (B, T, H)
+            let (cos, sin) = &tables[block.rope];
+            x = block.forward(&x, cos, sin, &segments, Some(slot), (false, ops))?; // (B, T, H)
         }
         cache.len = s;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (B, H)

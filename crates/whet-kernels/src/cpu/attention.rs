@@ -49,8 +49,8 @@ pub(crate) struct Windows {
 }
 
 impl Windows {
-    /// seg: (B, S) row-major.
-    pub(crate) fn new(seg: &[u32], b: usize, s: usize) -> Self {
+    /// seg: (B, S) row-major; `window`: at most that many latest keys (sliding window).
+    pub(crate) fn new(seg: &[u32], b: usize, s: usize, window: Option<usize>) -> Self {
         let mut lo = vec![0; b * s];
         let mut runs = vec![true; b];
         for bi in 0..b {
@@ -74,6 +74,11 @@ impl Windows {
                 // other segments inside it are masked one by one.
                 for p in 0..s {
                     lo[p] = first[&row[p]];
+                }
+            }
+            if let Some(w) = window {
+                for (p, lo) in lo.iter_mut().enumerate() {
+                    *lo = (*lo).max((p + 1).saturating_sub(w));
                 }
             }
         }
@@ -620,7 +625,7 @@ mod tests {
             d: 24,
         };
         let seg: Vec<u32> = (0..70).map(|j| (j / 30) as u32).collect();
-        let win = Windows::new(&seg, 1, 70);
+        let win = Windows::new(&seg, 1, 70, None);
         let f = |n: usize, k: usize| -> Vec<f64> {
             (0..n)
                 .map(|i| ((i * 7 + k * 13) % 17) as f64 / 8.0 - 1.0)

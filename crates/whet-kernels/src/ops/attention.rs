@@ -24,6 +24,12 @@ use crate::flash;
 /// a packed row never attends across documents. Query head h reads key/value head
 /// `h / (NH / NKV)` (Hugging Face `repeat_kv`).
 ///
+/// `window` (sliding-window attention: Mistral, Gemma 3's local layers) further limits a query
+/// to the `window` latest keys, `p - j < window`, as transformers' `sliding_window_overlay`.
+/// It narrows each query's key range (the kernels never build a `[T x T]` mask). On CUDA a
+/// window that cuts into a document is not implemented yet and is an error; one at least as
+/// long as every document changes nothing and runs everywhere.
+///
 /// With the `flash-attn` feature, CUDA bf16/f16 attention that tracks no gradient (evaluation,
 /// generation) runs candle-flash-attn's FlashAttention-2 forward where it can express the mask
 /// (`src/flash.rs`).
@@ -33,6 +39,7 @@ pub fn attention(
     v: &Tensor,
     segments: &Tensor,
     scale: f64,
+    window: Option<usize>,
 ) -> Result<Tensor> {
     let (b, s, _, _) = k.dims4()?;
     if segments.dtype() != DType::U32 || segments.dims() != [b, s] {
@@ -42,20 +49,47 @@ pub fn attention(
             segments.dtype()
         )
     }
+    if window == Some(0) {
+        bail!("attention: a sliding window must hold at least one key, got 0")
+    }
     let seg = segments.flatten_all()?.to_vec1::<u32>()?;
+    // A window no shorter than any document is the plain causal mask.
+    let window = window.filter(|&w| longest_reach(&seg, b, s) > w);
     #[cfg(feature = "flash-attn")]
-    if let Some(y) = flash::forward(q, k, v, &seg, scale)? {
+    if window.is_none()
+        && let Some(y) = flash::forward(q, k, v, &seg, scale)?
+    {
         return Ok(y);
     }
     let mask = match q.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if window.is_some() => bail!(
+            "attention: a sliding window of {} keys shorter than a document (up to {} tokens) is implemented on the CPU only; on CUDA keep sequences within the window (data.max_len <= {0})",
+            window.unwrap_or(0),
+            longest_reach(&seg, b, s)
+        ),
         #[cfg(feature = "cuda")]
         dev @ Device::Cuda(_) => AttentionMask::Cuda(
             Arc::new(crate::cuda::attention::Masks::new(&seg, b, s, dev)?),
             crate::cuda::attention::Kernel::Auto,
         ),
-        _ => AttentionMask::Cpu(Arc::new(cpu::attention::Windows::new(&seg, b, s))),
+        _ => AttentionMask::Cpu(Arc::new(cpu::attention::Windows::new(&seg, b, s, window))),
     };
     apply(q, k, v, scale, mask)
+}
+
+/// The most keys any query of the (B, S) segment ids sees under the plain causal document mask:
+/// from the first occurrence of its segment id to itself.
+fn longest_reach(seg: &[u32], b: usize, s: usize) -> usize {
+    let mut most = 0;
+    for row in seg.chunks(s.max(1)).take(b) {
+        let mut first = std::collections::HashMap::new();
+        for (p, id) in row.iter().enumerate() {
+            let f = *first.entry(*id).or_insert(p);
+            most = most.max(p + 1 - f);
+        }
+    }
+    most
 }
 
 /// [`attention`] on CUDA through the SIMT kernels only (no tensor cores): the tests compare the

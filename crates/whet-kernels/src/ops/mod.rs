@@ -37,7 +37,7 @@ pub use lora_linear::lora_linear;
 pub use quantized_linear::quantized_linear;
 pub use rms_norm::rms_norm;
 pub use rope::{rope, rope_tables};
-pub use swiglu::swiglu;
+pub use swiglu::{geglu, swiglu};
 
 use std::sync::{Mutex, MutexGuard};
 

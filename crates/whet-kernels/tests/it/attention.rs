@@ -29,6 +29,8 @@ struct Case {
     nkv: usize,
     d: usize,
     seg: Vec<Vec<u32>>,
+    /// Sliding window, keys.
+    window: Option<usize>,
 }
 
 impl Case {
@@ -43,8 +45,9 @@ impl Case {
     fn check(&self, what: &str) -> Result<()> {
         let seg = segments(&self.seg)?;
         let scale = 1.0 / (self.d as f64).sqrt();
-        let fast = |a: &[Tensor]| attention(&a[0], &a[1], &a[2], &seg, scale);
-        let refr = |a: &[Tensor]| reference::attention(&a[0], &a[1], &a[2], &seg, scale);
+        let fast = |a: &[Tensor]| attention(&a[0], &a[1], &a[2], &seg, scale, self.window);
+        let refr =
+            |a: &[Tensor]| reference::attention(&a[0], &a[1], &a[2], &seg, scale, self.window);
         let x = self.inputs(11, DType::F32)?;
         check_against_reference(what, &fast, &refr, &x, &[true, true, true], 1e-5, 1e-5)?;
         check_against_reference(
@@ -68,6 +71,7 @@ fn packed_gqa_matches_reference() -> Result<()> {
         nh: 4,
         nkv: 2,
         d: 8,
+        window: None,
         seg: vec![docs(&[9, 11]), vec![3; 20]],
     }
     .check("packed gqa")
@@ -83,6 +87,7 @@ fn long_rows_span_several_tiles() -> Result<()> {
         nh: 2,
         nkv: 1,
         d: 16,
+        window: None,
         seg: vec![docs(&[40, 70, 40])],
     }
     .check("three docs, 150 keys")
@@ -100,6 +105,7 @@ fn partial_query_blocks_with_packed_documents() -> Result<()> {
         nh: 4,
         nkv: 2,
         d: 16,
+        window: None,
         seg: vec![vec![0; 100], docs(&[40, 60])],
     }
     .check("two rows of 100, docs 40 + 60")
@@ -115,6 +121,7 @@ fn query_offset_matches_reference() -> Result<()> {
         nh: 4,
         nkv: 2,
         d: 8,
+        window: None,
         seg: vec![docs(&[6, 7]), docs(&[10, 3])],
     }
     .check("T = 5, S = 13")?;
@@ -126,6 +133,7 @@ fn query_offset_matches_reference() -> Result<()> {
         nh: 4,
         nkv: 2,
         d: 8,
+        window: None,
         seg: vec![docs(&[4, 5]), vec![0; 9]],
     }
     .check("decode, T = 1")?;
@@ -137,6 +145,7 @@ fn query_offset_matches_reference() -> Result<()> {
         nh: 2,
         nkv: 2,
         d: 8,
+        window: None,
         seg: vec![docs(&[30, 70])],
     }
     .check("T = 20, S = 100")
@@ -153,6 +162,7 @@ fn reused_segment_ids_match_reference() -> Result<()> {
         nh: 3,
         nkv: 3,
         d: 4,
+        window: None,
         seg: vec![row],
     }
     .check("reused ids")?;
@@ -165,6 +175,7 @@ fn reused_segment_ids_match_reference() -> Result<()> {
         nh: 2,
         nkv: 1,
         d: 8,
+        window: None,
         seg: vec![row],
     }
     .check("reused ids, offset")
@@ -179,10 +190,11 @@ fn finite_differences_f64() -> Result<()> {
         nh: 4,
         nkv: 2,
         d: 4,
+        window: None,
         seg: vec![docs(&[3, 4])],
     };
     let seg = segments(&case.seg)?;
-    let f = |a: &[Tensor]| attention(&a[0], &a[1], &a[2], &seg, 0.5);
+    let f = |a: &[Tensor]| attention(&a[0], &a[1], &a[2], &seg, 0.5, None);
     let x = case.inputs(21, DType::F64)?;
     check_finite_differences("attention dq", &f, &x, 0, 80, 1e-6)?;
     check_finite_differences("attention dk", &f, &x, 1, 56, 1e-6)?;
@@ -196,12 +208,12 @@ fn no_attention_across_documents() -> Result<()> {
     let q = rand(&[1, t, nh, d], 31, DType::F32)?;
     let k = rand(&[1, t, nkv, d], 32, DType::F32)?;
     let v = rand(&[1, t, nkv, d], 33, DType::F32)?;
-    let out = attention(&q, &k, &v, &seg, 0.3)?;
+    let out = attention(&q, &k, &v, &seg, 0.3, None)?;
     // Change document 0's keys and values: document 1's outputs must not move at all.
     let bump = (Tensor::ones((1, 10, nkv, d), DType::F32, &Device::Cpu)? * 5.0)?;
     let k2 = Tensor::cat(&[(k.narrow(1, 0, 10)? + &bump)?, k.narrow(1, 10, 14)?], 1)?;
     let v2 = Tensor::cat(&[(v.narrow(1, 0, 10)? - &bump)?, v.narrow(1, 10, 14)?], 1)?;
-    let out2 = attention(&q, &k2, &v2, &seg, 0.3)?;
+    let out2 = attention(&q, &k2, &v2, &seg, 0.3, None)?;
     let diff = (out.narrow(1, 10, 14)? - out2.narrow(1, 10, 14)?)?
         .abs()?
         .max_all()?
@@ -217,7 +229,7 @@ fn no_attention_across_documents() -> Result<()> {
     );
     // And no gradient flows from document 1's outputs into document 0's keys/values.
     let (kv, vv) = (Var::from_tensor(&k)?, Var::from_tensor(&v)?);
-    let out = attention(&q, kv.as_tensor(), vv.as_tensor(), &seg, 0.3)?;
+    let out = attention(&q, kv.as_tensor(), vv.as_tensor(), &seg, 0.3, None)?;
     let loss = (out.narrow(1, 10, 14)? * weighting(&out.narrow(1, 10, 14)?)?)?.sum_all()?;
     let g = loss.backward()?;
     for (name, var) in [("dk", &kv), ("dv", &vv)] {
@@ -227,5 +239,122 @@ fn no_attention_across_documents() -> Result<()> {
         assert_eq!(doc0, 0.0, "{name}: gradient leaked into document 0");
         assert!(doc1 > 0.0, "{name}: document 1 should get a gradient");
     }
+    Ok(())
+}
+
+/// Sliding windows (Mistral, Gemma 3's local layers): shorter than the documents, across key
+/// tiles, with packing, reused ids, a query offset and a decode step, fused against the
+/// reference's dense mask, values and gradients.
+#[test]
+fn sliding_window_matches_reference() -> Result<()> {
+    let cases = [
+        (1, 24, 24, 4, 2, 8, docs(&[10, 14]), 6, "two docs, window 6"),
+        (
+            1,
+            150,
+            150,
+            2,
+            1,
+            16,
+            docs(&[40, 110]),
+            70,
+            "window 70 across tiles",
+        ),
+        (
+            1,
+            150,
+            150,
+            2,
+            1,
+            16,
+            docs(&[150]),
+            1,
+            "window 1: each query sees itself",
+        ),
+        (
+            1,
+            30,
+            90,
+            2,
+            1,
+            8,
+            (0..90).map(|j| ((j / 7) % 3) as u32).collect(),
+            20,
+            "reused ids, offset",
+        ),
+        (2, 1, 40, 4, 2, 8, docs(&[40]), 16, "decode step"),
+    ];
+    for (b, t, s, nh, nkv, d, row, w, what) in cases {
+        Case {
+            b,
+            t,
+            s,
+            nh,
+            nkv,
+            d,
+            window: Some(w),
+            seg: vec![row; b],
+        }
+        .check(what)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn sliding_window_finite_differences_f64() -> Result<()> {
+    let case = Case {
+        b: 1,
+        t: 9,
+        s: 9,
+        nh: 2,
+        nkv: 1,
+        d: 4,
+        window: Some(3),
+        seg: vec![docs(&[4, 5])],
+    };
+    let seg = segments(&case.seg)?;
+    let f = |a: &[Tensor]| attention(&a[0], &a[1], &a[2], &seg, 0.5, Some(3));
+    let x = case.inputs(23, DType::F64)?;
+    check_finite_differences("windowed attention dq", &f, &x, 0, 72, 1e-6)?;
+    check_finite_differences("windowed attention dk", &f, &x, 1, 36, 1e-6)?;
+    check_finite_differences("windowed attention dv", &f, &x, 2, 36, 1e-6)
+}
+
+/// A query sees exactly its `w` latest keys: keys further back never move its output, and a
+/// window as long as the document is the plain causal mask.
+#[test]
+fn sliding_window_limits_each_query() -> Result<()> {
+    let (t, nh, d, w) = (40, 2, 8, 8);
+    let seg = Tensor::zeros((1, t), DType::U32, &Device::Cpu)?;
+    let q = rand(&[1, t, nh, d], 41, DType::F32)?;
+    let k = rand(&[1, t, nh, d], 42, DType::F32)?;
+    let v = rand(&[1, t, nh, d], 43, DType::F32)?;
+    let out = attention(&q, &k, &v, &seg, 0.3, Some(w))?;
+    // Move keys and values 0..10: queries 17.. (whose windows start at 10 or later) stay.
+    let bump = (Tensor::ones((1, 10, nh, d), DType::F32, &Device::Cpu)? * 5.0)?;
+    let k2 = Tensor::cat(
+        &[(k.narrow(1, 0, 10)? + &bump)?, k.narrow(1, 10, t - 10)?],
+        1,
+    )?;
+    let v2 = Tensor::cat(
+        &[(v.narrow(1, 0, 10)? - &bump)?, v.narrow(1, 10, t - 10)?],
+        1,
+    )?;
+    let out2 = attention(&q, &k2, &v2, &seg, 0.3, Some(w))?;
+    let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+    };
+    assert_eq!(
+        diff(&out.narrow(1, 17, t - 17)?, &out2.narrow(1, 17, t - 17)?)?,
+        0.0
+    );
+    // Query 16's window is keys 9..=16: it moves.
+    assert!(diff(&out.narrow(1, 16, 1)?, &out2.narrow(1, 16, 1)?)? > 1e-3);
+    let full = attention(&q, &k, &v, &seg, 0.3, None)?;
+    assert_eq!(
+        diff(&attention(&q, &k, &v, &seg, 0.3, Some(t))?, &full)?,
+        0.0
+    );
+    assert!(diff(&out, &full)? > 1e-3);
     Ok(())
 }

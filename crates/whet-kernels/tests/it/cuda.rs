@@ -379,7 +379,7 @@ impl Case {
     /// The op (tensor cores where they apply) against the CPU op.
     fn check(&self, dev: &Device, dt: DType) -> Result<()> {
         let scale = 1.0 / (self.d as f64).sqrt();
-        let f = |a: &[Tensor]| attention(&a[0], &a[1], &a[2], &a[3], scale);
+        let f = |a: &[Tensor]| attention(&a[0], &a[1], &a[2], &a[3], scale, None);
         let t = tol(dt, 2e-5, 3e-2);
         let x = self.inputs()?;
         check(self.name, dev, dt, &f, &x, &[true, true, true, false], t, t)?;
@@ -402,7 +402,7 @@ impl Case {
             if a[0].device().is_cuda() {
                 attention_simt(&a[0], &a[1], &a[2], &a[3], scale)
             } else {
-                attention(&a[0], &a[1], &a[2], &a[3], scale)
+                attention(&a[0], &a[1], &a[2], &a[3], scale, None)
             }
         };
         let t = tol(dt, 2e-5, 2e-2);
@@ -542,7 +542,7 @@ fn attention_tensor_cores_match_simt() -> Result<()> {
                 Ok(Var::from_tensor(&t)?.as_tensor().clone())
             })
             .collect::<Result<_>>()?;
-        let mma = attention(&x[0], &x[1], &x[2], &x[3], scale)?;
+        let mma = attention(&x[0], &x[1], &x[2], &x[3], scale, None)?;
         let simt = attention_simt(&x[0], &x[1], &x[2], &x[3], scale)?;
         assert_rel(&format!("{}: mma vs simt", case.name), &mma, &simt, 2e-2)?;
     }
@@ -597,7 +597,7 @@ fn flash_attention_matches_the_simt_kernel() -> Result<()> {
         let (q, k, v) = (on(&q)?, on(&k)?, on(&v)?);
         let segs = Tensor::from_vec(segs, (b, s), &dev)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let flash = attention(&q, &k, &v, &segs, scale)?;
+        let flash = attention(&q, &k, &v, &segs, scale, None)?;
         let simt = attention_simt(&q, &k, &v, &segs, scale)?;
         assert_rel(&format!("{name}: flash vs simt"), &flash, &simt, 2e-2)?;
     }

@@ -33,7 +33,10 @@ fn bad_attention_shapes_are_errors() -> Result<()> {
     let q = rand(&[1, 4, 3, 8], 4, DType::F32)?;
     let k = rand(&[1, 4, 2, 8], 5, DType::F32)?; // NH = 3 is not a multiple of NKV = 2
     let seg = Tensor::zeros((1, 4), DType::U32, &Device::Cpu)?;
-    assert!(attention(&q, &k, &k, &seg, 1.0).is_err());
+    assert!(attention(&q, &k, &k, &seg, 1.0, None).is_err());
+    let k = rand(&[1, 4, 1, 8], 7, DType::F32)?;
+    let err = attention(&q, &k, &k, &seg, 1.0, Some(0)).unwrap_err();
+    assert!(err.to_string().contains("sliding window"), "{err}");
     let k = rand(&[1, 3, 3, 8], 6, DType::F32)?; // S < T
     assert!(
         attention(
@@ -41,7 +44,8 @@ fn bad_attention_shapes_are_errors() -> Result<()> {
             &k,
             &k,
             &Tensor::zeros((1, 3), DType::U32, &Device::Cpu)?,
-            1.0
+            1.0,
+            None
         )
         .is_err()
     );

@@ -62,12 +62,12 @@ proptest! {
         let q = (rand(&[b, t, nh, d], 1, DType::F32).unwrap() * 3.0).unwrap();
         let k = rand(&[b, s, nkv, d], 2, DType::F32).unwrap();
         let ones = Tensor::ones((b, s, nkv, d), DType::F32, &Device::Cpu).unwrap();
-        let out = attention(&q, &k, &ones, &seg, 0.7).unwrap();
+        let out = attention(&q, &k, &ones, &seg, 0.7, None).unwrap();
         let want = Tensor::ones((b, t, nh, d), DType::F32, &Device::Cpu).unwrap();
         prop_assert!(closeness(&out, &want, 0.0, 1e-5).unwrap() <= 1.0);
         let v = rand(&[b, s, nkv, d], 3, DType::F32).unwrap();
-        let fast = attention(&q, &k, &v, &seg, 0.7).unwrap();
-        let refr = reference::attention(&q, &k, &v, &seg, 0.7).unwrap();
+        let fast = attention(&q, &k, &v, &seg, 0.7, None).unwrap();
+        let refr = reference::attention(&q, &k, &v, &seg, 0.7, None).unwrap();
         prop_assert!(closeness(&fast, &refr, 1e-5, 1e-5).unwrap() <= 1.0);
     }
 

@@ -78,14 +78,18 @@ impl Ops for Broken {
         v: &Tensor,
         segments: &Tensor,
         scale: f64,
+        window: Option<usize>,
     ) -> candle_core::Result<Tensor> {
         self.apply(
             Op::Attention,
-            Kernels::FUSED.attention(q, k, v, segments, scale),
+            Kernels::FUSED.attention(q, k, v, segments, scale, window),
         )
     }
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
         self.apply(Op::Swiglu, Kernels::FUSED.swiglu(gate, up))
+    }
+    fn geglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(Op::Geglu, Kernels::FUSED.geglu(gate, up))
     }
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
         self.apply(Op::Linear, Kernels::FUSED.linear(x, w, bias))
@@ -171,9 +175,9 @@ fn an_op_on_its_reference_runs_the_composed_ops() -> Result<()> {
         &cpu,
     )?;
     let only = Kernels::FUSED.with_reference(Op::Attention);
-    let want = reference::attention(&q, &k, &v, &seg, 0.25)?;
+    let want = reference::attention(&q, &k, &v, &seg, 0.25, None)?;
     for ks in [only, Kernels::REFERENCE] {
-        let got = ks.attention(&q, &k, &v, &seg, 0.25)?;
+        let got = ks.attention(&q, &k, &v, &seg, 0.25, None)?;
         assert_eq!(
             got.flatten_all()?.to_vec1::<f32>()?,
             want.flatten_all()?.to_vec1::<f32>()?,
@@ -181,7 +185,7 @@ fn an_op_on_its_reference_runs_the_composed_ops() -> Result<()> {
         );
     }
     // The fused kernel is a different computation: equal up to rounding, not bit for bit.
-    let fused = Kernels::FUSED.attention(&q, &k, &v, &seg, 0.25)?;
+    let fused = Kernels::FUSED.attention(&q, &k, &v, &seg, 0.25, None)?;
     assert_close("fused attention", &fused, &want, 1e-4, 1e-5);
 
     // The other ops of `only` stay fused.

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::GgufFile;
-use crate::config::{Config, RopeKind, RopeScaling, TokenIds};
+use crate::config::{Config, RopeKind, RopeParameters, RopeScaling, TokenIds};
 use crate::error::{Error, Result};
 
 /// The one architecture [`GgufFile::config`] and [`GgufFile::hf_tensors`] accept.
@@ -125,10 +125,10 @@ impl GgufFile {
             // transformers < 5 spelling; `rope_parameters` carries the same theta for >= 5.
             rope_theta: Some(theta),
             rope_scaling: None,
-            rope_parameters: Some(RopeScaling {
+            rope_parameters: Some(RopeParameters::One(RopeScaling {
                 rope_theta: Some(theta),
                 kind: RopeKind::Default,
-            }),
+            })),
             max_position_embeddings: ctx,
             tie_word_embeddings: self.tensor("output.weight").is_none(),
             attention_bias: Some(false),
@@ -140,6 +140,16 @@ impl GgufFile {
             hidden_act: "silu".into(),
             sliding_window: None,
             use_sliding_window: None,
+            max_window_layers: None,
+            layer_types: None,
+            sliding_window_pattern: None,
+            sliding_window_pattern_: None,
+            rope_local_base_freq: None,
+            query_pre_attn_scalar: None,
+            hidden_activation: None,
+            final_logit_softcapping: None,
+            attn_logit_softcapping: None,
+            use_bidirectional_attention: None,
         };
         // Not part of `Config` (convert writes it), but checked with the other ids.
         self.pad_token_id()?;

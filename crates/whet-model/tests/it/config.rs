@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use whet_model::{Config, Error, ModelType, RopeKind};
+use whet_model::{Config, Error, LayerAttention, ModelType, RopeKind};
 
 fn parse(json: &str) -> whet_model::Result<Config> {
     Config::from_json_str(json, Path::new("/models/x/config.json"))
@@ -267,4 +267,131 @@ fn sizes_that_would_allocate_without_bound_are_rejected() {
             "{extra}: {err}"
         );
     }
+}
+
+/// Qwen3-0.6B's config.json as on the Hub (transformers 4.51).
+const QWEN3_06B: &str = r#"{
+  "architectures": ["Qwen3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+  "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+  "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+  "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+  "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+  "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null,
+  "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
+  "use_cache": true, "use_sliding_window": false, "vocab_size": 151936
+}"#;
+
+/// Gemma 3 270M's config.json as on the Hub (transformers 4.55): no `tie_word_embeddings`
+/// (Gemma ties by default), `_sliding_window_pattern` beside `layer_types`.
+const GEMMA3_270M: &str = r#"{
+  "_sliding_window_pattern": 6, "architectures": ["Gemma3ForCausalLM"],
+  "attention_bias": false, "attention_dropout": 0.0, "attn_logit_softcapping": null,
+  "bos_token_id": 2, "eos_token_id": 1, "final_logit_softcapping": null, "head_dim": 256,
+  "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 640, "initializer_range": 0.02,
+  "intermediate_size": 2048,
+  "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention",
+    "sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+    "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention",
+    "full_attention", "sliding_attention", "sliding_attention", "sliding_attention",
+    "sliding_attention", "sliding_attention", "full_attention"],
+  "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+  "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0,
+  "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000.0,
+  "rope_scaling": null, "rope_theta": 1000000.0, "sliding_window": 512,
+  "torch_dtype": "bfloat16", "transformers_version": "4.55.0.dev0",
+  "use_bidirectional_attention": false, "use_cache": true, "vocab_size": 262144
+}"#;
+
+#[test]
+fn qwen3_and_gemma3_configs_parse() {
+    let c = parse(QWEN3_06B).unwrap();
+    assert_eq!(c.model_type(), ModelType::Qwen3);
+    assert!(c.qk_norm() && !c.qkv_bias() && !c.o_bias() && c.tie_word_embeddings);
+    assert_eq!((c.head_dim(), c.num_kv_heads()), (128, 8));
+    assert_eq!(c.attention_scale(), 1.0 / 128f64.sqrt());
+    assert!((0..28).all(|i| c.layer_window(i).is_none()));
+
+    let c = parse(GEMMA3_270M).unwrap();
+    assert_eq!(c.model_type(), ModelType::Gemma3);
+    assert!(
+        c.is_gemma() && c.qk_norm() && c.tie_word_embeddings,
+        "Gemma ties by default"
+    );
+    assert_eq!(c.attention_scale(), 1.0 / 16.0);
+    let global: Vec<usize> = (0..18).filter(|&i| c.layer_window(i).is_none()).collect();
+    assert_eq!(global, [5, 11, 17]);
+    assert_eq!(c.layer_window(0), Some(512));
+    assert_eq!(c.rope_base_for(LayerAttention::Full), 1e6);
+    assert_eq!(c.rope_base_for(LayerAttention::Sliding), 1e4);
+    let local = c.inv_freq_for(LayerAttention::Sliding);
+    assert_eq!(local[1], 1.0 / 10000f32.powf(2.0 / 256.0));
+
+    // The same pattern without layer_types: every 6th layer global.
+    let mut v: serde_json::Value = serde_json::from_str(GEMMA3_270M).unwrap();
+    v.as_object_mut().unwrap().remove("layer_types");
+    let c2 = parse(&v.to_string()).unwrap();
+    assert!((0..18).all(|i| c2.layer_window(i) == c.layer_window(i)));
+
+    // transformers >= 5: rope_parameters per layer type.
+    v["rope_parameters"] = serde_json::json!({
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    });
+    let c5 = parse(&v.to_string()).unwrap();
+    assert_eq!(c5.rope_kind(), RopeKind::Linear { factor: 8.0 });
+    let scaled = c5.inv_freq_for(LayerAttention::Full);
+    assert_eq!(scaled[1], c.inv_freq_for(LayerAttention::Full)[1] / 8.0);
+    assert_eq!(c5.inv_freq_for(LayerAttention::Sliding), local);
+}
+
+#[test]
+fn unsupported_gemma_and_window_settings_name_the_field() {
+    let with = |key: &str, value: serde_json::Value| {
+        let mut v: serde_json::Value = serde_json::from_str(GEMMA3_270M).unwrap();
+        v[key] = value;
+        parse(&v.to_string()).unwrap_err().to_string()
+    };
+    for (key, value, says) in [
+        (
+            "final_logit_softcapping",
+            serde_json::json!(30.0),
+            "soft-capping",
+        ),
+        (
+            "attn_logit_softcapping",
+            serde_json::json!(50.0),
+            "soft-capping",
+        ),
+        (
+            "hidden_activation",
+            serde_json::json!("gelu"),
+            "gelu_pytorch_tanh",
+        ),
+        (
+            "use_bidirectional_attention",
+            serde_json::json!(true),
+            "causal",
+        ),
+        (
+            "layer_types",
+            serde_json::json!(["full_attention"]),
+            "one per layer",
+        ),
+        ("sliding_window", serde_json::json!(null), "sliding-window"),
+        (
+            "query_pre_attn_scalar",
+            serde_json::json!(-1.0),
+            "query_pre_attn_scalar",
+        ),
+    ] {
+        let msg = with(key, value);
+        assert!(msg.contains(key) && msg.contains(says), "{key}: {msg}");
+    }
+    let msg = with("model_type", serde_json::json!("gemma3"));
+    assert!(msg.contains("gemma3_text"), "{msg}");
+    let msg = with(
+        "rope_scaling",
+        serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+    );
+    assert!(msg.contains("yarn") && msg.contains("linear"), "{msg}");
 }

@@ -10,13 +10,23 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
-use whet_model::{GenerationConfig, Model, Trainable, generate};
+use whet_model::{GenerationConfig, LayerAttention, Model, Trainable, generate};
 
 use crate::common::*;
 
 const LOGITS_TOL: f32 = 1e-4;
 const LOSS_TOL: f32 = 1e-5;
 const GRAD_TOL: f32 = 1e-3;
+
+/// Every architecture's f32 fixture.
+const ALL: [&str; 6] = [
+    "llama_tiny",
+    "llama3_tiny",
+    "qwen2_tiny",
+    "qwen3_tiny",
+    "mistral_tiny",
+    "gemma3_tiny",
+];
 
 fn golden_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden")
@@ -130,7 +140,7 @@ fn check_grads(model: &Model, g: &HashMap<String, Tensor>, prefix: &str, what: &
 
 #[test]
 fn golden_logits_loss_and_rope() {
-    for name in ["llama_tiny", "llama3_tiny", "qwen2_tiny", "llama_tiny_bf16"] {
+    for name in ALL.iter().copied().chain(["llama_tiny_bf16"]) {
         let Some((dir, g)) = fixture(name) else {
             continue;
         };
@@ -142,12 +152,18 @@ fn golden_logits_loss_and_rope() {
             eprintln!("{name}: inv_freq max rel err {e:.2e}");
             assert!(e < 1e-6, "{name}: inv_freq");
         }
+        if let Some(want) = g.get("rope.local_inv_freq") {
+            let local = model.config().inv_freq_for(LayerAttention::Sliding);
+            let e = rel_err(&Tensor::new(local.as_slice(), &cpu()).unwrap(), want);
+            eprintln!("{name}: local layers' inv_freq max rel err {e:.2e}");
+            assert!(e < 1e-6, "{name}: local inv_freq");
+        }
     }
 }
 
 #[test]
 fn golden_transformers_4_config_gives_the_same_model() {
-    for name in ["llama_tiny", "llama3_tiny", "qwen2_tiny"] {
+    for name in ALL {
         let Some((dir, g)) = fixture(name) else {
             continue;
         };
@@ -167,7 +183,7 @@ fn golden_transformers_4_config_gives_the_same_model() {
 
 #[test]
 fn golden_full_fine_tuning_gradients() {
-    for name in ["llama_tiny", "llama3_tiny", "qwen2_tiny"] {
+    for name in ALL {
         let Some((dir, g)) = fixture(name) else {
             continue;
         };
@@ -178,7 +194,7 @@ fn golden_full_fine_tuning_gradients() {
 
 #[test]
 fn golden_lora_and_rslora() {
-    for name in ["llama_tiny", "qwen2_tiny"] {
+    for name in ["llama_tiny", "qwen2_tiny", "qwen3_tiny", "gemma3_tiny"] {
         let Some((dir, g)) = fixture(name) else {
             continue;
         };
@@ -206,7 +222,7 @@ fn golden_lora_and_rslora() {
 
 #[test]
 fn golden_greedy_generation() {
-    for name in ["llama_tiny", "llama3_tiny", "qwen2_tiny"] {
+    for name in ALL {
         let Some((dir, g)) = fixture(name) else {
             continue;
         };
