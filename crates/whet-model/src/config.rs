@@ -739,10 +739,11 @@ impl Config {
         }
     }
 
-    /// The `rope_parameters` entry for one attention kind: the single set, or the set of its
-    /// layer type.
+    /// The `rope_parameters` entry for one attention kind: the single set (Gemma 3: of its
+    /// global layers only), or the set of its layer type.
     fn rope_parameters_for(&self, kind: LayerAttention) -> Option<&RopeScaling> {
         match self.rope_parameters.as_ref()? {
+            RopeParameters::One(_) if kind == LayerAttention::Sliding && self.is_gemma() => None,
             RopeParameters::One(r) => Some(r),
             RopeParameters::PerLayerType(m) => m.get(match kind {
                 LayerAttention::Full => "full_attention",

@@ -153,9 +153,9 @@ pub enum Error {
     #[error("{}: malformed GGUF header: {detail}", path.display())]
     GgufMalformed { path: PathBuf, detail: String },
 
-    /// `general.architecture` is not the one whet reads ([`crate::gguf::ARCHITECTURE`]).
+    /// `general.architecture` is not one whet reads ([`crate::gguf::ARCHITECTURES`]).
     #[error(
-        "{}: general.architecture = {found:?}, but whet reads only \"llama\" GGUF files (SmolLM, TinyLlama, Llama 2); convert this model from its Hugging Face folder instead",
+        "{}: general.architecture = {found:?}, but whet reads only \"llama\" (Llama, SmolLM, TinyLlama, Mistral), \"qwen2\", \"qwen3\" and \"gemma3\" GGUF files; convert this model from its Hugging Face folder instead",
         path.display()
     )]
     GgufArchitecture { path: PathBuf, found: String },

@@ -1,4 +1,4 @@
-//! The `llama.*` metadata as the crate's one [`Config`]: read, checked key by key (each error
+//! The `<arch>.*` metadata (`llama`, `qwen2`, `qwen3`, `gemma3`) as the crate's one [`Config`]: read, checked key by key (each error
 //! naming the metadata key), then validated as a `config.json` is.
 
 use std::path::Path;
@@ -7,113 +7,183 @@ use super::GgufFile;
 use crate::config::{Config, RopeKind, RopeParameters, RopeScaling, TokenIds};
 use crate::error::{Error, Result};
 
-/// The one architecture [`GgufFile::config`] and [`GgufFile::hf_tensors`] accept.
-pub const ARCHITECTURE: &str = "llama";
+/// The `general.architecture` values [`GgufFile::config`] and [`GgufFile::hf_tensors`] accept.
+pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
 
-impl GgufFile {
-    fn check_llama(&self) -> Result<()> {
-        let arch = self.architecture()?;
-        if arch != ARCHITECTURE {
-            return Err(Error::GgufArchitecture {
-                path: self.path.clone(),
-                found: arch.to_string(),
-            });
+/// A GGUF architecture whet converts: its metadata prefix and the Hugging Face model it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufArch {
+    /// Llama 1/2/3, SmolLM, TinyLlama, Mistral (llama.cpp writes Mistral as `llama`).
+    Llama,
+    Qwen2,
+    Qwen3,
+    /// Gemma 3's text decoder (the vision tower, if any, is a separate file).
+    Gemma3,
+}
+
+impl GgufArch {
+    /// The `general.architecture` value, also the prefix of its metadata keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufArch::Llama => "llama",
+            GgufArch::Qwen2 => "qwen2",
+            GgufArch::Qwen3 => "qwen3",
+            GgufArch::Gemma3 => "gemma3",
         }
-        Ok(())
     }
 
-    /// The model config the `llama.*` metadata describes, as transformers' `LlamaConfig` reads
-    /// the same file.
-    pub fn config(&self) -> Result<Config> {
-        self.check_llama()?;
-        const HINT: &str = "llama.cpp writes it for every llama model; the file was written by a tool that left it out";
-        let hidden = self.req_count("llama.embedding_length", HINT)?;
-        let layers = self.req_count("llama.block_count", HINT)?;
-        let heads = self.req_count("llama.attention.head_count", HINT)?;
-        let kv_heads = match self.opt_u64("llama.attention.head_count_kv")? {
-            None => heads,
-            Some(_) => self.req_count("llama.attention.head_count_kv", HINT)?,
-        };
-        let ffn = self.req_count("llama.feed_forward_length", HINT)?;
-        let ctx = self.req_count("llama.context_length", HINT)?;
-        let eps = self
-            .opt_f64("llama.attention.layer_norm_rms_epsilon")?
-            .ok_or_else(|| self.missing("llama.attention.layer_norm_rms_epsilon", HINT))?;
-        if !(eps > 0.0 && eps < 1.0) {
-            return Err(self.bad(
-                "llama.attention.layer_norm_rms_epsilon",
-                "a number in (0, 1)",
-                eps.to_string(),
-            ));
+    /// The Hugging Face `model_type`, as transformers' GGUF loader names it.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            GgufArch::Gemma3 => "gemma3_text",
+            other => other.name(),
         }
-        // llama.cpp's default when the key is absent.
-        let theta = self.opt_f64("llama.rope.freq_base")?.unwrap_or(10_000.0);
+    }
+
+    fn from_name(name: &str) -> Option<GgufArch> {
+        [
+            GgufArch::Llama,
+            GgufArch::Qwen2,
+            GgufArch::Qwen3,
+            GgufArch::Gemma3,
+        ]
+        .into_iter()
+        .find(|a| a.name() == name)
+    }
+}
+
+impl GgufFile {
+    /// The file's architecture, if whet converts it.
+    pub fn arch(&self) -> Result<GgufArch> {
+        let arch = self.architecture()?;
+        GgufArch::from_name(arch).ok_or_else(|| Error::GgufArchitecture {
+            path: self.path.clone(),
+            found: arch.to_string(),
+        })
+    }
+
+    /// The model config the `<arch>.*` metadata describes, as transformers' GGUF loader reads
+    /// the same file (`GGUF_CONFIG_MAPPING`, then the model's config class defaults).
+    pub fn config(&self) -> Result<Config> {
+        let arch = self.arch()?;
+        let key = |k: &str| format!("{}.{k}", arch.name());
+        const HINT: &str = "llama.cpp writes it for every model of this architecture; the file was written by a tool that left it out";
+        let hidden = self.req_count(&key("embedding_length"), HINT)?;
+        let layers = self.req_count(&key("block_count"), HINT)?;
+        let heads = self.req_count(&key("attention.head_count"), HINT)?;
+        let kv_heads = match self.opt_u64(&key("attention.head_count_kv"))? {
+            None => heads,
+            Some(_) => self.req_count(&key("attention.head_count_kv"), HINT)?,
+        };
+        let ffn = self.req_count(&key("feed_forward_length"), HINT)?;
+        let ctx = self.req_count(&key("context_length"), HINT)?;
+        let eps_key = key("attention.layer_norm_rms_epsilon");
+        let eps = self
+            .opt_f64(&eps_key)?
+            .ok_or_else(|| self.missing(&eps_key, HINT))?;
+        if !(eps > 0.0 && eps < 1.0) {
+            return Err(self.bad(&eps_key, "a number in (0, 1)", eps.to_string()));
+        }
+        // llama.cpp's default when the key is absent (Gemma 3: its global layers' base).
+        let theta_key = key("rope.freq_base");
+        let theta = self.opt_f64(&theta_key)?.unwrap_or(match arch {
+            GgufArch::Gemma3 => 1_000_000.0,
+            _ => 10_000.0,
+        });
         if !(theta > 0.0 && theta.is_finite()) {
-            return Err(self.bad(
-                "llama.rope.freq_base",
-                "a positive number",
-                theta.to_string(),
-            ));
+            return Err(self.bad(&theta_key, "a positive number", theta.to_string()));
         }
         if heads % kv_heads != 0 {
             return Err(self.bad(
-                "llama.attention.head_count_kv",
-                format!("a divisor of llama.attention.head_count = {heads}"),
+                &key("attention.head_count_kv"),
+                format!("a divisor of {} = {heads}", key("attention.head_count")),
                 kv_heads.to_string(),
             ));
         }
-        let head_dim = match self.opt_u64("llama.attention.key_length")? {
+        let head_dim = match self.opt_u64(&key("attention.key_length"))? {
             Some(k) => k as usize,
             None => hidden / heads,
         };
         if head_dim == 0 || head_dim % 2 != 0 || head_dim > (1 << 16) {
             return Err(self.bad(
-                "llama.attention.key_length",
+                &key("attention.key_length"),
                 "an even head size",
                 head_dim.to_string(),
             ));
         }
-        if let Some(v) = self.opt_u64("llama.attention.value_length")?
+        if let Some(v) = self.opt_u64(&key("attention.value_length"))?
             && v as usize != head_dim
         {
             return Err(self.bad(
-                "llama.attention.value_length",
-                format!("the key length {head_dim} (Llama uses one head size)"),
+                &key("attention.value_length"),
+                format!("the key length {head_dim} (one head size for keys and values)"),
                 v.to_string(),
             ));
         }
-        if let Some(d) = self.opt_u64("llama.rope.dimension_count")?
+        if let Some(d) = self.opt_u64(&key("rope.dimension_count"))?
             && d as usize != head_dim
         {
             return Err(self.bad(
-                "llama.rope.dimension_count",
-                format!("the head size {head_dim} (partial rotary embeddings are not Llama)"),
+                &key("rope.dimension_count"),
+                format!("the head size {head_dim} (partial rotary embeddings are not supported)"),
                 d.to_string(),
             ));
         }
-        match self.opt_str("llama.rope.scaling.type")? {
-            None | Some("none") => {}
+        let scaling = match self.opt_str(&key("rope.scaling.type"))? {
+            None | Some("none") => None,
+            Some("linear") => {
+                let factor_key = key("rope.scaling.factor");
+                let factor = self.opt_f64(&factor_key)?.ok_or_else(|| {
+                    self.missing(&factor_key, "linear rope scaling needs its factor")
+                })?;
+                if !(factor.is_finite() && factor > 0.0) {
+                    return Err(self.bad(&factor_key, "a finite number > 0", factor.to_string()));
+                }
+                Some(RopeScaling {
+                    rope_theta: None,
+                    kind: RopeKind::Linear { factor },
+                })
+            }
             Some(other) => {
                 return Err(Error::GgufUnsupported {
                     path: self.path.clone(),
                     detail: format!(
-                        "llama.rope.scaling.type = {other:?}: only unscaled rope converts; convert this model from its Hugging Face folder instead"
+                        "{} = {other:?}: only unscaled and linear rope convert; convert this model from its Hugging Face folder instead",
+                        key("rope.scaling.type")
                     ),
                 });
             }
-        }
+        };
         let vocab = self.vocab_size()?;
-        if let Some(v) = self.opt_u64("llama.vocab_size")?
+        if let Some(v) = self.opt_u64(&key("vocab_size"))?
             && v as usize != vocab
         {
             return Err(self.bad(
-                "llama.vocab_size",
+                &key("vocab_size"),
                 format!("the length of tokenizer.ggml.tokens, {vocab}"),
                 v.to_string(),
             ));
         }
+        let gemma = arch == GgufArch::Gemma3;
+        let sliding_window = if gemma {
+            let window_key = key("attention.sliding_window");
+            Some(self.req_count(&window_key, "Gemma 3's local layers need their window")?)
+        } else {
+            None
+        };
+        for softcap in ["final_logit_softcapping", "attn_logit_softcapping"] {
+            if let Some(v) = self.opt_f64(&key(softcap))? {
+                return Err(Error::GgufUnsupported {
+                    path: self.path.clone(),
+                    detail: format!(
+                        "{} = {v}: logit soft-capping is not implemented",
+                        key(softcap)
+                    ),
+                });
+            }
+        }
         let cfg = Config {
-            model_type: "llama".into(),
+            model_type: arch.model_type().into(),
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: ffn,
@@ -124,10 +194,10 @@ impl GgufFile {
             rms_norm_eps: eps,
             // transformers < 5 spelling; `rope_parameters` carries the same theta for >= 5.
             rope_theta: Some(theta),
-            rope_scaling: None,
+            rope_scaling: scaling.clone(),
             rope_parameters: Some(RopeParameters::One(RopeScaling {
                 rope_theta: Some(theta),
-                kind: RopeKind::Default,
+                kind: scaling.map_or(RopeKind::Default, |s| s.kind),
             })),
             max_position_embeddings: ctx,
             tie_word_embeddings: self.tensor("output.weight").is_none(),
@@ -138,15 +208,19 @@ impl GgufFile {
                 .opt_token_id("tokenizer.ggml.eos_token_id", vocab)?
                 .map(TokenIds::One),
             hidden_act: "silu".into(),
-            sliding_window: None,
+            sliding_window,
             use_sliding_window: None,
             max_window_layers: None,
             layer_types: None,
             sliding_window_pattern: None,
             sliding_window_pattern_: None,
-            rope_local_base_freq: None,
-            query_pre_attn_scalar: None,
-            hidden_activation: None,
+            // Not in the file: transformers' GGUF loader takes Gemma3TextConfig's defaults
+            // (local layers at base 10000, scores scaled by 256 ** -0.5, every 6th layer
+            // global), which are those of the 270M, 1B, 4B and 12B models; llama.cpp hard-codes
+            // the same.
+            rope_local_base_freq: gemma.then_some(10_000.0),
+            query_pre_attn_scalar: gemma.then_some(256.0),
+            hidden_activation: gemma.then(|| "gelu_pytorch_tanh".into()),
             final_logit_softcapping: None,
             attn_logit_softcapping: None,
             use_bidirectional_attention: None,
@@ -159,7 +233,8 @@ impl GgufFile {
             path: self.path.clone(),
             source: Box::new(source),
         };
-        let label = Path::new("config.json (from the llama.* metadata)");
+        let label = format!("config.json (from the {}.* metadata)", arch.name());
+        let label = Path::new(&label);
         cfg.validate(label).map_err(invalid)?;
         Ok(cfg)
     }

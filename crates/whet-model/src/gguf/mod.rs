@@ -4,26 +4,26 @@
 //! against the file size, and checks every tensor's byte range against the file before any data is
 //! read. From there:
 //!
-//! * [`GgufFile::config`] turns the `llama.*` metadata into the crate's [`Config`](crate::Config),
-//!   validated as a `config.json` is;
+//! * [`GgufFile::config`] turns the `<arch>.*` metadata (`llama`, `qwen2`, `qwen3`, `gemma3`)
+//!   into the crate's [`Config`](crate::Config), validated as a `config.json` is;
 //! * [`GgufFile::hf_tensors`] dequantizes every tensor to f32 (candle's dequantizers), renames it
-//!   to its Hugging Face name and undoes the Q/K row permutation llama.cpp's converter applies;
+//!   to its Hugging Face name, undoes the Q/K row permutation llama.cpp's converter applies to
+//!   llama files and the `+ 1` it adds to Gemma's norm weights;
 //! * [`GgufFile::tokenizer_json`] / [`GgufFile::tokenizer_config_json`] rebuild a byte-level BPE
 //!   `tokenizer.json` from `tokenizer.ggml.*` the way transformers' GGUF loader does
 //!   (`transformers/integrations/gguf/gguf_tokenizer_mapping.py`), so token ids match it;
 //! * [`convert_gguf_to_hf`] writes all of it as a folder `AutoModelForCausalLM` /
 //!   `AutoTokenizer` (and whet) load.
 //!
-//! Only `general.architecture = "llama"` with a `gpt2` (byte-level BPE) tokenizer is supported;
-//! anything else is an [`Error`](crate::Error) (its `NotGguf` and `Gguf*` variants) naming the
-//! file and what to do.
+//! Other architectures, and tokenizers [`GgufFile::tokenizer_json`] cannot rebuild, are an
+//! [`Error`](crate::Error) (its `NotGguf` and `Gguf*` variants) naming the file and what to do.
 //!
 //! One file per reason to change:
 //! - `header.rs`: the walk over the header before candle reads it (counts, lengths, type ids,
 //!   alignment, metadata memory);
 //! - `file.rs`: [`GgufFile`] itself: opening, tensor byte ranges, dequantizing;
 //! - `metadata.rs`: typed access to metadata values, and [`METADATA_MEMORY_LIMIT`];
-//! - `config.rs`: `llama.*` metadata to [`Config`](crate::Config);
+//! - `config.rs`: `<arch>.*` metadata to [`Config`](crate::Config);
 //! - `tensors.rs`: tensor names and shapes, and the Q/K permutation;
 //! - `tokenizer.rs`: `tokenizer.json` / `tokenizer_config.json` from `tokenizer.ggml.*`;
 //! - `convert.rs`: the Hugging Face folder ([`convert_gguf_to_hf`]).
@@ -36,7 +36,7 @@ mod metadata;
 mod tensors;
 mod tokenizer;
 
-pub use config::ARCHITECTURE;
+pub use config::{ARCHITECTURES, GgufArch};
 pub use convert::{ConvertReport, convert_gguf_to_hf};
 pub use file::{GgufFile, TensorEntry};
 pub use metadata::METADATA_MEMORY_LIMIT;

@@ -1,11 +1,12 @@
-//! GGUF tensors as Hugging Face tensors: llama.cpp's names to transformers' names, the shapes
-//! the config implies, and the Q/K row permutation llama.cpp's converter applies (and
-//! [`crate::export`] applies again).
+//! GGUF tensors as Hugging Face tensors: llama.cpp's names to transformers' names per
+//! architecture, the shapes the config implies, the Q/K row permutation llama.cpp's converter
+//! applies to llama files (and [`crate::export`] applies again), and the `+ 1` it adds to
+//! Gemma's norm weights.
 
 use std::collections::BTreeSet;
 
 use super::file::dequantizable;
-use super::{GgufFile, TensorEntry};
+use super::{GgufArch, GgufFile, TensorEntry};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
@@ -17,8 +18,9 @@ pub struct HfTensor {
     pub data: Vec<f32>,
 }
 
-/// The Hugging Face name of a llama GGUF tensor, or `None` for a name outside the llama layout.
-pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
+/// The Hugging Face name of a GGUF tensor of `arch` (llama.cpp's names, gguf-py's
+/// `tensor_mapping.py`), or `None` for a name outside that architecture's layout.
+pub fn hf_tensor_name(arch: GgufArch, gguf_name: &str) -> Option<String> {
     match gguf_name {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -35,6 +37,8 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
     {
         return None;
     }
+    let gemma = arch == GgufArch::Gemma3;
+    let qk_norm = matches!(arch, GgufArch::Qwen3 | GgufArch::Gemma3);
     let hf = match part {
         "attn_q.weight" => "self_attn.q_proj.weight",
         "attn_k.weight" => "self_attn.k_proj.weight",
@@ -44,10 +48,45 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
         "ffn_up.weight" => "mlp.up_proj.weight",
         "ffn_down.weight" => "mlp.down_proj.weight",
         "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" if gemma => "pre_feedforward_layernorm.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "post_attention_norm.weight" if gemma => "post_attention_layernorm.weight",
+        "post_ffw_norm.weight" if gemma => "post_feedforward_layernorm.weight",
+        "attn_q_norm.weight" if qk_norm => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" if qk_norm => "self_attn.k_norm.weight",
+        "attn_q.bias" if arch == GgufArch::Qwen2 => "self_attn.q_proj.bias",
+        "attn_k.bias" if arch == GgufArch::Qwen2 => "self_attn.k_proj.bias",
+        "attn_v.bias" if arch == GgufArch::Qwen2 => "self_attn.v_proj.bias",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// The per-layer tensors (`blk.N.<part>`) a file of `arch` must hold.
+fn layer_parts(arch: GgufArch) -> Vec<&'static str> {
+    let mut parts = vec![
+        "attn_q.weight",
+        "attn_k.weight",
+        "attn_v.weight",
+        "attn_output.weight",
+        "ffn_gate.weight",
+        "ffn_up.weight",
+        "ffn_down.weight",
+        "attn_norm.weight",
+        "ffn_norm.weight",
+    ];
+    match arch {
+        GgufArch::Llama => {}
+        GgufArch::Qwen2 => parts.extend(["attn_q.bias", "attn_k.bias", "attn_v.bias"]),
+        GgufArch::Qwen3 => parts.extend(["attn_q_norm.weight", "attn_k_norm.weight"]),
+        GgufArch::Gemma3 => parts.extend([
+            "attn_q_norm.weight",
+            "attn_k_norm.weight",
+            "post_attention_norm.weight",
+            "post_ffw_norm.weight",
+        ]),
+    }
+    parts
 }
 
 /// llama.cpp's `LlamaModel.permute` on the rows of a row-major `[rows, cols]` matrix:
@@ -93,12 +132,15 @@ struct Planned<'a> {
     shape: Vec<usize>,
     /// Heads to un-permute over (Q: attention heads, K: KV heads).
     unpermute: Option<usize>,
+    /// Gemma: llama.cpp stored the norm weight plus one.
+    minus_one: bool,
 }
 
 impl GgufFile {
     /// Maps every tensor to its HF name and expected shape; errors on unknown, missing or
     /// mis-shaped tensors before anything is dequantized.
     fn plan(&self, cfg: &Config) -> Result<Vec<Planned<'_>>> {
+        let arch = self.arch()?;
         let (h, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let q_rows = cfg.num_attention_heads * cfg.head_dim();
         let kv_rows = cfg.num_kv_heads() * cfg.head_dim();
@@ -111,12 +153,14 @@ impl GgufFile {
                     detail: "rope_freqs.weight (Llama 3.1-style rope scaling) is not supported yet; convert this model from its Hugging Face folder instead".into(),
                 });
             }
-            let Some(hf_name) = hf_tensor_name(&entry.name) else {
+            let Some(hf_name) = hf_tensor_name(arch, &entry.name) else {
                 return Err(Error::GgufUnsupported {
                     path: self.path.clone(),
                     detail: format!(
-                        "tensor {} is not part of the llama layout whet converts (token_embd, output_norm, output, blk.N.{{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down,attn_norm,ffn_norm}}.weight)",
-                        entry.name
+                        "tensor {} is not part of the {} layout whet converts (token_embd, output_norm, output, blk.N.{{{}}})",
+                        entry.name,
+                        arch.name(),
+                        layer_parts(arch).join(",")
                     ),
                 });
             };
@@ -140,14 +184,25 @@ impl GgufFile {
                             found: format!("layer {layer}"),
                         });
                     }
+                    // llama.cpp permutes Q and K rows for the llama architecture only.
+                    let permuted = arch == GgufArch::Llama;
                     match name.splitn(3, '.').nth(2) {
-                        Some("attn_q.weight") => (vec![q_rows, h], Some(cfg.num_attention_heads)),
-                        Some("attn_k.weight") => (vec![kv_rows, h], Some(cfg.num_kv_heads())),
+                        Some("attn_q.weight") => {
+                            (vec![q_rows, h], permuted.then_some(cfg.num_attention_heads))
+                        }
+                        Some("attn_k.weight") => {
+                            (vec![kv_rows, h], permuted.then_some(cfg.num_kv_heads()))
+                        }
                         Some("attn_v.weight") => (vec![kv_rows, h], None),
+                        Some("attn_q.bias") => (vec![q_rows], None),
+                        Some("attn_k.bias" | "attn_v.bias") => (vec![kv_rows], None),
+                        Some("attn_q_norm.weight" | "attn_k_norm.weight") => {
+                            (vec![cfg.head_dim()], None)
+                        }
                         Some("attn_output.weight") => (vec![h, q_rows], None),
                         Some("ffn_gate.weight" | "ffn_up.weight") => (vec![f, h], None),
                         Some("ffn_down.weight") => (vec![h, f], None),
-                        _ => (vec![h], None), // attn_norm, ffn_norm
+                        _ => (vec![h], None), // the layer norms
                     }
                 }
             };
@@ -155,7 +210,7 @@ impl GgufFile {
                 return Err(Error::GgufTensor {
                     path: self.path.clone(),
                     tensor: entry.name.clone(),
-                    expected: format!("shape {shape:?} from the llama.* metadata"),
+                    expected: format!("shape {shape:?} from the {}.* metadata", arch.name()),
                     found: format!("shape {:?}", entry.shape),
                 });
             }
@@ -163,11 +218,13 @@ impl GgufFile {
                 return Err(self.not_dequantizable(entry));
             }
             seen.insert(entry.name.clone());
+            let minus_one = arch == GgufArch::Gemma3 && entry.name.ends_with("norm.weight");
             planned.push(Planned {
                 entry,
                 hf_name,
                 shape,
                 unpermute,
+                minus_one,
             });
         }
         let mut required = vec![
@@ -175,18 +232,8 @@ impl GgufFile {
             "output_norm.weight".to_string(),
         ];
         for l in 0..cfg.num_hidden_layers {
-            for p in [
-                "attn_q",
-                "attn_k",
-                "attn_v",
-                "attn_output",
-                "ffn_gate",
-                "ffn_up",
-                "ffn_down",
-                "attn_norm",
-                "ffn_norm",
-            ] {
-                required.push(format!("blk.{l}.{p}.weight"));
+            for p in layer_parts(arch) {
+                required.push(format!("blk.{l}.{p}"));
             }
         }
         if let Some(missing) = required.iter().find(|n| !seen.contains(*n)) {
@@ -217,6 +264,10 @@ impl GgufFile {
             let mut data = self.dequantize_entry(p.entry)?;
             if let Some(n_head) = p.unpermute {
                 data = unpermute_qk_rows(&data, p.shape[0], p.shape[1], n_head);
+            }
+            if p.minus_one {
+                // transformers' `Gemma2TensorProcessor`: llama.cpp's converter added 1.
+                data.iter_mut().for_each(|w| *w -= 1.0);
             }
             out.push(HfTensor {
                 name: p.hf_name,
@@ -250,19 +301,41 @@ mod tests {
     #[test]
     fn names_map_to_hf() {
         assert_eq!(
-            hf_tensor_name("blk.12.attn_output.weight").as_deref(),
+            hf_tensor_name(GgufArch::Llama, "blk.12.attn_output.weight").as_deref(),
             Some("model.layers.12.self_attn.o_proj.weight")
         );
         assert_eq!(
-            hf_tensor_name("blk.0.ffn_norm.weight").as_deref(),
+            hf_tensor_name(GgufArch::Llama, "blk.0.ffn_norm.weight").as_deref(),
             Some("model.layers.0.post_attention_layernorm.weight")
         );
+        // Gemma's ffn_norm is the norm before the MLP; its post_attention_norm the one after
+        // attention.
         assert_eq!(
-            hf_tensor_name("output.weight").as_deref(),
+            hf_tensor_name(GgufArch::Gemma3, "blk.0.ffn_norm.weight").as_deref(),
+            Some("model.layers.0.pre_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            hf_tensor_name(GgufArch::Gemma3, "blk.3.post_attention_norm.weight").as_deref(),
+            Some("model.layers.3.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            hf_tensor_name(GgufArch::Qwen2, "blk.0.attn_q.bias").as_deref(),
+            Some("model.layers.0.self_attn.q_proj.bias")
+        );
+        assert_eq!(
+            hf_tensor_name(GgufArch::Qwen3, "blk.1.attn_k_norm.weight").as_deref(),
+            Some("model.layers.1.self_attn.k_norm.weight")
+        );
+        assert_eq!(
+            hf_tensor_name(GgufArch::Llama, "blk.0.attn_k_norm.weight"),
+            None
+        );
+        assert_eq!(
+            hf_tensor_name(GgufArch::Llama, "output.weight").as_deref(),
             Some("lm_head.weight")
         );
-        assert_eq!(hf_tensor_name("blk.x.attn_q.weight"), None);
-        assert_eq!(hf_tensor_name("blk.0.attn_q.bias"), None);
-        assert_eq!(hf_tensor_name("rope_freqs.weight"), None);
+        assert_eq!(hf_tensor_name(GgufArch::Llama, "blk.x.attn_q.weight"), None);
+        assert_eq!(hf_tensor_name(GgufArch::Llama, "blk.0.attn_q.bias"), None);
+        assert_eq!(hf_tensor_name(GgufArch::Llama, "rope_freqs.weight"), None);
     }
 }

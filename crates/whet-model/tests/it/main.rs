@@ -9,6 +9,7 @@ mod export;
 mod files;
 mod generate;
 mod gguf;
+mod gguf_arch;
 mod golden;
 mod hardening;
 mod lora;
