@@ -8,15 +8,16 @@
 //!   validated as a `config.json` is;
 //! * [`GgufFile::hf_tensors`] dequantizes every tensor to f32 (candle's dequantizers), renames it
 //!   to its Hugging Face name and undoes the Q/K row permutation llama.cpp's converter applies;
-//! * [`GgufFile::tokenizer_json`] / [`GgufFile::tokenizer_config_json`] rebuild a byte-level BPE
-//!   `tokenizer.json` from `tokenizer.ggml.*` the way transformers' GGUF loader does
-//!   (`transformers/integrations/gguf/gguf_tokenizer_mapping.py`), so token ids match it;
+//! * [`GgufFile::tokenizer_json`] / [`GgufFile::tokenizer_config_json`] rebuild a `tokenizer.json`
+//!   from `tokenizer.ggml.*` the way transformers' GGUF loader does
+//!   (`transformers/integrations/gguf/gguf_tokenizer_mapping.py`), so token ids match it:
+//!   byte-level BPE (`gpt2`), and SentencePiece BPE with byte fallback (`llama`: Llama 2,
+//!   Mistral v0.1, and Gemma's variant for gemma/gemma2/gemma3 files);
 //! * [`convert_gguf_to_hf`] writes all of it as a folder `AutoModelForCausalLM` /
 //!   `AutoTokenizer` (and whet) load.
 //!
-//! Only `general.architecture = "llama"` with a `gpt2` (byte-level BPE) tokenizer is supported;
-//! anything else is an [`Error`](crate::Error) (its `NotGguf` and `Gguf*` variants) naming the
-//! file and what to do.
+//! [`convert_gguf_to_hf`] supports `general.architecture = "llama"`; anything else is an
+//! [`Error`](crate::Error) (its `NotGguf` and `Gguf*` variants) naming the file and what to do.
 //!
 //! One file per reason to change:
 //! - `header.rs`: the walk over the header before candle reads it (counts, lengths, type ids,
