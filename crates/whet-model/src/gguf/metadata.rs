@@ -189,6 +189,23 @@ impl GgufFile {
         }
     }
 
+    pub(super) fn float_array(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        match self.content.metadata.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match *v {
+                    Value::F32(x) => Ok(f64::from(x)),
+                    Value::F64(x) => Ok(x),
+                    ref v => Err(self.bad(&format!("{key}[{i}]"), "a number", describe(v))),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => Err(self.bad(key, "an array of numbers", describe(v))),
+        }
+    }
+
     /// The vocabulary size: the length of `tokenizer.ggml.tokens`.
     pub fn vocab_size(&self) -> Result<usize> {
         let key = "tokenizer.ggml.tokens";

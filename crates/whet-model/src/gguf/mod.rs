@@ -9,9 +9,11 @@
 //! * [`GgufFile::hf_tensors`] dequantizes every tensor to f32 (candle's dequantizers), renames it
 //!   to its Hugging Face name, undoes the Q/K row permutation llama.cpp's converter applies to
 //!   llama files and the `+ 1` it adds to Gemma's norm weights;
-//! * [`GgufFile::tokenizer_json`] / [`GgufFile::tokenizer_config_json`] rebuild a byte-level BPE
-//!   `tokenizer.json` from `tokenizer.ggml.*` the way transformers' GGUF loader does
-//!   (`transformers/integrations/gguf/gguf_tokenizer_mapping.py`), so token ids match it;
+//! * [`GgufFile::tokenizer_json`] / [`GgufFile::tokenizer_config_json`] rebuild a `tokenizer.json`
+//!   from `tokenizer.ggml.*` the way transformers' GGUF loader does
+//!   (`transformers/integrations/gguf/gguf_tokenizer_mapping.py`), so token ids match it:
+//!   byte-level BPE (`gpt2`), and SentencePiece BPE with byte fallback (`llama`: Llama 2,
+//!   Mistral v0.1, and Gemma's variant for gemma/gemma2/gemma3 files);
 //! * [`convert_gguf_to_hf`] writes all of it as a folder `AutoModelForCausalLM` /
 //!   `AutoTokenizer` (and whet) load.
 //!

