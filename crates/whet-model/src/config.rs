@@ -110,8 +110,13 @@ pub struct Config {
     /// Gemma 3: the rotary base of the local (sliding-window) layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_local_base_freq: Option<f64>,
-    /// Gemma 3: attention scores are scaled by `query_pre_attn_scalar ** -0.5`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Gemma 3: attention scores are scaled by `query_pre_attn_scalar ** -0.5`. Written as an
+    /// integer when it is one (transformers' config class insists on an int).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "integer_if_whole"
+    )]
     pub query_pre_attn_scalar: Option<f64>,
     /// Gemma's spelling of `hidden_act`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -142,6 +147,16 @@ pub enum LayerAttention {
     Full,
     /// Causal over the `window` latest keys (`Config::sliding_window`).
     Sliding,
+}
+
+fn integer_if_whole<S: serde::Serializer>(
+    v: &Option<f64>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(x) if x.fract() == 0.0 && x.abs() < 9e15 => s.serialize_some(&(*x as i64)),
+        other => other.serialize(s),
+    }
 }
 
 fn default_rms_norm_eps() -> f64 {

@@ -52,6 +52,29 @@ impl GgufArch {
     }
 }
 
+/// transformers >= 5's `rope_parameters`: one set, or Gemma 3's set per layer type (the local
+/// layers at llama.cpp's fixed base 10000, unscaled).
+fn rope_parameters(arch: GgufArch, theta: f64, scaling: Option<RopeScaling>) -> RopeParameters {
+    let global = RopeScaling {
+        rope_theta: Some(theta),
+        kind: scaling.map_or(RopeKind::Default, |s| s.kind),
+    };
+    if arch != GgufArch::Gemma3 {
+        return RopeParameters::One(global);
+    }
+    let local = RopeScaling {
+        rope_theta: Some(10_000.0),
+        kind: RopeKind::Default,
+    };
+    RopeParameters::PerLayerType(
+        [
+            ("full_attention".to_string(), global),
+            ("sliding_attention".to_string(), local),
+        ]
+        .into(),
+    )
+}
+
 impl GgufFile {
     /// The file's architecture, if whet converts it.
     pub fn arch(&self) -> Result<GgufArch> {
@@ -195,10 +218,7 @@ impl GgufFile {
             // transformers < 5 spelling; `rope_parameters` carries the same theta for >= 5.
             rope_theta: Some(theta),
             rope_scaling: scaling.clone(),
-            rope_parameters: Some(RopeParameters::One(RopeScaling {
-                rope_theta: Some(theta),
-                kind: scaling.map_or(RopeKind::Default, |s| s.kind),
-            })),
+            rope_parameters: Some(rope_parameters(arch, theta, scaling)),
             max_position_embeddings: ctx,
             tie_word_embeddings: self.tensor("output.weight").is_none(),
             attention_bias: Some(false),

@@ -10,7 +10,7 @@ use serde_json::{Value as Json, json};
 use whet_data::atomic::{self, Existing};
 
 use super::GgufFile;
-use crate::config::Config;
+use crate::config::{Config, ModelType};
 use crate::error::{Error, Result};
 
 /// The run a converted folder's marker names: any conversion may replace it.
@@ -115,12 +115,22 @@ pub fn convert_gguf_to_hf(gguf: &Path, out: &Path) -> Result<ConvertReport> {
     })
 }
 
-/// `config.json` for a converted GGUF: `config` with the keys transformers' `LlamaConfig` writes
-/// beside it (`architectures`, `pad_token_id`, `torch_dtype`).
+/// `config.json` for a converted GGUF: `config` with the keys transformers writes beside it
+/// (`architectures`, `pad_token_id`, `torch_dtype`).
 fn config_json(config: &Config, pad_token_id: Option<u32>) -> Json {
     let mut json = serde_json::to_value(config).unwrap_or(Json::Null);
+    let class = match config.model_type() {
+        ModelType::Llama => "LlamaForCausalLM",
+        ModelType::Mistral => "MistralForCausalLM",
+        ModelType::Qwen2 => "Qwen2ForCausalLM",
+        ModelType::Qwen3 => "Qwen3ForCausalLM",
+        ModelType::Gemma3 => "Gemma3ForCausalLM",
+    };
     if let Json::Object(map) = &mut json {
-        map.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+        if config.is_gemma() {
+            map.remove("hidden_act"); // Gemma says `hidden_activation`
+        }
+        map.insert("architectures".into(), json!([class]));
         if let Some(pad) = pad_token_id {
             map.insert("pad_token_id".into(), json!(pad));
         }

@@ -237,11 +237,21 @@ fn unsupported_architectures_and_features_are_refused() {
 
 #[test]
 fn config_serializes_back_to_the_same_config() {
-    for json in [SMOLLM2_135M, LLAMA31_8B, QWEN2_05B, MISTRAL_7B] {
+    for json in [
+        SMOLLM2_135M,
+        LLAMA31_8B,
+        QWEN2_05B,
+        MISTRAL_7B,
+        QWEN3_06B,
+        GEMMA3_270M,
+    ] {
         let c = parse(json).unwrap();
         let again = parse(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(c, again);
     }
+    // transformers' Gemma3TextConfig takes only an int here.
+    let text = serde_json::to_string(&parse(GEMMA3_270M).unwrap()).unwrap();
+    assert!(text.contains(r#""query_pre_attn_scalar":256,"#), "{text}");
 }
 
 /// whet-fuzz found a 200-byte config.json (hidden_size 2^32, two heads) whose rope table

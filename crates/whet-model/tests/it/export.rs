@@ -179,3 +179,87 @@ fn an_unmerged_adapter_or_a_bad_tokenizer_is_an_error_and_keeps_the_old_file() {
     );
     assert_eq!(std::fs::read(&out).unwrap(), b"an earlier export");
 }
+
+/// Qwen2 (q/k/v biases) and Qwen3 (q/k norms) leave as their own GGUF architectures, unpermuted,
+/// and come back as the same model.
+#[test]
+fn qwen_models_round_trip_as_their_architectures() {
+    for (file, arch) in [("tiny_qwen2.gguf", "qwen2"), ("tiny_qwen3.gguf", "qwen3")] {
+        let src = TempDir::new("export-qwen-src");
+        convert_gguf_to_hf(&fixture(file), src.path()).unwrap();
+        let model = Model::load(src.path(), Trainable::None, &cpu()).unwrap();
+        let want = all_logits(&model);
+        for (ty, tol) in [(GgmlDType::F32, 1e-6), (GgmlDType::Q8_0, 0.1)] {
+            let out = src.path().join(format!("out-{ty:?}.gguf"));
+            export_gguf(&model, src.path(), &out, ty, "tiny", Existing::Replace).unwrap();
+            let f = GgufFile::open(&out).unwrap();
+            assert_eq!(f.architecture().unwrap(), arch);
+            let names: Vec<&str> = f.tensors().iter().map(|t| t.name.as_str()).collect();
+            let own = if arch == "qwen2" {
+                "blk.0.attn_q.bias"
+            } else {
+                "blk.0.attn_q_norm.weight"
+            };
+            assert!(names.contains(&own), "{arch}: {names:?}");
+            let back = TempDir::new("export-qwen-back");
+            convert_gguf_to_hf(&out, back.path()).unwrap();
+            let reloaded = Model::load(back.path(), Trainable::None, &cpu()).unwrap();
+            assert_eq!(reloaded.config().model_type, arch);
+            let e = rel(&all_logits(&reloaded), &want);
+            eprintln!("{file} {ty:?}: relative logit error {e:.2e}");
+            assert!(e < tol, "{file} {ty:?}: {e}");
+        }
+    }
+}
+
+/// Llama 3 rope scaling travels as llama.cpp's `rope_freqs` tensor: per rotary pair, the factor
+/// its frequency is divided by (the plain frequency over the scaled one).
+#[test]
+fn llama3_rope_is_written_as_rope_freqs() {
+    let dir = TempDir::new("export-llama3");
+    // The llama3_tiny golden model with the byte-level tokenizer of a tiny GGUF of its vocabulary.
+    let tok = TempDir::new("export-llama3-tok");
+    convert_gguf_to_hf(&fixture("tiny_qwen2.gguf"), tok.path()).unwrap();
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden/llama3_tiny");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(golden.join(f), dir.path().join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tok.path().join(f), dir.path().join(f)).unwrap();
+    }
+    let model = Model::load(dir.path(), Trainable::None, &cpu()).unwrap();
+    let out = dir.path().join("llama3.gguf");
+    export_gguf(
+        &model,
+        dir.path(),
+        &out,
+        GgmlDType::F32,
+        "tiny",
+        Existing::Replace,
+    )
+    .unwrap();
+    let f = GgufFile::open(&out).unwrap();
+    let factors = f.dequantize("rope_freqs.weight").unwrap();
+    let cfg = model.config();
+    let mut plain = cfg.clone();
+    plain.rope_scaling = None;
+    plain.rope_parameters = None;
+    plain.rope_theta = Some(cfg.rope_base());
+    let want: Vec<f32> = plain
+        .inv_freq()
+        .iter()
+        .zip(cfg.inv_freq())
+        .map(|(p, s)| p / s)
+        .collect();
+    assert_eq!(factors.len(), want.len());
+    for (g, w) in factors.iter().zip(&want) {
+        assert!(
+            (g - w).abs() <= 1e-5 * w,
+            "rope_freqs {factors:?} vs {want:?}"
+        );
+    }
+    assert!(
+        factors.iter().any(|&x| x > 1.5),
+        "some frequencies are scaled"
+    );
+}
