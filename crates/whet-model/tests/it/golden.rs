@@ -19,9 +19,10 @@ const LOSS_TOL: f32 = 1e-5;
 const GRAD_TOL: f32 = 1e-3;
 
 /// Every architecture's f32 fixture.
-const ALL: [&str; 6] = [
+const ALL: [&str; 7] = [
     "llama_tiny",
     "llama3_tiny",
+    "llama32_tiny",
     "qwen2_tiny",
     "qwen3_tiny",
     "mistral_tiny",
@@ -194,7 +195,13 @@ fn golden_full_fine_tuning_gradients() {
 
 #[test]
 fn golden_lora_and_rslora() {
-    for name in ["llama_tiny", "qwen2_tiny", "qwen3_tiny", "gemma3_tiny"] {
+    for name in [
+        "llama_tiny",
+        "llama32_tiny",
+        "qwen2_tiny",
+        "qwen3_tiny",
+        "gemma3_tiny",
+    ] {
         let Some((dir, g)) = fixture(name) else {
             continue;
         };
