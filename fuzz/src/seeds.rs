@@ -39,6 +39,30 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
     }
     add(
         "model_config",
+        "qwen3.json",
+        br#"{"model_type": "qwen3", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
+ "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+ "rope_theta": 1000000.0, "use_sliding_window": true, "sliding_window": 4,
+ "max_window_layers": 1, "tie_word_embeddings": true, "max_position_embeddings": 64}
+"#
+        .to_vec(),
+    );
+    add(
+        "model_config",
+        "gemma3.json",
+        br#"{"model_type": "gemma3_text", "vocab_size": 16, "hidden_size": 8,
+ "intermediate_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2,
+ "num_key_value_heads": 1, "head_dim": 4, "query_pre_attn_scalar": 4, "sliding_window": 4,
+ "hidden_activation": "gelu_pytorch_tanh", "_sliding_window_pattern": 2,
+ "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+ "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+ "final_logit_softcapping": null, "max_position_embeddings": 64}
+"#
+        .to_vec(),
+    );
+    add(
+        "model_config",
         "llama3-rope.json",
         br#"{"model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
