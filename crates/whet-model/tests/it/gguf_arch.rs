@@ -124,15 +124,7 @@ fn gemma3_gguf_reads_as_transformers_reads_it() {
 const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 
 fn gemma_path() -> PathBuf {
-    let base = std::env::var_os("WHET_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache").join("whet")
-        });
-    base.join("models").join("gemma3-270m").join(GEMMA_FILE)
+    cached_model("gemma3-270m", GEMMA_FILE)
 }
 
 #[test]
