@@ -149,6 +149,16 @@ pub enum LayerAttention {
     Sliding,
 }
 
+/// [`Error::InvalidConfig`] for `field` of the config at `path`.
+fn invalid_value(path: &Path, field: &str, found: String, expected: String) -> Error {
+    Error::InvalidConfig {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        found,
+        expected,
+    }
+}
+
 fn integer_if_whole<S: serde::Serializer>(
     v: &Option<f64>,
     s: S,
@@ -446,12 +456,7 @@ impl Config {
     /// Sizes within [`limits`] whose shape products do not overflow, finite positive floats.
     fn validate_ranges(&self, path: &Path) -> Result<()> {
         let invalid = |field: &str, found: String, expected: String| {
-            Err(Error::InvalidConfig {
-                path: path.to_path_buf(),
-                field: field.to_string(),
-                found,
-                expected,
-            })
+            Err(invalid_value(path, field, found, expected))
         };
         for (field, v, max) in [
             ("vocab_size", Some(self.vocab_size), limits::VOCAB_SIZE),
@@ -542,12 +547,7 @@ impl Config {
     /// `layer_types`, the window and the Gemma 3 layer pattern agree with the layer count.
     fn validate_layer_attention(&self, path: &Path) -> Result<()> {
         let invalid = |field: &str, found: String, expected: String| {
-            Err(Error::InvalidConfig {
-                path: path.to_path_buf(),
-                field: field.to_string(),
-                found,
-                expected,
-            })
+            Err(invalid_value(path, field, found, expected))
         };
         if let Some(types) = &self.layer_types {
             if types.len() != self.num_hidden_layers {

@@ -105,9 +105,8 @@ pub struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    /// Qwen3, Gemma 3: RMSNorm over each head of q and k, before rope.
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
+    /// Qwen3, Gemma 3: RMSNorms over each head of q and of k, before rope.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -126,18 +125,20 @@ impl Attention {
             cfg.head_dim(),
         );
         let (qkv_bias, o_bias) = (cfg.qkv_bias(), cfg.o_bias());
-        let head_norm = |name: &str| -> Result<Option<RmsNorm>> {
-            cfg.qk_norm()
-                .then(|| RmsNorm::load(vb.pp(name), d, cfg))
-                .transpose()
+        let qk_norm = if cfg.qk_norm() {
+            Some((
+                RmsNorm::load(vb.pp("q_norm"), d, cfg)?,
+                RmsNorm::load(vb.pp("k_norm"), d, cfg)?,
+            ))
+        } else {
+            None
         };
         Ok(Attention {
             q_proj: Linear::load(vb.pp("q_proj"), h, nh * d, qkv_bias)?,
             k_proj: Linear::load(vb.pp("k_proj"), h, nkv * d, qkv_bias)?,
             v_proj: Linear::load(vb.pp("v_proj"), h, nkv * d, qkv_bias)?,
             o_proj: Linear::load(vb.pp("o_proj"), nh * d, h, o_bias)?,
-            q_norm: head_norm("q_norm")?,
-            k_norm: head_norm("k_norm")?,
+            qk_norm,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
@@ -168,9 +169,9 @@ impl Attention {
             .v_proj
             .forward(x, train, ops)?
             .reshape((b, t, nkv, d))?; // (B, T, NKV, D)
-        let (q, k) = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => (qn.forward(&q, ops)?, kn.forward(&k, ops)?),
-            _ => (q, k),
+        let (q, k) = match &self.qk_norm {
+            Some((qn, kn)) => (qn.forward(&q, ops)?, kn.forward(&k, ops)?),
+            None => (q, k),
         };
         let q = ops.rope(&q, cos, sin)?; // (B, T, NH, D)
         let k = ops.rope(&k, cos, sin)?; // (B, T, NKV, D)
@@ -195,7 +196,7 @@ impl Attention {
     }
 
     fn norms(&self) -> impl Iterator<Item = &RmsNorm> {
-        self.q_norm.iter().chain(&self.k_norm)
+        self.qk_norm.iter().flat_map(|(q, k)| [q, k])
     }
 
     fn linears_mut(&mut self) -> [&mut Linear; 4] {
@@ -408,8 +409,7 @@ impl Block {
             k_proj,
             v_proj,
             o_proj,
-            q_norm,
-            k_norm,
+            qk_norm,
             ..
         } = self_attn;
         let mut v = Vec::new();
@@ -419,7 +419,9 @@ impl Block {
         {
             v.extend(l.base_params_mut());
         }
-        v.extend(q_norm.iter_mut().chain(k_norm).map(|n| &mut n.weight));
+        if let Some((q, k)) = qk_norm {
+            v.extend([&mut q.weight, &mut k.weight]);
+        }
         v.push(&mut input_layernorm.weight);
         v.push(&mut post_attention_layernorm.weight);
         if let Some((pre, post)) = feedforward_norms {

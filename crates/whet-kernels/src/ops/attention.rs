@@ -54,7 +54,8 @@ pub fn attention(
     }
     let seg = segments.flatten_all()?.to_vec1::<u32>()?;
     // A window no shorter than any document is the plain causal mask.
-    let window = window.filter(|&w| longest_reach(&seg, b, s) > w);
+    let reach = window.map(|_| longest_reach(&seg, b, s)).unwrap_or(0);
+    let window = window.filter(|&w| reach > w);
     #[cfg(feature = "flash-attn")]
     if window.is_none()
         && let Some(y) = flash::forward(q, k, v, &seg, scale)?
@@ -64,9 +65,8 @@ pub fn attention(
     let mask = match q.device() {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) if window.is_some() => bail!(
-            "attention: a sliding window of {} keys shorter than a document (up to {} tokens) is implemented on the CPU only; on CUDA keep sequences within the window (data.max_len <= {0})",
+            "attention: a sliding window of {} keys shorter than a document (up to {reach} tokens) is implemented on the CPU only; on CUDA keep sequences within the window (data.max_len <= {0})",
             window.unwrap_or(0),
-            longest_reach(&seg, b, s)
         ),
         #[cfg(feature = "cuda")]
         dev @ Device::Cuda(_) => AttentionMask::Cuda(
