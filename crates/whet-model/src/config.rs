@@ -1,7 +1,8 @@
 //! `config.json` as Hugging Face writes it for the decoders whet implements: `llama` (SmolLM,
-//! TinyLlama, Llama 2/3/3.2), `mistral`, `qwen2`, `qwen3` and `gemma3_text` (Gemma 3 270M, 1B).
-//! The fields mirror transformers' `LlamaConfig`, `MistralConfig`, `Qwen2Config`,
-//! `Qwen3Config` and `Gemma3TextConfig`; unknown fields (`architectures`, `torch_dtype`, ...)
+//! TinyLlama, Llama 2/3/3.2), `mistral`, `qwen2`, `qwen3`, `gemma3_text` (Gemma 3 270M, 1B) and
+//! `phi3` (Phi-3/3.5/4-mini). The fields mirror transformers' `LlamaConfig`, `MistralConfig`,
+//! `Qwen2Config`, `Qwen3Config`, `Gemma3TextConfig` and `Phi3Config`; unknown fields
+//! (`architectures`, `torch_dtype`, Phi's dropout rates, which fine-tuning does not apply, ...)
 //! are ignored. Values are checked by [`Config::validate`], which [`Config::from_file`] runs.
 
 use std::path::Path;
@@ -11,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// The `model_type` values this crate implements.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3_text"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"];
 
 /// Upper bounds on `config.json`'s sizes, far above every released Llama-family model (Llama 3
 /// 405B: vocabulary 128256, hidden 16384, intermediate 53248, 126 layers, 128 heads of 128) and
@@ -41,6 +43,9 @@ pub enum ModelType {
     /// Gemma 3's text decoder: `(1 + w)` RMSNorms around attention and MLP, GeGLU, q/k norms,
     /// scaled embeddings, local sliding-window layers between global ones.
     Gemma3,
+    /// Phi-3/3.5/4-mini: Llama with fused `qkv_proj` and `gate_up_proj`, LongRoPE, partial
+    /// rotary, an optional sliding window on every layer.
+    Phi3,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +74,14 @@ pub struct Config {
     pub rope_parameters: Option<RopeParameters>,
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
+    /// Phi-3: the pretraining context, which LongRoPE scales from (4096 when absent); it wins
+    /// over the same key inside `rope_scaling` / `rope_parameters`, as in transformers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
+    /// The fraction of each head's dimensions that rotate (Phi-4-mini: 0.75); the rest pass
+    /// through. transformers 5 may write it inside `rope_parameters` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Llama only: bias on q/k/v/o projections. Qwen2 always has q/k/v bias (and none on o);
@@ -195,6 +208,8 @@ pub enum TokenIds {
 pub struct RopeScaling {
     /// Only in transformers >= 5 `rope_parameters`.
     pub rope_theta: Option<f64>,
+    /// Only in transformers >= 5 `rope_parameters` (Phi-4-mini).
+    pub partial_rotary_factor: Option<f64>,
     pub kind: RopeKind,
 }
 
@@ -211,6 +226,19 @@ pub enum RopeKind {
         low_freq_factor: f64,
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
+    },
+    /// LongRoPE (Phi-3.5, Phi-4-mini; HF `_compute_longrope_parameters`): per-frequency
+    /// divisors, `short_factor` while every position is within the original context, else
+    /// `long_factor`; cos and sin are scaled by the attention factor.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        /// Absent: `max_position_embeddings / original_max_position_embeddings`.
+        factor: Option<f64>,
+        /// Absent: `sqrt(1 + ln(factor) / ln(original))`, 1 when `factor <= 1`.
+        attention_factor: Option<f64>,
+        /// Phi-3 reads the config's top-level key first ([`Config::rope_original_context`]).
+        original_max_position_embeddings: Option<usize>,
     },
 }
 
@@ -231,6 +259,14 @@ struct RopeRaw {
     high_freq_factor: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     original_max_position_embeddings: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    short_factor: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    long_factor: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    attention_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    partial_rotary_factor: Option<f64>,
 }
 
 impl TryFrom<RopeRaw> for RopeScaling {
@@ -286,14 +322,60 @@ impl TryFrom<RopeRaw> for RopeScaling {
                     original_max_position_embeddings,
                 }
             }
+            // `su` is LongRoPE's first name (Phi-3-mini-128k's early config.json).
+            "longrope" | "su" => {
+                let factors = |v: Option<Vec<f64>>, name: &str| match v {
+                    Some(v) if !v.is_empty() && v.iter().all(|f| f.is_finite() && *f > 0.0) => {
+                        Ok(v)
+                    }
+                    Some(_) => Err(format!(
+                        "rope type `longrope` needs `{name}` to be a list of finite numbers > 0"
+                    )),
+                    None => Err(format!("rope type `longrope` needs `{name}`")),
+                };
+                let short_factor = factors(raw.short_factor, "short_factor")?;
+                let long_factor = factors(raw.long_factor, "long_factor")?;
+                for (name, v) in [
+                    ("factor", raw.factor),
+                    ("attention_factor", raw.attention_factor),
+                ] {
+                    if let Some(v) = v
+                        && !(v.is_finite() && v > 0.0)
+                    {
+                        return Err(format!(
+                            "rope type `longrope` needs a finite `{name}` > 0, found {v}"
+                        ));
+                    }
+                }
+                if raw.original_max_position_embeddings == Some(0) {
+                    return Err(
+                        "rope type `longrope` needs original_max_position_embeddings > 0".into(),
+                    );
+                }
+                RopeKind::LongRope {
+                    short_factor,
+                    long_factor,
+                    factor: raw.factor,
+                    attention_factor: raw.attention_factor,
+                    original_max_position_embeddings: raw.original_max_position_embeddings,
+                }
+            }
             other => {
                 return Err(format!(
-                    "rope type `{other}` is not supported; supported: default, linear, llama3"
+                    "rope type `{other}` is not supported; supported: default, linear, llama3, longrope (phi3)"
                 ));
             }
         };
+        if let Some(p) = raw.partial_rotary_factor
+            && !(p.is_finite() && p > 0.0 && p <= 1.0)
+        {
+            return Err(format!(
+                "partial_rotary_factor must be a number in (0, 1], found {p}"
+            ));
+        }
         Ok(RopeScaling {
             rope_theta: raw.rope_theta,
+            partial_rotary_factor: raw.partial_rotary_factor,
             kind,
         })
     }
@@ -309,7 +391,27 @@ impl From<RopeScaling> for RopeRaw {
             low_freq_factor: None,
             high_freq_factor: None,
             original_max_position_embeddings: None,
+            short_factor: None,
+            long_factor: None,
+            attention_factor: None,
+            partial_rotary_factor: r.partial_rotary_factor,
         };
+        if let RopeKind::LongRope {
+            short_factor,
+            long_factor,
+            factor,
+            attention_factor,
+            original_max_position_embeddings,
+        } = r.kind
+        {
+            raw.rope_type = Some("longrope".to_string());
+            raw.short_factor = Some(short_factor);
+            raw.long_factor = Some(long_factor);
+            raw.factor = factor;
+            raw.attention_factor = attention_factor;
+            raw.original_max_position_embeddings = original_max_position_embeddings;
+            return raw;
+        }
         if let RopeKind::Linear { factor } = r.kind {
             raw.rope_type = Some("linear".to_string());
             raw.factor = Some(factor);
@@ -407,6 +509,7 @@ impl Config {
             );
         }
         self.validate_layer_attention(path)?;
+        self.validate_rotary(path, ty)?;
         if self.mlp_bias {
             return unsupported(
                 "mlp_bias",
@@ -610,6 +713,89 @@ impl Config {
         Ok(())
     }
 
+    /// Partial rotary and LongRoPE: a whole, even number of rotated dimensions per head and one
+    /// factor per rotated pair; LongRoPE only where transformers runs it (Phi-3).
+    fn validate_rotary(&self, path: &Path, ty: ModelType) -> Result<()> {
+        let invalid = |field: &str, found: String, expected: String| {
+            Err(invalid_value(path, field, found, expected))
+        };
+        if let Some(p) = self.partial_rotary_factor
+            && !(p.is_finite() && p > 0.0 && p <= 1.0)
+        {
+            return invalid(
+                "partial_rotary_factor",
+                p.to_string(),
+                "a number in (0, 1], such as 0.75".into(),
+            );
+        }
+        let (d, r) = (self.head_dim(), self.rotary_dim());
+        if r < 2 || !r.is_multiple_of(2) {
+            return invalid(
+                "partial_rotary_factor",
+                self.partial_rotary_factor().to_string(),
+                format!(
+                    "a fraction of head_dim = {d} that leaves a positive even number of rotated dimensions (got {r})"
+                ),
+            );
+        }
+        if r != d && ty != ModelType::Phi3 {
+            return Err(Error::UnsupportedConfig {
+                path: path.to_path_buf(),
+                field: "partial_rotary_factor",
+                found: self.partial_rotary_factor().to_string(),
+                expected: format!(
+                    "1 for model_type \"{}\" (partial rotary: phi3 only)",
+                    self.model_type
+                ),
+            });
+        }
+        let RopeKind::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = self.rope_kind()
+        else {
+            return Ok(());
+        };
+        if ty != ModelType::Phi3 {
+            return Err(Error::UnsupportedConfig {
+                path: path.to_path_buf(),
+                field: "rope_scaling",
+                found: "rope_type \"longrope\"".into(),
+                expected: format!(
+                    "default, linear or llama3 for model_type \"{}\" (longrope: phi3 only)",
+                    self.model_type
+                ),
+            });
+        }
+        for (field, v) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+            if v.len() != r / 2 {
+                return invalid(
+                    &format!("rope_scaling.{field}"),
+                    format!("{} values", v.len()),
+                    format!("one per rotated pair: rotary_dim / 2 = {}", r / 2),
+                );
+            }
+        }
+        let original = self.rope_original_context();
+        if original < 2 {
+            return invalid(
+                "original_max_position_embeddings",
+                original.to_string(),
+                "the pretraining context, at least 2 positions".into(),
+            );
+        }
+        let a = self.rope_attention_factor();
+        if !(a.is_finite() && a > 0.0) {
+            return invalid(
+                "rope_scaling.attention_factor",
+                a.to_string(),
+                "a finite number > 0".into(),
+            );
+        }
+        Ok(())
+    }
+
     fn model_type_checked(&self, path: &Path) -> Result<ModelType> {
         match self.model_type.as_str() {
             "llama" => Ok(ModelType::Llama),
@@ -617,6 +803,7 @@ impl Config {
             "qwen2" => Ok(ModelType::Qwen2),
             "qwen3" => Ok(ModelType::Qwen3),
             "gemma3_text" => Ok(ModelType::Gemma3),
+            "phi3" => Ok(ModelType::Phi3),
             other => Err(Error::UnsupportedModelType {
                 path: path.to_path_buf(),
                 found: other.to_string(),
@@ -640,9 +827,13 @@ impl Config {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    /// `(out, in)` of a decoder linear by its module name ([`crate::LINEAR_MODULES`]), as
-    /// `Attention::load` and `Mlp::load` build them.
+    /// `(out, in)` of a decoder linear of this architecture by its module name
+    /// ([`Config::linear_modules`]), as `Attention::load` and `Mlp::load` build them; `None`
+    /// for a name this architecture does not have.
     pub fn linear_shape(&self, module: &str) -> Option<(usize, usize)> {
+        if !self.linear_modules().contains(&module) {
+            return None;
+        }
         let (h, d) = (self.hidden_size, self.head_dim());
         let q = self.num_attention_heads.saturating_mul(d);
         let kv = self.num_kv_heads().saturating_mul(d);
@@ -650,11 +841,28 @@ impl Config {
         Some(match module {
             "q_proj" => (q, h),
             "k_proj" | "v_proj" => (kv, h),
+            "qkv_proj" => (q.saturating_add(kv.saturating_mul(2)), h),
             "o_proj" => (h, q),
             "gate_proj" | "up_proj" => (i, h),
+            "gate_up_proj" => (i.saturating_mul(2), h),
             "down_proj" => (h, i),
             _ => return None,
         })
+    }
+
+    /// Phi-3's layout: one `qkv_proj` for q, k and v, one `gate_up_proj` for the MLP's gate and
+    /// up projections (in that order along the output).
+    pub fn fused_projections(&self) -> bool {
+        self.model_type() == ModelType::Phi3
+    }
+
+    /// The decoder's linear modules in model order: what LoRA's `all-linear` targets here.
+    pub fn linear_modules(&self) -> &'static [&'static str] {
+        if self.fused_projections() {
+            &crate::lora::FUSED_LINEAR_MODULES
+        } else {
+            &crate::lora::LINEAR_MODULES
+        }
     }
 
     /// Bias on q_proj, k_proj, v_proj.
@@ -666,14 +874,15 @@ impl Config {
             ModelType::Llama | ModelType::Qwen3 | ModelType::Gemma3 => {
                 self.attention_bias.unwrap_or(false)
             }
-            ModelType::Mistral => false,
+            // `Phi3Attention`: `qkv_proj` and `o_proj` without bias.
+            ModelType::Mistral | ModelType::Phi3 => false,
         }
     }
 
     /// Bias on o_proj.
     pub fn o_bias(&self) -> bool {
         match self.model_type() {
-            ModelType::Qwen2 | ModelType::Mistral => false,
+            ModelType::Qwen2 | ModelType::Mistral | ModelType::Phi3 => false,
             // HF `LlamaAttention`: `o_proj = nn.Linear(..., bias=config.attention_bias)`.
             ModelType::Llama | ModelType::Qwen3 | ModelType::Gemma3 => {
                 self.attention_bias.unwrap_or(false)
@@ -726,7 +935,8 @@ impl Config {
                     Sliding
                 }
             }
-            ModelType::Mistral if self.sliding_window.is_some() => Sliding,
+            // Phi-3 (`Phi3Attention` passes `sliding_window` on every layer), like Mistral.
+            ModelType::Mistral | ModelType::Phi3 if self.sliding_window.is_some() => Sliding,
             ModelType::Qwen2 | ModelType::Qwen3
                 if self.use_sliding_window == Some(true)
                     && i >= self.max_window_layers.unwrap_or(0) =>
@@ -819,13 +1029,80 @@ impl Config {
         self.inv_freq_for(LayerAttention::Full)
     }
 
-    /// Rotary inverse frequencies, `head_dim / 2` values, computed in f32 like transformers'
+    /// The fraction of each head that rotates: `rope_parameters.partial_rotary_factor`, else
+    /// the top-level `partial_rotary_factor`, else 1.
+    pub fn partial_rotary_factor(&self) -> f64 {
+        self.rope_parameters_for(LayerAttention::Full)
+            .and_then(|r| r.partial_rotary_factor)
+            .or(self.partial_rotary_factor)
+            .unwrap_or(1.0)
+    }
+
+    /// The rotated dimensions of each head, `int(head_dim * partial_rotary_factor)` as in
+    /// transformers; the first `rotary_dim` of q and k rotate, the others pass through.
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim() as f64 * self.partial_rotary_factor()) as usize
+    }
+
+    /// The context LongRoPE scales from: Phi-3's top-level `original_max_position_embeddings`,
+    /// which `Phi3Config` defaults to 4096 and which overrides the rope parameters' own key
+    /// (transformers' `standardize_rope_params`).
+    pub fn rope_original_context(&self) -> usize {
+        self.original_max_position_embeddings.unwrap_or(4096)
+    }
+
+    /// LongRoPE's scale on cos and sin (1 for every other rope type): `attention_factor`, else
+    /// `sqrt(1 + ln(factor) / ln(original))` with `factor` (default: `max_position_embeddings /
+    /// original`) above 1, else 1 (HF `_compute_longrope_parameters`).
+    pub fn rope_attention_factor(&self) -> f64 {
+        let RopeKind::LongRope {
+            factor,
+            attention_factor,
+            ..
+        } = self.rope_kind()
+        else {
+            return 1.0;
+        };
+        let original = self.rope_original_context() as f64;
+        let factor = factor.unwrap_or(self.max_position_embeddings as f64 / original);
+        attention_factor.unwrap_or_else(|| {
+            if factor <= 1.0 {
+                1.0
+            } else {
+                (1.0 + factor.ln() / original.ln()).sqrt()
+            }
+        })
+    }
+
+    /// LongRoPE's frequencies for sequences past [`Config::rope_original_context`] (the
+    /// `long_factor` divisors); `None` for every other rope type.
+    pub fn inv_freq_long(&self) -> Option<Vec<f32>> {
+        match self.rope_kind() {
+            RopeKind::LongRope { long_factor, .. } => {
+                Some(self.longrope_inv_freq(LayerAttention::Full, &long_factor))
+            }
+            _ => None,
+        }
+    }
+
+    /// `1 / (ext_factors * base ** (arange(0, dim, 2).float() / dim))` in f32.
+    fn longrope_inv_freq(&self, kind: LayerAttention, factors: &[f64]) -> Vec<f32> {
+        let dim = self.rotary_dim();
+        let base = self.rope_base_for(kind) as f32;
+        (0..dim)
+            .step_by(2)
+            .zip(factors)
+            .map(|(i, &f)| 1.0 / (f as f32 * base.powf(i as f32 / dim as f32)))
+            .collect()
+    }
+
+    /// Rotary inverse frequencies, `rotary_dim / 2` values, computed in f32 like transformers'
     /// `_compute_default_rope_parameters`:
     /// `1 / base ** (arange(0, dim, 2).float() / dim)`, then for `linear` rope divided by the
     /// factor and for `llama3` rope `_compute_llama3_parameters` (`modeling_rope_utils.py`),
     /// line for line.
     pub fn inv_freq_for(&self, kind: LayerAttention) -> Vec<f32> {
-        let dim = self.head_dim();
+        let dim = self.rotary_dim();
         let base = self.rope_base_for(kind) as f32;
         let inv: Vec<f32> = (0..dim)
             .step_by(2)
@@ -834,6 +1111,10 @@ impl Config {
         let (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) =
             match self.rope_kind_for(kind) {
                 RopeKind::Default => return inv,
+                // The short factors: [`Config::inv_freq_long`] has the others.
+                RopeKind::LongRope { short_factor, .. } => {
+                    return self.longrope_inv_freq(kind, &short_factor);
+                }
                 RopeKind::Linear { factor } => {
                     let factor = factor as f32;
                     return inv.into_iter().map(|f| f / factor).collect();

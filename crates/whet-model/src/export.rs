@@ -63,6 +63,11 @@ pub fn export_gguf(
         ModelType::Llama | ModelType::Mistral => GgufArch::Llama,
         ModelType::Qwen2 => GgufArch::Qwen2,
         ModelType::Qwen3 => GgufArch::Qwen3,
+        ModelType::Phi3 => {
+            return fail(
+                "GGUF export of phi3 is not supported yet (its fused projections and LongRoPE factors have no writer in whet)".into(),
+            );
+        }
         ModelType::Gemma3 => {
             return fail(
                 "GGUF export of gemma3_text is not supported yet: Gemma's SentencePiece tokenizer has no GGUF writer in whet (the weights would map; the vocabulary would not)".into(),

@@ -266,3 +266,113 @@ pub fn generate_stream(
     }
     Ok(Finish::Length)
 }
+
+/// One row's result of [`generate_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// The new tokens (the stop id included when it ended the row).
+    pub ids: Vec<u32>,
+    pub finish: Finish,
+}
+
+/// [`generate`] for several prompts at once: the prompts are left-padded to one length (the
+/// padding in a segment of its own, so no real token attends to it, and each row's positions
+/// start at 0 at its first real token) and decoded together with one KV cache, every row
+/// stopping at its own stop id or `max_new_tokens`. Each row gets the same tokens as
+/// [`generate`] alone would give it (up to float reordering in the batched matmuls); sampling
+/// draws from one seeded sampler per row.
+pub fn generate_batch(
+    model: &Model,
+    prompts: &[&[u32]],
+    cfg: &GenerationConfig,
+) -> Result<Vec<Generated>> {
+    cfg.validate()?;
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(Error::Input {
+            input: "prompts",
+            expected: "at least one token per prompt (e.g. the BOS id)".into(),
+            found: format!("an empty prompt at index {i}"),
+        });
+    }
+    let b = prompts.len();
+    let mut out: Vec<Generated> = (0..b)
+        .map(|_| Generated {
+            ids: Vec::new(),
+            finish: Finish::Length,
+        })
+        .collect();
+    if b == 0 || cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let model = model.detached();
+    let dev = model.device().clone();
+    let stop = cfg
+        .eos_token_ids
+        .clone()
+        .unwrap_or_else(|| model.config().eos_token_ids());
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    // Row r: `longest - len` padding tokens (id 0, segment 1), then the prompt (segment 0).
+    const REAL: u32 = 0;
+    const PAD: u32 = 1;
+    let (mut ids, mut positions, mut segments) = (
+        Vec::with_capacity(b * longest),
+        Vec::with_capacity(b * longest),
+        Vec::with_capacity(b * longest),
+    );
+    for p in prompts {
+        let pad = longest - p.len();
+        ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
+        positions.extend(std::iter::repeat_n(0u32, pad).chain(0..p.len() as u32));
+        segments.extend(std::iter::repeat_n(PAD, pad).chain(std::iter::repeat_n(REAL, p.len())));
+    }
+    let mut lens: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    let mut histories: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+    let mut samplers: Vec<Sampler> = (0..b).map(|_| Sampler::new(cfg)).collect();
+    let mut done = vec![false; b];
+    let mut cache = model.new_cache();
+    let mut step = Tensor::from_vec(ids, (b, longest), &dev)?; // (B, T)
+    let mut step_positions = Tensor::from_vec(positions, (b, longest), &dev)?; // (B, T)
+    for _ in 0..cfg.max_new_tokens {
+        let key_segments = Tensor::from_vec(segments.clone(), (b, segments.len() / b), &dev)?; // (B, S)
+        let logits =
+            model.forward_cached_with(&step, &step_positions, &key_segments, &mut cache)?; // (B, V)
+        let logits = logits.to_vec2::<f32>()?;
+        let mut next = vec![0u32; b];
+        for r in 0..b {
+            if done[r] {
+                continue;
+            }
+            if let Some(bad) = logits[r].iter().find(|v| !v.is_finite()) {
+                model.ensure_finite("a logit", *bad)?;
+            }
+            let id = samplers[r].sample(&logits[r], &histories[r]);
+            histories[r].push(id);
+            out[r].ids.push(id);
+            next[r] = id;
+            if stop.contains(&id) {
+                out[r].finish = Finish::Stop;
+                done[r] = true;
+            }
+        }
+        if done.iter().all(|d| *d) {
+            break;
+        }
+        // Finished rows keep decoding a placeholder (same shapes); their outputs are unused.
+        let positions: Vec<u32> = lens.clone();
+        lens.iter_mut().for_each(|l| *l += 1);
+        // Append one key column: every row's new token is in its real segment.
+        let s = segments.len() / b;
+        segments = (0..b)
+            .flat_map(|r| {
+                segments[r * s..(r + 1) * s]
+                    .iter()
+                    .copied()
+                    .chain([REAL])
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        step = Tensor::from_vec(next, (b, 1), &dev)?; // (B, 1)
+        step_positions = Tensor::from_vec(positions, (b, 1), &dev)?; // (B, 1)
+    }
+    Ok(out)
+}

@@ -49,6 +49,10 @@ pub use config::{
     Config, LayerAttention, ModelType, RopeKind, RopeParameters, RopeScaling, TokenIds,
 };
 pub use error::{Error, Result};
-pub use generate::{Finish, GenerationConfig, Sampler, generate, generate_stream};
+pub use generate::{
+    Finish, Generated, GenerationConfig, Sampler, generate, generate_batch, generate_stream,
+};
 pub use llama::{KvCache, LOSS_CHUNK_ROWS, LoadOptions, Model, QuantSummary, Trainable};
-pub use lora::{LINEAR_MODULES, Linear, LoraConfig, TargetModules};
+pub use lora::{
+    FUSED_LINEAR_MODULES, KNOWN_LINEAR_MODULES, LINEAR_MODULES, Linear, LoraConfig, TargetModules,
+};

@@ -3,13 +3,13 @@
 //! (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and Gemma 3 (`1 + w` RMSNorms before and after
 //! attention and MLP, GeGLU, q/k norms, embeddings scaled by `sqrt(hidden)`,
 //! `query_pre_attn_scalar`, local sliding-window layers with a rotary base of their own between
-//! global ones). Written for training: every op comes from `whet_kernels` (candle's fused
+//! global ones) and Phi-3 (fused `qkv_proj` and `gate_up_proj`, LongRoPE, partial rotary). Written for training: every op comes from `whet_kernels` (candle's fused
 //! softmax / rms_norm / rope / sdpa have no backward), q/k/v stay (B, T, NH, D) straight from
 //! the projection, and packed rows are handled by `segments` (a query attends only to keys of
 //! its own document) plus per-document `positions`.
 //!
 //! Layout follows candle-transformers `models/llama.rs` and HF `modeling_llama.py`,
-//! `modeling_qwen3.py` and `modeling_gemma3.py`: `Attention`, `Mlp`, `Block`, `Model`, each
+//! `modeling_qwen3.py`, `modeling_gemma3.py` and `modeling_phi3.py`: `Attention`, `Mlp`, `Block`, `Model`, each
 //! with `load` and `forward`.
 //!
 //! Shapes: `B` batch, `T` tokens, `S` keys (T plus cached), `H` hidden, `NH` query heads,
@@ -99,17 +99,56 @@ impl RmsNorm {
 /// One layer's cached keys and values, (B, S, NKV, D) each.
 type KvSlot = Option<(Tensor, Tensor)>;
 
+/// The q, k and v projections: three linears, or Phi-3's one `qkv_proj` whose output is q, then
+/// k, then v.
+// One per layer, built once: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+enum QkvProj {
+    Separate {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+    Fused(Linear),
+}
+
+impl QkvProj {
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            QkvProj::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![q_proj, k_proj, v_proj],
+            QkvProj::Fused(qkv_proj) => vec![qkv_proj],
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            QkvProj::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![q_proj, k_proj, v_proj],
+            QkvProj::Fused(qkv_proj) => vec![qkv_proj],
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: QkvProj,
     o_proj: Linear,
     /// Qwen3, Gemma 3: RMSNorms over each head of q and of k, before rope.
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// The leading dimensions of each head that rotate (Phi-4-mini: 3/4 of them); the rest pass
+    /// through rope unchanged.
+    rotary_dim: usize,
     /// Score scale, `head_dim ** -0.5` unless the config says otherwise.
     scale: f64,
     /// Sliding window (keys) of this layer; `None` attends to the whole document.
@@ -133,21 +172,72 @@ impl Attention {
         } else {
             None
         };
+        let qkv = if cfg.fused_projections() {
+            QkvProj::Fused(Linear::load(
+                vb.pp("qkv_proj"),
+                h,
+                (nh + 2 * nkv) * d,
+                qkv_bias,
+            )?)
+        } else {
+            QkvProj::Separate {
+                q_proj: Linear::load(vb.pp("q_proj"), h, nh * d, qkv_bias)?,
+                k_proj: Linear::load(vb.pp("k_proj"), h, nkv * d, qkv_bias)?,
+                v_proj: Linear::load(vb.pp("v_proj"), h, nkv * d, qkv_bias)?,
+            }
+        };
         Ok(Attention {
-            q_proj: Linear::load(vb.pp("q_proj"), h, nh * d, qkv_bias)?,
-            k_proj: Linear::load(vb.pp("k_proj"), h, nkv * d, qkv_bias)?,
-            v_proj: Linear::load(vb.pp("v_proj"), h, nkv * d, qkv_bias)?,
+            qkv,
             o_proj: Linear::load(vb.pp("o_proj"), nh * d, h, o_bias)?,
             qk_norm,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
+            rotary_dim: cfg.rotary_dim(),
             scale: cfg.attention_scale(),
             window: cfg.layer_window(layer),
         })
     }
 
-    /// x: (B, T, H), cos/sin: (B, T, D/2), segments: (B, S) -> (B, T, H).
+    /// x: (B, T, H) -> q (B, T, NH * D), k and v (B, T, NKV * D).
+    fn project(&self, x: &Tensor, train: bool, ops: Kernels) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.qkv {
+            QkvProj::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => Ok((
+                q_proj.forward(x, train, ops)?,
+                k_proj.forward(x, train, ops)?,
+                v_proj.forward(x, train, ops)?,
+            )),
+            QkvProj::Fused(qkv_proj) => {
+                let (q, kv) = (
+                    self.num_heads * self.head_dim,
+                    self.num_kv_heads * self.head_dim,
+                );
+                let qkv = qkv_proj.forward(x, train, ops)?; // (B, T, (NH + 2 NKV) * D)
+                Ok((
+                    qkv.narrow(2, 0, q)?,
+                    qkv.narrow(2, q, kv)?,
+                    qkv.narrow(2, q + kv, kv)?,
+                ))
+            }
+        }
+    }
+
+    /// Rope on the first `rotary_dim` dimensions of each head. x: (B, T, N, D), cos/sin:
+    /// (B, T, R/2) -> (B, T, N, D)
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, ops: Kernels) -> Result<Tensor> {
+        let (d, r) = (self.head_dim, self.rotary_dim);
+        if r == d {
+            return Ok(ops.rope(x, cos, sin)?);
+        }
+        let rotated = ops.rope(&x.narrow(3, 0, r)?.contiguous()?, cos, sin)?; // (B, T, N, R)
+        Ok(Tensor::cat(&[&rotated, &x.narrow(3, r, d - r)?], 3)?)
+    }
+
+    /// x: (B, T, H), cos/sin: (B, T, R/2), segments: (B, S) -> (B, T, H).
     /// With a cache slot, this step's k/v are appended to it and S = cached + T.
     fn forward(
         &self,
@@ -160,21 +250,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x, train, ops)?.reshape((b, t, nh, d))?; // (B, T, NH, D)
-        let k = self
-            .k_proj
-            .forward(x, train, ops)?
-            .reshape((b, t, nkv, d))?; // (B, T, NKV, D)
-        let v = self
-            .v_proj
-            .forward(x, train, ops)?
-            .reshape((b, t, nkv, d))?; // (B, T, NKV, D)
+        let (q, k, v) = self.project(x, train, ops)?;
+        let q = q.reshape((b, t, nh, d))?; // (B, T, NH, D)
+        let k = k.reshape((b, t, nkv, d))?; // (B, T, NKV, D)
+        let v = v.reshape((b, t, nkv, d))?; // (B, T, NKV, D)
         let (q, k) = match &self.qk_norm {
             Some((qn, kn)) => (qn.forward(&q, ops)?, kn.forward(&k, ops)?),
             None => (q, k),
         };
-        let q = ops.rope(&q, cos, sin)?; // (B, T, NH, D)
-        let k = ops.rope(&k, cos, sin)?; // (B, T, NKV, D)
+        let q = self.rotate(&q, cos, sin, ops)?; // (B, T, NH, D)
+        let k = self.rotate(&k, cos, sin, ops)?; // (B, T, NKV, D)
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
@@ -191,29 +276,37 @@ impl Attention {
         self.o_proj.forward(&y, train, ops) // (B, T, H)
     }
 
-    fn linears(&self) -> [&Linear; 4] {
-        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    /// The linears in HF state-dict order.
+    fn linears(&self) -> Vec<&Linear> {
+        let mut v = self.qkv.linears();
+        v.push(&self.o_proj);
+        v
     }
 
     fn norms(&self) -> impl Iterator<Item = &RmsNorm> {
         self.qk_norm.iter().flat_map(|(q, k)| [q, k])
     }
 
-    fn linears_mut(&mut self) -> [&mut Linear; 4] {
-        [
-            &mut self.q_proj,
-            &mut self.k_proj,
-            &mut self.v_proj,
-            &mut self.o_proj,
-        ]
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = self.qkv.linears_mut();
+        v.push(&mut self.o_proj);
+        v
     }
+}
+
+/// The MLP's gate and up projections: two linears, or Phi-3's one `gate_up_proj` whose output is
+/// the gate, then up.
+#[derive(Debug, Clone)]
+enum GateUpProj {
+    Separate { gate_proj: Linear, up_proj: Linear },
+    Fused(Linear),
 }
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUpProj,
     down_proj: Linear,
+    intermediate: usize,
     /// GeGLU (Gemma) instead of SwiGLU.
     gelu: bool,
 }
@@ -221,18 +314,38 @@ pub struct Mlp {
 impl Mlp {
     fn load(vb: Vb, cfg: &Config) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let gate_up = if cfg.fused_projections() {
+            GateUpProj::Fused(Linear::load(vb.pp("gate_up_proj"), h, 2 * i, false)?)
+        } else {
+            GateUpProj::Separate {
+                gate_proj: Linear::load(vb.pp("gate_proj"), h, i, false)?,
+                up_proj: Linear::load(vb.pp("up_proj"), h, i, false)?,
+            }
+        };
         Ok(Mlp {
-            gate_proj: Linear::load(vb.pp("gate_proj"), h, i, false)?,
-            up_proj: Linear::load(vb.pp("up_proj"), h, i, false)?,
+            gate_up,
             down_proj: Linear::load(vb.pp("down_proj"), i, h, false)?,
+            intermediate: i,
             gelu: cfg.is_gemma(),
         })
     }
 
     /// x: (B, T, H) -> (B, T, H). SwiGLU or GeGLU (Shazeer 2020, arXiv:2002.05202).
     fn forward(&self, x: &Tensor, train: bool, ops: Kernels) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, train, ops)?; // (B, T, I)
-        let up = self.up_proj.forward(x, train, ops)?; // (B, T, I)
+        let (gate, up) = match &self.gate_up {
+            GateUpProj::Separate { gate_proj, up_proj } => (
+                gate_proj.forward(x, train, ops)?,
+                up_proj.forward(x, train, ops)?,
+            ),
+            GateUpProj::Fused(gate_up_proj) => {
+                let i = self.intermediate;
+                let gu = gate_up_proj.forward(x, train, ops)?; // (B, T, 2 I)
+                (
+                    gu.narrow(2, 0, i)?.contiguous()?,
+                    gu.narrow(2, i, i)?.contiguous()?,
+                )
+            }
+        }; // (B, T, I) each
         let act = if self.gelu {
             ops.geglu(&gate, &up)?
         } else {
@@ -241,12 +354,23 @@ impl Mlp {
         self.down_proj.forward(&act, train, ops) // (B, T, H)
     }
 
-    fn linears(&self) -> [&Linear; 3] {
-        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    /// The linears in HF state-dict order.
+    fn linears(&self) -> Vec<&Linear> {
+        let mut v = match &self.gate_up {
+            GateUpProj::Separate { gate_proj, up_proj } => vec![gate_proj, up_proj],
+            GateUpProj::Fused(gate_up_proj) => vec![gate_up_proj],
+        };
+        v.push(&self.down_proj);
+        v
     }
 
-    fn linears_mut(&mut self) -> [&mut Linear; 3] {
-        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = match &mut self.gate_up {
+            GateUpProj::Separate { gate_proj, up_proj } => vec![gate_proj, up_proj],
+            GateUpProj::Fused(gate_up_proj) => vec![gate_up_proj],
+        };
+        v.push(&mut self.down_proj);
+        v
     }
 }
 
@@ -316,13 +440,13 @@ impl Block {
     }
 
     fn linears(&self) -> Vec<&Linear> {
-        let mut v: Vec<&Linear> = self.self_attn.linears().into();
+        let mut v = self.self_attn.linears();
         v.extend(self.mlp.linears());
         v
     }
 
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut v: Vec<&mut Linear> = self.self_attn.linears_mut().into();
+        let mut v = self.self_attn.linears_mut();
         v.extend(self.mlp.linears_mut());
         v
     }
@@ -405,16 +529,16 @@ impl Block {
             ..
         } = self;
         let Attention {
-            q_proj,
-            k_proj,
-            v_proj,
+            qkv,
             o_proj,
             qk_norm,
             ..
         } = self_attn;
         let mut v = Vec::new();
-        for l in [q_proj, k_proj, v_proj, o_proj]
+        for l in qkv
+            .linears_mut()
             .into_iter()
+            .chain([o_proj])
             .chain(mlp.linears_mut())
         {
             v.extend(l.base_params_mut());
@@ -453,7 +577,7 @@ impl KvCache {
 // the model
 
 /// A causal LM (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
-/// `Qwen3ForCausalLM`, `Gemma3ForCausalLM`), f32.
+/// `Qwen3ForCausalLM`, `Gemma3ForCausalLM`, `Phi3ForCausalLM`), f32.
 #[derive(Debug, Clone)]
 pub struct Model {
     cfg: Config,
@@ -465,6 +589,12 @@ pub struct Model {
     /// Rotary inverse frequencies, (D/2) each: the global layers', then (Gemma 3) the local
     /// layers'. A block reads `rope[block.rope]`.
     rope: Vec<Vec<f32>>,
+    /// LongRoPE (Phi-3.5, Phi-4-mini): the global table for rows whose positions pass
+    /// `rope_original` (transformers switches per forward, on the largest position).
+    rope_long: Option<Vec<f32>>,
+    rope_original: usize,
+    /// LongRoPE's attention factor on cos and sin; 1 otherwise.
+    rope_scale: f64,
     lora: Option<LoraConfig>,
     training: bool,
     /// NEFTune (Jain et al. 2023, arXiv:2310.05914): uniform noise of magnitude
@@ -509,6 +639,9 @@ impl Model {
             norm,
             lm_head,
             rope,
+            rope_long: cfg.inv_freq_long(),
+            rope_original: cfg.rope_original_context(),
+            rope_scale: cfg.rope_attention_factor(),
             lora: None,
             training: true,
             neftune_alpha: 0.0,
@@ -841,7 +974,7 @@ impl Model {
     /// existing ones. The base stays frozen.
     pub fn apply_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
         let label = Path::new("<lora config>");
-        let modules = cfg.modules(label)?;
+        let modules = cfg.modules_for(self.cfg.linear_modules(), label)?;
         self.ensure_base_frozen(label)?;
         let mut init = StdRng::seed_from_u64(seed);
         for (i, lin) in self.linears_mut().enumerate() {
@@ -897,14 +1030,17 @@ impl Model {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default();
-        lora::write_adapter(dir, cfg, &base, tensors)
+        lora::write_adapter(dir, cfg, &base, self.cfg.linear_modules(), tensors)
     }
 
     /// Loads a PEFT LoRA adapter folder onto the (frozen) base, replacing any adapters.
     /// The loaded A/B are Vars, so training can continue from them. Returns its config.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig> {
         let (cfg, _base, weights_path) = lora::read_adapter_config(dir)?;
-        let modules = cfg.modules(&dir.join(lora::ADAPTER_CONFIG_FILE))?;
+        let modules = cfg.modules_for(
+            self.cfg.linear_modules(),
+            &dir.join(lora::ADAPTER_CONFIG_FILE),
+        )?;
         self.ensure_base_frozen(dir)?;
         let files = SafetensorsFiles::open(std::slice::from_ref(&weights_path))?;
         let mut used = 0;
@@ -1092,12 +1228,29 @@ impl Model {
         Ok(x)
     }
 
-    /// (cos, sin), (B, T, D/2) each in `dtype`, per rotary table.
+    /// (cos, sin), (B, T, R/2) each in `dtype`, per rotary table. LongRoPE: the long table when
+    /// the largest position reaches past the original context (HF `longrope_frequency_update`),
+    /// cos and sin scaled by the attention factor.
     fn rope_tables(&self, positions: &Tensor, dtype: DType) -> Result<Vec<(Tensor, Tensor)>> {
+        let long = match &self.rope_long {
+            Some(long) => {
+                let last = positions.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+                (last + 1 > self.rope_original).then_some(long)
+            }
+            None => None,
+        };
         self.rope
             .iter()
-            .map(|inv_freq| {
-                let (cos, sin) = rope_tables(positions, inv_freq)?;
+            .enumerate()
+            .map(|(i, inv_freq)| {
+                let inv_freq = match long {
+                    Some(long) if i == 0 => long,
+                    _ => inv_freq,
+                };
+                let (mut cos, mut sin) = rope_tables(positions, inv_freq)?;
+                if self.rope_scale != 1.0 {
+                    (cos, sin) = ((cos * self.rope_scale)?, (sin * self.rope_scale)?);
+                }
                 Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
             })
             .collect()
@@ -1193,15 +1346,34 @@ impl Model {
         let positions: Vec<u32> = (0..b).flat_map(|_| start as u32..s as u32).collect();
         let positions = Tensor::from_vec(positions, (b, t), &self.device)?; // (B, T)
         let segments = Tensor::zeros((b, s), DType::U32, &self.device)?; // (B, S)
+        self.forward_cached_with(ids, &positions, &segments, cache)
+    }
+
+    /// [`Model::forward_cached`] with each new token's position in its row's document
+    /// (`positions`, (B, T) u32) and the segment of every key, cached and new (`segments`,
+    /// (B, S) u32 with S = `cache.len()` + T): rows of different lengths decode together,
+    /// left-padded, their padding in a segment of its own. Returns the last position's logits,
+    /// (B, V).
+    pub fn forward_cached_with(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        segments: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t) = check_2d(ids, "ids", DType::U32, None)?;
+        check_2d(positions, "positions", DType::U32, Some((b, t)))?;
+        let s = cache.len + t;
+        check_2d(segments, "segments", DType::U32, Some((b, s)))?;
         self.check_id_range(ids)?;
         let ops = self.kernels;
         let view = self.compute_view()?;
         let this = view.as_ref();
         let mut x = this.embed(ids)?; // (B, T, H)
-        let tables = self.rope_tables(&positions, x.dtype())?;
+        let tables = self.rope_tables(positions, x.dtype())?;
         for (block, slot) in this.layers.iter().zip(cache.layers.iter_mut()) {
             let (cos, sin) = &tables[block.rope];
-            x = block.forward(&x, cos, sin, &segments, Some(slot), (false, ops))?; // (B, T, H)
+            x = block.forward(&x, cos, sin, segments, Some(slot), (false, ops))?; // (B, T, H)
         }
         cache.len = s;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?; // (B, H)

@@ -19,8 +19,9 @@ use whet_kernels::{Kernels, Ops, quantized_linear};
 use crate::error::{Error, Result};
 use crate::load::{Init, Param, Vb};
 
-/// The projections LoRA can target, in model order. `all-linear` means all of them
-/// (PEFT's `all-linear` excludes the LM head, as here).
+/// The projections of the Llama layout (Llama, Mistral, Qwen, Gemma) that LoRA can target, in
+/// model order. `all-linear` means all of a model's linears (PEFT's `all-linear` excludes the LM
+/// head, as here): these, or [`FUSED_LINEAR_MODULES`] ([`crate::Config::linear_modules`]).
 pub const LINEAR_MODULES: [&str; 7] = [
     "q_proj",
     "k_proj",
@@ -30,6 +31,39 @@ pub const LINEAR_MODULES: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
+
+/// Phi-3's projections, in model order: q, k and v in one `qkv_proj`, the MLP's gate and up in
+/// one `gate_up_proj` (the names PEFT targets on Phi-3).
+pub const FUSED_LINEAR_MODULES: [&str; 4] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
+
+/// Every module name of either layout, in model order: what a target list may name before the
+/// model is known.
+pub const KNOWN_LINEAR_MODULES: [&str; 9] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+];
+
+/// Whether `modules` (any order) is every linear of one layout: what PEFT writes for
+/// `all-linear`.
+pub fn is_all_linear(modules: &[String]) -> bool {
+    let mut given: Vec<&str> = modules.iter().map(String::as_str).collect();
+    given.sort_unstable();
+    given.dedup();
+    [&LINEAR_MODULES[..], &FUSED_LINEAR_MODULES[..]]
+        .iter()
+        .any(|layout| {
+            let mut l = layout.to_vec();
+            l.sort_unstable();
+            l == given
+        })
+}
 
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -94,7 +128,27 @@ impl LoraConfig {
         }
     }
 
-    /// The targeted module names, in [`LINEAR_MODULES`] order; `path` labels errors.
+    /// The targeted module names of a model whose linears are `linears` (in model order,
+    /// [`crate::Config::linear_modules`]): `all-linear` is all of them; a listed name the model
+    /// does not have is an error naming the model's own. `path` labels errors.
+    pub fn modules_for(&self, linears: &[&'static str], path: &Path) -> Result<Vec<&'static str>> {
+        let known = self.modules(path)?;
+        if matches!(&self.target_modules, TargetModules::One(s) if s == "all-linear") {
+            return Ok(linears.to_vec());
+        }
+        if let Some(missing) = known.iter().find(|m| !linears.contains(m)) {
+            return Err(Error::lora(
+                path,
+                format!(
+                    "target module `{missing}` is not a linear of this model; its linears are {linears:?} (or \"all-linear\")"
+                ),
+            ));
+        }
+        Ok(known)
+    }
+
+    /// The targeted module names, in [`KNOWN_LINEAR_MODULES`] order (`all-linear`: all of
+    /// them; [`LoraConfig::modules_for`] resolves against one model); `path` labels errors.
     pub fn modules(&self, path: &Path) -> Result<Vec<&'static str>> {
         if self.r == 0 {
             return Err(Error::lora(path, "r = 0; the rank must be at least 1"));
@@ -106,12 +160,14 @@ impl LoraConfig {
             ));
         }
         let wanted: Vec<&str> = match &self.target_modules {
-            TargetModules::One(s) if s == "all-linear" => return Ok(LINEAR_MODULES.to_vec()),
+            TargetModules::One(s) if s == "all-linear" => {
+                return Ok(KNOWN_LINEAR_MODULES.to_vec());
+            }
             TargetModules::One(s) => {
                 return Err(Error::lora(
                     path,
                     format!(
-                        "target_modules = {s:?}: a single string is a regex in PEFT, which is not supported; use \"all-linear\" or a list of {LINEAR_MODULES:?}"
+                        "target_modules = {s:?}: a single string is a regex in PEFT, which is not supported; use \"all-linear\" or a list of {KNOWN_LINEAR_MODULES:?}"
                     ),
                 ));
             }
@@ -121,26 +177,30 @@ impl LoraConfig {
             return Err(Error::lora(path, "target_modules is empty"));
         }
         for w in &wanted {
-            if !LINEAR_MODULES.contains(w) {
+            if !KNOWN_LINEAR_MODULES.contains(w) {
                 return Err(Error::lora(
                     path,
                     format!(
-                        "target module `{w}` is not supported; supported: {LINEAR_MODULES:?} or \"all-linear\""
+                        "target module `{w}` is not supported; supported: {KNOWN_LINEAR_MODULES:?} or \"all-linear\""
                     ),
                 ));
             }
         }
-        Ok(LINEAR_MODULES
+        Ok(KNOWN_LINEAR_MODULES
             .iter()
             .copied()
             .filter(|m| wanted.contains(m))
             .collect())
     }
 
-    /// PEFT's `adapter_config.json` for this recipe (target modules expanded, as PEFT saves
-    /// them after resolving `all-linear`).
-    pub fn to_peft_json(&self, base_model_name_or_path: &str) -> Result<String> {
-        let modules = self.modules(Path::new(ADAPTER_CONFIG_FILE))?;
+    /// PEFT's `adapter_config.json` for this recipe on a model whose linears are `linears`
+    /// (target modules expanded, as PEFT saves them after resolving `all-linear`).
+    pub fn to_peft_json(
+        &self,
+        base_model_name_or_path: &str,
+        linears: &[&'static str],
+    ) -> Result<String> {
+        let modules = self.modules_for(linears, Path::new(ADAPTER_CONFIG_FILE))?;
         let alpha = if self.alpha.fract() == 0.0 && self.alpha.abs() < 1e15 {
             serde_json::json!(self.alpha as i64)
         } else {
@@ -585,10 +645,11 @@ pub(crate) fn write_adapter(
     dir: &Path,
     cfg: &LoraConfig,
     base_model_name_or_path: &str,
+    linears: &[&'static str],
     tensors: Vec<(String, Tensor)>,
 ) -> Result<()> {
     let cfg_path = dir.join(ADAPTER_CONFIG_FILE);
-    let json = cfg.to_peft_json(base_model_name_or_path)?;
+    let json = cfg.to_peft_json(base_model_name_or_path, linears)?;
     atomic::write_file(&cfg_path, json.as_bytes(), Existing::Replace)?;
     crate::load::save_safetensors(&dir.join(ADAPTER_WEIGHTS_FILE), tensors, None)
 }

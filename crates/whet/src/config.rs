@@ -359,7 +359,7 @@ impl Config {
         })?;
         let (a, _base) = whet_model::LoraConfig::from_peft_json(&text, &file)?;
         let modules: Vec<String> = a.modules(&file)?.iter().map(|m| m.to_string()).collect();
-        let target_modules = if modules.len() == whet_model::LINEAR_MODULES.len() {
+        let target_modules = if all_linear(&modules) {
             vec!["all-linear".to_string()]
         } else {
             modules
@@ -373,18 +373,12 @@ impl Config {
         };
         let mine = &self.lora;
         let same_targets = |x: &[String], y: &[String]| {
-            let expand = |v: &[String]| -> Vec<String> {
-                let mut v: Vec<String> = match v {
-                    [one] if one == "all-linear" => whet_model::LINEAR_MODULES
-                        .iter()
-                        .map(|m| m.to_string())
-                        .collect(),
-                    many => many.to_vec(),
-                };
+            let sorted = |v: &[String]| {
+                let mut v = v.to_vec();
                 v.sort();
                 v
             };
-            expand(x) == expand(y)
+            (all_linear(x) && all_linear(y)) || sorted(x) == sorted(y)
         };
         for key in written {
             let (ours, theirs, same) = match key.as_str() {
@@ -590,7 +584,7 @@ impl Config {
         if modules.is_empty() {
             return Err(bad(format!(
                 "is empty; use [\"all-linear\"] or names from {:?}",
-                whet_model::LINEAR_MODULES
+                whet_model::KNOWN_LINEAR_MODULES
             )));
         }
         if let [one] = modules.as_slice()
@@ -599,10 +593,10 @@ impl Config {
             return Ok(());
         }
         for m in modules {
-            if !whet_model::LINEAR_MODULES.contains(&m.as_str()) {
+            if !whet_model::KNOWN_LINEAR_MODULES.contains(&m.as_str()) {
                 return Err(bad(format!(
-                    "names {m:?}, not a linear module of this architecture; use [\"all-linear\"] or names from {:?}",
-                    whet_model::LINEAR_MODULES
+                    "names {m:?}, not a linear module of any architecture whet trains; use [\"all-linear\"] or names from {:?}",
+                    whet_model::KNOWN_LINEAR_MODULES
                 )));
             }
         }
@@ -644,7 +638,7 @@ impl Config {
             let lora = self.lora_config();
             // The targeted layer with the smallest min(out, in) bounds the rank.
             let smallest = lora
-                .modules(model_config)?
+                .modules_for(model.linear_modules(), model_config)?
                 .into_iter()
                 .filter_map(|m| model.linear_shape(m).map(|(o, i)| (o.min(i), o, i, m)))
                 .min();
@@ -740,6 +734,11 @@ impl Config {
             config_toml,
         }
     }
+}
+
+/// `["all-linear"]`, or every linear of one layout (what PEFT writes for it).
+fn all_linear(modules: &[String]) -> bool {
+    matches!(modules, [one] if one == "all-linear") || whet_model::lora::is_all_linear(modules)
 }
 
 /// `train.lr=1e-4`: the value is parsed as TOML (number, bool, array, inline table), falling back
@@ -951,8 +950,28 @@ mod tests {
         let all = Config::from_toml(MINIMAL, Path::new("run.toml"), &[]).unwrap();
         assert_eq!(
             all.lora_config().modules(Path::new("x")).unwrap(),
-            whet_model::LINEAR_MODULES.to_vec()
+            whet_model::KNOWN_LINEAR_MODULES.to_vec()
         );
+        let llama = whet_model::LINEAR_MODULES;
+        assert_eq!(
+            all.lora_config()
+                .modules_for(&llama, Path::new("x"))
+                .unwrap(),
+            llama.to_vec()
+        );
+        // Phi-3's fused names on a Llama-layout model: refused, naming the model's own.
+        let fused = Config::from_toml(
+            MINIMAL,
+            Path::new("run.toml"),
+            &["lora.target_modules=[\"qkv_proj\"]".into()],
+        )
+        .unwrap();
+        let msg = fused
+            .lora_config()
+            .modules_for(&llama, Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("qkv_proj") && msg.contains("q_proj"), "{msg}");
         let msg = refused(&["lora.target_modules=[\"q_proj\", \"qproj\"]"]);
         assert!(
             msg.contains("`lora.target_modules`") && msg.contains("qproj"),

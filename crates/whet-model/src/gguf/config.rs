@@ -56,6 +56,7 @@ impl GgufArch {
 /// layers at llama.cpp's fixed base 10000, unscaled).
 fn rope_parameters(arch: GgufArch, theta: f64, scaling: Option<RopeScaling>) -> RopeParameters {
     let global = RopeScaling {
+        partial_rotary_factor: None,
         rope_theta: Some(theta),
         kind: scaling.map_or(RopeKind::Default, |s| s.kind),
     };
@@ -63,6 +64,7 @@ fn rope_parameters(arch: GgufArch, theta: f64, scaling: Option<RopeScaling>) -> 
         return RopeParameters::One(global);
     }
     let local = RopeScaling {
+        partial_rotary_factor: None,
         rope_theta: Some(10_000.0),
         kind: RopeKind::Default,
     };
@@ -163,6 +165,7 @@ impl GgufFile {
                     return Err(self.bad(&factor_key, "a finite number > 0", factor.to_string()));
                 }
                 Some(RopeScaling {
+                    partial_rotary_factor: None,
                     rope_theta: None,
                     kind: RopeKind::Linear { factor },
                 })
@@ -220,6 +223,8 @@ impl GgufFile {
             rope_scaling: scaling.clone(),
             rope_parameters: Some(rope_parameters(arch, theta, scaling)),
             max_position_embeddings: ctx,
+            original_max_position_embeddings: None,
+            partial_rotary_factor: None,
             tie_word_embeddings: self.tensor("output.weight").is_none(),
             attention_bias: Some(false),
             mlp_bias: false,

@@ -125,6 +125,7 @@ fn config_json(config: &Config, pad_token_id: Option<u32>) -> Json {
         ModelType::Qwen2 => "Qwen2ForCausalLM",
         ModelType::Qwen3 => "Qwen3ForCausalLM",
         ModelType::Gemma3 => "Gemma3ForCausalLM",
+        ModelType::Phi3 => "Phi3ForCausalLM",
     };
     if let Json::Object(map) = &mut json {
         if config.is_gemma() {

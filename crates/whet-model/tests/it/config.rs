@@ -405,3 +405,113 @@ fn unsupported_gemma_and_window_settings_name_the_field() {
     );
     assert!(msg.contains("yarn") && msg.contains("linear"), "{msg}");
 }
+
+/// Phi-4-mini-instruct's config.json as on the Hub (transformers 4.45; the 48 LongRoPE
+/// factors per list are filled in by [`phi4_mini`]).
+fn phi4_mini() -> serde_json::Value {
+    let factors = |scale: f64| (0..48).map(|i| 1.0 + scale * i as f64).collect::<Vec<_>>();
+    serde_json::json!({
+        "architectures": ["Phi3ForCausalLM"], "attention_bias": false,
+        "attention_dropout": 0.0, "bos_token_id": 199999, "embd_pdrop": 0.0,
+        "eos_token_id": 199999, "full_attn_mod": 1, "hidden_act": "silu",
+        "hidden_size": 3072, "initializer_range": 0.02, "intermediate_size": 8192,
+        "interpolate_factor": 1, "lm_head_bias": false, "max_position_embeddings": 131072,
+        "mlp_bias": false, "model_type": "phi3", "num_attention_heads": 24,
+        "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "original_max_position_embeddings": 4096, "pad_token_id": 199999,
+        "partial_rotary_factor": 0.75, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"long_factor": factors(1.0), "short_factor": factors(0.01),
+                         "type": "longrope"},
+        "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": true,
+        "torch_dtype": "bfloat16", "transformers_version": "4.45.0", "use_cache": true,
+        "vocab_size": 200064
+    })
+}
+
+#[test]
+fn phi_configs_parse() {
+    let c = parse(&phi4_mini().to_string()).unwrap();
+    assert_eq!(c.model_type(), ModelType::Phi3);
+    assert!(c.fused_projections() && c.tie_word_embeddings && !c.qkv_bias() && !c.o_bias());
+    assert_eq!((c.head_dim(), c.rotary_dim()), (128, 96));
+    assert_eq!(
+        c.linear_modules(),
+        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    );
+    assert_eq!(c.linear_shape("qkv_proj"), Some(((24 + 2 * 8) * 128, 3072)));
+    assert_eq!(c.linear_shape("gate_up_proj"), Some((2 * 8192, 3072)));
+    assert_eq!(
+        c.linear_shape("q_proj"),
+        None,
+        "no separate q_proj in Phi-3"
+    );
+    // factor = 131072 / 4096 = 32.
+    let want = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt();
+    assert!((c.rope_attention_factor() - want).abs() < 1e-12);
+    let (short, long) = (c.inv_freq(), c.inv_freq_long().unwrap());
+    assert_eq!((short.len(), long.len()), (48, 48));
+    // Pair 1 of 48: short factor 1.01, long factor 2, base 10000 over 96 rotated dims.
+    let plain = 1.0 / 10000f32.powf(2.0 / 96.0);
+    assert_eq!(short[1], 1.0 / (1.01f32 * 10000f32.powf(2.0 / 96.0)));
+    assert_eq!(long[1], 1.0 / (2.0 * 10000f32.powf(2.0 / 96.0)));
+    assert!(short[1] < plain && long[1] < short[1]);
+    assert_eq!(c.layer_window(0), Some(262144));
+    assert!(matches!(c.rope_kind(), RopeKind::LongRope { .. }));
+    // What save_pretrained writes reads back to the same config.
+    let back = parse(&serde_json::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+    assert_eq!(back.inv_freq_long(), c.inv_freq_long());
+
+    // Phi-3-mini-4k: no rope scaling, every head dimension rotates, a window of 2047.
+    let mut v = phi4_mini();
+    for key in ["rope_scaling", "partial_rotary_factor"] {
+        v[key] = serde_json::Value::Null;
+    }
+    v["sliding_window"] = serde_json::json!(2047);
+    let c = parse(&v.to_string()).unwrap();
+    assert_eq!(c.rotary_dim(), c.head_dim());
+    assert_eq!(c.rope_attention_factor(), 1.0);
+    assert!(c.inv_freq_long().is_none());
+    assert_eq!(c.layer_window(31), Some(2047));
+}
+
+#[test]
+fn unsupported_phi_settings_name_the_field() {
+    let refused = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = phi4_mini();
+        edit(&mut v);
+        parse(&v.to_string()).unwrap_err().to_string()
+    };
+    let msg = refused(&|v| v["rope_scaling"]["short_factor"] = serde_json::json!([1.0, 2.0]));
+    assert!(
+        msg.contains("rope_scaling.short_factor") && msg.contains("48"),
+        "{msg}"
+    );
+    let msg = refused(&|v| v["rope_scaling"]["long_factor"] = serde_json::json!([1.0, -2.0]));
+    assert!(msg.contains("long_factor"), "{msg}");
+    let msg = refused(&|v| v["partial_rotary_factor"] = serde_json::json!(0.0));
+    assert!(msg.contains("partial_rotary_factor"), "{msg}");
+    let msg = refused(&|v| v["partial_rotary_factor"] = serde_json::json!(0.001));
+    assert!(
+        msg.contains("partial_rotary_factor") && msg.contains("even"),
+        "{msg}"
+    );
+    // LongRoPE and partial rotary where transformers does not run them.
+    let msg = refused(&|v| v["model_type"] = serde_json::json!("llama"));
+    assert!(
+        msg.contains("partial_rotary_factor") && msg.contains("phi3 only"),
+        "{msg}"
+    );
+    let msg = refused(&|v| {
+        v["model_type"] = serde_json::json!("llama");
+        v["partial_rotary_factor"] = serde_json::Value::Null;
+        v["rope_scaling"]["short_factor"] = serde_json::json!(vec![1.0; 64]);
+        v["rope_scaling"]["long_factor"] = serde_json::json!(vec![1.0; 64]);
+    });
+    assert!(
+        msg.contains("longrope") && msg.contains("phi3 only"),
+        "{msg}"
+    );
+    let msg = refused(&|v| v["model_type"] = serde_json::json!("phimoe"));
+    assert!(msg.contains("phimoe") && msg.contains("phi3"), "{msg}");
+}

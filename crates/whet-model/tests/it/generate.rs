@@ -225,3 +225,53 @@ fn generate_stream_hands_out_generate_s_tokens_one_by_one_and_can_halt() {
         (Finish::Stop, &all[..=first_stop])
     );
 }
+
+/// Batched greedy decoding of prompts of different lengths (left-padded, the padding in a
+/// segment of its own) gives each row what decoding it alone gives, stop ids included: on the
+/// Llama layout, Mistral's window, Gemma 3's local layers and Phi-4-mini's partial rotary.
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    use whet_model::{Finish, generate_batch};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden");
+    for name in ["llama_tiny", "mistral_tiny", "gemma3_tiny", "phi4_tiny"] {
+        let dir = root.join(name);
+        if !dir.join("model.safetensors").is_file() {
+            eprintln!("SKIP {name}: fixture absent");
+            continue;
+        }
+        let model = Model::load(&dir, Trainable::None, &cpu()).unwrap();
+        let prompts: [&[u32]; 4] = [
+            &[1, 17, 5, 40],
+            &[1, 99],
+            &[1, 3, 8, 200, 31, 77, 12, 9, 150],
+            &[1, 42, 42, 42, 42, 42],
+        ];
+        let mut gc = GenerationConfig::greedy(10);
+        gc.eos_token_ids = Some(vec![]);
+        // A stop id that some row reaches: the first row's third greedy token.
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| generate(&model, p, &gc).unwrap())
+            .collect();
+        gc.eos_token_ids = Some(vec![alone[0][2]]);
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| generate(&model, p, &gc).unwrap())
+            .collect();
+        let batch = generate_batch(&model, &prompts, &gc).unwrap();
+        for (r, (got, want)) in batch.iter().zip(&alone).enumerate() {
+            assert_eq!(&got.ids, want, "{name} row {r}");
+            let stopped = want.last() == Some(&alone[0][2]) && want.len() <= 10;
+            assert_eq!(got.finish == Finish::Stop, stopped, "{name} row {r}");
+        }
+        assert_eq!(
+            batch[0].finish,
+            Finish::Stop,
+            "{name}: row 0 reaches its stop id"
+        );
+        eprintln!(
+            "{name}: batched greedy equals one-at-a-time ({:?} new tokens)",
+            batch.iter().map(|g| g.ids.len()).collect::<Vec<_>>()
+        );
+    }
+}

@@ -19,7 +19,7 @@ const LOSS_TOL: f32 = 1e-5;
 const GRAD_TOL: f32 = 1e-3;
 
 /// Every architecture's f32 fixture.
-const ALL: [&str; 7] = [
+const ALL: [&str; 9] = [
     "llama_tiny",
     "llama3_tiny",
     "llama32_tiny",
@@ -27,6 +27,8 @@ const ALL: [&str; 7] = [
     "qwen3_tiny",
     "mistral_tiny",
     "gemma3_tiny",
+    "phi3_tiny",
+    "phi4_tiny",
 ];
 
 fn golden_root() -> PathBuf {
@@ -162,6 +164,43 @@ fn golden_logits_loss_and_rope() {
     }
 }
 
+/// Phi-4-mini's LongRoPE past the original context (32 in the fixture): a 40-token document
+/// switches every position to the long factors, as transformers does per forward.
+#[test]
+fn golden_longrope_past_the_original_context() {
+    let Some((dir, g)) = fixture("phi4_tiny") else {
+        return;
+    };
+    let model = Model::load(&dir, Trainable::None, &cpu()).unwrap();
+    let long = model.config().inv_freq_long().expect("longrope");
+    let e = rel_err(
+        &Tensor::new(long.as_slice(), &cpu()).unwrap(),
+        &g["rope.long_inv_freq"],
+    );
+    assert!(e < 1e-6, "long inv_freq off by {e}");
+    let ids = g["long.input_ids"].to_dtype(DType::U32).unwrap(); // (1, 40)
+    let t = ids.dim(1).unwrap();
+    let positions = Tensor::arange(0u32, t as u32, &cpu())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let segments = Tensor::zeros((1, t), DType::U32, &cpu()).unwrap();
+    let logits = model.logits(&ids, &positions, &segments).unwrap();
+    let d = max_abs_diff(&logits, &g["long.logits"]);
+    eprintln!("phi4_tiny: 40 positions (long factors): max |logits - golden| = {d:.2e}");
+    assert!(d <= LOGITS_TOL, "long-context logits differ by {d}");
+    // The same tokens within the original context take the short factors: other logits.
+    let short = model
+        .logits(
+            &ids.narrow(1, 0, 24).unwrap(),
+            &positions.narrow(1, 0, 24).unwrap(),
+            &segments.narrow(1, 0, 24).unwrap(),
+        )
+        .unwrap();
+    let moved = max_abs_diff(&short, &logits.narrow(1, 0, 24).unwrap());
+    assert!(moved > 1e-3, "the long factors changed nothing ({moved})");
+}
+
 #[test]
 fn golden_transformers_4_config_gives_the_same_model() {
     for name in ALL {
@@ -201,6 +240,8 @@ fn golden_lora_and_rslora() {
         "qwen2_tiny",
         "qwen3_tiny",
         "gemma3_tiny",
+        "phi3_tiny",
+        "phi4_tiny",
     ] {
         let Some((dir, g)) = fixture(name) else {
             continue;

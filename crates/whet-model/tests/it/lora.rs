@@ -316,7 +316,9 @@ fn adapters_round_trip_through_peft_files() {
 #[test]
 fn unsupported_peft_features_are_named() {
     let dir = TempDir::new("dora");
-    let cfg = LoraConfig::new(4, 8.0).to_peft_json("base").unwrap();
+    let cfg = LoraConfig::new(4, 8.0)
+        .to_peft_json("base", &LINEAR_MODULES)
+        .unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     v["use_dora"] = serde_json::json!(true);
     std::fs::write(dir.path().join("adapter_config.json"), v.to_string()).unwrap();
