@@ -59,6 +59,27 @@ pub enum TrainError {
         message: String,
     },
 
+    // ---- task metrics (`score`) ----
+    #[error("{metric}: {message}")]
+    ScoreInput {
+        metric: &'static str,
+        message: String,
+    },
+    #[error(
+        "classification: reference {row} (counting from 0) is {reference:?}, which normalises to none of the labels ({labels}); add it to the label set or fix that reference"
+    )]
+    ReferenceOutsideLabels {
+        row: usize,
+        reference: String,
+        labels: String,
+    },
+    #[error(
+        "entity_f1: reference {row} (counting from 0) is not an entity list: {reason}. Write each reference as a JSON object {{\"type\": [\"span\", ...]}}, a JSON list [{{\"type\": ..., \"text\": ...}}], or lines `type: span`"
+    )]
+    UnparseableReference { row: usize, reason: String },
+    #[error("unknown metric {name:?}; the metrics are {valid}")]
+    UnknownMetric { name: String, valid: String },
+
     // ---- distributed runs ----
     #[error("rank {rank} of {world} ({backend}): {op} failed: {message}")]
     Comm {

@@ -47,6 +47,7 @@ pub mod config;
 mod error;
 pub mod metrics;
 pub mod rows;
+pub mod score;
 mod state_io;
 pub mod step;
 pub mod trainer;
