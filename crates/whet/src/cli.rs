@@ -58,3 +58,28 @@ pub fn shape_parser() -> impl TypedValueParser<Value = Shape> {
             .unwrap_or_default()
     })
 }
+
+/// The task-metric flags of `whet eval`.
+#[derive(Debug, Clone, Args)]
+pub struct MetricArgs {
+    /// A task metric of greedy completions against the references (repeatable): exact_match,
+    /// accuracy, macro_f1, entity_f1, chrf.
+    #[arg(long = "metric", value_name = "NAME")]
+    pub metrics: Vec<whet_train::score::Metric>,
+    /// A label of the label set of accuracy / macro_f1 (repeatable; default: the distinct
+    /// references of the data).
+    #[arg(long = "label", value_name = "LABEL")]
+    pub labels: Vec<String>,
+    /// Tokens generated per example at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Prompts generated together.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Score the first N examples only (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    /// Compare as generated: keep case, whitespace and punctuation.
+    #[arg(long)]
+    pub exact: bool,
+}

@@ -110,16 +110,47 @@ pub fn eval(
     data: &Path,
     format: Shape,
     max_len: usize,
+    task: &crate::cli::MetricArgs,
 ) -> Result<()> {
     let model = rt.load_model(args, Trainable::None)?;
     let tok = load_tokenizer(&args.model)?;
     let spec = pipeline::flags_section(data, None, format, max_len, false);
     let rows = pipeline::eval_rows(&tok, &spec)?;
     let (loss, tokens) = evaluate(&model, &rows, 4, rt.device())?;
-    println!(
-        "{}",
-        serde_json::json!({ "loss": loss, "perplexity": loss.exp(), "tokens": tokens })
-    );
+    let mut out = serde_json::json!({ "loss": loss, "perplexity": loss.exp(), "tokens": tokens });
+    if !task.metrics.is_empty() {
+        if task.max_new_tokens == 0 || task.batch == 0 {
+            bail!("--max-new-tokens and --batch must be at least 1 with --metric");
+        }
+        let (examples, _) = pipeline::read(data, &spec)?;
+        let take = match task.limit {
+            0 => examples.len(),
+            n => n.min(examples.len()),
+        };
+        let normalize = if task.exact {
+            whet_train::score::Normalize::NONE
+        } else {
+            whet_train::score::Normalize::default()
+        };
+        let labels = if task.labels.is_empty() {
+            let all: Vec<&whet_data::Example> = examples.iter().collect();
+            crate::task_eval::labels_of(&all, &normalize)
+        } else {
+            task.labels.clone()
+        };
+        let scored = crate::task_eval::task_examples(&tok, &examples[..take])?;
+        let settings = crate::task_eval::TaskSettings {
+            metrics: &task.metrics,
+            labels: Some(&labels),
+            normalize,
+            max_new_tokens: task.max_new_tokens,
+            batch: task.batch,
+            max_prompt_len: max_len.saturating_sub(task.max_new_tokens).max(1),
+        };
+        let scores = crate::task_eval::score_model(&model, &tok, &scored, &settings)?;
+        out["metrics"] = serde_json::to_value(&scores)?;
+    }
+    println!("{out}");
     Ok(())
 }
 
@@ -595,6 +626,9 @@ fn train_on(
         eval_sets.push((set.name.clone(), rows));
     }
 
+    let task = task_inputs(&cfg, &tok, &data)?;
+    let task = task.as_ref().map(|(e, l)| (e.as_slice(), l.as_slice()));
+
     // Before training: the base model (LoRA starts as the identity, B = 0).
     model.set_training(false);
     let measure = |model: &Model| {
@@ -606,6 +640,7 @@ fn train_on(
                 validation: &data.validation,
                 general: general.as_deref(),
                 sets: &eval_sets,
+                task,
             },
             with_report,
             dev,
@@ -613,7 +648,8 @@ fn train_on(
     };
     let before = if leader { Some(measure(&model)?) } else { None };
     if let Some(b) = &before {
-        (time.base_eval_s, time.base_generate_s) = (b.eval_s, b.generate_s);
+        (time.base_eval_s, time.base_generate_s, time.base_task_s) =
+            (b.eval_s, b.generate_s, b.task_s);
     }
 
     let trainer_cfg = cfg.trainer();
@@ -657,7 +693,8 @@ fn train_on(
     })?;
     time.save_s = clock.elapsed().as_secs_f64();
     let after = measure(&model)?;
-    (time.tuned_eval_s, time.tuned_generate_s) = (after.eval_s, after.generate_s);
+    (time.tuned_eval_s, time.tuned_generate_s, time.tuned_task_s) =
+        (after.eval_s, after.generate_s, after.task_s);
     let losses = read_curves(&out.join("metrics.jsonl"))?;
     crate::plot::loss_curve(&out.join("loss.svg"), "whet: loss", &losses.0, &losses.1)?;
     let generations = before
@@ -691,6 +728,40 @@ fn train_on(
         final_dir.display()
     );
     Ok(())
+}
+
+/// The validation examples task metrics score (the first `eval.metric_examples`, or all) and
+/// the label set (`eval.labels`, else the distinct completions of the training and validation
+/// data); `None` without `eval.metrics` or validation examples.
+pub fn task_inputs(
+    cfg: &Config,
+    tok: &Tokenizer,
+    data: &pipeline::Prepared,
+) -> Result<Option<(Vec<crate::task_eval::TaskExample>, Vec<String>)>> {
+    if cfg.eval.metrics.is_empty() {
+        return Ok(None);
+    }
+    if data.validation_examples.is_empty() {
+        eprintln!("note: eval.metrics are not scored: the run has no validation examples");
+        return Ok(None);
+    }
+    let take = match cfg.eval.metric_examples {
+        0 => data.validation_examples.len(),
+        n => n.min(data.validation_examples.len()),
+    };
+    let examples = crate::task_eval::task_examples(tok, &data.validation_examples[..take])?;
+    let labels = match &cfg.eval.labels {
+        Some(l) => l.clone(),
+        None => {
+            let all: Vec<&whet_data::Example> = data
+                .train_examples
+                .iter()
+                .chain(&data.validation_examples)
+                .collect();
+            crate::task_eval::labels_of(&all, &cfg.eval.normalize)
+        }
+    };
+    Ok(Some((examples, labels)))
 }
 
 /// (step, loss) points of one curve.

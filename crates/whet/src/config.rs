@@ -10,6 +10,7 @@ use whet_data::Shape;
 use whet_optim::{AdamWConfig, SgdConfig};
 pub use whet_train::Method;
 use whet_train::config::check;
+use whet_train::score::{Metric, Normalize};
 use whet_train::{OptimizerChoice, TrainError, TrainerConfig};
 
 pub type Result<T> = std::result::Result<T, ConfigError>;
@@ -219,6 +220,40 @@ pub struct EvalSection {
     /// checkpoint. A k-fold run (`train.k_folds`) scores its folds only.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sets: Vec<EvalSet>,
+    /// Task metrics (`exact_match`, `accuracy`, `macro_f1`, `entity_f1`, `chrf`): a greedy
+    /// completion of at most `max_new_tokens` is generated for each validation example and
+    /// scored against its reference completion, for the base and the tuned model (and each
+    /// fold of a k-fold run).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<Metric>,
+    /// The label set of `accuracy` and `macro_f1`; absent: the distinct completions of the
+    /// training data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+    /// What the metrics fold away before comparing (`{ case = true, whitespace = true,
+    /// punctuation = true }` by default; set one to false to keep it).
+    #[serde(skip_serializing_if = "is_default_normalize")]
+    pub normalize: Normalize,
+    /// Score the first N validation examples only (0: all): generation costs more than a loss.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub metric_examples: usize,
+    /// Prompts generated together for the metrics.
+    #[serde(skip_serializing_if = "is_default_metric_batch")]
+    pub metric_batch: usize,
+}
+
+fn is_default_normalize(n: &Normalize) -> bool {
+    *n == Normalize::default()
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+const DEFAULT_METRIC_BATCH: usize = 8;
+
+fn is_default_metric_batch(n: &usize) -> bool {
+    *n == DEFAULT_METRIC_BATCH
 }
 
 impl Default for EvalSection {
@@ -228,6 +263,11 @@ impl Default for EvalSection {
             general_data: None,
             max_new_tokens: 64,
             sets: Vec::new(),
+            metrics: Vec::new(),
+            labels: None,
+            normalize: Normalize::default(),
+            metric_examples: 0,
+            metric_batch: DEFAULT_METRIC_BATCH,
         }
     }
 }
@@ -269,6 +309,8 @@ pub mod limits {
     pub const LORA_RANK: u64 = 1 << 16;
     pub const K_FOLDS: u64 = 1000;
     pub const MAX_NEW_TOKENS: u64 = 1 << 20;
+    /// `eval.metric_batch`: prompts generated together.
+    pub const METRIC_BATCH: u64 = 1 << 12;
 }
 
 mod defaults {
@@ -532,6 +574,43 @@ impl Config {
             0,
             limits::MAX_NEW_TOKENS,
         )?;
+        if !self.eval.metrics.is_empty() {
+            int(
+                "eval.metric_batch",
+                self.eval.metric_batch as u64,
+                1,
+                limits::METRIC_BATCH,
+            )?;
+            if self.eval.max_new_tokens == 0 {
+                return Err(bad(
+                    "eval.max_new_tokens",
+                    "= 0 leaves nothing to score: task metrics (eval.metrics) generate up to this many tokens per example".into(),
+                ));
+            }
+            if self.data.format == Shape::Text {
+                return Err(bad(
+                    "eval.metrics",
+                    "need a reference completion per example; data.format = \"text\" has none (use prompt-completion or chat data)".into(),
+                ));
+            }
+        }
+        if let Some(labels) = &self.eval.labels {
+            let folded: Vec<String> = labels
+                .iter()
+                .map(|l| whet_train::score::normalize(l, &self.eval.normalize))
+                .collect();
+            if let Some(i) = (0..labels.len())
+                .find(|&i| folded[..i].contains(&folded[i]) || folded[i].is_empty())
+            {
+                return Err(bad(
+                    &format!("eval.labels[{i}]"),
+                    format!(
+                        "{:?} is empty or the same label as an earlier one once normalised (eval.normalize)",
+                        labels[i]
+                    ),
+                ));
+            }
+        }
         for (i, set) in self.eval.sets.iter().enumerate() {
             let name = set.name.as_str();
             if name.is_empty()
@@ -1016,6 +1095,34 @@ mod tests {
             msg.contains("`data.max_len`") && msg.contains("max_position_embeddings"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn task_metric_settings_are_checked() {
+        let c = Config::from_toml(
+            MINIMAL,
+            Path::new("run.toml"),
+            &[
+                "eval.metrics=[\"accuracy\", \"chrf\"]".into(),
+                "eval.normalize={ case = false }".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.eval.metrics, [Metric::Accuracy, Metric::Chrf]);
+        assert!(!c.eval.normalize.case && c.eval.normalize.punctuation);
+        // Unused, the keys stay out of the saved config (run ids of older configs hold).
+        let plain = Config::from_toml(MINIMAL, Path::new("run.toml"), &[]).unwrap();
+        assert!(!plain.to_toml().contains("metric") && !plain.to_toml().contains("normalize"));
+        let msg = refused(&["eval.metrics=[\"bleu\"]"]);
+        assert!(msg.contains("bleu") && msg.contains("exact_match"), "{msg}");
+        let msg = refused(&["eval.metrics=[\"accuracy\"]", "data.format=\"text\""]);
+        assert!(msg.contains("`eval.metrics`"), "{msg}");
+        let msg = refused(&["eval.metrics=[\"accuracy\"]", "eval.max_new_tokens=0"]);
+        assert!(msg.contains("`eval.max_new_tokens`"), "{msg}");
+        let msg = refused(&["eval.metrics=[\"accuracy\"]", "eval.metric_batch=0"]);
+        assert!(msg.contains("`eval.metric_batch`"), "{msg}");
+        let msg = refused(&["eval.labels=[\"Wi-Fi\", \"wifi\"]"]);
+        assert!(msg.contains("`eval.labels[1]`"), "{msg}");
     }
 
     #[test]

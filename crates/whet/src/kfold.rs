@@ -1,6 +1,7 @@
 //! k-fold cross-validation: k fresh models, each trained on k-1 folds and validated on the
-//! held-out one; the mean and spread of the best validation losses say how much a single
-//! split's number can be trusted.
+//! held-out one; the mean and spread of the best validation losses (and of the task metrics,
+//! `eval.metrics`, of each fold's best checkpoint) say how much a single split's number can be
+//! trusted.
 
 use std::path::Path;
 
@@ -9,9 +10,13 @@ use serde::Serialize;
 use whet_tokenize::Tokenizer;
 use whet_train::{Quiet, Trainer};
 
+use whet_train::score::Metric;
+
 use crate::config::Config;
 use crate::pipeline::{self, Prepared};
+use crate::report::task_settings;
 use crate::runtime::{Runtime, run_id};
+use crate::task_eval::{self, TaskScores};
 
 #[derive(Debug, Serialize)]
 pub struct FoldResult {
@@ -21,6 +26,22 @@ pub struct FoldResult {
     pub base_val_loss: f64,
     pub best_val_loss: f64,
     pub best_step: Option<u64>,
+    /// Task metrics (`eval.metrics`) of the base model on this fold's validation examples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_task: Option<TaskScores>,
+    /// The same for the fold's best checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskScores>,
+}
+
+/// One task metric over the folds: the tuned models' mean and spread, and the base model's
+/// mean.
+#[derive(Debug, Serialize)]
+pub struct MetricOverFolds {
+    pub metric: Metric,
+    pub mean: f64,
+    pub std: f64,
+    pub base_mean: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -29,6 +50,8 @@ pub struct KFoldReport {
     pub folds: Vec<FoldResult>,
     pub mean_val_loss: f64,
     pub std_val_loss: f64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricOverFolds>,
 }
 
 /// Mean and (population) standard deviation.
@@ -48,6 +71,11 @@ pub fn run(rt: &Runtime, cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &P
         .cloned()
         .collect();
     let trainer_cfg = cfg.trainer();
+    let labels = match &cfg.eval.labels {
+        Some(l) => l.clone(),
+        None => task_eval::labels_of(&all.iter().collect::<Vec<_>>(), &cfg.eval.normalize),
+    };
+    let settings = task_settings(cfg, &labels);
     let mut folds = Vec::with_capacity(k);
     for fold in 0..k {
         let split = whet_data::split::fold_split(all.iter().cloned(), k, fold, cfg.train.seed)?;
@@ -63,6 +91,19 @@ pub fn run(rt: &Runtime, cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &P
         model.set_training(false);
         let (base, _) =
             whet_train::evaluate(&model, &validation, cfg.train.micro_batch, rt.device())?;
+        let task_examples = if cfg.eval.metrics.is_empty() {
+            None
+        } else {
+            let take = match cfg.eval.metric_examples {
+                0 => split.validation.len(),
+                n => n.min(split.validation.len()),
+            };
+            Some(task_eval::task_examples(tok, &split.validation[..take])?)
+        };
+        let base_task = match &task_examples {
+            Some(e) => Some(task_eval::score_model(&model, tok, e, &settings)?),
+            None => None,
+        };
         let fold_out = out.join(format!("fold-{fold}"));
         let mut trainer = Trainer {
             model: &mut model,
@@ -78,6 +119,20 @@ pub fn run(rt: &Runtime, cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &P
         let summary = trainer.run(&mut Quiet)?;
         let best = summary.best_val_loss.unwrap_or(f64::NAN);
         eprintln!("fold {fold}/{k}: validation loss {base:.4} -> best {best:.4}");
+        let task = match &task_examples {
+            Some(e) => {
+                if let Some(best) = &summary.best_checkpoint {
+                    whet_train::load_trainable(&model, best, cfg.method)?;
+                }
+                model.set_training(false);
+                let t = task_eval::score_model(&model, tok, e, &settings)?;
+                for ((m, b), (_, a)) in base_task.iter().flat_map(|b| &b.values).zip(&t.values) {
+                    eprintln!("fold {fold}/{k}: {m} {b:.4} -> {a:.4}");
+                }
+                Some(t)
+            }
+            None => None,
+        };
         folds.push(FoldResult {
             fold,
             train_rows: train.len(),
@@ -85,15 +140,41 @@ pub fn run(rt: &Runtime, cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &P
             base_val_loss: base,
             best_val_loss: best,
             best_step: summary.best_step,
+            base_task,
+            task,
         });
     }
     let losses: Vec<f64> = folds.iter().map(|f| f.best_val_loss).collect();
     let (mean, std) = mean_std(&losses);
+    let metrics: Vec<MetricOverFolds> = cfg
+        .eval
+        .metrics
+        .iter()
+        .map(|&metric| {
+            let of = |t: &Option<TaskScores>| t.as_ref().and_then(|t| t.value(metric));
+            let tuned: Vec<f64> = folds.iter().filter_map(|f| of(&f.task)).collect();
+            let base: Vec<f64> = folds.iter().filter_map(|f| of(&f.base_task)).collect();
+            let (mean, std) = mean_std(&tuned);
+            MetricOverFolds {
+                metric,
+                mean,
+                std,
+                base_mean: mean_std(&base).0,
+            }
+        })
+        .collect();
+    for m in &metrics {
+        eprintln!(
+            "{k}-fold cross-validation: {} {:.4} ± {:.4} (base {:.4})",
+            m.metric, m.mean, m.std, m.base_mean
+        );
+    }
     let report = KFoldReport {
         k,
         folds,
         mean_val_loss: mean,
         std_val_loss: std,
+        metrics,
     };
     let path = out.join("kfold.json");
     let json = serde_json::to_string_pretty(&report)?;

@@ -33,3 +33,4 @@ pub mod report;
 pub mod runtime;
 pub mod serve;
 pub mod stream;
+pub mod task_eval;

@@ -48,7 +48,8 @@ enum Command {
         #[arg(long)]
         no_report: bool,
     },
-    /// Mean cross-entropy of a model (and adapter) on a dataset, as one JSON object.
+    /// Mean cross-entropy of a model (and adapter) on a dataset, and with `--metric` task
+    /// metrics of its greedy completions, as one JSON object.
     Eval {
         #[command(flatten)]
         model: whet::cli::ModelArgs,
@@ -58,6 +59,8 @@ enum Command {
         format: whet_data::Shape,
         #[arg(long, default_value_t = 2048)]
         max_len: usize,
+        #[command(flatten)]
+        task: whet::cli::MetricArgs,
     },
     /// Generate a completion for a prompt.
     Generate {
@@ -251,7 +254,8 @@ fn run(cli: Cli) -> Result<()> {
             data,
             format,
             max_len,
-        } => whet::commands::eval(&rt, &model, &data, format, max_len),
+            task,
+        } => whet::commands::eval(&rt, &model, &data, format, max_len, &task),
         Command::Generate { model, sampling } => whet::commands::generate(&rt, &model, &sampling),
         Command::Chat {
             model,

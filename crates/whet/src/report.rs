@@ -16,6 +16,7 @@ use whet_train::{Row, SetLoss, Summary, evaluate};
 use crate::config::Config;
 use crate::pipeline::DataReport;
 use crate::prompt::{complete, prompt_ids, report_generation_config};
+use crate::task_eval::{self, TaskExample, TaskScores, TaskSettings};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Losses {
@@ -26,6 +27,9 @@ pub struct Losses {
     /// `[eval] sets`, in their order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sets: Vec<SetLoss>,
+    /// Task metrics on the validation examples (`[eval] metrics`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskScores>,
 }
 
 pub struct Measured {
@@ -36,6 +40,8 @@ pub struct Measured {
     pub eval_s: f64,
     /// Seconds spent generating.
     pub generate_s: f64,
+    /// Seconds spent generating and scoring for the task metrics.
+    pub task_s: f64,
 }
 
 /// Where a run's wall time went, in seconds.
@@ -49,6 +55,8 @@ pub struct RunTime {
     pub base_eval_s: f64,
     /// The base model's generations for the report.
     pub base_generate_s: f64,
+    /// The base model's task metrics (generation for every scored validation example).
+    pub base_task_s: f64,
     /// The training loop: steps, validation during training, checkpoints.
     pub train: whet_train::TrainTime,
     /// Writing the adapter or model.
@@ -57,22 +65,26 @@ pub struct RunTime {
     pub tuned_eval_s: f64,
     /// The tuned model's generations.
     pub tuned_generate_s: f64,
+    /// The tuned model's task metrics.
+    pub tuned_task_s: f64,
 }
 
 impl RunTime {
     /// The parts as (name, seconds), in the order they ran.
-    pub fn parts(&self) -> [(&'static str, f64); 10] {
+    pub fn parts(&self) -> [(&'static str, f64); 12] {
         [
             ("data", self.data_s),
             ("model load", self.load_s),
             ("base eval", self.base_eval_s),
             ("base generation", self.base_generate_s),
+            ("base task metrics", self.base_task_s),
             ("training steps", self.train.steps_s),
             ("validation during training", self.train.eval_s),
             ("checkpoints", self.train.checkpoint_s),
             ("saving", self.save_s),
             ("tuned eval", self.tuned_eval_s),
             ("tuned generation", self.tuned_generate_s),
+            ("tuned task metrics", self.tuned_task_s),
         ]
     }
 
@@ -94,6 +106,8 @@ pub struct EvalRows<'a> {
     pub general: Option<&'a [Row]>,
     /// `[eval] sets`, named.
     pub sets: &'a [(String, Vec<Row>)],
+    /// The validation examples task metrics score, with the label set (`[eval] metrics`).
+    pub task: Option<(&'a [TaskExample], &'a [String])>,
 }
 
 /// Validation loss, general-text loss, the named sets' losses and the evaluation prompts'
@@ -110,6 +124,7 @@ pub fn measure(
         validation,
         general,
         sets,
+        task,
     } = *rows;
     let mb = cfg.train.micro_batch;
     let clock = std::time::Instant::now();
@@ -135,6 +150,16 @@ pub fn measure(
     }
     let eval_s = clock.elapsed().as_secs_f64();
     let clock = std::time::Instant::now();
+    if let Some((examples, labels)) = task {
+        losses.task = Some(task_eval::score_model(
+            model,
+            tok,
+            examples,
+            &task_settings(cfg, labels),
+        )?);
+    }
+    let task_s = clock.elapsed().as_secs_f64();
+    let clock = std::time::Instant::now();
     let mut gens = Vec::new();
     if generations {
         let chat = tok.chat_template().is_some()
@@ -150,7 +175,24 @@ pub fn measure(
         generations: gens,
         eval_s,
         generate_s: clock.elapsed().as_secs_f64(),
+        task_s,
     })
+}
+
+/// `[eval]`'s metric settings; prompts may take all of `data.max_len` but the new tokens.
+pub fn task_settings<'a>(cfg: &'a Config, labels: &'a [String]) -> TaskSettings<'a> {
+    TaskSettings {
+        metrics: &cfg.eval.metrics,
+        labels: Some(labels),
+        normalize: cfg.eval.normalize,
+        max_new_tokens: cfg.eval.max_new_tokens,
+        batch: cfg.eval.metric_batch,
+        max_prompt_len: cfg
+            .data
+            .max_len
+            .saturating_sub(cfg.eval.max_new_tokens)
+            .max(1),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -214,10 +256,84 @@ fn delta(before: Option<f64>, after: Option<f64>) -> String {
     }
 }
 
+/// The task metrics section: each metric base vs tuned, the generations that hit the token
+/// limit, the tuned model's confusion matrix or per-type entity scores, and a few answers.
+pub fn task_markdown(s: &mut String, before: &TaskScores, after: &TaskScores) {
+    let _ = writeln!(
+        s,
+        "## Task metrics ({} validation examples, greedy completions)\n",
+        after.n
+    );
+    let _ = writeln!(s, "| metric | base | tuned | change |\n|---|---|---|---|");
+    for ((m, b), (_, a)) in before.values.iter().zip(&after.values) {
+        let _ = writeln!(s, "| {m} | {b:.4} | {a:.4} | {:+.4} |", a - b);
+    }
+    let _ = writeln!(
+        s,
+        "| answers cut at eval.max_new_tokens | {} | {} | |",
+        before.hit_token_limit, after.hit_token_limit
+    );
+    if let (Some(b), Some(a)) = (&before.classification, &after.classification) {
+        let _ = writeln!(
+            s,
+            "| answers outside the label set | {} | {} | |",
+            b.outside_label_set, a.outside_label_set
+        );
+    }
+    if after.skipped_long > 0 {
+        let _ = writeln!(
+            s,
+            "\n{} examples were not scored: their prompt leaves no room for the answer within data.max_len.",
+            after.skipped_long
+        );
+    }
+    if let Some(c) = &after.classification {
+        let _ = writeln!(
+            s,
+            "\nConfusion matrix of the tuned model (rows: reference, columns: answer):\n\n{}",
+            c.to_markdown()
+        );
+    }
+    if let Some(e) = &after.entities {
+        let _ = writeln!(
+            s,
+            "\nEntities of the tuned model ({} answers unreadable):\n\n| type | precision | recall | F1 |\n|---|---|---|---|",
+            e.unparseable
+        );
+        for (t, p) in &e.per_type {
+            let _ = writeln!(
+                s,
+                "| {t} | {:.3} | {:.3} | {:.3} |",
+                p.precision, p.recall, p.f1
+            );
+        }
+    }
+    if !after.samples.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| reference | base answer | tuned answer |\n|---|---|---|"
+        );
+        let cell = |t: &str| t.trim().replace('|', "\\|").replace('\n', " ⏎ ");
+        for ((r, b), (_, a)) in before.samples.iter().zip(&after.samples) {
+            let _ = writeln!(s, "| {} | {} | {} |", cell(r), cell(b), cell(a));
+        }
+    }
+    let _ = writeln!(s);
+}
+
 impl Report {
     pub fn headline(&self) -> String {
+        let task = match (&self.before.task, &self.after.task) {
+            (Some(b), Some(a)) => b
+                .values
+                .iter()
+                .zip(&a.values)
+                .map(|((m, x), (_, y))| format!(", {m} {x:.3} -> {y:.3}"))
+                .collect::<String>(),
+            _ => String::new(),
+        };
         format!(
-            "validation loss {} -> {}, general-text loss {} -> {}, {} steps in {:.0} s",
+            "validation loss {} -> {}{task}, general-text loss {} -> {}, {} steps in {:.0} s",
             fmt_loss(self.before.val_loss),
             fmt_loss(self.after.val_loss),
             fmt_loss(self.before.general_loss),
@@ -316,6 +432,9 @@ impl Report {
             }
         );
         let _ = writeln!(s, "![loss curve](loss.svg)\n");
+        if let (Some(b), Some(a)) = (&self.before.task, &self.after.task) {
+            task_markdown(&mut s, b, a);
+        }
         if !self.generations.is_empty() {
             let _ = writeln!(s, "## Generations (greedy)\n");
             for g in &self.generations {

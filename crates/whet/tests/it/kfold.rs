@@ -65,3 +65,32 @@ fn two_fold_cross_validation_writes_kfold_json() {
     );
     assert!(r.stderr.contains("2-fold cross-validation"), "{}", r.stderr);
 }
+
+#[test]
+fn k_fold_scores_task_metrics_per_fold() {
+    let tmp = Tmp::new("kfold-metrics");
+    let m = model(&tmp);
+    chat_data(&tmp);
+    // One example per row, so rows count the examples scored.
+    let body = CHAT_RUN
+        .replace("max_len = 64", "max_len = 64\npack = false")
+        .replace("[eval]\n", "[eval]\nmetrics = [\"chrf\"]\n");
+    let cfg = config(&tmp, &m, &body);
+    let r = whet(["train", "--config", s(&cfg), "--set", "train.k_folds=2"]).ok();
+    assert!(r.stderr.contains("chrf"), "{}", r.stderr);
+    let report: Value =
+        serde_json::from_slice(&fs::read(tmp.join("out/kfold.json")).unwrap()).unwrap();
+    let chrf = |t: &Value| t["values"][0][1].as_f64().unwrap();
+    let folds = report["folds"].as_array().unwrap();
+    let tuned: Vec<f64> = folds.iter().map(|f| chrf(&f["task"])).collect();
+    let base: Vec<f64> = folds.iter().map(|f| chrf(&f["base_task"])).collect();
+    for f in folds {
+        // Every held-out example is scored.
+        assert_eq!(f["task"]["n"], f["validation_rows"], "{f}");
+    }
+    let m = &report["metrics"][0];
+    assert_eq!(m["metric"], "chrf");
+    assert!((m["mean"].as_f64().unwrap() - (tuned[0] + tuned[1]) / 2.0).abs() < 1e-12);
+    assert!((m["std"].as_f64().unwrap() - (tuned[0] - tuned[1]).abs() / 2.0).abs() < 1e-12);
+    assert!((m["base_mean"].as_f64().unwrap() - (base[0] + base[1]) / 2.0).abs() < 1e-12);
+}

@@ -20,4 +20,5 @@ mod qlora_export;
 mod recipes;
 mod resume;
 mod serve;
+mod task_metrics;
 mod train;
