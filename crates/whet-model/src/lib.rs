@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: `config.json` as Hugging Face writes it, validated; rotary frequencies.
 //! - [`load`]: memory-mapped (sharded) safetensors, f32 / bf16 / f16 to f32.
-//! - [`llama`]: the model; [`Model::loss`] for training, [`Model::logits`] for evaluation.
+//! - [`llama`]: the model; [`Model::loss`] for training, [`Model::logits`] for evaluation,
+//!   [`Model::sequence_logps`] and [`Model::adapters_disabled`] for preference tuning.
 //! - [`lora`]: the linear layer the model is built from, with optional LoRA; PEFT adapters.
 //! - [`generate`]: KV-cached generation and sampling.
 //! - [`gguf`]: GGUF import; [`export`]: GGUF export; [`quant`]: GGML type names and fallbacks.

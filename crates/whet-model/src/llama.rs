@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::load::{CONFIG_FILE, Init, Param, SafetensorsFiles, Source, Vb, WEIGHTS_FILE};
 use crate::lora::{self, Linear, LoraConfig};
 
+mod logps;
 mod precision;
 
 /// Rows of hidden states sent through the LM head + cross-entropy at once in [`Model::loss`]:
@@ -1274,21 +1275,7 @@ impl Model {
         let (b, t) = self.check_inputs(ids, positions, segments)?;
         check_2d(targets, "targets", DType::I64, Some((b, t)))?;
         let targets = targets.flatten_all()?; // (N)
-        let v = self.cfg.vocab_size as i64;
-        let mut rows: Vec<u32> = Vec::new();
-        for (i, &tgt) in targets.to_vec1::<i64>()?.iter().enumerate() {
-            if tgt == IGNORE_INDEX {
-                continue;
-            }
-            if !(0..v).contains(&tgt) {
-                return Err(Error::Input {
-                    input: "targets",
-                    expected: format!("token ids in [0, {v}) or {IGNORE_INDEX}"),
-                    found: format!("{tgt} at flat position {i}"),
-                });
-            }
-            rows.push(i as u32);
-        }
+        let rows = self.supervised_positions(&targets)?;
         let n = rows.len();
         if n == 0 {
             return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
@@ -1318,6 +1305,27 @@ impl Model {
             )?
             .to_dtype(DType::F32)?; // ()
         Ok((loss, n))
+    }
+
+    /// The flat positions of `targets` (N) i64 that are supervised (not [`IGNORE_INDEX`]), in
+    /// order; a target outside the vocabulary is an error naming its flat position.
+    fn supervised_positions(&self, targets: &Tensor) -> Result<Vec<u32>> {
+        let v = self.cfg.vocab_size as i64;
+        let mut rows: Vec<u32> = Vec::new();
+        for (i, &tgt) in targets.to_vec1::<i64>()?.iter().enumerate() {
+            if tgt == IGNORE_INDEX {
+                continue;
+            }
+            if !(0..v).contains(&tgt) {
+                return Err(Error::Input {
+                    input: "targets",
+                    expected: format!("token ids in [0, {v}) or {IGNORE_INDEX}"),
+                    found: format!("{tgt} at flat position {i}"),
+                });
+            }
+            rows.push(i as u32);
+        }
+        Ok(rows)
     }
 
     /// Evaluation forward (no dropout): (B, T) u32 inputs -> logits (B, T, V).

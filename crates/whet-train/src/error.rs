@@ -21,6 +21,14 @@ pub enum TrainError {
         hint: &'static str,
     },
 
+    // ---- preference losses ----
+    #[error("{loss}: {message}")]
+    Preference {
+        /// Which loss or input ("DPO loss", "ORPO loss", "preference pairs").
+        loss: &'static str,
+        message: String,
+    },
+
     // ---- the run ----
     #[error(
         "loss became {value} at step {step} (micro-batch {micro}): {cause}; stopping. Lower `train.lr`, keep `train.max_grad_norm` on, or check the data for empty rows. The last good checkpoint is untouched"

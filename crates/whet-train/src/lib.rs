@@ -46,6 +46,7 @@ pub mod comm;
 pub mod config;
 mod error;
 pub mod metrics;
+pub mod preference;
 pub mod rows;
 pub mod score;
 mod state_io;

@@ -315,3 +315,84 @@ fn golden_greedy_generation() {
         assert!(worst <= LOGITS_TOL, "{name}: step logits off by {worst}");
     }
 }
+
+/// Per-sequence log-probabilities of TRL's preference batch (`fixtures/golden/preference/`, made
+/// by `fixtures/gen/make_preference_golden.py`): the policy (llama_tiny + its LoRA adapter) and
+/// the reference (the adapter off) against TRL's `DPOTrainer` log-probs, and ORPO's averaged
+/// log-probs and chosen NLL against `ORPOTrainer.concatenated_forward`. The losses and gradients
+/// are checked in whet-train (`tests/it/preference.rs`).
+#[test]
+fn golden_preference_sequence_logps() {
+    let path = golden_root().join("preference/preference.safetensors");
+    if !path.is_file() {
+        eprintln!(
+            "SKIP golden preference: {} is absent (see fixtures/gen/README.md)",
+            path.display()
+        );
+        return;
+    }
+    let g = candle_core::safetensors::load(&path, &cpu()).unwrap();
+    let mut model =
+        Model::load(&golden_root().join("llama_tiny"), Trainable::None, &cpu()).unwrap();
+    model
+        .load_adapter(&golden_root().join("llama_tiny/lora"))
+        .unwrap();
+    let ids: Vec<Vec<i64>> = g["dpo.input_ids"].to_vec2().unwrap();
+    let completion: Vec<Vec<i64>> = g["dpo.completion_mask"].to_vec2().unwrap();
+    let attention: Vec<Vec<i64>> = g["dpo.attention_mask"].to_vec2().unwrap();
+    let (b, t) = (ids.len(), ids[0].len());
+    // The target of position i is token i + 1 where `mask` marks it (TRL's shifted labels).
+    let shifted = |mask: &dyn Fn(usize, usize) -> bool| {
+        let v: Vec<i64> = (0..b)
+            .flat_map(|r| (0..t).map(move |i| (r, i)))
+            .map(|(r, i)| {
+                if i + 1 < t && mask(r, i + 1) {
+                    ids[r][i + 1]
+                } else {
+                    -100
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, (b, t), &cpu()).unwrap()
+    };
+    let targets = shifted(&|r, i| completion[r][i] == 1);
+    // ORPO's NLL: prompt and completion of the chosen rows (the first half).
+    let nll_targets = shifted(&|r, i| r < b / 2 && attention[r][i] == 1);
+    let ids_t = g["dpo.input_ids"].to_dtype(DType::U32).unwrap();
+    let positions = Tensor::arange(0u32, t as u32, &cpu())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .repeat((b, 1))
+        .unwrap();
+    let segments = Tensor::zeros((b, t), DType::U32, &cpu()).unwrap();
+
+    let sets = model
+        .sequence_logps_sets(&ids_t, &positions, &segments, &[&targets, &nll_targets])
+        .unwrap();
+    let (policy, counts) = &sets[0];
+    let want_counts: Vec<i64> = g["dpo.n_targets"].to_vec1().unwrap();
+    let counts_i64: Vec<i64> = counts.iter().map(|&n| n as i64).collect();
+    assert_eq!(counts_i64, want_counts, "supervised targets per row");
+    let d_policy = max_abs_diff(policy, &g["dpo.policy_logps"]);
+    let (reference, _) = model
+        .reference_sequence_logps(&ids_t, &positions, &segments, &targets)
+        .unwrap();
+    let d_reference = max_abs_diff(&reference, &g["dpo.reference_logps"]);
+    let n = Tensor::new(counts.iter().map(|&n| n as f32).collect::<Vec<_>>(), &cpu()).unwrap();
+    let d_avg = max_abs_diff(&(policy / n).unwrap(), &g["orpo.avg_logps"]);
+    let (full, full_counts) = &sets[1];
+    let nll = -full.sum_all().unwrap().to_scalar::<f32>().unwrap()
+        / full_counts.iter().sum::<usize>() as f32;
+    let d_nll = (nll - g["orpo.nll"].to_scalar::<f32>().unwrap()).abs();
+    eprintln!(
+        "preference: max |logps - TRL| policy {d_policy:.2e}, reference {d_reference:.2e}, ORPO averages {d_avg:.2e}; |NLL - TRL| {d_nll:.2e}"
+    );
+    assert!(d_policy <= LOGITS_TOL, "policy log-probs off by {d_policy}");
+    assert!(
+        d_reference <= LOGITS_TOL,
+        "reference log-probs off by {d_reference}"
+    );
+    assert!(d_avg <= LOGITS_TOL, "ORPO average log-probs off by {d_avg}");
+    assert!(d_nll <= LOSS_TOL, "ORPO NLL off by {d_nll}");
+}

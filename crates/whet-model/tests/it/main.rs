@@ -12,6 +12,7 @@ mod gguf;
 mod gguf_arch;
 mod golden;
 mod hardening;
+mod logps;
 mod lora;
 mod model;
 mod qlora;
