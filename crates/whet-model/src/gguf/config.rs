@@ -197,6 +197,7 @@ impl GgufFile {
                 self.rope_freqs_llama3(head_dim, theta)?
                     .map(|p| RopeScaling {
                         rope_theta: None,
+                        partial_rotary_factor: None,
                         kind: p.kind(),
                     })
             }

@@ -261,6 +261,7 @@ impl GgufFile {
         plain.rope_scaling = None;
         plain.rope_parameters = Some(RopeParameters::One(crate::config::RopeScaling {
             rope_theta: Some(cfg.rope_base()),
+            partial_rotary_factor: None,
             kind: RopeKind::Default,
         }));
         let whet: Vec<f64> = plain
