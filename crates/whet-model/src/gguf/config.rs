@@ -1,4 +1,4 @@
-//! The `<arch>.*` metadata (`llama`, `qwen2`, `qwen3`, `gemma3`) as the crate's one [`Config`]: read, checked key by key (each error
+//! The `<arch>.*` metadata (`llama`, `qwen2`, `qwen3`, `gemma3`, `phi3`) as the crate's one [`Config`]: read, checked key by key (each error
 //! naming the metadata key), then validated as a `config.json` is.
 
 use std::path::Path;
@@ -8,7 +8,7 @@ use crate::config::{Config, RopeKind, RopeParameters, RopeScaling, TokenIds};
 use crate::error::{Error, Result};
 
 /// The `general.architecture` values [`GgufFile::config`] and [`GgufFile::hf_tensors`] accept.
-pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3", "phi3"];
 
 /// A GGUF architecture whet converts: its metadata prefix and the Hugging Face model it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +19,8 @@ pub enum GgufArch {
     Qwen3,
     /// Gemma 3's text decoder (the vision tower, if any, is a separate file).
     Gemma3,
+    /// Phi-3, 3.5, 4-mini: fused `attn_qkv` and gate+up `ffn_up`, LongRoPE factors as tensors.
+    Phi3,
 }
 
 impl GgufArch {
@@ -29,6 +31,7 @@ impl GgufArch {
             GgufArch::Qwen2 => "qwen2",
             GgufArch::Qwen3 => "qwen3",
             GgufArch::Gemma3 => "gemma3",
+            GgufArch::Phi3 => "phi3",
         }
     }
 
@@ -46,6 +49,7 @@ impl GgufArch {
             GgufArch::Qwen2,
             GgufArch::Qwen3,
             GgufArch::Gemma3,
+            GgufArch::Phi3,
         ]
         .into_iter()
         .find(|a| a.name() == name)
@@ -145,14 +149,28 @@ impl GgufFile {
                 v.to_string(),
             ));
         }
+        let phi3 = arch == GgufArch::Phi3;
+        // Phi-3 may rotate part of each head (Phi-4-mini: 3/4): the factor that gives back
+        // `int(head_dim * factor)` = the file's count, as transformers computes it.
+        let mut partial_rotary_factor = None;
         if let Some(d) = self.opt_u64(&key("rope.dimension_count"))?
             && d as usize != head_dim
         {
-            return Err(self.bad(
-                &key("rope.dimension_count"),
-                format!("the head size {head_dim} (partial rotary embeddings are not supported)"),
-                d.to_string(),
-            ));
+            let d = d as usize;
+            if !(phi3 && d >= 2 && d < head_dim && d.is_multiple_of(2)) {
+                return Err(self.bad(
+                    &key("rope.dimension_count"),
+                    format!(
+                        "the head size {head_dim} (partial rotary embeddings: phi3 only, an even count below it)"
+                    ),
+                    d.to_string(),
+                ));
+            }
+            let mut f = d as f64 / head_dim as f64;
+            while ((head_dim as f64 * f) as usize) < d {
+                f = f.next_up();
+            }
+            partial_rotary_factor = Some(f);
         }
         let scaling = match self.opt_str(&key("rope.scaling.type"))? {
             None | Some("none") => None,
@@ -204,6 +222,12 @@ impl GgufFile {
             // Not part of the other layouts: `plan` names it.
             (_, Some(_)) => scaling,
         };
+        let scaling = if phi3 {
+            self.phi3_longrope(head_dim, partial_rotary_factor)?
+                .or(scaling)
+        } else {
+            scaling
+        };
         let vocab = self.vocab_size()?;
         if let Some(v) = self.opt_u64(&key("vocab_size"))?
             && v as usize != vocab
@@ -218,6 +242,17 @@ impl GgufFile {
         let sliding_window = if gemma {
             let window_key = key("attention.sliding_window");
             Some(self.req_count(&window_key, "Gemma 3's local layers need their window")?)
+        } else if phi3 {
+            // llama.cpp writes 0 for "no window" (Phi-4-mini).
+            self.opt_u64(&key("attention.sliding_window"))?
+                .filter(|&w| w > 0)
+                .map(|w| w as usize)
+        } else {
+            None
+        };
+        let original_max_position_embeddings = if phi3 {
+            self.opt_u64(&key("rope.scaling.original_context_length"))?
+                .map(|c| c as usize)
         } else {
             None
         };
@@ -247,8 +282,8 @@ impl GgufFile {
             rope_scaling: scaling.clone(),
             rope_parameters: Some(rope_parameters(arch, theta, scaling)),
             max_position_embeddings: ctx,
-            original_max_position_embeddings: None,
-            partial_rotary_factor: None,
+            original_max_position_embeddings,
+            partial_rotary_factor,
             tie_word_embeddings: self.tensor("output.weight").is_none(),
             attention_bias: Some(false),
             mlp_bias: false,

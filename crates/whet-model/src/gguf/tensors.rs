@@ -38,8 +38,15 @@ pub fn hf_tensor_name(arch: GgufArch, gguf_name: &str) -> Option<String> {
         return None;
     }
     let gemma = arch == GgufArch::Gemma3;
+    let phi3 = arch == GgufArch::Phi3;
     let qk_norm = matches!(arch, GgufArch::Qwen3 | GgufArch::Gemma3);
     let hf = match part {
+        // Phi-3's fused projections; llama.cpp's `ffn_up` holds gate and up there.
+        "attn_qkv.weight" if phi3 => "self_attn.qkv_proj.weight",
+        "ffn_up.weight" if phi3 => "mlp.gate_up_proj.weight",
+        "attn_q.weight" | "attn_k.weight" | "attn_v.weight" | "ffn_gate.weight" if phi3 => {
+            return None;
+        }
         "attn_q.weight" => "self_attn.q_proj.weight",
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
@@ -75,8 +82,18 @@ fn layer_parts(arch: GgufArch) -> Vec<&'static str> {
         "attn_norm.weight",
         "ffn_norm.weight",
     ];
+    if arch == GgufArch::Phi3 {
+        return vec![
+            "attn_qkv.weight",
+            "attn_output.weight",
+            "ffn_up.weight",
+            "ffn_down.weight",
+            "attn_norm.weight",
+            "ffn_norm.weight",
+        ];
+    }
     match arch {
-        GgufArch::Llama => {}
+        GgufArch::Llama | GgufArch::Phi3 => {}
         GgufArch::Qwen2 => parts.extend(["attn_q.bias", "attn_k.bias", "attn_v.bias"]),
         GgufArch::Qwen3 => parts.extend(["attn_q_norm.weight", "attn_k_norm.weight"]),
         GgufArch::Gemma3 => parts.extend([
@@ -152,6 +169,13 @@ impl GgufFile {
                 seen.insert(entry.name.clone());
                 continue;
             }
+            // Phi-3's LongRoPE factors: `config` read them into `rope_scaling`.
+            if super::rope::PHI3_ROPE_FACTORS.contains(&entry.name.as_str())
+                && arch == GgufArch::Phi3
+            {
+                seen.insert(entry.name.clone());
+                continue;
+            }
             let Some(hf_name) = hf_tensor_name(arch, &entry.name) else {
                 return Err(Error::GgufUnsupported {
                     path: self.path.clone(),
@@ -199,6 +223,8 @@ impl GgufFile {
                             (vec![cfg.head_dim()], None)
                         }
                         Some("attn_output.weight") => (vec![h, q_rows], None),
+                        Some("attn_qkv.weight") => (vec![q_rows + 2 * kv_rows, h], None),
+                        Some("ffn_up.weight") if arch == GgufArch::Phi3 => (vec![2 * f, h], None),
                         Some("ffn_gate.weight" | "ffn_up.weight") => (vec![f, h], None),
                         Some("ffn_down.weight") => (vec![h, f], None),
                         _ => (vec![h], None), // the layer norms

@@ -50,6 +50,64 @@ fn batch_logits(model: &Model, g: &HashMap<String, Tensor>) -> Tensor {
         .unwrap()
 }
 
+/// llama.cpp's phi3 layout of the golden Phi-3 models: fused `attn_qkv`, gate + up in one
+/// `ffn_up`, the window and the original context as keys, LongRoPE as two factor tensors and
+/// Phi-4-mini's partial rotary as `rope.dimension_count`. whet's import must be the golden
+/// model itself, window, partial rotary and LongRoPE included (transformers' GGUF loader drops
+/// them; `make_gguf_arch_refs.py` checks it agrees where it reads the file whole).
+#[test]
+fn phi3_ggufs_are_the_golden_models() {
+    for (file, name) in [("tiny_phi3", "phi3_tiny"), ("tiny_phi4", "phi4_tiny")] {
+        let path = fixtures().join("gguf").join(format!("{file}.gguf"));
+        assert_eq!(
+            GgufFile::open(&path).unwrap().arch().unwrap(),
+            GgufArch::Phi3
+        );
+        let (cfg, tensors) = read(&path);
+        let (weights, g) = golden(name);
+        let hf = whet_model::Config::from_file(
+            &fixtures().join("golden").join(name).join("config.json"),
+        )
+        .unwrap();
+        assert_eq!(cfg.model_type(), ModelType::Phi3);
+        assert_eq!(
+            (
+                cfg.rotary_dim(),
+                cfg.layer_window(0),
+                cfg.tie_word_embeddings
+            ),
+            (hf.rotary_dim(), hf.layer_window(0), hf.tie_word_embeddings),
+            "{file}"
+        );
+        assert_eq!(
+            cfg.inv_freq(),
+            hf.inv_freq(),
+            "{file}: short (or plain) frequencies"
+        );
+        assert_eq!(
+            cfg.inv_freq_long(),
+            hf.inv_freq_long(),
+            "{file}: long frequencies"
+        );
+        assert!(
+            (cfg.rope_attention_factor() - hf.rope_attention_factor()).abs() < 1e-12,
+            "{file}"
+        );
+        let mut names: Vec<_> = tensors.keys().collect();
+        let mut want: Vec<_> = weights.keys().collect();
+        names.sort();
+        want.sort();
+        assert_eq!(names, want, "{file}: tensor names");
+        for (k, t) in &tensors {
+            assert_eq!(max_abs_diff(t, &weights[k]), 0.0, "{file}: {k}");
+        }
+        let model = Model::from_tensors(&cfg, tensors, Trainable::None, &cpu()).unwrap();
+        let d = max_abs_diff(&batch_logits(&model, &g), &g["logits"]);
+        eprintln!("{file}.gguf: logits vs golden max |diff| {d:.2e}");
+        assert!(d < 1e-4, "{file}: {d}");
+    }
+}
+
 #[test]
 fn qwen2_and_qwen3_ggufs_are_the_golden_models() {
     for (arch, name) in [(GgufArch::Qwen2, "qwen2"), (GgufArch::Qwen3, "qwen3")] {
