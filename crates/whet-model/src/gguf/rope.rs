@@ -293,6 +293,78 @@ impl GgufFile {
     }
 }
 
+/// Phi-3's LongRoPE factors as llama.cpp's `Phi3MiniModel.generate_extra_tensors` writes them:
+/// `long_factor`, then `short_factor`, one per rotated pair.
+pub const PHI3_ROPE_FACTORS: [&str; 2] = ["rope_factors_long.weight", "rope_factors_short.weight"];
+
+impl GgufFile {
+    /// Phi-3's LongRoPE from the two factor tensors (none: `None`); `phi3.rope.scaling.attn_factor`
+    /// becomes `attention_factor` only where it differs from the one transformers derives.
+    pub(super) fn phi3_longrope(
+        &self,
+        head_dim: usize,
+        partial_rotary_factor: Option<f64>,
+    ) -> Result<Option<RopeScaling>> {
+        let [long_name, short_name] = PHI3_ROPE_FACTORS;
+        let (long, short) = match (self.tensor(long_name), self.tensor(short_name)) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => (self.dequantize(long_name)?, self.dequantize(short_name)?),
+            (l, _) => {
+                let missing = if l.is_none() { long_name } else { short_name };
+                return Err(Error::GgufTensor {
+                    path: self.path.clone(),
+                    tensor: missing.to_string(),
+                    expected: "present: LongRoPE needs both factor tensors".into(),
+                    found: "no such tensor in the file".into(),
+                });
+            }
+        };
+        let pairs = (head_dim as f64 * partial_rotary_factor.unwrap_or(1.0)) as usize / 2;
+        for (name, v) in [(long_name, &long), (short_name, &short)] {
+            if v.len() != pairs || v.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+                return Err(Error::GgufTensor {
+                    path: self.path.clone(),
+                    tensor: name.to_string(),
+                    expected: format!("{pairs} finite factors > 0, one per rotated pair"),
+                    found: format!("{} values", v.len()),
+                });
+            }
+        }
+        let attn_key = "phi3.rope.scaling.attn_factor";
+        let attention_factor = match self.opt_f64(attn_key)? {
+            Some(a) if !(a.is_finite() && a > 0.0) => {
+                return Err(self.bad(attn_key, "a finite number > 0", a.to_string()));
+            }
+            Some(a) => {
+                let ctx = self.opt_u64("phi3.context_length")?.unwrap_or(0) as f64;
+                let original = self
+                    .opt_u64("phi3.rope.scaling.original_context_length")?
+                    .unwrap_or(4096) as f64;
+                let scale = ctx / original;
+                let derived = if scale > 1.0 {
+                    (1.0 + scale.ln() / original.ln()).sqrt()
+                } else {
+                    1.0
+                };
+                ((a - derived).abs() > 1e-6 * derived).then_some(a)
+            }
+            None => None,
+        };
+        let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
+        Ok(Some(RopeScaling {
+            rope_theta: None,
+            partial_rotary_factor: None,
+            kind: RopeKind::LongRope {
+                short_factor: widen(short),
+                long_factor: widen(long),
+                factor: None,
+                attention_factor,
+                original_max_position_embeddings: None,
+            },
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,77 +439,5 @@ mod tests {
             factors[i] = 1.0 + 7.0 * (k + 1) as f32 / (ramp.len() + 1) as f32;
         }
         assert!(recover_llama3(&factors, 128, 500_000.0).is_err());
-    }
-}
-
-/// Phi-3's LongRoPE factors as llama.cpp's `Phi3MiniModel.generate_extra_tensors` writes them:
-/// `long_factor`, then `short_factor`, one per rotated pair.
-pub const PHI3_ROPE_FACTORS: [&str; 2] = ["rope_factors_long.weight", "rope_factors_short.weight"];
-
-impl GgufFile {
-    /// Phi-3's LongRoPE from the two factor tensors (none: `None`); `phi3.rope.scaling.attn_factor`
-    /// becomes `attention_factor` only where it differs from the one transformers derives.
-    pub(super) fn phi3_longrope(
-        &self,
-        head_dim: usize,
-        partial_rotary_factor: Option<f64>,
-    ) -> Result<Option<RopeScaling>> {
-        let [long_name, short_name] = PHI3_ROPE_FACTORS;
-        let (long, short) = match (self.tensor(long_name), self.tensor(short_name)) {
-            (None, None) => return Ok(None),
-            (Some(_), Some(_)) => (self.dequantize(long_name)?, self.dequantize(short_name)?),
-            (l, _) => {
-                let missing = if l.is_none() { long_name } else { short_name };
-                return Err(Error::GgufTensor {
-                    path: self.path.clone(),
-                    tensor: missing.to_string(),
-                    expected: "present: LongRoPE needs both factor tensors".into(),
-                    found: "no such tensor in the file".into(),
-                });
-            }
-        };
-        let pairs = (head_dim as f64 * partial_rotary_factor.unwrap_or(1.0)) as usize / 2;
-        for (name, v) in [(long_name, &long), (short_name, &short)] {
-            if v.len() != pairs || v.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
-                return Err(Error::GgufTensor {
-                    path: self.path.clone(),
-                    tensor: name.to_string(),
-                    expected: format!("{pairs} finite factors > 0, one per rotated pair"),
-                    found: format!("{} values", v.len()),
-                });
-            }
-        }
-        let attn_key = "phi3.rope.scaling.attn_factor";
-        let attention_factor = match self.opt_f64(attn_key)? {
-            Some(a) if !(a.is_finite() && a > 0.0) => {
-                return Err(self.bad(attn_key, "a finite number > 0", a.to_string()));
-            }
-            Some(a) => {
-                let ctx = self.opt_u64("phi3.context_length")?.unwrap_or(0) as f64;
-                let original = self
-                    .opt_u64("phi3.rope.scaling.original_context_length")?
-                    .unwrap_or(4096) as f64;
-                let scale = ctx / original;
-                let derived = if scale > 1.0 {
-                    (1.0 + scale.ln() / original.ln()).sqrt()
-                } else {
-                    1.0
-                };
-                ((a - derived).abs() > 1e-6 * derived).then_some(a)
-            }
-            None => None,
-        };
-        let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
-        Ok(Some(RopeScaling {
-            rope_theta: None,
-            partial_rotary_factor: None,
-            kind: RopeKind::LongRope {
-                short_factor: widen(short),
-                long_factor: widen(long),
-                factor: None,
-                attention_factor,
-                original_max_position_embeddings: None,
-            },
-        }))
     }
 }
