@@ -177,6 +177,29 @@ impl GgufFile {
                 });
             }
         };
+        // Llama 3.1-style scaling travels as the `rope_freqs.weight` tensor, not as keys.
+        let scaling = match (arch, self.tensor(super::rope::ROPE_FREQS)) {
+            (_, None) => scaling,
+            (GgufArch::Llama, Some(_)) if scaling.is_some() => {
+                return Err(Error::GgufUnsupported {
+                    path: self.path.clone(),
+                    detail: format!(
+                        "{} = \"linear\" and a {} tensor: two rope scalings at once; convert this model from its Hugging Face folder instead",
+                        key("rope.scaling.type"),
+                        super::rope::ROPE_FREQS
+                    ),
+                });
+            }
+            (GgufArch::Llama, Some(_)) => {
+                self.rope_freqs_llama3(head_dim, theta)?
+                    .map(|p| RopeScaling {
+                        rope_theta: None,
+                        kind: p.kind(),
+                    })
+            }
+            // Not part of the other layouts: `plan` names it.
+            (_, Some(_)) => scaling,
+        };
         let vocab = self.vocab_size()?;
         if let Some(v) = self.opt_u64(&key("vocab_size"))?
             && v as usize != vocab
@@ -256,6 +279,7 @@ impl GgufFile {
         let label = format!("config.json (from the {}.* metadata)", arch.name());
         let label = Path::new(&label);
         cfg.validate(label).map_err(invalid)?;
+        self.check_rope_freqs(&cfg)?;
         Ok(cfg)
     }
 

@@ -5,7 +5,8 @@
 //! read. From there:
 //!
 //! * [`GgufFile::config`] turns the `<arch>.*` metadata (`llama`, `qwen2`, `qwen3`, `gemma3`)
-//!   into the crate's [`Config`](crate::Config), validated as a `config.json` is;
+//!   into the crate's [`Config`](crate::Config), validated as a `config.json` is, with a llama
+//!   file's `rope_freqs.weight` (Llama 3.1-style rope) as `rope_scaling` of type `llama3`;
 //! * [`GgufFile::hf_tensors`] dequantizes every tensor to f32 (candle's dequantizers), renames it
 //!   to its Hugging Face name, undoes the Q/K row permutation llama.cpp's converter applies to
 //!   llama files and the `+ 1` it adds to Gemma's norm weights;
@@ -26,6 +27,7 @@
 //! - `file.rs`: [`GgufFile`] itself: opening, tensor byte ranges, dequantizing;
 //! - `metadata.rs`: typed access to metadata values, and [`METADATA_MEMORY_LIMIT`];
 //! - `config.rs`: `<arch>.*` metadata to [`Config`](crate::Config);
+//! - `rope.rs`: Llama 3.1-style rope scaling from the `rope_freqs.weight` tensor;
 //! - `tensors.rs`: tensor names and shapes, and the Q/K permutation;
 //! - `tokenizer.rs`: `tokenizer.json` / `tokenizer_config.json` from `tokenizer.ggml.*`;
 //! - `convert.rs`: the Hugging Face folder ([`convert_gguf_to_hf`]).
@@ -35,6 +37,7 @@ mod convert;
 mod file;
 mod header;
 mod metadata;
+mod rope;
 mod tensors;
 mod tokenizer;
 

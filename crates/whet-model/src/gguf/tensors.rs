@@ -147,11 +147,10 @@ impl GgufFile {
         let mut planned = Vec::with_capacity(self.tensors.len());
         let mut seen = BTreeSet::new();
         for entry in &self.tensors {
-            if entry.name == "rope_freqs.weight" {
-                return Err(Error::GgufUnsupported {
-                    path: self.path.clone(),
-                    detail: "rope_freqs.weight (Llama 3.1-style rope scaling) is not supported yet; convert this model from its Hugging Face folder instead".into(),
-                });
+            // Llama 3.1-style rope scaling: `config` read it into `rope_scaling`.
+            if entry.name == super::rope::ROPE_FREQS && arch == GgufArch::Llama {
+                seen.insert(entry.name.clone());
+                continue;
             }
             let Some(hf_name) = hf_tensor_name(arch, &entry.name) else {
                 return Err(Error::GgufUnsupported {

@@ -19,6 +19,12 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+fn golden_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/golden")
+        .join(name)
+}
+
 fn json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -262,4 +268,104 @@ fn llama3_rope_is_written_as_rope_freqs() {
         factors.iter().any(|&x| x > 1.5),
         "some frequencies are scaled"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Llama 3.1-style rope back from `rope_freqs.weight`.
+
+/// A golden llama3-rope model with the byte-level tokenizer of a tiny GGUF of its vocabulary, in
+/// `dir`.
+fn llama3_golden(name: &str, dir: &Path) -> Model {
+    let tok = TempDir::new("export-llama3-tok");
+    convert_gguf_to_hf(&fixture("tiny_qwen2.gguf"), tok.path()).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(golden_dir(name).join(f), dir.join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tok.path().join(f), dir.join(f)).unwrap();
+    }
+    Model::load(dir, Trainable::None, &cpu()).unwrap()
+}
+
+#[test]
+fn llama3_rope_comes_back_from_rope_freqs() {
+    for name in ["llama32_tiny", "llama3_tiny"] {
+        let dir = TempDir::new("export-llama32");
+        let model = llama3_golden(name, dir.path());
+        let want = all_logits(&model);
+        let out = dir.path().join("llama32.gguf");
+        export_gguf(
+            &model,
+            dir.path(),
+            &out,
+            GgmlDType::F32,
+            "tiny",
+            Existing::Replace,
+        )
+        .unwrap();
+        let back = TempDir::new("export-llama32-back");
+        let report = convert_gguf_to_hf(&out, back.path()).unwrap();
+        let cfg = model.config();
+        assert_eq!(report.config.rope_kind(), cfg.rope_kind(), "{name}");
+        assert!(matches!(
+            cfg.rope_kind(),
+            whet_model::RopeKind::Llama3 { .. }
+        ));
+        assert_eq!(report.config.rope_base(), cfg.rope_base());
+        let reloaded = Model::load(back.path(), Trainable::None, &cpu()).unwrap();
+        assert_eq!(reloaded.config().rope_kind(), cfg.rope_kind());
+        assert_eq!(reloaded.config().inv_freq(), cfg.inv_freq());
+        let d = max_abs_diff(&all_logits(&reloaded), &want);
+        eprintln!("{name}: logits after export and re-import max |diff| {d:.2e}");
+        assert!(d < 1e-5, "{name}: {d}");
+        // transformers' `rope_scaling` in the written config.json.
+        let written = json(&back.path().join("config.json"));
+        let rs = &written["rope_scaling"];
+        assert_eq!(rs["rope_type"], "llama3", "{written}");
+        assert_eq!(rs["low_freq_factor"], 1.0);
+        assert_eq!(rs["high_freq_factor"], 4.0);
+        assert_eq!(rs["original_max_position_embeddings"], 32);
+    }
+}
+
+#[test]
+fn corrupted_rope_freqs_are_refused() {
+    let dir = TempDir::new("export-rope-bad");
+    let model = llama3_golden("llama32_tiny", dir.path());
+    let out = dir.path().join("llama32.gguf");
+    export_gguf(
+        &model,
+        dir.path(),
+        &out,
+        GgmlDType::F32,
+        "tiny",
+        Existing::Replace,
+    )
+    .unwrap();
+    let entry = GgufFile::open(&out)
+        .unwrap()
+        .tensor("rope_freqs.weight")
+        .unwrap()
+        .clone();
+    let factors = GgufFile::open(&out)
+        .unwrap()
+        .dequantize("rope_freqs.weight")
+        .unwrap();
+    assert_eq!(factors, [1.0, 32.0, 32.0, 32.0, 32.0, 32.0, 32.0, 32.0]);
+    // One long-wavelength pair scaled less than the pairs around it; then a factor below 1.
+    for (pair, value, says) in [(3, 31.0f32, "grow with the wavelength"), (5, 0.5, ">= 1")] {
+        let mut bytes = std::fs::read(&out).unwrap();
+        let at = entry.start as usize + 4 * pair;
+        bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        let bad = dir.path().join("bad.gguf");
+        std::fs::write(&bad, &bytes).unwrap();
+        let back = TempDir::new("export-rope-bad-back");
+        let err = convert_gguf_to_hf(&bad, back.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad.gguf") && err.contains("rope_freqs.weight") && err.contains(says),
+            "{err}"
+        );
+    }
 }
