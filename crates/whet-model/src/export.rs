@@ -431,12 +431,14 @@ fn read_json(path: &Path) -> Result<Json> {
 }
 
 /// The pre-tokenizer's llama.cpp name (`tokenizer.ggml.pre`), from `tokenizer.json`'s
-/// `pre_tokenizer`: plain byte-level is GPT-2's regex (`gpt2`); a Split + ByteLevel sequence
-/// is named by its regex, the inverse of the table the importer uses.
+/// `pre_tokenizer`: plain byte-level is GPT-2's regex (`gpt-2`, llama.cpp's spelling: it
+/// refuses a file saying `gpt2`; readers without a split for the name keep GPT-2's, as whet's
+/// does); a Split + ByteLevel sequence is named by its regex, the inverse of the table the
+/// importer uses.
 fn pre_name(pre: &Json, path: &Path) -> Result<&'static str> {
     let kind = pre.get("type").and_then(Json::as_str).unwrap_or("");
     if kind == "ByteLevel" && pre.get("use_regex").and_then(Json::as_bool) != Some(false) {
-        return Ok("gpt2");
+        return Ok("gpt-2");
     }
     let split = pre
         .get("pretokenizers")
@@ -919,7 +921,12 @@ mod tests {
         let p = Path::new("tokenizer.json");
         let plain =
             serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": true});
-        assert_eq!(pre_name(&plain, p).unwrap(), "gpt2");
+        assert_eq!(pre_name(&plain, p).unwrap(), "gpt-2");
+        assert_eq!(
+            crate::gguf::pre_tokenizer_split("gpt-2"),
+            None,
+            "GPT-2's own regex"
+        );
         let regex = crate::gguf::pre_tokenizer_split("llama3").unwrap();
         let seq = serde_json::json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
