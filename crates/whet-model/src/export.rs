@@ -2,11 +2,24 @@
 //! llama.cpp, ollama and LM Studio load.
 //!
 //! Follows llama.cpp's `convert_hf_to_gguf.py` for the `llama` (which also covers Mistral),
-//! `qwen2` and `qwen3` architectures: the same metadata keys, tensor names
-//! (`blk.N.attn_q.weight`, Qwen2's `attn_q.bias`, Qwen3's `attn_q_norm.weight`...), the Q/K
-//! row permutation of `llama` files (`LlamaModel.permute`, the inverse of what [`crate::gguf`]
-//! undoes on import), llama3 rope as the `rope_freqs` tensor, norms and biases in F32, and the tokenizer as `tokenizer.ggml.*` (gpt2-style BPE: tokens in
-//! their byte-level spelling, merges, token types, special ids) with `tokenizer.chat_template`.
+//! `qwen2`, `qwen3` and `gemma3` architectures: the same metadata keys, tensor names
+//! (`blk.N.attn_q.weight`, Qwen2's `attn_q.bias`, Qwen3's `attn_q_norm.weight`, Gemma's
+//! `post_ffw_norm.weight`...; the importer's table, [`hf_tensor_name`], read backwards), the
+//! Q/K row permutation of `llama` files (`LlamaModel.permute`, the inverse of what
+//! [`crate::gguf`] undoes on import), llama3 rope as the `rope_freqs` tensor, Gemma's norm
+//! weights stored plus one, norms and biases in F32, and the tokenizer as `tokenizer.ggml.*`
+//! with `tokenizer.chat_template`: gpt2-style BPE (tokens in their byte-level spelling, merges,
+//! token types, special ids), or for `gemma3` the SentencePiece vocabulary llama.cpp writes from
+//! Gemma's `tokenizer.model`, rebuilt from `tokenizer.json` (tokens, scores, token types).
+//!
+//! A `gemma3` GGUF cannot say which layers are local, their rope, or `query_pre_attn_scalar`:
+//! llama.cpp hard-codes Gemma 3's (every 6th layer global, local base 10000, scores scaled by
+//! `head_dim ** -0.5`, which is 256's for every release but 27B) and transformers' and whet's
+//! readers take `Gemma3TextConfig`'s defaults (the same, with `query_pre_attn_scalar` 256). A
+//! model that differs is refused rather than written as another model. With a head size other
+//! than 256 (and `query_pre_attn_scalar` 256, as in the tests' tiny model) the readers disagree:
+//! the file is what llama.cpp's own converter writes and reads back in whet and transformers as
+//! the same model, while llama.cpp scales its attention scores by `head_dim ** -0.5`.
 //! Matrices take the requested type, or llama.cpp's fallback when its blocks do not tile a
 //! row ([`crate::quant::fit`]), or F16 when nothing does; the output projection of a
 //! quantized file gets Q6_K / Q8_0 as llama.cpp gives it ([`tensor_type`]).
@@ -25,7 +38,7 @@ use whet_data::atomic::{self, Existing};
 
 use crate::config::{ModelType, RopeKind};
 use crate::error::{Error, Result};
-use crate::gguf::{GgufArch, permute_qk_rows};
+use crate::gguf::{GgufArch, hf_tensor_name, permute_qk_rows};
 use crate::llama::Model;
 
 /// What [`export_gguf`] wrote.
@@ -63,26 +76,46 @@ pub fn export_gguf(
         ModelType::Llama | ModelType::Mistral => GgufArch::Llama,
         ModelType::Qwen2 => GgufArch::Qwen2,
         ModelType::Qwen3 => GgufArch::Qwen3,
-        ModelType::Phi3 => {
-            return fail(
-                "GGUF export of phi3 is not supported yet (its fused projections and LongRoPE factors have no writer in whet)".into(),
-            );
-        }
-        ModelType::Gemma3 => {
-            return fail(
-                "GGUF export of gemma3_text is not supported yet: Gemma's SentencePiece tokenizer has no GGUF writer in whet (the weights would map; the vocabulary would not)".into(),
-            );
-        }
+        ModelType::Phi3 => GgufArch::Phi3,
+        ModelType::Gemma3 => GgufArch::Gemma3,
     };
+    if arch == GgufArch::Phi3 && cfg.head_dim() * cfg.num_attention_heads != cfg.hidden_size {
+        return fail(format!(
+            "head_dim {} x {} heads is not hidden_size {}: a phi3 GGUF has no key for the head size (llama.cpp takes hidden / heads)",
+            cfg.head_dim(),
+            cfg.num_attention_heads,
+            cfg.hidden_size
+        ));
+    }
+    if arch == GgufArch::Gemma3
+        && let Some(why) = gemma3_layout_refusal(cfg)
+    {
+        return fail(why);
+    }
     if cfg.o_bias() || cfg.mlp_bias || (cfg.qkv_bias() && arch != GgufArch::Qwen2) {
         return fail(format!(
             "attention or MLP biases have no place in {}'s GGUF layout",
             arch.name()
         ));
     }
-    let rope_freqs = match cfg.rope_kind() {
-        RopeKind::Default | RopeKind::Linear { .. } => None,
-        RopeKind::Llama3 { .. } if arch == GgufArch::Llama => Some(llama3_rope_factors(cfg)),
+    // Extra F32 tensors after the blocks: llama3's `rope_freqs`, Phi-3's LongRoPE factors.
+    let rope_tensors: Vec<(&str, Vec<f32>)> = match cfg.rope_kind() {
+        RopeKind::Default => vec![],
+        RopeKind::Linear { .. } if arch != GgufArch::Phi3 => vec![],
+        RopeKind::Llama3 { .. } if arch == GgufArch::Llama => {
+            vec![("rope_freqs.weight", llama3_rope_factors(cfg))]
+        }
+        RopeKind::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } if arch == GgufArch::Phi3 => {
+            let f32s = |v: Vec<f64>| v.into_iter().map(|f| f as f32).collect();
+            vec![
+                ("rope_factors_long.weight", f32s(long_factor)),
+                ("rope_factors_short.weight", f32s(short_factor)),
+            ]
+        }
         other => {
             return fail(format!(
                 "rope type {other:?} has no place in {}'s GGUF layout",
@@ -110,7 +143,7 @@ pub fn export_gguf(
     }
 
     let mut metadata = model_metadata(model, arch, want, name);
-    metadata.extend(tokenizer_metadata(tokenizer_dir)?);
+    metadata.extend(tokenizer_metadata(tokenizer_dir, arch, cfg.vocab_size)?);
 
     // Tensors in llama.cpp's order: token_embd, blocks, output_norm, output.
     let weights: BTreeMap<String, Tensor> = model.named_weights()?.into_iter().collect();
@@ -123,6 +156,12 @@ pub fn export_gguf(
         })?;
         let t = t.detach();
         let q = if t.rank() == 1 {
+            // Gemma scales by `1 + w`; llama.cpp's converter stores `w + 1` (`norm_shift`).
+            let t = if arch == GgufArch::Gemma3 && gguf_name.ends_with("norm.weight") {
+                t.to_dtype(candle_core::DType::F32)?.affine(1.0, 1.0)?
+            } else {
+                t
+            };
             QTensor::quantize(&t, GgmlDType::F32)?
         } else {
             let (rows, cols) = t.dims2()?;
@@ -153,57 +192,36 @@ pub fn export_gguf(
         _ => (None, None),
     };
     for i in 0..cfg.num_hidden_layers {
-        let hf = |s: &str| format!("model.layers.{i}.{s}");
-        let gg = |s: &str| format!("blk.{i}.{s}");
-        add(gg("attn_norm.weight"), &hf("input_layernorm.weight"), None)?;
-        add(gg("attn_q.weight"), &hf("self_attn.q_proj.weight"), nh)?;
-        add(gg("attn_k.weight"), &hf("self_attn.k_proj.weight"), nkv)?;
-        add(gg("attn_v.weight"), &hf("self_attn.v_proj.weight"), None)?;
-        if arch == GgufArch::Qwen2 {
-            for p in ["q", "k", "v"] {
-                add(
-                    gg(&format!("attn_{p}.bias")),
-                    &hf(&format!("self_attn.{p}_proj.bias")),
-                    None,
-                )?;
-            }
+        for part in block_tensors(arch) {
+            let gguf_name = format!("blk.{i}.{part}");
+            // The importer's table read backwards, so that export and import cannot disagree.
+            let hf_name = hf_tensor_name(arch, &gguf_name).ok_or_else(|| {
+                Error::quantize(
+                    out,
+                    format!(
+                        "{gguf_name} has no Hugging Face name in whet's {} table",
+                        arch.name()
+                    ),
+                )
+            })?;
+            let permute = match part {
+                "attn_q.weight" => nh,
+                "attn_k.weight" => nkv,
+                _ => None,
+            };
+            add(gguf_name, &hf_name, permute)?;
         }
-        if cfg.qk_norm() {
-            add(
-                gg("attn_q_norm.weight"),
-                &hf("self_attn.q_norm.weight"),
-                None,
-            )?;
-            add(
-                gg("attn_k_norm.weight"),
-                &hf("self_attn.k_norm.weight"),
-                None,
-            )?;
-        }
-        add(
-            gg("attn_output.weight"),
-            &hf("self_attn.o_proj.weight"),
-            None,
-        )?;
-        add(
-            gg("ffn_norm.weight"),
-            &hf("post_attention_layernorm.weight"),
-            None,
-        )?;
-        add(gg("ffn_gate.weight"), &hf("mlp.gate_proj.weight"), None)?;
-        add(gg("ffn_up.weight"), &hf("mlp.up_proj.weight"), None)?;
-        add(gg("ffn_down.weight"), &hf("mlp.down_proj.weight"), None)?;
     }
     add("output_norm.weight".into(), "model.norm.weight", None)?;
     if !cfg.tie_word_embeddings {
         add("output.weight".into(), "lm_head.weight", None)?;
     }
-    if let Some(factors) = rope_freqs {
+    for (name, factors) in rope_tensors {
         let n = factors.len();
         let t = Tensor::from_vec(factors, n, &candle_core::Device::Cpu)?;
         let q = QTensor::quantize(&t, GgmlDType::F32)?;
         *types.entry(crate::quant::name(q.dtype())).or_default() += 1;
-        tensors.push(("rope_freqs.weight".into(), q));
+        tensors.push((name.into(), q));
     }
 
     let n = tensors.len();
@@ -235,6 +253,92 @@ pub fn tensor_type(want: GgmlDType, cols: usize, is_output: bool) -> GgmlDType {
         return crate::quant::fit(GgmlDType::Q6K, cols).unwrap_or(GgmlDType::F16);
     }
     crate::quant::fit(want, cols).unwrap_or(GgmlDType::F16)
+}
+
+/// The tensors of block N (`blk.N.<part>`), in the order llama.cpp's converter writes them.
+fn block_tensors(arch: GgufArch) -> Vec<&'static str> {
+    if arch == GgufArch::Phi3 {
+        // Phi3MiniModel: q/k/v fused, gate and up fused into `ffn_up`.
+        return vec![
+            "attn_norm.weight",
+            "attn_qkv.weight",
+            "attn_output.weight",
+            "ffn_norm.weight",
+            "ffn_up.weight",
+            "ffn_down.weight",
+        ];
+    }
+    let mut parts = vec![
+        "attn_norm.weight",
+        "attn_q.weight",
+        "attn_k.weight",
+        "attn_v.weight",
+    ];
+    match arch {
+        GgufArch::Llama | GgufArch::Phi3 => {}
+        GgufArch::Qwen2 => parts.extend(["attn_q.bias", "attn_k.bias", "attn_v.bias"]),
+        GgufArch::Qwen3 | GgufArch::Gemma3 => {
+            parts.extend(["attn_q_norm.weight", "attn_k_norm.weight"]);
+        }
+    }
+    parts.push("attn_output.weight");
+    if arch == GgufArch::Gemma3 {
+        parts.push("post_attention_norm.weight");
+    }
+    parts.extend([
+        "ffn_norm.weight",
+        "ffn_gate.weight",
+        "ffn_up.weight",
+        "ffn_down.weight",
+    ]);
+    if arch == GgufArch::Gemma3 {
+        parts.push("post_ffw_norm.weight");
+    }
+    parts
+}
+
+/// Why a Gemma 3 config cannot travel as a `gemma3` GGUF, if it cannot. The file has no key for
+/// what llama.cpp hard-codes (`llm_load_hparams`: every 6th layer global, the local layers at
+/// rope base 10000 unscaled) and what transformers' and whet's GGUF readers take from
+/// `Gemma3TextConfig`'s defaults (the same pattern and local base, `query_pre_attn_scalar`
+/// 256), so a model that differs would come back as another model.
+fn gemma3_layout_refusal(cfg: &crate::Config) -> Option<String> {
+    use crate::config::LayerAttention::{Full, Sliding};
+    let Some(window) = cfg.sliding_window else {
+        return Some(
+            "sliding_window is unset, but a gemma3 GGUF names the local layers' window (gemma3.attention.sliding_window)".into(),
+        );
+    };
+    let pattern = |i: usize| {
+        if (i + 1).is_multiple_of(6) {
+            Full
+        } else {
+            Sliding
+        }
+    };
+    if let Some(i) = (0..cfg.num_hidden_layers).find(|&i| cfg.layer_attention(i) != pattern(i)) {
+        let name = |a| if a == Full { "global" } else { "local" };
+        return Some(format!(
+            "layer {i} is a {} layer (layer_types / sliding_window_pattern), but a gemma3 GGUF cannot say which layers are local: llama.cpp and the GGUF readers make every 6th layer global (layers 5, 11, ...) and the others local (window {window}), so layer {i} would come back {}",
+            name(cfg.layer_attention(i)),
+            name(pattern(i)),
+        ));
+    }
+    let (base, kind) = (cfg.rope_base_for(Sliding), cfg.rope_kind_for(Sliding));
+    if base != 10_000.0 || kind != RopeKind::Default {
+        return Some(format!(
+            "the local layers' rope (base {base}, {kind:?}) is not the one a gemma3 GGUF implies: llama.cpp and the GGUF readers fix it at base 10000, unscaled"
+        ));
+    }
+    let scale = cfg.attention_scale();
+    if (scale - 1.0 / 16.0).abs() > 1e-12 * scale {
+        return Some(format!(
+            "attention scores are scaled by {scale} (query_pre_attn_scalar {:?}, head_dim {}), but a gemma3 GGUF does not carry the scale: transformers' and whet's GGUF readers take query_pre_attn_scalar 256 (scale 1/16), as in every Gemma 3 release but 27B",
+            cfg.query_pre_attn_scalar,
+            cfg.head_dim()
+        ));
+    }
+    None
 }
 
 /// llama.cpp's `LLAMA_FTYPE_*` for a whole-file type (`general.file_type`).
@@ -331,12 +435,36 @@ fn model_metadata(
             format!("{a}.attention.layer_norm_rms_epsilon"),
             Value::F32(cfg.rms_norm_eps as f32),
         ),
-        (format!("{a}.rope.dimension_count"), u(cfg.head_dim())),
+        (format!("{a}.rope.dimension_count"), u(cfg.rotary_dim())),
         (format!("{a}.vocab_size"), u(cfg.vocab_size)),
     ];
-    if arch != GgufArch::Llama || cfg.head_dim() * cfg.num_attention_heads != cfg.hidden_size {
+    if arch == GgufArch::Phi3 {
+        // Phi3MiniModel.set_gguf_parameters: no key/value length (head_dim is hidden / heads);
+        // a window of 0 means none; LongRoPE's original context and attention factor.
+        m.push((
+            format!("{a}.rope.scaling.original_context_length"),
+            u(cfg.rope_original_context()),
+        ));
+        m.push((
+            format!("{a}.attention.sliding_window"),
+            u(cfg.sliding_window.unwrap_or(0)),
+        ));
+        if matches!(cfg.rope_kind(), RopeKind::LongRope { .. }) {
+            m.push((
+                format!("{a}.rope.scaling.attn_factor"),
+                Value::F32(cfg.rope_attention_factor() as f32),
+            ));
+        }
+    } else if arch != GgufArch::Llama
+        || cfg.head_dim() * cfg.num_attention_heads != cfg.hidden_size
+    {
         m.push((format!("{a}.attention.key_length"), u(cfg.head_dim())));
         m.push((format!("{a}.attention.value_length"), u(cfg.head_dim())));
+    }
+    if arch == GgufArch::Gemma3
+        && let Some(window) = cfg.sliding_window
+    {
+        m.push((format!("{a}.attention.sliding_window"), u(window)));
     }
     if let RopeKind::Linear { factor } = cfg.rope_kind() {
         m.push((
@@ -357,12 +485,14 @@ fn read_json(path: &Path) -> Result<Json> {
 }
 
 /// The pre-tokenizer's llama.cpp name (`tokenizer.ggml.pre`), from `tokenizer.json`'s
-/// `pre_tokenizer`: plain byte-level is GPT-2's regex (`gpt2`); a Split + ByteLevel sequence
-/// is named by its regex, the inverse of the table the importer uses.
+/// `pre_tokenizer`: plain byte-level is GPT-2's regex (`gpt-2`, llama.cpp's spelling: it
+/// refuses a file saying `gpt2`; readers without a split for the name keep GPT-2's, as whet's
+/// does); a Split + ByteLevel sequence is named by its regex, the inverse of the table the
+/// importer uses.
 fn pre_name(pre: &Json, path: &Path) -> Result<&'static str> {
     let kind = pre.get("type").and_then(Json::as_str).unwrap_or("");
     if kind == "ByteLevel" && pre.get("use_regex").and_then(Json::as_bool) != Some(false) {
-        return Ok("gpt2");
+        return Ok("gpt-2");
     }
     let split = pre
         .get("pretokenizers")
@@ -388,8 +518,13 @@ fn pre_name(pre: &Json, path: &Path) -> Result<&'static str> {
     ))
 }
 
-/// `tokenizer.ggml.*` and `tokenizer.chat_template` from an HF tokenizer (byte-level BPE).
-fn tokenizer_metadata(dir: &Path) -> Result<Vec<(String, Value)>> {
+/// The tokenizer part of [`export_gguf`]: `tokenizer.ggml.*` and `tokenizer.chat_template` from
+/// the Hugging Face tokenizer in `dir` (`tokenizer.json`, `tokenizer_config.json`,
+/// `chat_template.jinja`) for a model of `arch` with `n_vocab` embedding rows. Byte-level BPE
+/// becomes llama.cpp's `gpt2` tokenizer model; for `gemma3`, Gemma's SentencePiece vocabulary
+/// becomes its `llama` model (`sentencepiece_vocab`: tokens, scores and token types as llama.cpp's
+/// converter writes them, exactly `n_vocab` of them). Errors name the file and the field.
+pub fn tokenizer_metadata(dir: &Path, arch: GgufArch, n_vocab: usize) -> Result<Metadata> {
     let tok_path = dir.join("tokenizer.json");
     let cfg_path = dir.join("tokenizer_config.json");
     let tok = read_json(&tok_path)?;
@@ -403,12 +538,143 @@ fn tokenizer_metadata(dir: &Path) -> Result<Vec<(String, Value)>> {
         .get("model")
         .ok_or_else(|| bad("model", "absent".into()))?;
     if model.get("type").and_then(Json::as_str) != Some("BPE") {
-        return Err(bad(
-            "model.type",
-            "only BPE tokenizers export to GGUF's gpt2 tokenizer model".into(),
+        let what = if arch == GgufArch::Gemma3 {
+            "gemma3 exports Gemma's SentencePiece BPE tokenizer (a BPE model with byte fallback)"
+        } else {
+            "only BPE tokenizers export to GGUF's gpt2 tokenizer model"
+        };
+        return Err(bad("model.type", what.into()));
+    }
+    let (mut m, by_content) = if arch == GgufArch::Gemma3 {
+        let v = sentencepiece_vocab(&tok, &tok_path, n_vocab)?;
+        let m = vec![
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("llama".into()),
+            ),
+            (
+                "tokenizer.ggml.pre".to_string(),
+                Value::String("default".into()),
+            ),
+            ("tokenizer.ggml.tokens".to_string(), strings(v.tokens)),
+            (
+                "tokenizer.ggml.scores".to_string(),
+                Value::Array(v.scores.into_iter().map(Value::F32).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type".to_string(),
+                Value::Array(v.types.into_iter().map(Value::I32).collect()),
+            ),
+        ];
+        (m, v.by_content)
+    } else {
+        byte_level_vocab(&tok, &tok_path)?
+    };
+
+    let token_id = |field: &str| -> Option<u32> {
+        let content = match tcfg.get(field)? {
+            Json::String(s) => s.clone(),
+            Json::Object(o) => o.get("content")?.as_str()?.to_string(),
+            _ => return None,
+        };
+        by_content.get(&content).copied()
+    };
+    for (field, key) in [
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("unk_token", "tokenizer.ggml.unknown_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+    ] {
+        if let Some(id) = token_id(field) {
+            m.push((key.to_string(), Value::U32(id)));
+        }
+    }
+    for (field, key) in [
+        ("add_bos_token", "tokenizer.ggml.add_bos_token"),
+        ("add_eos_token", "tokenizer.ggml.add_eos_token"),
+    ] {
+        let stated = tcfg.get(field).and_then(Json::as_bool);
+        // Every reader adds BOS to a SentencePiece file that does not say; so say what the
+        // tokenizer's post-processor does (llama.cpp's `SpecialVocab` reads it there too).
+        let value = match (stated, arch) {
+            (Some(b), _) => Some(b),
+            (None, GgufArch::Gemma3) => Some(post_processor_adds(&tok, &tcfg, field)),
+            (None, _) => None,
+        };
+        if let Some(b) = value {
+            m.push((key.to_string(), Value::Bool(b)));
+        }
+    }
+    if arch == GgufArch::Gemma3 {
+        // Gemma3Model.set_vocab: no dummy prefix.
+        m.push((
+            "tokenizer.ggml.add_space_prefix".to_string(),
+            Value::Bool(false),
         ));
     }
-    let pre = pre_name(tok.get("pre_tokenizer").unwrap_or(&Json::Null), &tok_path)?;
+    // transformers 5 may keep the template in its own file.
+    let jinja = dir.join("chat_template.jinja");
+    let template = match tcfg.get("chat_template").and_then(Json::as_str) {
+        Some(t) => Some(t.to_string()),
+        None if jinja.is_file() => {
+            Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, "read", e))?)
+        }
+        None => None,
+    };
+    if let Some(t) = template {
+        m.push(("tokenizer.chat_template".to_string(), Value::String(t)));
+    }
+    Ok(m)
+}
+
+/// GGUF metadata: keys and values, in the order they are written.
+pub type Metadata = Vec<(String, Value)>;
+
+/// Token ids by their `tokenizer.json` spelling (the first id of a repeated one).
+type IdsByContent = BTreeMap<String, u32>;
+
+fn strings(v: Vec<String>) -> Value {
+    Value::Array(v.into_iter().map(Value::String).collect())
+}
+
+/// Whether `tokenizer.json`'s TemplateProcessing starts (`add_bos_token`) or ends
+/// (`add_eos_token`) a single sequence with the `tokenizer_config.json` token of that name.
+fn post_processor_adds(tok: &Json, tcfg: &Json, field: &str) -> bool {
+    let (special, first) = match field {
+        "add_bos_token" => ("bos_token", true),
+        _ => ("eos_token", false),
+    };
+    let Some(want) = tcfg.get(special).and_then(|v| match v {
+        Json::String(s) => Some(s.as_str()),
+        Json::Object(o) => o.get("content").and_then(Json::as_str),
+        _ => None,
+    }) else {
+        return false;
+    };
+    let processors = match tok.get("post_processor") {
+        Some(p) if p.get("type").and_then(Json::as_str) == Some("Sequence") => p
+            .get("processors")
+            .and_then(Json::as_array)
+            .cloned()
+            .unwrap_or_default(),
+        Some(p) => vec![p.clone()],
+        None => vec![],
+    };
+    processors.iter().any(|p| {
+        let single = p.get("single").and_then(Json::as_array);
+        let end = single.and_then(|s| if first { s.first() } else { s.last() });
+        end.and_then(|e| e.pointer("/SpecialToken/id"))
+            .and_then(Json::as_str)
+            == Some(want)
+    })
+}
+
+/// The byte-level BPE vocabulary (`tokenizer.ggml.model = "gpt2"`): tokens in their byte-level
+/// spelling, token types, merges; and each token's id by its spelling.
+fn byte_level_vocab(tok: &Json, tok_path: &Path) -> Result<(Metadata, IdsByContent)> {
+    let bad = |field: &str, what: String| Error::quantize(tok_path, format!("`{field}`: {what}"));
+    let model = &tok["model"];
+    let pre = pre_name(tok.get("pre_tokenizer").unwrap_or(&Json::Null), tok_path)?;
 
     // Tokens by id: the BPE vocabulary plus added tokens (which may lie beyond it).
     let mut by_id: BTreeMap<u64, String> = BTreeMap::new();
@@ -423,26 +689,10 @@ fn tokenizer_metadata(dir: &Path) -> Result<Vec<(String, Value)>> {
         by_id.insert(id, token.clone());
     }
     let mut types: BTreeMap<u64, i32> = BTreeMap::new();
-    for (i, a) in tok
-        .get("added_tokens")
-        .and_then(Json::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let (Some(id), Some(content)) = (
-            a.get("id").and_then(Json::as_u64),
-            a.get("content").and_then(Json::as_str),
-        ) else {
-            return Err(bad(
-                &format!("added_tokens[{i}]"),
-                "needs an integer `id` and a string `content`".into(),
-            ));
-        };
-        by_id.insert(id, content.to_string());
-        let special = a.get("special").and_then(Json::as_bool).unwrap_or(false);
+    for a in added_tokens(tok, tok_path)? {
+        by_id.insert(a.id, a.content.clone());
         // llama.cpp token types: 1 normal, 3 control, 4 user-defined.
-        types.insert(id, if special { 3 } else { 4 });
+        types.insert(a.id, if a.special { 3 } else { 4 });
     }
     let n = by_id.len();
     if by_id.keys().copied().ne(0..n as u64) {
@@ -451,7 +701,6 @@ fn tokenizer_metadata(dir: &Path) -> Result<Vec<(String, Value)>> {
             "token ids are not 0..N without gaps".into(),
         ));
     }
-    let tokens: Vec<Value> = by_id.values().map(|t| Value::String(t.clone())).collect();
     let token_types: Vec<Value> = (0..n as u64)
         .map(|id| Value::I32(types.get(&id).copied().unwrap_or(1)))
         .collect();
@@ -480,62 +729,241 @@ fn tokenizer_metadata(dir: &Path) -> Result<Vec<(String, Value)>> {
         }
         merges.push(Value::String(pair));
     }
-
-    let token_id = |field: &str| -> Option<u32> {
-        let content = match tcfg.get(field)? {
-            Json::String(s) => s.clone(),
-            Json::Object(o) => o.get("content")?.as_str()?.to_string(),
-            _ => return None,
-        };
-        by_id
-            .iter()
-            .find(|(_, t)| **t == content)
-            .map(|(id, _)| *id as u32)
-    };
-    let mut m = vec![
+    // The first id of each spelling, as the search over ids found it.
+    let mut by_content = BTreeMap::new();
+    for (id, t) in &by_id {
+        by_content.entry(t.clone()).or_insert(*id as u32);
+    }
+    let m = vec![
         (
             "tokenizer.ggml.model".to_string(),
             Value::String("gpt2".into()),
         ),
         ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
-        ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            strings(by_id.into_values().collect()),
+        ),
         (
             "tokenizer.ggml.token_type".to_string(),
             Value::Array(token_types),
         ),
         ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
     ];
-    for (field, key) in [
-        ("bos_token", "tokenizer.ggml.bos_token_id"),
-        ("eos_token", "tokenizer.ggml.eos_token_id"),
-        ("unk_token", "tokenizer.ggml.unknown_token_id"),
-        ("pad_token", "tokenizer.ggml.padding_token_id"),
-    ] {
-        if let Some(id) = token_id(field) {
-            m.push((key.to_string(), Value::U32(id)));
+    Ok((m, by_content))
+}
+
+/// One entry of `tokenizer.json`'s `added_tokens`.
+struct Added {
+    id: u64,
+    content: String,
+    special: bool,
+}
+
+fn added_tokens(tok: &Json, tok_path: &Path) -> Result<Vec<Added>> {
+    let mut out = Vec::new();
+    for (i, a) in tok
+        .get("added_tokens")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let (Some(id), Some(content)) = (
+            a.get("id").and_then(Json::as_u64),
+            a.get("content").and_then(Json::as_str),
+        ) else {
+            return Err(Error::quantize(
+                tok_path,
+                format!("`added_tokens[{i}]`: needs an integer `id` and a string `content`"),
+            ));
+        };
+        out.push(Added {
+            id,
+            content: content.to_string(),
+            special: a.get("special").and_then(Json::as_bool).unwrap_or(false),
+        });
+    }
+    Ok(out)
+}
+
+/// A SentencePiece vocabulary as llama.cpp stores it.
+struct SpVocab {
+    tokens: Vec<String>,
+    scores: Vec<f32>,
+    types: Vec<i32>,
+    by_content: IdsByContent,
+}
+
+/// llama.cpp's SentencePiece token types (`SentencePieceTokenTypes`).
+const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
+
+/// The SentencePiece vocabulary llama.cpp's converter writes for Gemma (`_create_vocab_sentencepiece`
+/// from `tokenizer.model`, then `tokenizer_config.json`'s added tokens), rebuilt from
+/// `tokenizer.json`, `n_vocab` tokens:
+///
+/// * an added token marked special is CONTROL, another added token USER_DEFINED with its "▁"
+///   written as spaces ("pre-normalize user-defined spaces"); both score -1000;
+/// * a vocabulary token `<0xXX>` is BYTE, the model's `unk_token` (when not added) UNKNOWN, both
+///   score 0;
+/// * a vocabulary token of two or more "▁" is one of Gemma's space runs, USER_DEFINED and stored
+///   with spaces, as llama.cpp's file has it (the inverse of the importer's respelling);
+/// * every other token is NORMAL, scored -0, -1, -2, ... in id order: SentencePiece's BPE scores
+///   (the negated merge rank; llama.cpp's tokenizer only compares them, and the readers that
+///   rebuild merges from a Gemma file take the same order from the token order);
+/// * ids without a token are `[PAD<id>]`, UNUSED, scored -10000; added tokens at or past
+///   `n_vocab` (Gemma 3's `<image_soft_token>`) are left out, as llama.cpp leaves them.
+///
+/// `tokenizer.json` must normalize as Gemma's does (spaces to "▁", no dummy prefix, no split but
+/// on spaces): that is the tokenizer a `gemma3` GGUF describes.
+fn sentencepiece_vocab(tok: &Json, tok_path: &Path, n_vocab: usize) -> Result<SpVocab> {
+    let bad = |field: &str, what: String| Error::quantize(tok_path, format!("`{field}`: {what}"));
+    let model = &tok["model"];
+    if model.get("byte_fallback").and_then(Json::as_bool) != Some(true) {
+        return Err(bad(
+            "model.byte_fallback",
+            "gemma3 exports a SentencePiece vocabulary with byte fallback; this BPE model has none (a byte-level tokenizer has no gemma3 GGUF form)".into(),
+        ));
+    }
+    check_gemma_text_steps(tok, tok_path)?;
+    let vocab = model
+        .get("vocab")
+        .and_then(Json::as_object)
+        .ok_or_else(|| bad("model.vocab", "absent or not an object".into()))?;
+    let unk = model.get("unk_token").and_then(Json::as_str);
+
+    #[derive(Clone)]
+    enum Slot {
+        Empty,
+        Vocab(String),
+        Added(String, bool),
+    }
+    let mut slots = vec![Slot::Empty; n_vocab];
+    let mut by_content = BTreeMap::new();
+    for (token, id) in vocab {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| bad("model.vocab", format!("id of {token:?} is not an integer")))?;
+        let Some(slot) = slots.get_mut(id as usize) else {
+            return Err(bad(
+                "model.vocab",
+                format!("{token:?} has id {id}, past the model's vocab_size {n_vocab}"),
+            ));
+        };
+        *slot = Slot::Vocab(token.clone());
+    }
+    let added = added_tokens(tok, tok_path)?;
+    for a in &added {
+        if let Some(slot) = slots.get_mut(a.id as usize) {
+            *slot = Slot::Added(a.content.clone(), a.special);
         }
     }
-    for (field, key) in [
-        ("add_bos_token", "tokenizer.ggml.add_bos_token"),
-        ("add_eos_token", "tokenizer.ggml.add_eos_token"),
-    ] {
-        if let Some(b) = tcfg.get(field).and_then(Json::as_bool) {
-            m.push((key.to_string(), Value::Bool(b)));
-        }
-    }
-    // transformers 5 may keep the template in its own file.
-    let jinja = dir.join("chat_template.jinja");
-    let template = match tcfg.get("chat_template").and_then(Json::as_str) {
-        Some(t) => Some(t.to_string()),
-        None if jinja.is_file() => {
-            Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, "read", e))?)
-        }
-        None => None,
+    let is_byte = |t: &str| {
+        t.len() == 6
+            && t.starts_with("<0x")
+            && t.ends_with('>')
+            && t[3..5]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
     };
-    if let Some(t) = template {
-        m.push(("tokenizer.chat_template".to_string(), Value::String(t)));
+    let is_space_run = |t: &str| t.chars().count() >= 2 && t.chars().all(|c| c == '\u{2581}');
+    let mut v = SpVocab {
+        tokens: Vec::with_capacity(n_vocab),
+        scores: Vec::with_capacity(n_vocab),
+        types: Vec::with_capacity(n_vocab),
+        by_content: BTreeMap::new(),
+    };
+    let mut normal = 0u32;
+    for (id, slot) in slots.into_iter().enumerate() {
+        let (token, score, ty) = match slot {
+            Slot::Empty => (format!("[PAD{id}]"), -10000.0, UNUSED),
+            Slot::Added(t, true) => (t, -1000.0, CONTROL),
+            Slot::Added(t, false) => {
+                by_content.entry(t.clone()).or_insert(id as u32);
+                (t.replace('\u{2581}', " "), -1000.0, USER_DEFINED)
+            }
+            Slot::Vocab(t) if is_byte(&t) => (t, 0.0, BYTE),
+            Slot::Vocab(t) if Some(t.as_str()) == unk => (t, 0.0, UNKNOWN),
+            Slot::Vocab(t) if is_space_run(&t) => {
+                by_content.entry(t.clone()).or_insert(id as u32);
+                (t.replace('\u{2581}', " "), -1000.0, USER_DEFINED)
+            }
+            Slot::Vocab(t) => {
+                let score = -(normal as f32);
+                normal += 1;
+                (t, score, NORMAL)
+            }
+        };
+        by_content.entry(token.clone()).or_insert(id as u32);
+        v.tokens.push(token);
+        v.scores.push(score);
+        v.types.push(ty);
     }
-    Ok(m)
+    v.by_content = by_content;
+    Ok(v)
+}
+
+/// Refuses a `tokenizer.json` whose normalizer or pre-tokenizer is not Gemma's: the GGUF's
+/// readers (llama.cpp's SentencePiece tokenizer with `add_space_prefix = false`, and the
+/// `gemma_tokenizer` of transformers and whet) only write spaces as "▁".
+fn check_gemma_text_steps(tok: &Json, tok_path: &Path) -> Result<()> {
+    let bad = |field: &str, v: &Json, why: &str| {
+        Error::quantize(
+            tok_path,
+            format!(
+                "`{field}`: {} {why}; a gemma3 GGUF's tokenizer only writes spaces as \"\u{2581}\" (no dummy prefix, no other normalization), so it would tokenize differently",
+                serde_json::to_string(v).unwrap_or_default()
+            ),
+        )
+    };
+    let replaces_spaces = |n: &Json| {
+        n.get("type").and_then(Json::as_str) == Some("Replace")
+            && n.pointer("/pattern/String").and_then(Json::as_str) == Some(" ")
+            && n.get("content").and_then(Json::as_str) == Some("\u{2581}")
+    };
+    let normalizer = tok.get("normalizer").unwrap_or(&Json::Null);
+    let steps: Vec<&Json> = match normalizer.get("type").and_then(Json::as_str) {
+        Some("Sequence") => normalizer
+            .get("normalizers")
+            .and_then(Json::as_array)
+            .map(|a| a.iter().collect())
+            .unwrap_or_default(),
+        _ => vec![normalizer],
+    };
+    if steps.len() != 1 || !replaces_spaces(steps[0]) {
+        return Err(bad(
+            "normalizer",
+            normalizer,
+            "is not Gemma's (Replace \" \" with \"\u{2581}\")",
+        ));
+    }
+    // After that normalizer a split on spaces (GemmaConverter's) finds none.
+    let harmless = |p: &Json| {
+        p.get("type").and_then(Json::as_str) == Some("Split")
+            && p.pointer("/pattern/String").and_then(Json::as_str) == Some(" ")
+    };
+    let pre = tok.get("pre_tokenizer").unwrap_or(&Json::Null);
+    let ok = match pre.get("type").and_then(Json::as_str) {
+        None => pre.is_null(),
+        Some("Sequence") => pre
+            .get("pretokenizers")
+            .and_then(Json::as_array)
+            .is_some_and(|a| a.iter().all(harmless)),
+        Some(_) => harmless(pre),
+    };
+    if !ok {
+        return Err(bad(
+            "pre_tokenizer",
+            pre,
+            "splits the text in a way Gemma's tokenizer does not",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -547,7 +975,12 @@ mod tests {
         let p = Path::new("tokenizer.json");
         let plain =
             serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": true});
-        assert_eq!(pre_name(&plain, p).unwrap(), "gpt2");
+        assert_eq!(pre_name(&plain, p).unwrap(), "gpt-2");
+        assert_eq!(
+            crate::gguf::pre_tokenizer_split("gpt-2"),
+            None,
+            "GPT-2's own regex"
+        );
         let regex = crate::gguf::pre_tokenizer_split("llama3").unwrap();
         let seq = serde_json::json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
@@ -560,6 +993,51 @@ mod tests {
             err.contains("Metaspace") && err.contains("tokenizer.json"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_gemmas_text_steps_export_as_a_gemma3_tokenizer() {
+        let p = Path::new("tokenizer.json");
+        let replace = serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+        let split = serde_json::json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false});
+        for (normalizer, pre) in [
+            (replace.clone(), split.clone()),
+            (replace.clone(), Json::Null),
+            (
+                serde_json::json!({"type": "Sequence", "normalizers": [replace.clone()]}),
+                split.clone(),
+            ),
+        ] {
+            let tok = serde_json::json!({"normalizer": normalizer, "pre_tokenizer": pre});
+            check_gemma_text_steps(&tok, p).unwrap();
+        }
+        // Llama 2's dummy prefix, as a normalizer or as Metaspace.
+        let prepend = serde_json::json!({"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u{2581}"}, replace.clone()]});
+        let tok = serde_json::json!({"normalizer": prepend, "pre_tokenizer": null});
+        let err = check_gemma_text_steps(&tok, p).unwrap_err().to_string();
+        assert!(
+            err.contains("`normalizer`") && err.contains("Prepend"),
+            "{err}"
+        );
+        let metaspace = serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false});
+        let tok = serde_json::json!({"normalizer": replace, "pre_tokenizer": metaspace});
+        let err = check_gemma_text_steps(&tok, p).unwrap_err().to_string();
+        assert!(
+            err.contains("`pre_tokenizer`") && err.contains("tokenizer.json"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn add_bos_comes_from_the_post_processor_when_the_config_is_silent() {
+        let tcfg = serde_json::json!({"bos_token": "<bos>", "eos_token": {"content": "<eos>"}});
+        let bos_first = serde_json::json!({"post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]}});
+        assert!(post_processor_adds(&bos_first, &tcfg, "add_bos_token"));
+        assert!(!post_processor_adds(&bos_first, &tcfg, "add_eos_token"));
+        let none = serde_json::json!({"post_processor": null});
+        assert!(!post_processor_adds(&none, &tcfg, "add_bos_token"));
     }
 
     #[test]

@@ -250,10 +250,12 @@ impl GgufFile {
         })
     }
 
-    /// Refuses `cfg` unless whet's own frequencies for it ([`Config::inv_freq`]) are the plain
-    /// ones divided by the file's `rope_freqs.weight`, pair by pair, within [`REL_TOL`].
+    /// Refuses `cfg` (of a llama file) unless whet's own frequencies for it
+    /// ([`Config::inv_freq`]) are the plain ones divided by the file's `rope_freqs.weight`, pair
+    /// by pair, within [`REL_TOL`].
     pub(super) fn check_rope_freqs(&self, cfg: &Config) -> Result<()> {
-        if self.tensor(ROPE_FREQS).is_none() {
+        // Other architectures do not read the tensor: `plan` refuses it there.
+        if self.tensor(ROPE_FREQS).is_none() || self.arch()? != super::GgufArch::Llama {
             return Ok(());
         }
         let factors = self.dequantize(ROPE_FREQS)?;

@@ -2,14 +2,16 @@
 //! The model and tokenizer must survive: same config, same vocabulary, merges, special ids and
 //! chat template, logits equal within the type's quantization error.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::Tensor;
 use candle_core::quantized::{GgmlDType, QTensor};
 use serde_json::Value;
 use whet_data::atomic::Existing;
-use whet_model::export::{export_gguf, tensor_type};
-use whet_model::gguf::{GgufFile, convert_gguf_to_hf};
-use whet_model::{Error, LoraConfig, Model, Trainable};
+use whet_model::export::{export_gguf, tensor_type, tokenizer_metadata};
+use whet_model::gguf::{GgufArch, GgufFile, convert_gguf_to_hf};
+use whet_model::{Config, Error, LayerAttention, LoraConfig, Model, Trainable};
 
 use crate::common::*;
 
@@ -218,6 +220,52 @@ fn qwen_models_round_trip_as_their_architectures() {
     }
 }
 
+/// Phi-3 leaves as llama.cpp's `phi3` layout (fused `attn_qkv`, gate + up in `ffn_up`, the
+/// window, the rotated dimensions, LongRoPE's original context, attention factor and factor
+/// tensors) and comes back as the same model: the window of phi3_tiny and the partial rotary
+/// and LongRoPE (short and long factors) of phi4_tiny included.
+#[test]
+fn phi3_models_round_trip_as_phi3_ggufs() {
+    for file in ["tiny_phi3.gguf", "tiny_phi4.gguf"] {
+        let src = TempDir::new("export-phi3-src");
+        convert_gguf_to_hf(&fixture(file), src.path()).unwrap();
+        let model = Model::load(src.path(), Trainable::None, &cpu()).unwrap();
+        let cfg = model.config().clone();
+        let want = all_logits(&model);
+        for (ty, tol) in [(GgmlDType::F32, 1e-6), (GgmlDType::Q8_0, 0.1)] {
+            let out = src.path().join(format!("out-{ty:?}.gguf"));
+            export_gguf(&model, src.path(), &out, ty, "tiny", Existing::Replace).unwrap();
+            let f = GgufFile::open(&out).unwrap();
+            assert_eq!(f.architecture().unwrap(), "phi3");
+            let names: Vec<&str> = f.tensors().iter().map(|t| t.name.as_str()).collect();
+            assert!(
+                names.contains(&"blk.0.attn_qkv.weight") && !names.contains(&"blk.0.attn_q.weight"),
+                "{file}: {names:?}"
+            );
+            let longrope = cfg.inv_freq_long().is_some();
+            assert_eq!(names.contains(&"rope_factors_long.weight"), longrope, "{file}");
+            assert_eq!(
+                meta(&f, "phi3.rope.dimension_count").to_u32().unwrap() as usize,
+                cfg.rotary_dim()
+            );
+            let back = TempDir::new("export-phi3-back");
+            convert_gguf_to_hf(&out, back.path()).unwrap();
+            let reloaded = Model::load(back.path(), Trainable::None, &cpu()).unwrap();
+            let got = reloaded.config();
+            assert_eq!(got.model_type, "phi3");
+            assert_eq!(
+                (got.layer_window(0), got.rotary_dim(), got.inv_freq_long()),
+                (cfg.layer_window(0), cfg.rotary_dim(), cfg.inv_freq_long()),
+                "{file} {ty:?}"
+            );
+            assert_eq!(got.inv_freq(), cfg.inv_freq(), "{file} {ty:?}");
+            let e = rel(&all_logits(&reloaded), &want);
+            eprintln!("{file} {ty:?}: relative logit error {e:.2e}");
+            assert!(e < tol, "{file} {ty:?}: {e}");
+        }
+    }
+}
+
 /// Llama 3 rope scaling travels as llama.cpp's `rope_freqs` tensor: per rotary pair, the factor
 /// its frequency is divided by (the plain frequency over the scaled one).
 #[test]
@@ -268,6 +316,489 @@ fn llama3_rope_is_written_as_rope_freqs() {
         factors.iter().any(|&x| x > 1.5),
         "some frequencies are scaled"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gemma 3 as a `gemma3` GGUF with its SentencePiece tokenizer.
+
+/// The Hugging Face tokenizer files of `tiny_spm_gemma3.gguf` (727 tokens in Gemma 3's layout:
+/// control, user-defined newline and space runs, byte tokens, trained pieces), as whet's
+/// converter writes them, in `dir`.
+fn write_gemma_tokenizer(dir: &Path) {
+    let f = GgufFile::open(fixture("tiny_spm_gemma3.gguf")).unwrap();
+    for (name, json) in [
+        ("tokenizer.json", f.tokenizer_json().unwrap()),
+        ("tokenizer_config.json", f.tokenizer_config_json().unwrap()),
+    ] {
+        std::fs::write(dir.join(name), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    }
+}
+
+/// gemma3_tiny in the one form a `gemma3` GGUF can state: its weights, its two layers repeated
+/// to six (so that the sixth is global, as llama.cpp's pattern has it), `query_pre_attn_scalar`
+/// 256, no `layer_types`, Gemma's special ids, and the embedding grown to `vocab` rows (row `i`
+/// is row `i % 256`, negated in every other block of 256).
+fn gemma3_tiny_for_gguf(vocab: usize) -> Model {
+    let dir = golden_dir("gemma3_tiny");
+    let mut cfg = Config::from_file(&dir.join("config.json")).unwrap();
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &cpu()).unwrap();
+    cfg.num_hidden_layers = 6;
+    cfg.vocab_size = vocab;
+    cfg.query_pre_attn_scalar = Some(256.0);
+    cfg.layer_types = None;
+    cfg.bos_token_id = Some(2);
+    cfg.eos_token_id = Some(whet_model::TokenIds::One(1));
+    let mut tensors = HashMap::new();
+    for (name, t) in &weights {
+        match name.strip_prefix("model.layers.") {
+            Some(rest) => {
+                let (layer, part) = rest.split_once('.').unwrap();
+                let layer: usize = layer.parse().unwrap();
+                for copy in (layer..6).step_by(2) {
+                    tensors.insert(format!("model.layers.{copy}.{part}"), t.clone());
+                }
+            }
+            None if name == "model.embed_tokens.weight" => {
+                let rows: Vec<u32> = (0..vocab as u32).map(|i| i % 256).collect();
+                let signs: Vec<f32> = (0..vocab)
+                    .map(|i| if (i / 256) % 2 == 0 { 1.0 } else { -1.0 })
+                    .collect();
+                let idx = Tensor::new(rows.as_slice(), &cpu()).unwrap();
+                let signs = Tensor::from_vec(signs, (vocab, 1), &cpu()).unwrap();
+                let grown = t
+                    .index_select(&idx, 0)
+                    .unwrap()
+                    .broadcast_mul(&signs)
+                    .unwrap();
+                tensors.insert(name.clone(), grown);
+            }
+            None => {
+                tensors.insert(name.clone(), t.clone());
+            }
+        }
+    }
+    Model::from_tensors(&cfg, tensors, Trainable::None, &cpu()).unwrap()
+}
+
+fn meta<'a>(f: &'a GgufFile, key: &str) -> &'a candle_core::quantized::gguf_file::Value {
+    f.metadata()
+        .get(key)
+        .unwrap_or_else(|| panic!("{key} is missing"))
+}
+
+#[test]
+fn gemma3_round_trips_as_a_gemma3_gguf() {
+    let dir = TempDir::new("export-gemma3");
+    write_gemma_tokenizer(dir.path());
+    let model = gemma3_tiny_for_gguf(727);
+    let cfg = model.config().clone();
+    let want = all_logits(&model);
+    for (ty, tol) in [(GgmlDType::F32, 1e-5), (GgmlDType::Q8_0, 0.1)] {
+        let out = dir.path().join(format!("gemma3-{ty:?}.gguf"));
+        export_gguf(&model, dir.path(), &out, ty, "tiny", Existing::Replace).unwrap();
+        let f = GgufFile::open(&out).unwrap();
+        assert_eq!(f.architecture().unwrap(), "gemma3");
+        use candle_core::quantized::gguf_file::Value as V;
+        let u = |k: &str| meta(&f, k).to_u32().unwrap();
+        for (key, want) in [
+            ("gemma3.context_length", 128),
+            ("gemma3.embedding_length", 64),
+            ("gemma3.block_count", 6),
+            ("gemma3.feed_forward_length", 128),
+            ("gemma3.attention.head_count", 4),
+            ("gemma3.attention.head_count_kv", 2),
+            ("gemma3.attention.key_length", 16),
+            ("gemma3.attention.value_length", 16),
+            ("gemma3.attention.sliding_window", 6),
+            ("tokenizer.ggml.bos_token_id", 2),
+            ("tokenizer.ggml.eos_token_id", 1),
+            ("tokenizer.ggml.unknown_token_id", 3),
+            ("tokenizer.ggml.padding_token_id", 0),
+        ] {
+            assert_eq!(u(key), want, "{key}");
+        }
+        let f32_of = |k: &str| meta(&f, k).to_f32().unwrap();
+        assert_eq!(f32_of("gemma3.rope.freq_base"), 1e6);
+        assert_eq!(f32_of("gemma3.attention.layer_norm_rms_epsilon"), 1e-6);
+        assert_eq!(
+            meta(&f, "tokenizer.ggml.model").to_string().unwrap(),
+            "llama"
+        );
+        assert_eq!(
+            meta(&f, "tokenizer.ggml.pre").to_string().unwrap(),
+            "default"
+        );
+        for (key, want) in [
+            ("tokenizer.ggml.add_bos_token", true),
+            ("tokenizer.ggml.add_eos_token", false),
+            ("tokenizer.ggml.add_space_prefix", false),
+        ] {
+            assert_eq!(meta(&f, key).to_bool().unwrap(), want, "{key}");
+        }
+        assert!(
+            matches!(meta(&f, "tokenizer.chat_template"), V::String(t) if t.contains("<start_of_turn>"))
+        );
+        for key in [
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.scores",
+            "tokenizer.ggml.token_type",
+        ] {
+            assert_eq!(meta(&f, key).to_vec().unwrap().len(), 727, "{key}");
+        }
+        assert!(!f.metadata().contains_key("tokenizer.ggml.merges"));
+
+        // llama.cpp's tensor names, norms stored plus one, no `output.weight` (tied).
+        let names: Vec<&str> = f.tensors().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names.len(), 2 + 6 * 13, "{names:?}");
+        for part in [
+            "attn_norm",
+            "attn_q_norm",
+            "attn_k_norm",
+            "post_attention_norm",
+            "ffn_norm",
+            "post_ffw_norm",
+        ] {
+            assert!(
+                names.contains(&format!("blk.5.{part}.weight").as_str()),
+                "{part}"
+            );
+        }
+        assert!(!names.contains(&"output.weight"));
+        let weights: HashMap<_, _> = model.named_weights().unwrap().into_iter().collect();
+        let hf = weights["model.layers.0.pre_feedforward_layernorm.weight"]
+            .to_vec1::<f32>()
+            .unwrap();
+        let stored = f.dequantize("blk.0.ffn_norm.weight").unwrap();
+        for (s, w) in stored.iter().zip(&hf) {
+            assert_eq!(*s, w + 1.0);
+        }
+
+        let back = TempDir::new("export-gemma3-back");
+        convert_gguf_to_hf(&out, back.path()).unwrap();
+        let reloaded = Model::load(back.path(), Trainable::None, &cpu()).unwrap();
+        let got = reloaded.config();
+        assert_eq!(got.model_type, "gemma3_text");
+        assert_eq!(got.attention_scale(), cfg.attention_scale());
+        assert_eq!(got.vocab_size, 727);
+        for i in 0..6 {
+            assert_eq!(got.layer_window(i), cfg.layer_window(i), "layer {i}");
+        }
+        assert_eq!(cfg.layer_window(5), None, "the sixth layer is global");
+        for kind in [LayerAttention::Full, LayerAttention::Sliding] {
+            assert_eq!(got.inv_freq_for(kind), cfg.inv_freq_for(kind), "{kind:?}");
+        }
+        let e = rel(&all_logits(&reloaded), &want);
+        eprintln!("gemma3 {ty:?}: relative logit error after export and re-import {e:.2e}");
+        assert!(e < tol, "gemma3 {ty:?}: {e}");
+    }
+}
+
+#[test]
+fn gemma3_tokenizer_round_trips_through_its_gguf_form() {
+    // Export writes the vocabulary llama.cpp writes; importing it gives the same ids as the
+    // original tokenizer, and as transformers' reading of the original file.
+    let refs = json(&fixture("tiny_spm_refs.json"));
+    let refs = &refs["tiny_spm_gemma3.gguf"];
+    let dir = TempDir::new("export-gemma3-tok");
+    write_gemma_tokenizer(dir.path());
+    let model = gemma3_tiny_for_gguf(727);
+    let out = dir.path().join("gemma3.gguf");
+    export_gguf(
+        &model,
+        dir.path(),
+        &out,
+        GgmlDType::F32,
+        "tiny",
+        Existing::Replace,
+    )
+    .unwrap();
+    let back = TempDir::new("export-gemma3-tok-back");
+    convert_gguf_to_hf(&out, back.path()).unwrap();
+
+    let original = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+    let again = tokenizers::Tokenizer::from_file(back.path().join("tokenizer.json")).unwrap();
+    let mut texts: Vec<String> = refs["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    let n_refs = texts.len();
+    // Beyond the fixture's texts: byte fallback for characters the vocabulary lacks, runs of
+    // every whitespace kind, and specials mixed into text.
+    texts.extend(
+        [
+            "ß∑𝔘\u{10FFFF}\u{0}",
+            "     five spaces\n\n\n\n\n\n\tand\t\t\t tabs  ",
+            "<bos><start_of_turn>model\n<unused2>  ok<end_of_turn>",
+            "naïve café ✓ — “quotes” 東京",
+        ]
+        .map(String::from),
+    );
+    for (i, text) in texts.iter().enumerate() {
+        let a = original.encode(text.as_str(), true).unwrap();
+        let b = again.encode(text.as_str(), true).unwrap();
+        assert_eq!(a.get_ids(), b.get_ids(), "{text:?}");
+        if i < n_refs {
+            let want: Vec<u32> = refs["token_ids"][i]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(b.get_ids(), want, "transformers' ids for {text:?}");
+        }
+    }
+    // The same special tokens, flags and chat template; `model_max_length` is the model's
+    // context now, not the fixture file's.
+    let config_of = |d: &Path| {
+        let mut c = json(&d.join("tokenizer_config.json"));
+        c.as_object_mut().unwrap().remove("model_max_length");
+        c
+    };
+    assert_eq!(config_of(dir.path()), config_of(back.path()));
+
+    // Token by token against the llama.cpp-layout fixture the tokenizer came from.
+    let src = GgufFile::open(fixture("tiny_spm_gemma3.gguf")).unwrap();
+    let f = GgufFile::open(&out).unwrap();
+    let list = |f: &GgufFile, k: &str| meta(f, k).to_vec().unwrap().clone();
+    let (tokens0, tokens1) = (
+        list(&src, "tokenizer.ggml.tokens"),
+        list(&f, "tokenizer.ggml.tokens"),
+    );
+    let (types0, types1) = (
+        list(&src, "tokenizer.ggml.token_type"),
+        list(&f, "tokenizer.ggml.token_type"),
+    );
+    let (scores0, scores1) = (
+        list(&src, "tokenizer.ggml.scores"),
+        list(&f, "tokenizer.ggml.scores"),
+    );
+    // What the importer kept of the source (tokenizer.json has no id for a token repeated once
+    // respelled, and spells the fixture's trained space-run pieces as its user-defined ones)
+    // comes back as the source has it; the rest as llama.cpp writes a missing id.
+    let kept = json(&dir.path().join("tokenizer.json"));
+    let mut kept_ids: Vec<u64> = kept["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    kept_ids.extend(
+        kept["added_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["id"].as_u64().unwrap()),
+    );
+    let text = |v: &candle_core::quantized::gguf_file::Value| v.to_string().unwrap().clone();
+    let ty = |v: &candle_core::quantized::gguf_file::Value| v.to_i32().unwrap();
+    let mut respelled = vec![];
+    for i in 0..727 {
+        if !kept_ids.contains(&(i as u64)) {
+            assert_eq!(
+                (text(&tokens1[i]), ty(&types1[i])),
+                (format!("[PAD{i}]"), 5)
+            );
+        } else if text(&tokens0[i]).chars().count() >= 2
+            && text(&tokens0[i]).chars().all(|c| c == '\u{2581}')
+            && ty(&types0[i]) == 1
+        {
+            assert_eq!(ty(&types1[i]), 4, "id {i}");
+            respelled.push(i);
+        } else {
+            assert_eq!(
+                (text(&tokens1[i]), ty(&types1[i])),
+                (text(&tokens0[i]), ty(&types0[i])),
+                "id {i}"
+            );
+            if ty(&types0[i]) != 1 {
+                let (a, b) = (scores0[i].to_f32().unwrap(), scores1[i].to_f32().unwrap());
+                assert_eq!(a, b, "id {i}: score");
+            }
+        }
+    }
+    assert_eq!(
+        respelled.len(),
+        3,
+        "the fixture's three repeated space runs"
+    );
+    // The trained pieces' scores: SentencePiece's (the negated rank), so in the same order.
+    let normal = |scores: &[candle_core::quantized::gguf_file::Value]| {
+        let mut ids: Vec<usize> = (0..727).filter(|i| ty(&types1[*i]) == 1).collect();
+        ids.sort_by(|&a, &b| {
+            let (x, y) = (scores[a].to_f32().unwrap(), scores[b].to_f32().unwrap());
+            y.partial_cmp(&x).unwrap()
+        });
+        ids
+    };
+    assert_eq!(normal(&scores0), normal(&scores1));
+}
+
+/// Gemma 3 4B-27B scale their global layers' rope linearly: that travels as
+/// `gemma3.rope.scaling.*` and comes back on the global layers only.
+#[test]
+fn gemma3_linear_rope_on_global_layers_round_trips() {
+    let dir = TempDir::new("export-gemma3-linear");
+    write_gemma_tokenizer(dir.path());
+    let base = gemma3_tiny_for_gguf(727);
+    let mut cfg = base.config().clone();
+    let Some(whet_model::RopeParameters::PerLayerType(sets)) = &mut cfg.rope_parameters else {
+        panic!("gemma3_tiny has rope_parameters per layer type");
+    };
+    sets.get_mut("full_attention").unwrap().kind = whet_model::RopeKind::Linear { factor: 8.0 };
+    let weights: HashMap<_, _> = base.named_weights().unwrap().into_iter().collect();
+    let model = Model::from_tensors(&cfg, weights, Trainable::None, &cpu()).unwrap();
+    let out = dir.path().join("linear.gguf");
+    export_gguf(
+        &model,
+        dir.path(),
+        &out,
+        GgmlDType::F32,
+        "x",
+        Existing::Replace,
+    )
+    .unwrap();
+    let f = GgufFile::open(&out).unwrap();
+    assert_eq!(
+        meta(&f, "gemma3.rope.scaling.type").to_string().unwrap(),
+        "linear"
+    );
+    assert_eq!(
+        meta(&f, "gemma3.rope.scaling.factor").to_f32().unwrap(),
+        8.0
+    );
+    let back = TempDir::new("export-gemma3-linear-back");
+    convert_gguf_to_hf(&out, back.path()).unwrap();
+    let reloaded = Model::load(back.path(), Trainable::None, &cpu()).unwrap();
+    for kind in [LayerAttention::Full, LayerAttention::Sliding] {
+        assert_eq!(
+            reloaded.config().inv_freq_for(kind),
+            cfg.inv_freq_for(kind),
+            "{kind:?}"
+        );
+    }
+    let d = max_abs_diff(&all_logits(&reloaded), &all_logits(&model));
+    assert!(d < 1e-5, "{d}");
+}
+
+/// The real Gemma 3 270M, when cached: its tokenizer as whet converts it, exported again, is the
+/// vocabulary llama.cpp's converter wrote into the file, all 262,144 tokens.
+#[test]
+fn gemma3_270m_tokenizer_exports_as_llama_cpp_wrote_it() {
+    let path = cached_model("gemma3-270m", "gemma-3-270m-q4_k_m.gguf");
+    if !path.exists() {
+        eprintln!(
+            "SKIP gemma3_270m_tokenizer_exports_as_llama_cpp_wrote_it: {} is absent (`cargo xtask fetch-model gemma3-270m` puts it there); the tiny SentencePiece fixture covers the writer",
+            path.display()
+        );
+        return;
+    }
+    let src = GgufFile::open(&path).unwrap();
+    let dir = TempDir::new("export-gemma3-270m-tok");
+    for (name, json) in [
+        ("tokenizer.json", src.tokenizer_json().unwrap()),
+        (
+            "tokenizer_config.json",
+            src.tokenizer_config_json().unwrap(),
+        ),
+    ] {
+        std::fs::write(dir.path().join(name), serde_json::to_string(&json).unwrap()).unwrap();
+    }
+    let written: HashMap<String, candle_core::quantized::gguf_file::Value> =
+        tokenizer_metadata(dir.path(), GgufArch::Gemma3, 262_144)
+            .unwrap()
+            .into_iter()
+            .collect();
+    for key in [
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.add_eos_token",
+        "tokenizer.ggml.add_space_prefix",
+    ] {
+        assert_eq!(
+            format!("{:?}", written[key]),
+            format!("{:?}", meta(&src, key)),
+            "{key}"
+        );
+    }
+    // Scores: the same order. (The file's pieces skip 31 ranks before "▁", id 236743, as
+    // Google's tokenizer.model does; a rank is all llama.cpp's tokenizer compares.)
+    let scores = |v: &candle_core::quantized::gguf_file::Value| -> Vec<f32> {
+        v.to_vec()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32().unwrap())
+            .collect()
+    };
+    let (ours, theirs) = (
+        scores(&written["tokenizer.ggml.scores"]),
+        scores(meta(&src, "tokenizer.ggml.scores")),
+    );
+    let types = written["tokenizer.ggml.token_type"].to_vec().unwrap();
+    let normal: Vec<usize> = (0..ours.len())
+        .filter(|&i| types[i].to_i32().unwrap() == 1)
+        .collect();
+    for i in (0..ours.len()).filter(|&i| types[i].to_i32().unwrap() != 1) {
+        assert_eq!(ours[i], theirs[i], "id {i}");
+    }
+    for w in normal.windows(2) {
+        assert!(
+            ours[w[1]] < ours[w[0]] && theirs[w[1]] < theirs[w[0]],
+            "ids {w:?}"
+        );
+    }
+    let differ = normal.iter().filter(|&&i| ours[i] != theirs[i]).count();
+    eprintln!(
+        "Gemma 3 270M: tokens and types equal to llama.cpp's; {differ} normal scores differ in value (not in order)"
+    );
+}
+
+#[test]
+fn gemma3_configs_a_gguf_cannot_state_are_refused() {
+    let dir = TempDir::new("export-gemma3-refused");
+    write_gemma_tokenizer(dir.path());
+    let out = dir.path().join("no.gguf");
+    let export = |model: &Model| {
+        export_gguf(
+            model,
+            dir.path(),
+            &out,
+            GgmlDType::F32,
+            "x",
+            Existing::Replace,
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    // The golden model itself: layer 1 is global, and query_pre_attn_scalar is 24.
+    let golden = Model::load(&golden_dir("gemma3_tiny"), Trainable::None, &cpu()).unwrap();
+    let err = export(&golden);
+    assert!(
+        err.contains("layer 1 is a global layer") && err.contains("every 6th layer"),
+        "{err}"
+    );
+    let mut cfg = golden.config().clone();
+    cfg.layer_types = None;
+    let weights: HashMap<_, _> = golden.named_weights().unwrap().into_iter().collect();
+    let scaled = Model::from_tensors(&cfg, weights, Trainable::None, &cpu()).unwrap();
+    let err = export(&scaled);
+    assert!(err.contains("query_pre_attn_scalar Some(24.0)"), "{err}");
+    // A vocabulary larger than the model's embedding.
+    let small = gemma3_tiny_for_gguf(256);
+    let err = export(&small);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("past the model's vocab_size 256"),
+        "{err}"
+    );
+    assert!(!out.exists());
 }
 
 // ---------------------------------------------------------------------------------------------
