@@ -455,8 +455,7 @@ fn model_metadata(
                 Value::F32(cfg.rope_attention_factor() as f32),
             ));
         }
-    } else if arch != GgufArch::Llama
-        || cfg.head_dim() * cfg.num_attention_heads != cfg.hidden_size
+    } else if arch != GgufArch::Llama || cfg.head_dim() * cfg.num_attention_heads != cfg.hidden_size
     {
         m.push((format!("{a}.attention.key_length"), u(cfg.head_dim())));
         m.push((format!("{a}.attention.value_length"), u(cfg.head_dim())));

@@ -107,7 +107,9 @@ pub struct TaskSettings<'a> {
 /// One model's task scores, as the report keeps them.
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskScores {
-    /// Each requested metric's value, 0 to 1, in the order requested.
+    /// Each requested metric's value, 0 to 1, in the order requested (`{"accuracy": 0.9, ...}`
+    /// in report.json).
+    #[serde(serialize_with = "as_map")]
     pub values: Vec<(Metric, f64)>,
     /// Examples scored.
     pub n: usize,
@@ -123,6 +125,15 @@ pub struct TaskScores {
     pub samples: Vec<(String, String)>,
     /// Seconds spent generating.
     pub generate_s: f64,
+}
+
+fn as_map<S: serde::Serializer>(values: &[(Metric, f64)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(values.len()))?;
+    for (metric, v) in values {
+        m.serialize_entry(metric.name(), v)?;
+    }
+    m.end()
 }
 
 impl TaskScores {

@@ -243,7 +243,11 @@ fn phi3_models_round_trip_as_phi3_ggufs() {
                 "{file}: {names:?}"
             );
             let longrope = cfg.inv_freq_long().is_some();
-            assert_eq!(names.contains(&"rope_factors_long.weight"), longrope, "{file}");
+            assert_eq!(
+                names.contains(&"rope_factors_long.weight"),
+                longrope,
+                "{file}"
+            );
             assert_eq!(
                 meta(&f, "phi3.rope.dimension_count").to_u32().unwrap() as usize,
                 cfg.rotary_dim()

@@ -80,7 +80,7 @@ fn k_fold_scores_task_metrics_per_fold() {
     assert!(r.stderr.contains("chrf"), "{}", r.stderr);
     let report: Value =
         serde_json::from_slice(&fs::read(tmp.join("out/kfold.json")).unwrap()).unwrap();
-    let chrf = |t: &Value| t["values"][0][1].as_f64().unwrap();
+    let chrf = |t: &Value| t["values"]["chrf"].as_f64().unwrap();
     let folds = report["folds"].as_array().unwrap();
     let tuned: Vec<f64> = folds.iter().map(|f| chrf(&f["task"])).collect();
     let base: Vec<f64> = folds.iter().map(|f| chrf(&f["base_task"])).collect();

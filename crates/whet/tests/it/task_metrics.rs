@@ -7,14 +7,22 @@ use serde_json::Value;
 
 use crate::common::*;
 
-/// The values of one side's task scores, by metric name.
+/// The values of one side's task scores (`{"accuracy": 0.5, ...}`), sorted by metric name.
 fn values(task: &Value) -> Vec<(String, f64)> {
-    task["values"]
-        .as_array()
+    let mut v: Vec<(String, f64)> = task["values"]
+        .as_object()
         .unwrap_or_else(|| panic!("{task}"))
         .iter()
-        .map(|v| (v[0].as_str().unwrap().to_string(), v[1].as_f64().unwrap()))
-        .collect()
+        .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn value(task: &Value, metric: &str) -> f64 {
+    task["values"][metric]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{metric}: {task}"))
 }
 
 #[test]
@@ -37,7 +45,7 @@ fn a_run_reports_task_metrics_before_and_after() {
         assert_eq!(task["n"], 2, "{when}: both validation chats are scored");
         let v = values(task);
         let names: Vec<&str> = v.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["exact_match", "chrf", "accuracy"], "{when}");
+        assert_eq!(names, ["accuracy", "chrf", "exact_match"], "{when}");
         assert!(
             v.iter().all(|(_, x)| (0.0..=1.0).contains(x)),
             "{when}: {v:?}"
@@ -52,7 +60,7 @@ fn a_run_reports_task_metrics_before_and_after() {
         assert_eq!(total, 2);
         assert_eq!(
             diagonal as f64 / 2.0,
-            v[2].1,
+            value(task, "accuracy"),
             "{when}: accuracy = trace / n"
         );
         let other: u64 = confusion.iter().map(|row| row[8]).sum();
@@ -111,11 +119,14 @@ fn whet_eval_scores_completions_against_references() {
     let j = r.json();
     let task = &j["metrics"];
     assert_eq!(task["n"], 3, "{j}");
-    let v = values(task);
     let c = &task["classification"];
     assert_eq!(c["labels"], serde_json::json!(["billing", "outage"]));
     // accuracy equals exact match here: every reference is a label.
-    assert_eq!(v[0].1, v[2].1, "{v:?}");
+    assert_eq!(
+        value(task, "accuracy"),
+        value(task, "exact_match"),
+        "{task}"
+    );
     let per: Vec<f64> = c["per_label"]
         .as_array()
         .unwrap()
@@ -123,7 +134,7 @@ fn whet_eval_scores_completions_against_references() {
         .map(|l| l["f1"].as_f64().unwrap())
         .collect();
     assert!(
-        (v[1].1 - (per[0] + per[1]) / 2.0).abs() < 1e-12,
+        (value(task, "macro_f1") - (per[0] + per[1]) / 2.0).abs() < 1e-12,
         "macro F1 = mean F1"
     );
     assert!(task["hit_token_limit"].as_u64().unwrap() <= 3);
