@@ -460,6 +460,12 @@ impl Observer for Progress {
 
     fn on_step(&mut self, m: &StepMetrics) {
         self.bar.set_position(m.step);
+        if let Some(p) = &m.preference {
+            self.line(format!(
+                "step {}/{}  loss {:.4}  rewards chosen {:.4} rejected {:.4}  margin {:.4}  accuracy {:.3}",
+                m.step, m.total_steps, m.loss, p.rewards_chosen, p.rewards_rejected, p.reward_margin, p.reward_accuracy
+            ));
+        }
         let val = self
             .last_eval
             .map(|v| format!("  val {v:.4}"))
@@ -480,6 +486,13 @@ impl Observer for Progress {
 
     fn on_eval(&mut self, m: &EvalMetrics) {
         self.last_eval = Some(m.val_loss);
+        if let Some(p) = &m.preference {
+            self.line(format!(
+                "eval @ step {}: validation preference loss {:.4}, reward margin {:.4}, accuracy {:.3} ({} pairs)",
+                m.step, m.val_loss, p.reward_margin, p.reward_accuracy, p.pairs
+            ));
+            return;
+        }
         self.line(format!(
             "eval @ step {}: validation loss {:.4} (perplexity {:.2}){}",
             m.step,
@@ -531,7 +544,11 @@ fn train_on(
     let cfg = Config::load_for_model(config, overrides)?;
     let out = cfg.output.dir.clone();
     let tok = load_tokenizer(&cfg.model.path)?;
-    let data = pipeline::prepare(&tok, &cfg.data, cfg.train.seed, &out)?;
+    let data = if cfg.preference.is_some() {
+        pipeline::prepare_pairs(&tok, &cfg.data, cfg.train.seed)?
+    } else {
+        pipeline::prepare(&tok, &cfg.data, cfg.train.seed, &out)?
+    };
     time.data_s = started.elapsed().as_secs_f64();
     let id = run_id(&cfg, &data.train);
     // Before writing anything: `out` must be new, empty or this run's (rank 0 writes it).
