@@ -460,26 +460,32 @@ impl Observer for Progress {
 
     fn on_step(&mut self, m: &StepMetrics) {
         self.bar.set_position(m.step);
-        if let Some(p) = &m.preference {
-            self.line(format!(
-                "step {}/{}  loss {:.4}  rewards chosen {:.4} rejected {:.4}  margin {:.4}  accuracy {:.3}",
-                m.step, m.total_steps, m.loss, p.rewards_chosen, p.rewards_rejected, p.reward_margin, p.reward_accuracy
-            ));
-        }
         let val = self
             .last_eval
             .map(|v| format!("  val {v:.4}"))
             .unwrap_or_default();
+        let rewards = m.preference.as_ref().map_or(String::new(), |p| {
+            format!(
+                "  margin {:.4}  accuracy {:.3}",
+                p.reward_margin, p.reward_accuracy
+            )
+        });
         self.bar.set_message(format!(
-            "loss {:.4}{val}  lr {:.2e}  {:.0} tok/s",
+            "loss {:.4}{rewards}{val}  lr {:.2e}  {:.0} tok/s",
             m.loss, m.lr, m.tokens_per_s
         ));
         if !self.bar.is_hidden() {
             return;
         }
         // Not a terminal (CI, a pipe): a plain line every step instead of the bar.
+        let rewards = m.preference.as_ref().map_or(String::new(), |p| {
+            format!(
+                "  rewards chosen {:.4} rejected {:.4}  margin {:.4}  accuracy {:.3}",
+                p.rewards_chosen, p.rewards_rejected, p.reward_margin, p.reward_accuracy
+            )
+        });
         eprintln!(
-            "step {}/{}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s",
+            "step {}/{}  loss {:.4}{rewards}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s",
             m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s
         );
     }

@@ -425,20 +425,25 @@ impl Report {
         }
         let _ = writeln!(s, "## Loss\n");
         let _ = writeln!(s, "| | base | tuned | change |\n|---|---|---|---|");
+        let preference = self.after.preference.is_some();
         let _ = writeln!(
             s,
-            "| validation loss ({} tokens) | {} | {} | {} |",
+            "| validation {}loss ({} {}) | {} | {} | {} |",
+            if preference { "preference " } else { "" },
             self.after.val_tokens,
+            if preference { "pairs" } else { "tokens" },
             fmt_loss(self.before.val_loss),
             fmt_loss(self.after.val_loss),
             delta(self.before.val_loss, self.after.val_loss)
         );
-        let _ = writeln!(
-            s,
-            "| validation perplexity | {} | {} | |",
-            fmt_ppl(self.before.val_loss),
-            fmt_ppl(self.after.val_loss)
-        );
+        if !preference {
+            let _ = writeln!(
+                s,
+                "| validation perplexity | {} | {} | |",
+                fmt_ppl(self.before.val_loss),
+                fmt_ppl(self.after.val_loss)
+            );
+        }
         let _ = writeln!(
             s,
             "| general-text loss ({} tokens, forgetting check) | {} | {} | {} |",

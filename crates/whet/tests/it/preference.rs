@@ -105,6 +105,7 @@ fn check_run(tmp: &Tmp, loss: &str) {
     }
     let md = fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("## Preference (3 validation pairs)"), "{md}");
+    assert!(md.contains("validation preference loss (3 pairs)"), "{md}");
     assert!(out.join("adapter/adapter_model.safetensors").exists());
 }
 
