@@ -209,3 +209,9 @@ fn full_fine_tuning_dpo_is_refused_with_the_way_out() {
         r.stderr
     );
 }
+
+#[test]
+fn ipo_trains_on_chat_pairs_and_reports_rewards() {
+    let tmp = Tmp::new("ipo");
+    check_run(&tmp, "ipo");
+}
