@@ -195,7 +195,7 @@ fn bad_pairs_are_errors_naming_file_row_and_field_or_counted_skips() {
 }
 
 #[test]
-fn full_fine_tuning_dpo_is_refused_with_the_way_out() {
+fn full_fine_tuning_dpo_is_refused_with_the_way_out_and_orpo_runs() {
     let tmp = Tmp::new("pref-full");
     let m = model(&tmp);
     write(&tmp.join("pairs.jsonl"), &chat_pairs(2));
