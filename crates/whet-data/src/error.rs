@@ -108,6 +108,15 @@ pub enum DataError {
          learned; add one, drop the row, or set skip_invalid"
     )]
     NoAssistantTurn { origin: Origin, field: String },
+    #[error(
+        "{origin}, field `{field}`: invalid preference pair: {why}; fix or drop the row, or set \
+         skip_invalid"
+    )]
+    InvalidPair {
+        origin: Origin,
+        field: String,
+        why: &'static str,
+    },
 
     // ---- configuration ----
     #[error("invalid {setting}: expected {expected}, got {got}")]
@@ -143,6 +152,8 @@ pub enum SkipReason {
     UnknownRole,
     EmptyConversation,
     NoAssistantTurn,
+    /// A preference row with an empty side or equal sides.
+    InvalidPair,
 }
 
 impl DataError {
@@ -160,6 +171,7 @@ impl DataError {
             DataError::UnknownRole { .. } => SkipReason::UnknownRole,
             DataError::EmptyConversation { .. } => SkipReason::EmptyConversation,
             DataError::NoAssistantTurn { .. } => SkipReason::NoAssistantTurn,
+            DataError::InvalidPair { .. } => SkipReason::InvalidPair,
             DataError::Io { .. }
             | DataError::NoFiles { .. }
             | DataError::BadGlob { .. }
@@ -182,7 +194,8 @@ impl DataError {
             | DataError::WrongType { origin, .. }
             | DataError::UnknownRole { origin, .. }
             | DataError::EmptyConversation { origin, .. }
-            | DataError::NoAssistantTurn { origin, .. } => Some(origin),
+            | DataError::NoAssistantTurn { origin, .. }
+            | DataError::InvalidPair { origin, .. } => Some(origin),
             _ => None,
         }
     }
@@ -195,7 +208,8 @@ impl DataError {
             | DataError::WrongType { field, .. }
             | DataError::UnknownRole { field, .. }
             | DataError::EmptyConversation { field, .. }
-            | DataError::NoAssistantTurn { field, .. } => Some(field),
+            | DataError::NoAssistantTurn { field, .. }
+            | DataError::InvalidPair { field, .. } => Some(field),
             _ => None,
         }
     }

@@ -40,5 +40,7 @@ pub mod split;
 
 pub use error::{DataError, Result, SkipReason};
 pub use mapping::{Columns, Mapping};
-pub use read::{DataReader, Format, ReadOptions, ReadReport, open, read_all};
+pub use read::{
+    DataReader, Format, PairExample, ReadOptions, ReadReport, open, read_all, read_pairs,
+};
 pub use record::{Example, Message, Origin, Record, Role, Shape};

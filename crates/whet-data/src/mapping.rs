@@ -354,3 +354,103 @@ fn finish_conversation(
     }
     Ok(())
 }
+
+/// The fields of a preference row: `prompt` (or the mapped prompt column), `chosen`, `rejected`.
+pub const PAIR_FIELDS: [&str; 2] = ["chosen", "rejected"];
+
+/// Maps one preference row onto the two records it trains on, `(chosen, rejected)`: the prompt
+/// followed by each answer. Shapes (TRL's "standard" and "conversational" explicit-prompt
+/// preference formats):
+///
+/// - `{"prompt": "...", "chosen": "...", "rejected": "..."}`: two [`Record::PromptCompletion`]s;
+/// - `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}`: two
+///   [`Record::Conversation`]s, the prompt's messages followed by each side's (which end in an
+///   assistant turn, the one learned); a text prompt becomes one user turn, a text answer one
+///   assistant turn. The mapping's system prompt is added as for chat data.
+///
+/// A side that is empty (no text, no messages, or an empty last assistant turn) and a pair whose
+/// sides are equal are [`DataError::InvalidPair`]s.
+pub fn to_pair(row: &Value, origin: &Origin, mapping: &Mapping) -> Result<(Record, Record)> {
+    let ctx = Ctx {
+        origin,
+        shape: "preference",
+    };
+    let Value::Object(obj) = row else {
+        return Err(ctx.wrong("<row>", "an object with prompt, chosen and rejected", row));
+    };
+    let c = &mapping.columns;
+    let prompt_v = present(obj, &c.prompt).ok_or_else(|| ctx.missing(&c.prompt))?;
+    let side = |field: &str| -> Result<Value> {
+        present(obj, field)
+            .cloned()
+            .ok_or_else(|| ctx.missing(field))
+    };
+    let (chosen_v, rejected_v) = (side(PAIR_FIELDS[0])?, side(PAIR_FIELDS[1])?);
+    let invalid = |field: &str, why: &'static str| DataError::InvalidPair {
+        origin: origin.clone(),
+        field: field.to_string(),
+        why,
+    };
+    let is_text = |v: &Value| matches!(v, Value::String(s) if !s.trim_start().starts_with('['));
+    let records = if is_text(prompt_v) && is_text(&chosen_v) && is_text(&rejected_v) {
+        let prompt = ctx.req_str(obj, &c.prompt)?;
+        let answer = |field: &str| -> Result<String> {
+            let text = ctx.req_str(obj, field)?;
+            if text.trim().is_empty() {
+                return Err(invalid(field, "is empty"));
+            }
+            Ok(text)
+        };
+        let (chosen, rejected) = (answer(PAIR_FIELDS[0])?, answer(PAIR_FIELDS[1])?);
+        (
+            Record::PromptCompletion {
+                prompt: prompt.clone(),
+                completion: chosen,
+            },
+            Record::PromptCompletion {
+                prompt,
+                completion: rejected,
+            },
+        )
+    } else {
+        let as_messages = |field: &str, v: &Value, role: Role| -> Result<Vec<Message>> {
+            match v {
+                Value::String(s) if is_text(v) => Ok(vec![Message {
+                    role,
+                    content: s.clone(),
+                }]),
+                _ => messages_from(&ctx, field, v, c),
+            }
+        };
+        let prompt = as_messages(&c.prompt, prompt_v, Role::User)?;
+        if prompt.is_empty() {
+            return Err(invalid(&c.prompt, "has no messages"));
+        }
+        let conversation = |field: &str, v: &Value| -> Result<Record> {
+            let answer = as_messages(field, v, Role::Assistant)?;
+            match answer.last() {
+                None => return Err(invalid(field, "has no messages")),
+                Some(m) if m.role != Role::Assistant => {
+                    return Err(invalid(field, "does not end in an assistant turn"));
+                }
+                Some(m) if m.content.trim().is_empty() => return Err(invalid(field, "is empty")),
+                Some(_) => {}
+            }
+            let mut messages = prompt.clone();
+            messages.extend(answer);
+            finish_conversation(&ctx, field, &mut messages, mapping.system_prompt.as_deref())?;
+            Ok(Record::Conversation { messages })
+        };
+        (
+            conversation(PAIR_FIELDS[0], &chosen_v)?,
+            conversation(PAIR_FIELDS[1], &rejected_v)?,
+        )
+    };
+    if records.0 == records.1 {
+        return Err(invalid(
+            PAIR_FIELDS[1],
+            "equals `chosen`, so the pair teaches no preference",
+        ));
+    }
+    Ok(records)
+}

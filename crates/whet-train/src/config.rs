@@ -77,6 +77,8 @@ pub struct TrainerConfig {
     pub keep_last: usize,
     /// The fully resolved run configuration, saved as `config.toml` in every checkpoint.
     pub config_toml: String,
+    /// Cross-entropy, or a preference loss on pair rows (then `micro_batch` counts pairs).
+    pub objective: crate::preference::Objective,
 }
 
 /// Upper bounds on the trainer's numeric settings: far above any real run, low enough that the

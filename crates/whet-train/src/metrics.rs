@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize};
 use whet_data::atomic::{self, Existing};
 
+use crate::preference::PreferenceMetrics;
 use crate::{Result, TrainError};
 
 /// One optimizer step, as reported to observers and to `metrics.jsonl`.
@@ -36,6 +37,12 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     #[serde(deserialize_with = "nan_if_null")]
     pub elapsed_s: f64,
+    /// A preference step's rewards, margin and accuracy (pair-weighted means over its
+    /// micro-batches), written as top-level fields (`rewards_chosen`, `reward_margin`,
+    /// `reward_accuracy`, ...); absent for other objectives. `loss` is then the mean preference
+    /// loss over the step's pairs and `supervised_tokens` counts pairs.
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceMetrics>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +58,11 @@ pub struct EvalMetrics {
     /// The named evaluation sets (`Trainer::eval_sets`), in their order; absent when none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sets: Vec<SetLoss>,
+    /// A preference run's validation rewards, margin and accuracy over its pairs (top-level
+    /// fields, as in [`StepMetrics`]); `val_loss` is then the mean preference loss, `val_ppl`
+    /// null and `val_tokens` the pairs.
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceMetrics>,
 }
 
 /// The loss of one named evaluation set at an evaluation.

@@ -50,8 +50,107 @@
 //! ```
 
 use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use whet_model::Model;
 
+use crate::rows::Batch;
 use crate::{Result, TrainError};
+
+/// What a run optimises: next-token cross-entropy on its rows (SFT, continued pre-training), or
+/// a preference loss on pairs of rows. The trainer's rows for a preference run are laid out pair
+/// by pair, `[chosen_0, rejected_0, chosen_1, rejected_1, ...]`; `micro_batch` then counts pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Objective {
+    /// Cross-entropy per supervised token.
+    #[default]
+    Sft,
+    /// A preference loss, the mean over pairs.
+    Preference(PreferenceObjective),
+}
+
+impl Objective {
+    /// Rows per unit of data: 1 for SFT, 2 (chosen, rejected) for a preference pair.
+    pub fn rows_per_unit(&self) -> usize {
+        match self {
+            Objective::Sft => 1,
+            Objective::Preference(_) => 2,
+        }
+    }
+}
+
+/// The preference loss of a run (`[preference]` in a run config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PreferenceObjective {
+    /// DPO or IPO against the reference policy (for LoRA: the base with the adapter off).
+    Dpo(DpoConfig),
+    /// ORPO with weight `beta` (the paper's lambda) on the odds-ratio term; no reference.
+    Orpo {
+        /// TRL `ORPOConfig.beta`.
+        beta: f64,
+    },
+}
+
+impl PreferenceObjective {
+    /// Whether the loss needs a reference policy.
+    pub fn needs_reference(&self) -> bool {
+        matches!(self, PreferenceObjective::Dpo(_))
+    }
+
+    /// The loss and metrics of one batch of P pairs, as [`Batch::from_pair_rows`] lays them out
+    /// (P chosen rows then P rejected rows). The reference of DPO / IPO is
+    /// [`Model::reference_sequence_logps`] (the adapter switched off); ORPO's NLL term is the
+    /// mean over the chosen rows' prompt and completion tokens.
+    pub fn batch_loss(&self, model: &Model, batch: &Batch) -> Result<PreferenceOutput> {
+        let (ids, pos, seg, tgt) = (
+            &batch.ids,
+            &batch.positions,
+            &batch.segments,
+            &batch.targets,
+        );
+        match *self {
+            PreferenceObjective::Dpo(cfg) => {
+                let policy = PairLogps::from_stacked(model.sequence_logps(ids, pos, seg, tgt)?)?;
+                let reference =
+                    PairLogps::from_stacked(model.reference_sequence_logps(ids, pos, seg, tgt)?)?;
+                dpo_loss(&policy, &reference, &cfg)
+            }
+            PreferenceObjective::Orpo { beta } => {
+                let full = chosen_full_targets(batch)?;
+                let mut sets = model.sequence_logps_sets(ids, pos, seg, &[tgt, &full])?;
+                let (nll_logps, nll_counts) = sets.remove(1);
+                let policy = PairLogps::from_stacked(sets.remove(0))?;
+                let p = policy.pairs();
+                let nll = mean_nll(&nll_logps.narrow(0, 0, p)?, &nll_counts[..p])?;
+                orpo_loss(&policy, &nll, beta)
+            }
+        }
+    }
+}
+
+/// ORPO's NLL targets: on the first half of the rows (the chosen ones), the next token at every
+/// position of the row's first segment (prompt and completion; TRL's `chosen_nll_loss`), on the
+/// rest `-100`. (B, T) i64.
+fn chosen_full_targets(batch: &Batch) -> Result<Tensor> {
+    let ids = batch.ids.to_vec2::<u32>()?;
+    let seg = batch.segments.to_vec2::<u32>()?;
+    let p = ids.len() / 2;
+    let mut out = Vec::with_capacity(ids.len() * ids.first().map_or(0, Vec::len));
+    for (r, (ids, seg)) in ids.iter().zip(&seg).enumerate() {
+        for t in 0..ids.len() {
+            let next = t + 1 < ids.len() && seg[t] == seg[0] && seg[t + 1] == seg[0];
+            out.push(if r < p && next {
+                ids[t + 1] as i64
+            } else {
+                -100
+            });
+        }
+    }
+    Ok(Tensor::from_vec(
+        out,
+        batch.targets.dims2()?,
+        batch.targets.device(),
+    )?)
+}
 
 /// The P pairs' summed completion log-probabilities and supervised-token counts.
 #[derive(Debug, Clone)]
@@ -168,7 +267,7 @@ pub struct DpoConfig {
 /// is `beta * (pi - ref)` of summed log-probabilities (TRL 1.16 `_compute_loss`: `chosen_rewards
 /// = self.beta * chosen_logratios.detach()`, also for IPO); for ORPO `beta * avg logp`
 /// (`ORPOTrainer.odds_ratio_loss`).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PreferenceMetrics {
     /// P, the pairs the means are over (weights for averaging over micro-batches).
     pub pairs: usize,
@@ -186,11 +285,49 @@ pub struct PreferenceMetrics {
     /// `logps/rejected`.
     pub logps_rejected: f64,
     /// ORPO `nll_loss`: the NLL term of the loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nll: Option<f64>,
     /// ORPO `log_odds_ratio`: mean `logsigmoid(log_odds)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_odds_ratio: Option<f64>,
     /// ORPO `log_odds_chosen`: mean `log_odds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_odds_chosen: Option<f64>,
+}
+
+impl PreferenceMetrics {
+    /// The pair-weighted mean of several batches' metrics (micro-batches of a step, batches of
+    /// an evaluation); `None` when there are none.
+    pub fn weighted_mean(parts: &[PreferenceMetrics]) -> Option<PreferenceMetrics> {
+        let pairs: usize = parts.iter().map(|m| m.pairs).sum();
+        if pairs == 0 {
+            return None;
+        }
+        let w = |f: fn(&PreferenceMetrics) -> f64| {
+            parts.iter().map(|m| f(m) * m.pairs as f64).sum::<f64>() / pairs as f64
+        };
+        let wo = |f: fn(&PreferenceMetrics) -> Option<f64>| {
+            parts.iter().all(|m| f(m).is_some()).then(|| {
+                parts
+                    .iter()
+                    .map(|m| f(m).unwrap_or(0.0) * m.pairs as f64)
+                    .sum::<f64>()
+                    / pairs as f64
+            })
+        };
+        Some(PreferenceMetrics {
+            pairs,
+            rewards_chosen: w(|m| m.rewards_chosen),
+            rewards_rejected: w(|m| m.rewards_rejected),
+            reward_margin: w(|m| m.reward_margin),
+            reward_accuracy: w(|m| m.reward_accuracy),
+            logps_chosen: w(|m| m.logps_chosen),
+            logps_rejected: w(|m| m.logps_rejected),
+            nll: wo(|m| m.nll),
+            log_odds_ratio: wo(|m| m.log_odds_ratio),
+            log_odds_chosen: wo(|m| m.log_odds_chosen),
+        })
+    }
 }
 
 /// A preference loss and what to log about it.

@@ -72,6 +72,21 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// A batch of preference pairs from rows laid out pair by pair (`[chosen_0, rejected_0,
+    /// chosen_1, ...]`, see [`crate::preference::Objective`]): the P chosen rows, then the P
+    /// rejected rows, right-padded (TRL's `concatenated_inputs`). `supervised` counts pairs,
+    /// the unit a preference loss is averaged over.
+    pub fn from_pair_rows(rows: &[&Row], device: &Device) -> Result<Self> {
+        let chosen = rows.iter().step_by(2);
+        let rejected = rows.iter().skip(1).step_by(2);
+        let stacked: Vec<&Row> = chosen.chain(rejected).copied().collect();
+        let mut batch = Self::from_rows(&stacked, device)?;
+        batch.supervised = rows.len() / 2;
+        Ok(batch)
+    }
+}
+
 /// The visiting order of epoch `epoch`: a seeded shuffle, identical on every run and resume.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();

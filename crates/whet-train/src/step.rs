@@ -12,6 +12,7 @@ use whet_model::Model;
 use whet_optim::{Optimizer, Param};
 
 use crate::comm::{self, Communicator, LocalStep};
+use crate::preference::{Objective, PreferenceMetrics};
 use crate::rows::Batch;
 use crate::{Result, TrainError};
 
@@ -31,10 +32,14 @@ pub struct Step<'a> {
     /// Called after each micro-batch's backward pass, while its activations and gradients are
     /// alive (the CUDA bench samples the device memory there).
     pub after_backward: Option<&'a dyn Fn()>,
+    /// The loss: cross-entropy, or a preference loss on pair batches
+    /// ([`Batch::from_pair_rows`], whose `supervised` counts pairs, so the step's loss is the
+    /// mean over the pairs of all its micro-batches).
+    pub objective: Objective,
 }
 
 /// What a step did, summed over every rank.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepOutcome {
     /// Mean cross-entropy per supervised token over the whole accumulated batch.
     pub loss: f64,
@@ -42,6 +47,8 @@ pub struct StepOutcome {
     pub grad_norm: f64,
     pub supervised: usize,
     pub tokens: usize,
+    /// The pair-weighted means of a preference step's rewards, margin and accuracy.
+    pub preference: Option<PreferenceMetrics>,
 }
 
 impl Step<'_> {
@@ -53,6 +60,7 @@ impl Step<'_> {
             max_grad_norm: 0.0,
             dropout_seed: None,
             after_backward: None,
+            objective: Objective::Sft,
         }
     }
 
@@ -68,7 +76,7 @@ impl Step<'_> {
         micro_batches: usize,
         batch: impl FnMut(usize) -> Result<Batch>,
     ) -> Result<StepOutcome> {
-        let (grads, local) =
+        let (grads, local, preference) =
             self.accumulate(model, optimizer.params(), done, micro_batches, batch)?;
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         debug_assert!(rank < world);
@@ -116,6 +124,7 @@ impl Step<'_> {
             grad_norm,
             supervised,
             tokens,
+            preference: PreferenceMetrics::weighted_mean(&preference),
         })
     }
 
@@ -128,10 +137,11 @@ impl Step<'_> {
         done: u64,
         micro_batches: usize,
         mut batch: impl FnMut(usize) -> Result<Batch>,
-    ) -> Result<(Vec<Option<Tensor>>, LocalStep)> {
+    ) -> Result<(Vec<Option<Tensor>>, LocalStep, Vec<PreferenceMetrics>)> {
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
         let mut local = LocalStep::default();
+        let mut preference = Vec::new();
         for micro in 0..micro_batches {
             if micro % world != rank {
                 continue; // another rank's micro-batch
@@ -145,12 +155,25 @@ impl Step<'_> {
             if let Some(seed) = self.dropout_seed {
                 model.reseed_dropout(seed ^ (done << 16) ^ micro as u64);
             }
-            let (loss, _) = model.loss(
-                &batch.ids,
-                &batch.positions,
-                &batch.segments,
-                &batch.targets,
-            )?;
+            let loss = match &self.objective {
+                Objective::Sft => {
+                    model
+                        .loss(
+                            &batch.ids,
+                            &batch.positions,
+                            &batch.segments,
+                            &batch.targets,
+                        )?
+                        .0
+                }
+                Objective::Preference(p) => {
+                    // The mean over this micro-batch's pairs, times its pairs: a sum, which the
+                    // step normalises by the pairs of all micro-batches.
+                    let out = p.batch_loss(model, &batch)?;
+                    preference.push(out.metrics);
+                    (out.loss * batch.supervised as f64)?
+                }
+            };
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 local.non_finite = Some((micro, value));
@@ -170,6 +193,6 @@ impl Step<'_> {
                 }
             }
         }
-        Ok((grads, local))
+        Ok((grads, local, preference))
     }
 }

@@ -24,6 +24,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::comm::{self, Communicator};
 use crate::config::{Method, TrainerConfig};
 use crate::metrics::{EvalMetrics, MetricsLog, SetLoss, StepMetrics};
+use crate::preference::{Objective, PreferenceMetrics, PreferenceObjective};
 use crate::rows::{Batch, Cursor, Row, epoch_order};
 use crate::step::Step;
 use crate::{Result, TrainError};
@@ -65,6 +66,39 @@ pub struct TrainTime {
     pub eval_s: f64,
     /// Writing checkpoints.
     pub checkpoint_s: f64,
+}
+
+/// The mean preference loss of pair `rows` (laid out as [`Objective`] says) under `model`, in
+/// batches of `micro_batch` pairs, and the pair-weighted means of the rewards, margin and
+/// accuracy (`None` without pairs). The model should be in evaluation mode.
+pub fn evaluate_preference(
+    model: &Model,
+    objective: &PreferenceObjective,
+    rows: &[Row],
+    micro_batch: usize,
+    device: &Device,
+) -> Result<(f64, Option<PreferenceMetrics>)> {
+    let (mut sum, mut parts) = (0f64, Vec::new());
+    for chunk in rows.chunks(2 * micro_batch.max(1)) {
+        let refs: Vec<&Row> = chunk.iter().collect();
+        let batch = Batch::from_pair_rows(&refs, device)?;
+        if batch.supervised == 0 {
+            continue;
+        }
+        let out = objective.batch_loss(model, &batch)?;
+        let value = out.loss.to_scalar::<f32>()?;
+        model.ensure_finite("the evaluation loss", value)?;
+        sum += value as f64 * batch.supervised as f64;
+        parts.push(out.metrics);
+    }
+    let metrics = PreferenceMetrics::weighted_mean(&parts);
+    let pairs = metrics.as_ref().map_or(0, |m| m.pairs);
+    let loss = if pairs == 0 {
+        f64::NAN
+    } else {
+        sum / pairs as f64
+    };
+    Ok((loss, metrics))
 }
 
 /// Mean cross-entropy of `rows` under `model`, as `(loss, supervised tokens)`. The model should
@@ -139,7 +173,12 @@ impl<'a> Trainer<'a> {
         let t = self.config;
         // `run` refuses a config whose product overflows; saturate so this never panics.
         let per_step = t.micro_batch.saturating_mul(t.grad_accum).max(1);
-        self.train.len().div_ceil(per_step).max(1) as u64
+        self.units().div_ceil(per_step).max(1) as u64
+    }
+
+    /// The units of training data: rows, or pairs of rows for a preference objective.
+    fn units(&self) -> usize {
+        self.train.len() / self.config.objective.rows_per_unit()
     }
 
     pub fn total_steps(&self) -> u64 {
@@ -171,6 +210,7 @@ impl<'a> Trainer<'a> {
             max_grad_norm: t.max_grad_norm,
             dropout_seed: Some(t.seed),
             after_backward: None,
+            objective: t.objective,
         };
         if comm.world_size() > 1 {
             // Before rank 0 writes anything: every rank runs the same run from the same state.
@@ -179,7 +219,8 @@ impl<'a> Trainer<'a> {
         observer.on_start(total_steps, state.step);
         let mut log = Log::open(self.out, writer, &state, observer)?;
         let started = Instant::now();
-        let mut order = epoch_order(self.train.len(), t.seed, state.cursor.epoch);
+        let mut order = epoch_order(self.units(), t.seed, state.cursor.epoch);
+        let unit = t.objective.rows_per_unit();
         self.model.set_training(true);
         self.model.set_neftune(t.neftune_alpha);
         self.model
@@ -189,7 +230,7 @@ impl<'a> Trainer<'a> {
             let rows = self.next_rows(&mut state.cursor, &mut order);
             let step_start = Instant::now();
             let lr = schedule.lr(state.step);
-            let micro_batches: Vec<&[&Row]> = rows.chunks(t.micro_batch).collect();
+            let micro_batches: Vec<&[&Row]> = rows.chunks(t.micro_batch * unit).collect();
             let device = &self.device;
             let step_clock = Instant::now();
             let done = step.run(
@@ -198,7 +239,10 @@ impl<'a> Trainer<'a> {
                 state.step,
                 lr,
                 micro_batches.len(),
-                |j| Batch::from_rows(micro_batches[j], device),
+                |j| match t.objective {
+                    Objective::Sft => Batch::from_rows(micro_batches[j], device),
+                    Objective::Preference(_) => Batch::from_pair_rows(micro_batches[j], device),
+                },
             )?;
             log.summary.time.steps_s += step_clock.elapsed().as_secs_f64();
             state.step += 1;
@@ -206,8 +250,7 @@ impl<'a> Trainer<'a> {
             log.step(&StepMetrics {
                 step: state.step,
                 total_steps,
-                epoch: state.cursor.epoch as f64
-                    + state.cursor.offset as f64 / self.train.len() as f64,
+                epoch: state.cursor.epoch as f64 + state.cursor.offset as f64 / self.units() as f64,
                 loss: done.loss,
                 lr,
                 grad_norm: done.grad_norm,
@@ -215,6 +258,7 @@ impl<'a> Trainer<'a> {
                 tokens: done.tokens,
                 tokens_per_s: done.tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9),
                 elapsed_s: started.elapsed().as_secs_f64(),
+                preference: done.preference,
             })?;
 
             let last = state.step == total_steps;
@@ -257,6 +301,38 @@ impl<'a> Trainer<'a> {
         if self.train.iter().all(|r| r.supervised() == 0) {
             return Err(TrainError::NoSupervisedTokens);
         }
+        if let Objective::Preference(p) = self.config.objective {
+            let refuse = |message: String| {
+                Err(TrainError::Preference {
+                    loss: "preference training",
+                    message,
+                })
+            };
+            if !self.train.len().is_multiple_of(2) || !self.validation.len().is_multiple_of(2) {
+                return refuse(format!(
+                    "preference rows come in (chosen, rejected) pairs; got {} training and {} validation rows",
+                    self.train.len(),
+                    self.validation.len()
+                ));
+            }
+            if self.comm.world_size() > 1 {
+                return refuse(
+                    "data-parallel preference training is not supported yet; run on one process"
+                        .into(),
+                );
+            }
+            if p.needs_reference() && self.config.method == Method::Full {
+                return refuse(
+                    "DPO / IPO with method = \"full\" needs a frozen reference copy, which whet does not build yet; use method = \"lora\" (the reference is the base with the adapter off) or preference.loss = \"orpo\" (no reference)".into(),
+                );
+            }
+            if !self.eval_sets.is_empty() {
+                return refuse(
+                    "named eval sets are not scored in preference runs yet; remove [[eval_sets]]"
+                        .into(),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -297,7 +373,8 @@ impl<'a> Trainer<'a> {
     /// global order; it computes only its own micro-batches.
     fn next_rows(&self, cursor: &mut Cursor, order: &mut Vec<usize>) -> Vec<&'a Row> {
         let (t, train) = (self.config, self.train);
-        let per_step = t.micro_batch * t.grad_accum; // checked by `validate`
+        let unit = t.objective.rows_per_unit();
+        let per_step = t.micro_batch * t.grad_accum * unit; // checked by `validate`
         let mut rows: Vec<&Row> = Vec::with_capacity(per_step);
         while rows.len() < per_step {
             if cursor.offset >= order.len() {
@@ -305,12 +382,13 @@ impl<'a> Trainer<'a> {
                     epoch: cursor.epoch + 1,
                     offset: 0,
                 };
-                *order = epoch_order(train.len(), t.seed, cursor.epoch);
+                *order = epoch_order(self.units(), t.seed, cursor.epoch);
                 if !rows.is_empty() && t.max_steps == 0 {
                     break; // an epoch boundary ends a short last step
                 }
             }
-            rows.push(&train[order[cursor.offset]]);
+            let first = order[cursor.offset] * unit;
+            rows.extend(&train[first..first + unit]);
             cursor.offset += 1;
         }
         rows
@@ -330,6 +408,26 @@ impl<'a> Trainer<'a> {
     /// The validation loss now, and the early-stopping state it updates.
     fn evaluate_now(&mut self, state: &mut TrainerState) -> Result<EvalMetrics> {
         self.model.set_training(false);
+        if let Objective::Preference(p) = &self.config.objective {
+            let (val_loss, metrics) = evaluate_preference(
+                self.model,
+                p,
+                self.validation,
+                self.config.micro_batch,
+                &self.device,
+            )?;
+            self.model.set_training(true);
+            let improved = self.record_eval(state, val_loss);
+            return Ok(EvalMetrics {
+                step: state.step,
+                val_loss,
+                val_ppl: f64::NAN,
+                val_tokens: metrics.as_ref().map_or(0, |m| m.pairs),
+                improved,
+                sets: Vec::new(),
+                preference: metrics,
+            });
+        }
         // Summed over the ranks: every rank sees the same loss and makes the same
         // early-stopping decision.
         let (val_loss, val_tokens) = evaluate_sharded(
@@ -356,6 +454,20 @@ impl<'a> Trainer<'a> {
             });
         }
         self.model.set_training(true);
+        let improved = self.record_eval(state, val_loss);
+        Ok(EvalMetrics {
+            step: state.step,
+            val_loss,
+            val_ppl: val_loss.exp(),
+            val_tokens,
+            improved,
+            sets,
+            preference: None,
+        })
+    }
+
+    /// Updates the early-stopping state with a validation loss; whether it improved.
+    fn record_eval(&self, state: &mut TrainerState, val_loss: f64) -> bool {
         let improved = state
             .best_val_loss
             .is_none_or(|b| val_loss < b - self.config.min_delta);
@@ -366,14 +478,7 @@ impl<'a> Trainer<'a> {
         } else {
             state.stale_evals += 1;
         }
-        Ok(EvalMetrics {
-            step: state.step,
-            val_loss,
-            val_ppl: val_loss.exp(),
-            val_tokens,
-            improved,
-            sets,
-        })
+        improved
     }
 
     /// Rank 0's checkpoint of this step: written atomically, `best` pointed at it when it is

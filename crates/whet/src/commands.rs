@@ -464,22 +464,41 @@ impl Observer for Progress {
             .last_eval
             .map(|v| format!("  val {v:.4}"))
             .unwrap_or_default();
+        let rewards = m.preference.as_ref().map_or(String::new(), |p| {
+            format!(
+                "  margin {:.4}  accuracy {:.3}",
+                p.reward_margin, p.reward_accuracy
+            )
+        });
         self.bar.set_message(format!(
-            "loss {:.4}{val}  lr {:.2e}  {:.0} tok/s",
+            "loss {:.4}{rewards}{val}  lr {:.2e}  {:.0} tok/s",
             m.loss, m.lr, m.tokens_per_s
         ));
         if !self.bar.is_hidden() {
             return;
         }
         // Not a terminal (CI, a pipe): a plain line every step instead of the bar.
+        let rewards = m.preference.as_ref().map_or(String::new(), |p| {
+            format!(
+                "  rewards chosen {:.4} rejected {:.4}  margin {:.4}  accuracy {:.3}",
+                p.rewards_chosen, p.rewards_rejected, p.reward_margin, p.reward_accuracy
+            )
+        });
         eprintln!(
-            "step {}/{}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s",
+            "step {}/{}  loss {:.4}{rewards}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s",
             m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s
         );
     }
 
     fn on_eval(&mut self, m: &EvalMetrics) {
         self.last_eval = Some(m.val_loss);
+        if let Some(p) = &m.preference {
+            self.line(format!(
+                "eval @ step {}: validation preference loss {:.4}, reward margin {:.4}, accuracy {:.3} ({} pairs)",
+                m.step, m.val_loss, p.reward_margin, p.reward_accuracy, p.pairs
+            ));
+            return;
+        }
         self.line(format!(
             "eval @ step {}: validation loss {:.4} (perplexity {:.2}){}",
             m.step,
@@ -531,7 +550,11 @@ fn train_on(
     let cfg = Config::load_for_model(config, overrides)?;
     let out = cfg.output.dir.clone();
     let tok = load_tokenizer(&cfg.model.path)?;
-    let data = pipeline::prepare(&tok, &cfg.data, cfg.train.seed, &out)?;
+    let data = if cfg.preference.is_some() {
+        pipeline::prepare_pairs(&tok, &cfg.data, cfg.train.seed)?
+    } else {
+        pipeline::prepare(&tok, &cfg.data, cfg.train.seed, &out)?
+    };
     time.data_s = started.elapsed().as_secs_f64();
     let id = run_id(&cfg, &data.train);
     // Before writing anything: `out` must be new, empty or this run's (rank 0 writes it).

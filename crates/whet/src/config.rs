@@ -10,6 +10,7 @@ use whet_data::Shape;
 use whet_optim::{AdamWConfig, SgdConfig};
 pub use whet_train::Method;
 use whet_train::config::check;
+use whet_train::preference::{DpoConfig, DpoLoss, Objective, PreferenceObjective};
 use whet_train::score::{Metric, Normalize};
 use whet_train::{OptimizerChoice, TrainError, TrainerConfig};
 
@@ -47,6 +48,62 @@ pub struct Config {
     #[serde(default)]
     pub eval: EvalSection,
     pub output: OutputSection,
+    /// Preference tuning: with this section the data are (prompt, chosen, rejected) pairs and
+    /// the loss is DPO, IPO or ORPO; `method` still says what is trained (LoRA or every weight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceSection>,
+}
+
+/// `[preference]`: the preference loss and its settings (TRL's `DPOConfig` / `ORPOConfig`
+/// names and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreferenceSection {
+    /// `dpo` (sigmoid loss), `ipo`, or `orpo`.
+    #[serde(default)]
+    pub loss: PreferenceLoss,
+    /// DPO's KL weight / IPO's tau / ORPO's lambda (TRL's `beta`; default 0.1).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// cDPO's label-flip probability in [0, 0.5] (`dpo` only; default 0).
+    #[serde(default)]
+    pub label_smoothing: f64,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+
+/// The preference loss of `[preference]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreferenceLoss {
+    /// DPO's sigmoid loss against the reference (the base with the adapter off).
+    #[default]
+    Dpo,
+    /// IPO against the same reference.
+    Ipo,
+    /// ORPO: SFT on the chosen answer plus the odds-ratio term; no reference.
+    Orpo,
+}
+
+impl PreferenceSection {
+    /// The trainer's objective.
+    pub fn objective(&self) -> PreferenceObjective {
+        match self.loss {
+            PreferenceLoss::Dpo => PreferenceObjective::Dpo(DpoConfig {
+                beta: self.beta,
+                loss: DpoLoss::Sigmoid {
+                    label_smoothing: self.label_smoothing,
+                },
+            }),
+            PreferenceLoss::Ipo => PreferenceObjective::Dpo(DpoConfig {
+                beta: self.beta,
+                loss: DpoLoss::Ipo,
+            }),
+            PreferenceLoss::Orpo => PreferenceObjective::Orpo { beta: self.beta },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -522,6 +579,57 @@ impl Config {
             ));
         }
         int("train.k_folds", t.k_folds.into(), 0, limits::K_FOLDS)?;
+        if let Some(p) = &self.preference {
+            real(
+                "preference.beta",
+                p.beta,
+                1e-6,
+                1e6,
+                false,
+                " (TRL's default is 0.1)",
+            )?;
+            real(
+                "preference.label_smoothing",
+                p.label_smoothing,
+                0.0,
+                0.5,
+                false,
+                "",
+            )?;
+            if p.label_smoothing > 0.0 && p.loss != PreferenceLoss::Dpo {
+                return Err(bad(
+                    "preference.label_smoothing",
+                    "applies to loss = \"dpo\" only; remove it or set it to 0".into(),
+                ));
+            }
+            if p.loss != PreferenceLoss::Orpo && self.method == Method::Full {
+                return Err(bad(
+                    "preference.loss",
+                    "DPO / IPO with method = \"full\" needs a frozen reference copy, which whet does not build yet; use method = \"lora\" or loss = \"orpo\"".into(),
+                ));
+            }
+            if self.data.scrub_pii || self.data.dedup {
+                return Err(bad(
+                    "data.scrub_pii",
+                    "and data.dedup do not apply to preference pairs yet; set both to false".into(),
+                ));
+            }
+            if t.k_folds > 0 {
+                return Err(bad(
+                    "train.k_folds",
+                    "k-fold cross-validation is not supported with [preference] yet".into(),
+                ));
+            }
+            if !self.eval.sets.is_empty()
+                || self.eval.general_data.is_some()
+                || !self.eval.metrics.is_empty()
+            {
+                return Err(bad(
+                    "eval",
+                    "named eval sets, general_data and task metrics are not supported with [preference] yet; the validation pairs are scored instead".into(),
+                ));
+            }
+        }
         if self.data.max_len < 8 {
             return Err(bad(
                 "data.max_len",
@@ -811,6 +919,10 @@ impl Config {
             save_every: self.output.save_every,
             keep_last: self.output.keep_last,
             config_toml,
+            objective: match &self.preference {
+                Some(p) => Objective::Preference(p.objective()),
+                None => Objective::Sft,
+            },
         }
     }
 }

@@ -237,6 +237,12 @@ pub struct DataReport {
     pub train_tokenize: Option<TokenizeReport>,
     pub validation_tokenize: Option<TokenizeReport>,
     pub train_pack: Option<PackReport>,
+    /// A preference run's training pairs: read, kept, cut, skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_pairs: Option<PairReport>,
+    /// A preference run's validation pairs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation_pairs: Option<PairReport>,
     pub train_examples: usize,
     pub validation_examples: usize,
     /// Whether the tokenized training rows came from the cache (`Hit`) or were built.
@@ -346,4 +352,161 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
 
 fn audit_total(audit: &Audit) -> u64 {
     audit.redactions.values().sum()
+}
+
+// ---- preference pairs ----
+
+/// What tokenizing a set of preference pairs did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PairReport {
+    pub pairs_in: usize,
+    pub pairs_out: usize,
+    /// Pairs kept with an answer cut at `data.max_len` (some of it still learned).
+    pub pairs_truncated: usize,
+    /// Pairs left out under `data.skip_invalid` (an answer with no room left, or the template
+    /// refused the conversation).
+    pub pairs_skipped: usize,
+    /// The first few skipped pairs: `file: row N, field: why`.
+    pub skipped: Vec<String>,
+}
+
+/// Preference pairs to trainer rows, laid out pair by pair (`[chosen_0, rejected_0, ...]`, what
+/// `whet_train::preference::Objective` expects), one sequence per row, unpacked. Each side is
+/// tokenized as its record would be for SFT with only the last assistant turn learned: a text
+/// pair is `prompt + answer + EOS` with the answer and EOS learned, a chat pair is the chat
+/// template's rendering of the prompt's turns and the answer's, the answer's assistant turn
+/// learned. A side longer than `data.max_len` keeps its first `max_len` tokens (TRL's
+/// `truncation_mode = "keep_start"`); a pair whose prompt leaves no room for one of its answers
+/// is an error naming the file, row and side, or with `data.skip_invalid` a counted skip.
+pub fn pair_rows(
+    tok: &Tokenizer,
+    pairs: &[whet_data::PairExample],
+    data: &DataSection,
+) -> Result<(Vec<Row>, PairReport)> {
+    let cfg = TokenizeConfig {
+        max_len: Some(data.max_len),
+        truncation: Truncation::Right,
+        assistant_turns: AssistantTurns::Last,
+        skip_template_errors: data.skip_invalid,
+        parallel: false,
+        ..Default::default()
+    };
+    let mut report = PairReport {
+        pairs_in: pairs.len(),
+        ..Default::default()
+    };
+    let mut rows = Vec::with_capacity(2 * pairs.len());
+    'pairs: for pair in pairs {
+        let mut sides = Vec::with_capacity(2);
+        let mut cut = false;
+        for (field, record) in [("chosen", &pair.chosen), ("rejected", &pair.rejected)] {
+            let example = Example {
+                id: pair.id,
+                origin: pair.origin.clone(),
+                record: record.clone(),
+            };
+            let why = match tok.tokenize_example(&example, &cfg)? {
+                whet_tokenize::Outcome::Kept {
+                    example, truncated, ..
+                } => {
+                    cut |= truncated;
+                    sides.push(example);
+                    continue;
+                }
+                whet_tokenize::Outcome::Excluded { reason, .. } => match reason {
+                    whet_tokenize::ExcludeReason::SupervisionTruncated { len, max_len }
+                    | whet_tokenize::ExcludeReason::TooLong { len, max_len } => format!(
+                        "the prompt leaves no room for the answer within data.max_len = {max_len} (prompt and answer are {len} tokens); raise data.max_len or shorten the prompt"
+                    ),
+                    whet_tokenize::ExcludeReason::NoSupervision => {
+                        "the answer has no learned token".to_string()
+                    }
+                    whet_tokenize::ExcludeReason::TemplateError { message } => {
+                        format!("the chat template refused it: {message}")
+                    }
+                },
+            };
+            let line = format!("{}, field `{field}`: {why}", pair.origin);
+            if !data.skip_invalid {
+                bail!("{line}; or set data.skip_invalid = true to skip such pairs");
+            }
+            report.pairs_skipped += 1;
+            if report.skipped.len() < 10 {
+                report.skipped.push(line);
+            }
+            continue 'pairs;
+        }
+        report.pairs_out += 1;
+        report.pairs_truncated += usize::from(cut);
+        rows.extend(sides.into_iter().map(|ex| {
+            let n = ex.input_ids.len();
+            let segments = vec![0u32; n];
+            Row {
+                targets: whet_tokenize::targets_from_labels(&ex.labels, &segments),
+                input_ids: ex.input_ids,
+                position_ids: (0..n as u32).collect(),
+                segment_ids: segments,
+            }
+        }));
+    }
+    Ok((rows, report))
+}
+
+/// The data path of a preference run: read the pairs (`data.train`, `data.validation` or a
+/// seeded `data.validation_fraction` of the training pairs) and tokenize them ([`pair_rows`]).
+/// PII scrubbing, dedup and packing do not apply (the config refuses the first two).
+pub fn prepare_pairs(tok: &Tokenizer, data: &DataSection, seed: u64) -> Result<Prepared> {
+    let read = |path: &Path| {
+        whet_data::read_pairs(path, &read_options(data))
+            .with_context(|| format!("reading preference pairs from {}", path.display()))
+    };
+    let mut report = DataReport::default();
+    let (mut train, r) = read(&data.train)?;
+    report.train_read = Some(r);
+    let validation = match &data.validation {
+        Some(path) => {
+            let (v, r) = read(path)?;
+            report.validation_read = Some(r);
+            v
+        }
+        None if data.validation_fraction > 0.0 => {
+            let order = whet_train::rows::epoch_order(train.len(), seed, 0);
+            let n = ((train.len() as f64 * data.validation_fraction).round() as usize)
+                .min(train.len().saturating_sub(1));
+            let held: std::collections::BTreeSet<usize> = order[..n].iter().copied().collect();
+            let (v, t): (Vec<_>, Vec<_>) = train
+                .into_iter()
+                .enumerate()
+                .partition(|(i, _)| held.contains(i));
+            train = t.into_iter().map(|(_, p)| p).collect();
+            v.into_iter().map(|(_, p)| p).collect()
+        }
+        None => Vec::new(),
+    };
+    if train.is_empty() {
+        bail!("{}: no preference pairs were read", data.train.display());
+    }
+    let (train_rows, r) = pair_rows(tok, &train, data)?;
+    if train_rows.is_empty() {
+        bail!(
+            "{}: none of the {} training pairs fits data.max_len = {} ({} skipped); raise data.max_len",
+            data.train.display(),
+            train.len(),
+            data.max_len,
+            r.pairs_skipped
+        );
+    }
+    report.train_pairs = Some(r);
+    let (validation_rows, r) = pair_rows(tok, &validation, data)?;
+    report.validation_pairs = Some(r);
+    report.train_examples = train.len();
+    report.validation_examples = validation.len();
+    Ok(Prepared {
+        pii_audit: None,
+        train_examples: Vec::new(),
+        validation_examples: Vec::new(),
+        train: train_rows,
+        validation: validation_rows,
+        report,
+    })
 }

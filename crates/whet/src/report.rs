@@ -30,6 +30,10 @@ pub struct Losses {
     /// Task metrics on the validation examples (`[eval] metrics`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskScores>,
+    /// A preference run's validation pairs: rewards, margin, accuracy (`val_loss` is then the
+    /// mean preference loss and `val_tokens` the pairs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preference: Option<whet_train::preference::PreferenceMetrics>,
 }
 
 pub struct Measured {
@@ -129,7 +133,18 @@ pub fn measure(
     let mb = cfg.train.micro_batch;
     let clock = std::time::Instant::now();
     let mut losses = Losses::default();
-    if !validation.is_empty() {
+    if let (false, Some(p)) = (validation.is_empty(), &cfg.preference) {
+        let (l, m) = whet_train::trainer::evaluate_preference(
+            model,
+            &p.objective(),
+            validation,
+            mb,
+            device,
+        )?;
+        losses.val_loss = Some(l);
+        losses.val_tokens = m.as_ref().map_or(0, |m| m.pairs);
+        losses.preference = m;
+    } else if !validation.is_empty() {
         let (l, n) = evaluate(model, validation, mb, device)?;
         losses.val_loss = Some(l);
         losses.val_tokens = n;
@@ -332,6 +347,13 @@ impl Report {
                 .collect::<String>(),
             _ => String::new(),
         };
+        let task = match (&self.before.preference, &self.after.preference) {
+            (Some(b), Some(a)) => format!(
+                "{task}, reward accuracy {:.3} -> {:.3}, reward margin {:.4} -> {:.4}",
+                b.reward_accuracy, a.reward_accuracy, b.reward_margin, a.reward_margin
+            ),
+            _ => task,
+        };
         format!(
             "validation loss {} -> {}{task}, general-text loss {} -> {}, {} steps in {:.0} s",
             fmt_loss(self.before.val_loss),
@@ -382,22 +404,46 @@ impl Report {
                     .map_or(String::new(), |r| format!(", written by whet run `{r}`"))
             );
         }
+        if let (Some(b), Some(a)) = (&self.before.preference, &self.after.preference) {
+            let _ = writeln!(
+                s,
+                "## Preference ({} validation pairs)\n\nThe loss rows below are the preference loss over pairs. A reward is beta times the policy's log-probability of an answer minus the reference's (DPO, IPO; for ORPO beta times the mean log-probability per token); accuracy is the share of pairs whose chosen answer has the larger reward.\n",
+                a.pairs
+            );
+            let _ = writeln!(s, "| | base | tuned |\n|---|---|---|");
+            let rows = [
+                ("reward accuracy", b.reward_accuracy, a.reward_accuracy),
+                ("reward margin", b.reward_margin, a.reward_margin),
+                ("reward chosen", b.rewards_chosen, a.rewards_chosen),
+                ("reward rejected", b.rewards_rejected, a.rewards_rejected),
+                ("log-prob chosen", b.logps_chosen, a.logps_chosen),
+            ];
+            for (name, before, after) in rows {
+                let _ = writeln!(s, "| {name} | {before:.4} | {after:.4} |");
+            }
+            let _ = writeln!(s);
+        }
         let _ = writeln!(s, "## Loss\n");
         let _ = writeln!(s, "| | base | tuned | change |\n|---|---|---|---|");
+        let preference = self.after.preference.is_some();
         let _ = writeln!(
             s,
-            "| validation loss ({} tokens) | {} | {} | {} |",
+            "| validation {}loss ({} {}) | {} | {} | {} |",
+            if preference { "preference " } else { "" },
             self.after.val_tokens,
+            if preference { "pairs" } else { "tokens" },
             fmt_loss(self.before.val_loss),
             fmt_loss(self.after.val_loss),
             delta(self.before.val_loss, self.after.val_loss)
         );
-        let _ = writeln!(
-            s,
-            "| validation perplexity | {} | {} | |",
-            fmt_ppl(self.before.val_loss),
-            fmt_ppl(self.after.val_loss)
-        );
+        if !preference {
+            let _ = writeln!(
+                s,
+                "| validation perplexity | {} | {} | |",
+                fmt_ppl(self.before.val_loss),
+                fmt_ppl(self.after.val_loss)
+            );
+        }
         let _ = writeln!(
             s,
             "| general-text loss ({} tokens, forgetting check) | {} | {} | {} |",

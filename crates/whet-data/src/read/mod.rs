@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use crate::error::{DataError, Result, SkipReason};
 use crate::mapping::{Mapping, to_record};
-use crate::record::{Example, Origin};
+use crate::record::{Example, Origin, Record};
 use crate::split::record_id;
 
 /// An input container format.
@@ -303,10 +303,12 @@ impl DataReader {
     }
 }
 
-impl Iterator for DataReader {
-    type Item = Result<Example>;
-
-    fn next(&mut self) -> Option<Result<Example>> {
+impl DataReader {
+    /// The next row mapped by `map`, with its origin; errors as [`Iterator::next`] yields them.
+    fn next_mapped<T>(
+        &mut self,
+        map: impl Fn(&Value, &Origin, &Mapping) -> Result<T>,
+    ) -> Option<Result<(Origin, T)>> {
         loop {
             let Some((path, source)) = self.current.as_mut() else {
                 let (path, format) = self.files.next()?;
@@ -331,14 +333,10 @@ impl Iterator for DataReader {
                 Some(Ok((row, value))) => {
                     self.report.rows += 1;
                     let origin = Origin { file: path, row };
-                    match to_record(&value, &origin, &self.opts.mapping) {
-                        Ok(record) => {
+                    match map(&value, &origin, &self.opts.mapping) {
+                        Ok(mapped) => {
                             self.report.examples += 1;
-                            return Some(Ok(Example {
-                                id: record_id(&record),
-                                origin,
-                                record,
-                            }));
+                            return Some(Ok((origin, mapped)));
                         }
                         Err(e) => e,
                     }
@@ -359,4 +357,51 @@ impl Iterator for DataReader {
             }
         }
     }
+}
+
+impl Iterator for DataReader {
+    type Item = Result<Example>;
+
+    fn next(&mut self) -> Option<Result<Example>> {
+        self.next_mapped(to_record).map(|r| {
+            r.map(|(origin, record)| Example {
+                id: record_id(&record),
+                origin,
+                record,
+            })
+        })
+    }
+}
+
+/// One preference pair: the two records it trains on, the prompt followed by the chosen and by
+/// the rejected answer ([`crate::mapping::to_pair`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairExample {
+    /// Stable across runs: a hash of both records.
+    pub id: u64,
+    pub origin: Origin,
+    pub chosen: Record,
+    pub rejected: Record,
+}
+
+/// Reads every preference pair of a source (file, directory or glob; any format), stopping at the
+/// first error that `skip_invalid` does not skip. `opts.mapping.shape` is not used: a preference
+/// row is told by its `prompt`, `chosen` and `rejected` fields.
+pub fn read_pairs(
+    source: impl AsRef<Path>,
+    opts: &ReadOptions,
+) -> Result<(Vec<PairExample>, ReadReport)> {
+    let mut reader = open(source, opts)?;
+    let mut pairs = Vec::new();
+    while let Some(item) = reader.next_mapped(crate::mapping::to_pair) {
+        let (origin, (chosen, rejected)) = item?;
+        let id = record_id(&chosen) ^ record_id(&rejected).rotate_left(1);
+        pairs.push(PairExample {
+            id,
+            origin,
+            chosen,
+            rejected,
+        });
+    }
+    Ok((pairs, reader.into_report()))
 }

@@ -6,5 +6,6 @@ mod dedup;
 mod errors;
 mod mapping;
 mod pii;
+mod preference;
 mod read;
 mod split;

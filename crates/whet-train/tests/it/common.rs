@@ -102,6 +102,7 @@ pub fn config(out: &Path, overrides: &[&str]) -> Config {
         save_every: 0,
         keep_last: 2,
         config_toml: "# a whet-train test run\n".into(),
+        objective: Default::default(),
     };
     for o in overrides {
         let (key, value) = o.split_once('=').unwrap();

@@ -1,5 +1,6 @@
 use whet_train::TrainError;
 use whet_train::metrics::{self, MetricsLine, MetricsLog};
+use whet_train::preference::PreferenceMetrics;
 use whet_train::{EvalMetrics, StepMetrics};
 
 use crate::common::tempdir;
@@ -20,6 +21,12 @@ fn metrics_lines_read_back_typed() {
         tokens: 16,
         tokens_per_s: 100.0,
         elapsed_s: 0.16,
+        preference: Some(PreferenceMetrics {
+            pairs: 2,
+            reward_margin: 0.25,
+            reward_accuracy: 0.5,
+            ..Default::default()
+        }),
     };
     let eval = EvalMetrics {
         step: 1,
@@ -28,6 +35,7 @@ fn metrics_lines_read_back_typed() {
         val_tokens: 0,
         improved: true,
         sets: Vec::new(),
+        preference: None,
     };
     let mut log = MetricsLog::open(&path, 0).unwrap();
     log.step(&step).unwrap();
@@ -35,13 +43,17 @@ fn metrics_lines_read_back_typed() {
     drop(log);
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(
-        text.contains(r#""kind":"train""#) && text.contains(r#""val_loss":null"#),
+        text.contains(r#""kind":"train""#)
+            && text.contains(r#""val_loss":null"#)
+            && text.contains(r#""reward_accuracy":0.5"#),
         "{text}"
     );
     match metrics::read(&path).unwrap().as_slice() {
         [MetricsLine::Step(s), MetricsLine::Eval(e)] => {
             assert_eq!((s.step, s.loss, s.grad_norm, s.tokens), (1, 3.25, 0.75, 16));
-            assert!(e.val_loss.is_nan() && e.improved);
+            assert!(e.val_loss.is_nan() && e.improved && e.preference.is_none());
+            // A preference step's rewards are top-level fields, read back whole.
+            assert_eq!(s.preference, step.preference);
         }
         other => panic!("{other:?}"),
     }

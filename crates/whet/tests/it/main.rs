@@ -16,6 +16,7 @@ mod kernels;
 mod kfold;
 mod ollama;
 mod outputs;
+mod preference;
 mod qlora_export;
 mod recipes;
 mod resume;

@@ -1,0 +1,217 @@
+//! Preference tuning end to end: `[preference]` DPO and ORPO on (prompt, chosen, rejected) pairs
+//! in the chat and plain-text shapes, the rewards in metrics.jsonl and the report, and the bad
+//! pairs (equal sides, an empty side, a prompt with no room for the answers).
+
+use std::fs;
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+/// Pairs in TRL's conversational shape: the brand's answer chosen, a curt one rejected.
+fn chat_pairs(n: usize) -> String {
+    CHATS
+        .iter()
+        .cycle()
+        .take(n)
+        .map(|(u, a)| {
+            json!({
+                "prompt": [{ "role": "user", "content": u }],
+                "chosen": [{ "role": "assistant", "content": a }],
+                "rejected": [{ "role": "assistant", "content": "No." }],
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+fn run_body(loss: &str, extra_data: &str) -> String {
+    format!(
+        r#"
+method = "lora"
+
+[data]
+train = "pairs.jsonl"
+validation = "val_pairs.jsonl"
+max_len = 64
+{extra_data}
+
+[lora]
+r = 4
+alpha = 8.0
+dropout = 0.0
+
+[train]
+max_steps = 4
+micro_batch = 2
+lr = 1e-2
+eval_every = 2
+
+[preference]
+loss = "{loss}"
+beta = 0.1
+
+[eval]
+max_new_tokens = 4
+prompts = ["Hi"]
+
+[output]
+dir = "out"
+"#
+    )
+}
+
+fn check_run(tmp: &Tmp, loss: &str) {
+    let m = model(tmp);
+    write(&tmp.join("pairs.jsonl"), &chat_pairs(8));
+    write(&tmp.join("val_pairs.jsonl"), &chat_pairs(3));
+    let cfg = config(tmp, &m, &run_body(loss, ""));
+    let r = whet(["train", "--config", s(&cfg)]).ok();
+    assert!(r.stderr.contains("reward accuracy"), "{}", r.stderr);
+    let out = tmp.join("out");
+    let lines = metrics(&out);
+    let steps: Vec<&Value> = lines.iter().filter(|v| v["kind"] == "train").collect();
+    assert_eq!(steps.len(), 4);
+    for v in &steps {
+        assert!(v["loss"].as_f64().unwrap().is_finite(), "{v}");
+        for key in [
+            "rewards_chosen",
+            "rewards_rejected",
+            "reward_margin",
+            "reward_accuracy",
+        ] {
+            assert!(
+                v[key].as_f64().is_some_and(f64::is_finite),
+                "no {key} in {v}"
+            );
+        }
+        assert_eq!(v["pairs"], 2, "{v}");
+    }
+    let evals: Vec<&Value> = lines.iter().filter(|v| v["kind"] == "eval").collect();
+    assert_eq!(evals.len(), 2);
+    assert!(
+        evals
+            .iter()
+            .all(|e| e["pairs"] == 3 && e["reward_margin"].is_f64())
+    );
+    let report: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for side in ["before", "after"] {
+        let p = &report[side]["preference"];
+        assert_eq!(p["pairs"], 3, "{report}");
+        assert!(p["reward_accuracy"].as_f64().is_some(), "{report}");
+        assert!(p["reward_margin"].as_f64().is_some(), "{report}");
+    }
+    let md = fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Preference (3 validation pairs)"), "{md}");
+    assert!(md.contains("validation preference loss (3 pairs)"), "{md}");
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+}
+
+#[test]
+fn dpo_trains_on_chat_pairs_and_reports_rewards() {
+    let tmp = Tmp::new("dpo");
+    check_run(&tmp, "dpo");
+    // The reference is the base: before training every reward, so every margin, is 0.
+    let report: Value =
+        serde_json::from_str(&fs::read_to_string(tmp.join("out/report.json")).unwrap()).unwrap();
+    let before = &report["before"]["preference"];
+    assert_eq!(before["reward_margin"].as_f64(), Some(0.0), "{report}");
+    let after = &report["after"]["preference"];
+    assert!(after["reward_margin"].as_f64().unwrap() > 0.0, "{report}");
+}
+
+#[test]
+fn orpo_trains_on_chat_pairs_and_reports_rewards() {
+    let tmp = Tmp::new("orpo");
+    check_run(&tmp, "orpo");
+    let steps: Vec<Value> = metrics(&tmp.join("out"))
+        .into_iter()
+        .filter(|v| v["kind"] == "train")
+        .collect();
+    assert!(
+        steps
+            .iter()
+            .all(|v| v["nll"].is_f64() && v["log_odds_ratio"].is_f64())
+    );
+}
+
+fn text_pair(prompt: &str, chosen: &str, rejected: &str) -> String {
+    json!({ "prompt": prompt, "chosen": chosen, "rejected": rejected }).to_string() + "\n"
+}
+
+/// A plain-text training file of good pairs with `bad` as its line 3.
+fn with_bad_row(tmp: &Tmp, bad: &str) {
+    let good = text_pair("Q: router?\nA:", " Unplug it for ten seconds.", " No.");
+    write(
+        &tmp.join("pairs.jsonl"),
+        &format!("{good}{good}{bad}{good}"),
+    );
+    write(&tmp.join("val_pairs.jsonl"), &good);
+}
+
+#[test]
+fn bad_pairs_are_errors_naming_file_row_and_field_or_counted_skips() {
+    let tmp = Tmp::new("pref-bad");
+    let m = model(&tmp);
+    let long_prompt = "word ".repeat(200);
+    let cases = [
+        (text_pair("Q?", " Same.", " Same."), "`rejected`", "equals `chosen`"),
+        (text_pair("Q?", " ", " No."), "`chosen`", "is empty"),
+        (
+            json!({ "prompt": [{"role": "user", "content": "Q?"}], "chosen": [], "rejected": [{"role": "assistant", "content": "No."}] }).to_string() + "\n",
+            "`chosen`",
+            "has no messages",
+        ),
+        (text_pair(&long_prompt, " Yes.", " No."), "`chosen`", "no room for the answer"),
+    ];
+    for (bad, field, why) in &cases {
+        with_bad_row(&tmp, bad);
+        let _ = fs::remove_dir_all(tmp.join("out"));
+        let cfg = config(&tmp, &m, &run_body("dpo", ""));
+        let r = whet(["train", "--config", s(&cfg)]).fails();
+        assert!(r.stderr.contains("pairs.jsonl: row 3"), "{}", r.stderr);
+        assert!(
+            r.stderr.contains(field) && r.stderr.contains(why),
+            "{}",
+            r.stderr
+        );
+
+        let _ = fs::remove_dir_all(tmp.join("out"));
+        let cfg = config(&tmp, &m, &run_body("dpo", "skip_invalid = true"));
+        whet(["train", "--config", s(&cfg)]).ok();
+        let report: Value =
+            serde_json::from_str(&fs::read_to_string(tmp.join("out/report.json")).unwrap())
+                .unwrap();
+        let data = &report["data"];
+        let skipped = data["train_read"]["skipped"]
+            .as_object()
+            .map_or(0, |m| m.values().map(|v| v.as_u64().unwrap()).sum::<u64>())
+            + data["train_pairs"]["pairs_skipped"].as_u64().unwrap();
+        assert_eq!(skipped, 1, "{bad}: {data}");
+        assert_eq!(data["train_pairs"]["pairs_out"], 3, "{bad}: {data}");
+    }
+}
+
+#[test]
+fn full_fine_tuning_dpo_is_refused_with_the_way_out_and_orpo_runs() {
+    let tmp = Tmp::new("pref-full");
+    let m = model(&tmp);
+    write(&tmp.join("pairs.jsonl"), &chat_pairs(2));
+    write(&tmp.join("val_pairs.jsonl"), &chat_pairs(1));
+    let body = run_body("dpo", "").replace("method = \"lora\"", "method = \"full\"");
+    let cfg = config(&tmp, &m, &body);
+    let r = whet(["train", "--config", s(&cfg)]).fails();
+    assert!(
+        r.stderr.contains("preference.loss") && r.stderr.contains("orpo"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn ipo_trains_on_chat_pairs_and_reports_rewards() {
+    let tmp = Tmp::new("ipo");
+    check_run(&tmp, "ipo");
+}
