@@ -123,22 +123,15 @@ pub fn eval(
             bail!("--max-new-tokens and --batch must be at least 1 with --metric");
         }
         let (examples, _) = pipeline::read(data, &spec)?;
-        let take = match task.limit {
-            0 => examples.len(),
-            n => n.min(examples.len()),
-        };
         let normalize = if task.exact {
             whet_train::score::Normalize::NONE
         } else {
             whet_train::score::Normalize::default()
         };
-        let labels = if task.labels.is_empty() {
-            let all: Vec<&whet_data::Example> = examples.iter().collect();
-            crate::task_eval::labels_of(&all, &normalize)
-        } else {
-            task.labels.clone()
-        };
-        let scored = crate::task_eval::task_examples(&tok, &examples[..take])?;
+        let given = (!task.labels.is_empty()).then_some(task.labels.as_slice());
+        let labels = crate::task_eval::label_set(given, &examples, &normalize);
+        let scored =
+            crate::task_eval::task_examples(&tok, crate::task_eval::first(&examples, task.limit))?;
         let settings = crate::task_eval::TaskSettings {
             metrics: &task.metrics,
             labels: Some(&labels),
@@ -768,22 +761,15 @@ pub fn task_inputs(
         eprintln!("note: eval.metrics are not scored: the run has no validation examples");
         return Ok(None);
     }
-    let take = match cfg.eval.metric_examples {
-        0 => data.validation_examples.len(),
-        n => n.min(data.validation_examples.len()),
-    };
-    let examples = crate::task_eval::task_examples(tok, &data.validation_examples[..take])?;
-    let labels = match &cfg.eval.labels {
-        Some(l) => l.clone(),
-        None => {
-            let all: Vec<&whet_data::Example> = data
-                .train_examples
-                .iter()
-                .chain(&data.validation_examples)
-                .collect();
-            crate::task_eval::labels_of(&all, &cfg.eval.normalize)
-        }
-    };
+    let examples = crate::task_eval::task_examples(
+        tok,
+        crate::task_eval::first(&data.validation_examples, cfg.eval.metric_examples),
+    )?;
+    let labels = crate::task_eval::label_set(
+        cfg.eval.labels.as_deref(),
+        data.train_examples.iter().chain(&data.validation_examples),
+        &cfg.eval.normalize,
+    );
     Ok(Some((examples, labels)))
 }
 

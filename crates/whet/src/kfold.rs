@@ -71,10 +71,7 @@ pub fn run(rt: &Runtime, cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &P
         .cloned()
         .collect();
     let trainer_cfg = cfg.trainer();
-    let labels = match &cfg.eval.labels {
-        Some(l) => l.clone(),
-        None => task_eval::labels_of(&all.iter().collect::<Vec<_>>(), &cfg.eval.normalize),
-    };
+    let labels = task_eval::label_set(cfg.eval.labels.as_deref(), &all, &cfg.eval.normalize);
     let settings = task_settings(cfg, &labels);
     let mut folds = Vec::with_capacity(k);
     for fold in 0..k {
@@ -94,11 +91,8 @@ pub fn run(rt: &Runtime, cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &P
         let task_examples = if cfg.eval.metrics.is_empty() {
             None
         } else {
-            let take = match cfg.eval.metric_examples {
-                0 => split.validation.len(),
-                n => n.min(split.validation.len()),
-            };
-            Some(task_eval::task_examples(tok, &split.validation[..take])?)
+            let scored = task_eval::first(&split.validation, cfg.eval.metric_examples);
+            Some(task_eval::task_examples(tok, scored)?)
         };
         let base_task = match &task_examples {
             Some(e) => Some(task_eval::score_model(&model, tok, e, &settings)?),

@@ -80,14 +80,30 @@ fn reference_of(record: &Record) -> Option<&str> {
     }
 }
 
-/// The label set taken from data: the distinct normalised references of `examples` (the
-/// training and validation examples: a label the training data lacks is still a label).
-pub fn labels_of(examples: &[&Example], n: &Normalize) -> Vec<String> {
+/// The label set of `accuracy` / `macro_f1`: `given`, else the distinct normalised references
+/// of `examples` (the training and validation examples: a label the training data lacks is
+/// still a label).
+pub fn label_set<'a>(
+    given: Option<&[String]>,
+    examples: impl IntoIterator<Item = &'a Example>,
+    n: &Normalize,
+) -> Vec<String> {
+    if let Some(labels) = given {
+        return labels.to_vec();
+    }
     let refs: Vec<&str> = examples
-        .iter()
+        .into_iter()
         .filter_map(|e| reference_of(&e.record))
         .collect();
     score::labels_from(&refs, n)
+}
+
+/// The first `limit` of `examples` (0: all of them): the ones task metrics score.
+pub fn first(examples: &[Example], limit: usize) -> &[Example] {
+    match limit {
+        0 => examples,
+        n => &examples[..n.min(examples.len())],
+    }
 }
 
 /// How to generate and score: `[eval]`'s metric settings.
