@@ -38,6 +38,10 @@ pub struct TrainerState {
     /// A fingerprint of the config and data: a checkpoint only resumes the run it belongs to.
     pub run_id: String,
     pub best_val_loss: Option<f64>,
+    /// The best value of the task metric that selects (`TrainerConfig::select_by`); absent in
+    /// runs selected by the validation loss (and in checkpoints written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_metric: Option<f64>,
     pub best_step: Option<u64>,
     /// Evaluations since the last improvement (early stopping).
     pub stale_evals: u32,

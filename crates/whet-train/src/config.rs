@@ -71,6 +71,13 @@ pub struct TrainerConfig {
     /// `min_delta` (0 = off).
     pub patience: u32,
     pub min_delta: f64,
+    /// What decides early stopping and the best checkpoint: the validation loss (`None`), or the
+    /// task metric of this name (higher is better) that [`crate::Trainer::scorer`] returns
+    /// (`train.select_by = "metric:accuracy"`).
+    pub select_by: Option<String>,
+    /// Task metrics ([`crate::Trainer::scorer`]) at every N-th evaluation and the last one
+    /// (`eval.metric_every`; 0: not during training). A metric that selects needs N >= 1.
+    pub metric_every: u64,
     /// Write a checkpoint every N optimizer steps (0: at evaluations only).
     pub save_every: u64,
     /// Checkpoints kept besides the best one.
@@ -192,6 +199,17 @@ impl TrainerConfig {
         real("train.epochs", self.epochs, 0.0, limits::EPOCHS, false, "")?;
         int("train.warmup_steps", self.warmup_steps, 0, limits::STEPS)?;
         int("train.eval_every", self.eval_every, 0, limits::STEPS)?;
+        int("eval.metric_every", self.metric_every, 0, limits::STEPS)?;
+        if let Some(name) = &self.select_by
+            && self.metric_every == 0
+        {
+            return Err(bad(
+                "eval.metric_every",
+                format!(
+                    "= 0 never scores the metric `{name}` that train.select_by follows; set it to 1 (every evaluation) or more"
+                ),
+            ));
+        }
         real("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, false, "")?;
         let inf = f64::INFINITY;
         match &self.optimizer {

@@ -105,6 +105,11 @@ pub enum TrainError {
     },
     #[error("{message}")]
     Launch { message: String },
+    #[error("task metrics at step {step}: {source}")]
+    TaskScore {
+        step: u64,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 
     #[error("{path}: {source}", path = path.display())]
     Io {

@@ -59,5 +59,6 @@ pub use metrics::{EvalMetrics, SetLoss, StepMetrics};
 pub use rows::{Batch, Cursor, Row};
 pub use step::{Step, StepOutcome};
 pub use trainer::{
-    Observer, Quiet, Summary, TrainTime, Trainer, evaluate, evaluate_sharded, load_trainable,
+    Observer, Quiet, Summary, TaskScorer, TrainTime, Trainer, evaluate, evaluate_sharded,
+    load_trainable,
 };

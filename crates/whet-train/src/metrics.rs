@@ -63,6 +63,10 @@ pub struct EvalMetrics {
     /// null and `val_tokens` the pairs.
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
     pub preference: Option<PreferenceMetrics>,
+    /// Task metrics by name (`{"accuracy": 0.8, ...}`) at the evaluations that scored them
+    /// (`TrainerConfig::metric_every`); absent at the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// The loss of one named evaluation set at an evaluation.

@@ -53,7 +53,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use whet_model::Model;
 
-use crate::rows::Batch;
+use crate::rows::{Batch, Row};
 use crate::{Result, TrainError};
 
 /// What a run optimises: next-token cross-entropy on its rows (SFT, continued pre-training), or
@@ -97,9 +97,10 @@ impl PreferenceObjective {
     }
 
     /// The loss and metrics of one batch of P pairs, as [`Batch::from_pair_rows`] lays them out
-    /// (P chosen rows then P rejected rows). The reference of DPO / IPO is
-    /// [`Model::reference_sequence_logps`] (the adapter switched off); ORPO's NLL term is the
-    /// mean over the chosen rows' prompt and completion tokens.
+    /// (P chosen rows then P rejected rows). The reference of DPO / IPO is the batch's
+    /// precomputed one ([`Batch::reference`]) or else [`Model::reference_sequence_logps`] (the
+    /// adapter switched off); ORPO's NLL term is the mean over the chosen rows' prompt and
+    /// completion tokens.
     pub fn batch_loss(&self, model: &Model, batch: &Batch) -> Result<PreferenceOutput> {
         let (ids, pos, seg, tgt) = (
             &batch.ids,
@@ -110,8 +111,10 @@ impl PreferenceObjective {
         match *self {
             PreferenceObjective::Dpo(cfg) => {
                 let policy = PairLogps::from_stacked(model.sequence_logps(ids, pos, seg, tgt)?)?;
-                let reference =
-                    PairLogps::from_stacked(model.reference_sequence_logps(ids, pos, seg, tgt)?)?;
+                let reference = PairLogps::from_stacked(match &batch.reference {
+                    Some(precomputed) => precomputed.clone(),
+                    None => model.reference_sequence_logps(ids, pos, seg, tgt)?,
+                })?;
                 dpo_loss(&policy, &reference, &cfg)
             }
             PreferenceObjective::Orpo { beta } => {
@@ -150,6 +153,54 @@ fn chosen_full_targets(batch: &Batch) -> Result<Tensor> {
         batch.targets.dims2()?,
         batch.targets.device(),
     )?)
+}
+
+/// One row's summed completion log-probability under the reference policy, and its
+/// supervised tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SeqLogp {
+    pub logp: f32,
+    pub tokens: usize,
+}
+
+/// The reference policy's [`SeqLogp`] of every row, in batches of `micro_batch` rows: computed
+/// once before training, where no reference can be had during it (full fine-tuning changes the
+/// very weights a reference would read; TRL's `precompute_ref_log_probs`). `model` is the
+/// reference itself (or, for LoRA, the model whose adapters [`Model::reference_sequence_logps`]
+/// switches off), in evaluation mode.
+pub fn reference_logps(
+    model: &Model,
+    rows: &[Row],
+    micro_batch: usize,
+    device: &candle_core::Device,
+) -> Result<Vec<SeqLogp>> {
+    // With adapters, the base under them; without, the model's weights as they are now (a view
+    // holding no `Var`: no graph is built).
+    let reference = match model.lora_config() {
+        Some(_) => model.adapters_disabled()?,
+        None => model.detached(),
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(micro_batch.max(1)) {
+        let refs: Vec<&Row> = chunk.iter().collect();
+        let b = Batch::from_rows(&refs, device)?;
+        let (logps, tokens) =
+            reference.sequence_logps(&b.ids, &b.positions, &b.segments, &b.targets)?;
+        let logps = logps.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        for (&logp, tokens) in logps.iter().zip(tokens) {
+            model.ensure_finite("a reference log-probability", logp)?;
+            out.push(SeqLogp { logp, tokens });
+        }
+    }
+    Ok(out)
+}
+
+/// The reference log-probabilities of a preference run's training and validation rows, computed
+/// once before training ([`reference_logps`]); `train[i]` is that of training row `i`.
+#[derive(Debug, Clone, Default)]
+pub struct ReferenceLogps {
+    pub train: Vec<SeqLogp>,
+    pub validation: Vec<SeqLogp>,
 }
 
 /// The P pairs' summed completion log-probabilities and supervised-token counts.

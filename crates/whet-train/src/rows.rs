@@ -32,6 +32,10 @@ pub struct Batch {
     pub targets: Tensor,
     pub supervised: usize,
     pub tokens: usize,
+    /// A preference batch's reference log-probabilities computed before training
+    /// ([`crate::preference::reference_logps`]), row by row as the batch stacks them, with the
+    /// rows' supervised tokens; `None`: the loss computes them from the model.
+    pub reference: Option<(Tensor, Vec<usize>)>,
 }
 
 impl Batch {
@@ -68,6 +72,7 @@ impl Batch {
             targets: Tensor::from_vec(tgt, (b, t), device)?,
             supervised,
             tokens,
+            reference: None,
         })
     }
 }
@@ -83,6 +88,29 @@ impl Batch {
         let stacked: Vec<&Row> = chosen.chain(rejected).copied().collect();
         let mut batch = Self::from_rows(&stacked, device)?;
         batch.supervised = rows.len() / 2;
+        Ok(batch)
+    }
+
+    /// [`Batch::from_pair_rows`] with the pairs' precomputed reference log-probabilities,
+    /// `reference[k]` being that of `rows[k]`.
+    pub fn from_pair_rows_with_reference(
+        rows: &[&Row],
+        reference: &[crate::preference::SeqLogp],
+        device: &Device,
+    ) -> Result<Self> {
+        assert_eq!(rows.len(), reference.len(), "one reference value per row");
+        let mut batch = Self::from_pair_rows(rows, device)?;
+        let stacked: Vec<&crate::preference::SeqLogp> = reference
+            .iter()
+            .step_by(2)
+            .chain(reference.iter().skip(1).step_by(2))
+            .collect();
+        let logps: Vec<f32> = stacked.iter().map(|r| r.logp).collect();
+        let n = logps.len();
+        batch.reference = Some((
+            Tensor::from_vec(logps, n, device)?,
+            stacked.iter().map(|r| r.tokens).collect(),
+        ));
         Ok(batch)
     }
 }

@@ -24,7 +24,9 @@ use crate::checkpoint::{self, TrainerState};
 use crate::comm::{self, Communicator};
 use crate::config::{Method, TrainerConfig};
 use crate::metrics::{EvalMetrics, MetricsLog, SetLoss, StepMetrics};
-use crate::preference::{Objective, PreferenceMetrics, PreferenceObjective};
+use crate::preference::{
+    Objective, PreferenceMetrics, PreferenceObjective, ReferenceLogps, SeqLogp,
+};
 use crate::rows::{Batch, Cursor, Row, epoch_order};
 use crate::step::Step;
 use crate::{Result, TrainError};
@@ -35,6 +37,19 @@ pub trait Observer {
     fn on_step(&mut self, _m: &StepMetrics) {}
     fn on_eval(&mut self, _m: &EvalMetrics) {}
     fn on_checkpoint(&mut self, _dir: &Path) {}
+}
+
+/// Task metrics of the model as it is now, for `TrainerConfig::select_by` and
+/// `TrainerConfig::metric_every`: the orchestrator generates completions for its evaluation
+/// examples and scores them (whet's `task_eval`). Every value is higher-is-better.
+pub trait TaskScorer {
+    /// The names of the values [`TaskScorer::score`] returns, in that order (`accuracy`, ...).
+    fn names(&self) -> Vec<String>;
+    /// One value per name. The model is in evaluation mode.
+    fn score(
+        &mut self,
+        model: &Model,
+    ) -> std::result::Result<Vec<f64>, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// An observer that does nothing.
@@ -48,6 +63,9 @@ pub struct Summary {
     pub first_loss: Option<f64>,
     pub last_loss: Option<f64>,
     pub best_val_loss: Option<f64>,
+    /// The best value of the metric that selects (`TrainerConfig::select_by`), if one does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_metric: Option<f64>,
     pub best_step: Option<u64>,
     pub best_checkpoint: Option<PathBuf>,
     pub stopped_early: bool,
@@ -66,22 +84,35 @@ pub struct TrainTime {
     pub eval_s: f64,
     /// Writing checkpoints.
     pub checkpoint_s: f64,
+    /// Task metrics during training (generation and scoring; part of `eval_s`).
+    pub metric_s: f64,
 }
 
 /// The mean preference loss of pair `rows` (laid out as [`Objective`] says) under `model`, in
 /// batches of `micro_batch` pairs, and the pair-weighted means of the rewards, margin and
-/// accuracy (`None` without pairs). The model should be in evaluation mode.
+/// accuracy (`None` without pairs). `reference`: the rows' precomputed reference
+/// log-probabilities, if the reference is not the model with its adapters off. The model should
+/// be in evaluation mode.
 pub fn evaluate_preference(
     model: &Model,
     objective: &PreferenceObjective,
     rows: &[Row],
+    reference: Option<&[SeqLogp]>,
     micro_batch: usize,
     device: &Device,
 ) -> Result<(f64, Option<PreferenceMetrics>)> {
     let (mut sum, mut parts) = (0f64, Vec::new());
-    for chunk in rows.chunks(2 * micro_batch.max(1)) {
+    let size = 2 * micro_batch.max(1);
+    for (j, chunk) in rows.chunks(size).enumerate() {
         let refs: Vec<&Row> = chunk.iter().collect();
-        let batch = Batch::from_pair_rows(&refs, device)?;
+        let batch = match reference {
+            Some(r) => Batch::from_pair_rows_with_reference(
+                &refs,
+                &r[j * size..j * size + chunk.len()],
+                device,
+            )?,
+            None => Batch::from_pair_rows(&refs, device)?,
+        };
         if batch.supervised == 0 {
             continue;
         }
@@ -166,6 +197,13 @@ pub struct Trainer<'a> {
     /// Named evaluation sets, each scored at every evaluation beside `validation` and logged
     /// with its name; only `validation` decides early stopping and the best checkpoint.
     pub eval_sets: &'a [(String, Vec<Row>)],
+    /// Task metrics during training: needed when `config.select_by` names a metric or
+    /// `config.metric_every > 0`.
+    pub scorer: Option<&'a mut dyn TaskScorer>,
+    /// A preference run's reference log-probabilities computed before training: required for
+    /// DPO / IPO with full fine-tuning (no reference is left once the weights move); for LoRA
+    /// they replace the adapter-off forward of every step.
+    pub reference: Option<&'a ReferenceLogps>,
 }
 
 impl<'a> Trainer<'a> {
@@ -227,11 +265,11 @@ impl<'a> Trainer<'a> {
             .set_activation_checkpointing(t.activation_checkpointing);
 
         while state.step < total_steps {
-            let rows = self.next_rows(&mut state.cursor, &mut order);
+            let picked = self.next_rows(&mut state.cursor, &mut order);
             let step_start = Instant::now();
             let lr = schedule.lr(state.step);
-            let micro_batches: Vec<&[&Row]> = rows.chunks(t.micro_batch * unit).collect();
-            let device = &self.device;
+            let micro_batches: Vec<&[usize]> = picked.chunks(t.micro_batch * unit).collect();
+            let (device, train, reference) = (&self.device, self.train, self.reference);
             let step_clock = Instant::now();
             let done = step.run(
                 self.model,
@@ -239,9 +277,17 @@ impl<'a> Trainer<'a> {
                 state.step,
                 lr,
                 micro_batches.len(),
-                |j| match t.objective {
-                    Objective::Sft => Batch::from_rows(micro_batches[j], device),
-                    Objective::Preference(_) => Batch::from_pair_rows(micro_batches[j], device),
+                |j| {
+                    let rows: Vec<&Row> = micro_batches[j].iter().map(|&i| &train[i]).collect();
+                    match (t.objective, reference) {
+                        (Objective::Sft, _) => Batch::from_rows(&rows, device),
+                        (Objective::Preference(_), None) => Batch::from_pair_rows(&rows, device),
+                        (Objective::Preference(_), Some(r)) => {
+                            let values: Vec<SeqLogp> =
+                                micro_batches[j].iter().map(|&i| r.train[i]).collect();
+                            Batch::from_pair_rows_with_reference(&rows, &values, device)
+                        }
+                    }
                 },
             )?;
             log.summary.time.steps_s += step_clock.elapsed().as_secs_f64();
@@ -266,8 +312,9 @@ impl<'a> Trainer<'a> {
             let mut stop = false;
             if eval_now && !self.validation.is_empty() {
                 let clock = Instant::now();
-                let e = self.evaluate_now(&mut state)?;
+                let (e, metric_s) = self.evaluate_now(&mut state, last)?;
                 log.summary.time.eval_s += clock.elapsed().as_secs_f64();
+                log.summary.time.metric_s += metric_s;
                 log.eval(e)?;
                 stop = t.patience > 0 && state.stale_evals >= t.patience;
             }
@@ -301,6 +348,32 @@ impl<'a> Trainer<'a> {
         if self.train.iter().all(|r| r.supervised() == 0) {
             return Err(TrainError::NoSupervisedTokens);
         }
+        let config = |message: String| TrainError::Config {
+            path: "<training config>".into(),
+            message,
+        };
+        let names = self.scorer.as_ref().map(|s| s.names());
+        if let Some(name) = &self.config.select_by {
+            match &names {
+                None => {
+                    return Err(config(format!(
+                        "`train.select_by` follows the task metric `{name}`, and the trainer has no task scorer"
+                    )));
+                }
+                Some(names) if !names.contains(name) => {
+                    return Err(config(format!(
+                        "`train.select_by` follows the task metric `{name}`, which is not scored: the scored ones are {}; add it to eval.metrics",
+                        names.join(", ")
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        if self.config.metric_every > 0 && names.is_none() {
+            return Err(config(
+                "`eval.metric_every` > 0 scores task metrics during training, and the trainer has no task scorer".into(),
+            ));
+        }
         if let Objective::Preference(p) = self.config.objective {
             let refuse = |message: String| {
                 Err(TrainError::Preference {
@@ -321,9 +394,27 @@ impl<'a> Trainer<'a> {
                         .into(),
                 );
             }
-            if p.needs_reference() && self.config.method == Method::Full {
+            if p.needs_reference() && self.config.method == Method::Full && self.reference.is_none()
+            {
                 return refuse(
-                    "DPO / IPO with method = \"full\" needs a frozen reference copy, which whet does not build yet; use method = \"lora\" (the reference is the base with the adapter off) or preference.loss = \"orpo\" (no reference)".into(),
+                    "DPO / IPO with method = \"full\" needs the reference log-probabilities computed before training (preference::reference_logps into Trainer::reference): once the weights move no reference is left".into(),
+                );
+            }
+            if let Some(r) = self.reference
+                && (r.train.len() != self.train.len()
+                    || r.validation.len() != self.validation.len())
+            {
+                return refuse(format!(
+                    "the precomputed reference holds {} training and {} validation values for {} and {} rows",
+                    r.train.len(),
+                    r.validation.len(),
+                    self.train.len(),
+                    self.validation.len()
+                ));
+            }
+            if self.scorer.is_some() || self.config.select_by.is_some() {
+                return refuse(
+                    "task metrics are not scored in preference runs; the validation pairs' rewards are".into(),
                 );
             }
             if !self.eval_sets.is_empty() {
@@ -357,6 +448,7 @@ impl<'a> Trainer<'a> {
                 cursor: Cursor::default(),
                 run_id: self.run_id.clone(),
                 best_val_loss: None,
+                best_metric: None,
                 best_step: None,
                 stale_evals: 0,
                 tokens_seen: 0,
@@ -369,13 +461,13 @@ impl<'a> Trainer<'a> {
         Ok(state)
     }
 
-    /// This step's rows, crossing into the next epoch where needed. Every rank walks the same
-    /// global order; it computes only its own micro-batches.
-    fn next_rows(&self, cursor: &mut Cursor, order: &mut Vec<usize>) -> Vec<&'a Row> {
-        let (t, train) = (self.config, self.train);
+    /// The indices in `train` of this step's rows, crossing into the next epoch where needed.
+    /// Every rank walks the same global order; it computes only its own micro-batches.
+    fn next_rows(&self, cursor: &mut Cursor, order: &mut Vec<usize>) -> Vec<usize> {
+        let t = self.config;
         let unit = t.objective.rows_per_unit();
         let per_step = t.micro_batch * t.grad_accum * unit; // checked by `validate`
-        let mut rows: Vec<&Row> = Vec::with_capacity(per_step);
+        let mut rows: Vec<usize> = Vec::with_capacity(per_step);
         while rows.len() < per_step {
             if cursor.offset >= order.len() {
                 *cursor = Cursor {
@@ -388,7 +480,7 @@ impl<'a> Trainer<'a> {
                 }
             }
             let first = order[cursor.offset] * unit;
-            rows.extend(&train[first..first + unit]);
+            rows.extend(first..first + unit);
             cursor.offset += 1;
         }
         rows
@@ -405,20 +497,70 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// The validation loss now, and the early-stopping state it updates.
-    fn evaluate_now(&mut self, state: &mut TrainerState) -> Result<EvalMetrics> {
+    /// Whether the evaluation of step `step` scores task metrics: every `metric_every`-th
+    /// evaluation (counted from the step, so a resumed run scores at the same steps) and the
+    /// last.
+    fn metric_due(&self, step: u64, last: bool) -> bool {
+        let t = self.config;
+        if t.metric_every == 0 {
+            return false;
+        }
+        let period = if t.eval_every > 0 {
+            t.eval_every
+        } else {
+            self.steps_per_epoch()
+        };
+        last || (step / period).is_multiple_of(t.metric_every)
+    }
+
+    /// The task metrics now, by name: rank 0 scores, and every rank gets its values.
+    fn score_task(&mut self, step: u64) -> Result<std::collections::BTreeMap<String, f64>> {
+        let scorer = self
+            .scorer
+            .as_deref_mut()
+            .expect("`check` refuses metrics without a scorer");
+        let names = scorer.names();
+        let mut values = if self.comm.rank() == 0 {
+            scorer
+                .score(self.model)
+                .map_err(|source| TrainError::TaskScore { step, source })?
+        } else {
+            vec![0.0; names.len()]
+        };
+        if values.len() != names.len() {
+            return Err(TrainError::TaskScore {
+                step,
+                source: format!(
+                    "the scorer returned {} values for the {} metrics {}",
+                    values.len(),
+                    names.len(),
+                    names.join(", ")
+                )
+                .into(),
+            });
+        }
+        if self.comm.world_size() > 1 {
+            values = comm::sum_over_ranks(self.comm, &values)?;
+        }
+        Ok(names.into_iter().zip(values).collect())
+    }
+
+    /// The validation loss now (and the task metrics when due), the early-stopping state they
+    /// update, and the seconds the task metrics took.
+    fn evaluate_now(&mut self, state: &mut TrainerState, last: bool) -> Result<(EvalMetrics, f64)> {
         self.model.set_training(false);
         if let Objective::Preference(p) = &self.config.objective {
             let (val_loss, metrics) = evaluate_preference(
                 self.model,
                 p,
                 self.validation,
+                self.reference.map(|r| r.validation.as_slice()),
                 self.config.micro_batch,
                 &self.device,
             )?;
             self.model.set_training(true);
-            let improved = self.record_eval(state, val_loss);
-            return Ok(EvalMetrics {
+            let improved = self.record_eval(state, val_loss, None);
+            let e = EvalMetrics {
                 step: state.step,
                 val_loss,
                 val_ppl: f64::NAN,
@@ -426,7 +568,9 @@ impl<'a> Trainer<'a> {
                 improved,
                 sets: Vec::new(),
                 preference: metrics,
-            });
+                task: None,
+            };
+            return Ok((e, 0.0));
         }
         // Summed over the ranks: every rank sees the same loss and makes the same
         // early-stopping decision.
@@ -453,9 +597,24 @@ impl<'a> Trainer<'a> {
                 tokens,
             });
         }
+        let clock = Instant::now();
+        let task = if self.metric_due(state.step, last) {
+            Some(self.score_task(state.step)?)
+        } else {
+            None
+        };
+        let metric_s = if task.is_some() {
+            clock.elapsed().as_secs_f64()
+        } else {
+            0.0
+        };
         self.model.set_training(true);
-        let improved = self.record_eval(state, val_loss);
-        Ok(EvalMetrics {
+        let selecting = match (&self.config.select_by, &task) {
+            (Some(name), Some(values)) => Some(values[name]),
+            _ => None,
+        };
+        let improved = self.record_eval(state, val_loss, selecting);
+        let e = EvalMetrics {
             step: state.step,
             val_loss,
             val_ppl: val_loss.exp(),
@@ -463,16 +622,28 @@ impl<'a> Trainer<'a> {
             improved,
             sets,
             preference: None,
-        })
+            task,
+        };
+        Ok((e, metric_s))
     }
 
-    /// Updates the early-stopping state with a validation loss; whether it improved.
-    fn record_eval(&self, state: &mut TrainerState, val_loss: f64) -> bool {
-        let improved = state
-            .best_val_loss
-            .is_none_or(|b| val_loss < b - self.config.min_delta);
+    /// Updates the early-stopping state with an evaluation; whether it improved. By the
+    /// validation loss (lower is better), or with `select_by` by the metric (higher is better;
+    /// `metric` is `None` at evaluations that did not score it, which then neither improve nor
+    /// count as stale). The best step's validation loss is kept as `best_val_loss`.
+    fn record_eval(&self, state: &mut TrainerState, val_loss: f64, metric: Option<f64>) -> bool {
+        let min_delta = self.config.min_delta;
+        let improved = if self.config.select_by.is_none() {
+            state.best_val_loss.is_none_or(|b| val_loss < b - min_delta)
+        } else {
+            let Some(m) = metric else {
+                return false;
+            };
+            m.is_finite() && state.best_metric.is_none_or(|b| m > b + min_delta)
+        };
         if improved {
             state.best_val_loss = Some(val_loss);
+            state.best_metric = metric;
             state.best_step = Some(state.step);
             state.stale_evals = 0;
         } else {
@@ -555,6 +726,7 @@ impl<'o> Log<'o> {
             first_loss: None,
             last_loss: None,
             best_val_loss: state.best_val_loss,
+            best_metric: state.best_metric,
             best_step: state.best_step,
             best_checkpoint: None,
             stopped_early: false,
@@ -594,6 +766,7 @@ impl<'o> Log<'o> {
         Summary {
             steps: state.step,
             best_val_loss: state.best_val_loss,
+            best_metric: state.best_metric,
             best_step: state.best_step,
             best_checkpoint: state
                 .best_step

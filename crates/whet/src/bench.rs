@@ -118,6 +118,7 @@ pub fn train_step(rt: &Runtime, args: &StepArgs) -> Result<()> {
             .unsqueeze(0)?
             .repeat((batch, 1))?,
         segments: Tensor::zeros((batch, seq), DType::U32, &dev)?,
+        reference: None,
     };
     let step = Step::single();
     let mut times = Vec::new();

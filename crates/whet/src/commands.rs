@@ -21,6 +21,7 @@ use crate::pipeline;
 use crate::prompt::{complete, generation_config, prompt_ids};
 use crate::report::{self, Generation, Report};
 use crate::runtime::{Runtime, load_tokenizer, run_id};
+use crate::task_eval;
 
 pub fn generate(rt: &Runtime, args: &ModelArgs, g: &GenerateArgs) -> Result<()> {
     let model = rt.load_model(args, Trainable::None)?;
@@ -492,8 +493,13 @@ impl Observer for Progress {
             ));
             return;
         }
+        let task = m.task.as_ref().map_or(String::new(), |t| {
+            t.iter()
+                .map(|(name, v)| format!(", {name} {v:.3}"))
+                .collect()
+        });
         self.line(format!(
-            "eval @ step {}: validation loss {:.4} (perplexity {:.2}){}",
+            "eval @ step {}: validation loss {:.4} (perplexity {:.2}){task}{}",
             m.step,
             m.val_loss,
             m.val_ppl,
@@ -644,9 +650,27 @@ fn train_on(
 
     let task = task_inputs(&cfg, &tok, &data)?;
     let task = task.as_ref().map(|(e, l)| (e.as_slice(), l.as_slice()));
+    let trainer_cfg = cfg.trainer();
+    // Task metrics during training (`train.select_by`, `eval.metric_every`).
+    let mut scorer = match task {
+        Some((examples, labels)) if trainer_cfg.metric_every > 0 => Some(task_eval::Scorer {
+            tok: &tok,
+            examples,
+            settings: report::task_settings(&cfg, labels),
+        }),
+        Some(_) => None,
+        None if trainer_cfg.metric_every > 0 => bail!(
+            "train.select_by = \"{}\" and eval.metric_every score task metrics on the validation examples, and the run has none: set data.validation or data.validation_fraction > 0",
+            cfg.train.select_by
+        ),
+        None => None,
+    };
 
     // Before training: the base model (LoRA starts as the identity, B = 0).
     model.set_training(false);
+    let clock = Instant::now();
+    let reference = preference_reference(&cfg, &model, &data, dev)?;
+    time.reference_s = clock.elapsed().as_secs_f64();
     let measure = |model: &Model| {
         report::measure(
             model,
@@ -657,6 +681,7 @@ fn train_on(
                 general: general.as_deref(),
                 sets: &eval_sets,
                 task,
+                reference: reference.as_ref().map(|r| r.validation.as_slice()),
             },
             with_report,
             dev,
@@ -668,7 +693,6 @@ fn train_on(
             (b.eval_s, b.generate_s, b.task_s);
     }
 
-    let trainer_cfg = cfg.trainer();
     let mut trainer = Trainer {
         model: &mut model,
         config: &trainer_cfg,
@@ -679,6 +703,10 @@ fn train_on(
         run_id: id,
         comm,
         eval_sets: &eval_sets,
+        scorer: scorer
+            .as_mut()
+            .map(|s| s as &mut dyn whet_train::TaskScorer),
+        reference: reference.as_ref(),
     };
     let Some(before) = before else {
         // Another rank: train alongside rank 0; the report and exports are rank 0's.
@@ -744,6 +772,34 @@ fn train_on(
         final_dir.display()
     );
     Ok(())
+}
+
+/// A preference run's reference log-probabilities of every training and validation row, from
+/// `model` before training: for DPO / IPO with full fine-tuning (no reference is left once the
+/// weights move) or with `preference.precompute_reference` (LoRA: saves the adapter-off forward
+/// of every step). `None` otherwise.
+fn preference_reference(
+    cfg: &Config,
+    model: &Model,
+    data: &pipeline::Prepared,
+    device: &Device,
+) -> Result<Option<whet_train::preference::ReferenceLogps>> {
+    let Some(p) = &cfg.preference else {
+        return Ok(None);
+    };
+    if !p.objective().needs_reference() || !(cfg.method == Method::Full || p.precompute_reference) {
+        return Ok(None);
+    }
+    eprintln!(
+        "preference: the reference log-probabilities of {} training and {} validation rows, computed once",
+        data.train.len(),
+        data.validation.len()
+    );
+    let mb = 2 * cfg.train.micro_batch;
+    Ok(Some(whet_train::preference::ReferenceLogps {
+        train: whet_train::preference::reference_logps(model, &data.train, mb, device)?,
+        validation: whet_train::preference::reference_logps(model, &data.validation, mb, device)?,
+    }))
 }
 
 /// The validation examples task metrics score (the first `eval.metric_examples`, or all) and

@@ -68,6 +68,11 @@ pub struct PreferenceSection {
     /// cDPO's label-flip probability in [0, 0.5] (`dpo` only; default 0).
     #[serde(default)]
     pub label_smoothing: f64,
+    /// DPO / IPO with LoRA: compute the reference log-probabilities once before training
+    /// instead of an adapter-off forward in every step (the same numbers; one forward less per
+    /// step). Full fine-tuning always does (no reference is left once the weights move).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub precompute_reference: bool,
 }
 
 fn default_beta() -> f64 {
@@ -233,6 +238,73 @@ pub struct TrainSection {
     pub min_delta: f64,
     /// k-fold cross-validation: train k models, report mean and spread of validation loss (0 = off).
     pub k_folds: u32,
+    /// What picks the best checkpoint and drives early stopping: `"val_loss"` (lowest) or
+    /// `"metric:NAME"` (highest), NAME one of `eval.metrics`, scored at evaluations as
+    /// `eval.metric_every` says.
+    #[serde(skip_serializing_if = "SelectBy::is_default")]
+    pub select_by: SelectBy,
+}
+
+/// `train.select_by`: the validation loss, or a task metric of `eval.metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SelectBy {
+    #[default]
+    ValLoss,
+    Metric(Metric),
+}
+
+impl SelectBy {
+    fn is_default(&self) -> bool {
+        *self == SelectBy::ValLoss
+    }
+
+    /// The metric that selects, if one does.
+    pub fn metric(self) -> Option<Metric> {
+        match self {
+            SelectBy::ValLoss => None,
+            SelectBy::Metric(m) => Some(m),
+        }
+    }
+}
+
+impl std::fmt::Display for SelectBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SelectBy::ValLoss => f.write_str("val_loss"),
+            SelectBy::Metric(m) => write!(f, "metric:{}", m.name()),
+        }
+    }
+}
+
+impl std::str::FromStr for SelectBy {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "val_loss" {
+            return Ok(SelectBy::ValLoss);
+        }
+        let Some(name) = s.strip_prefix("metric:") else {
+            return Err(format!(
+                "expected \"val_loss\" or \"metric:NAME\" (e.g. \"metric:accuracy\"), got {s:?}"
+            ));
+        };
+        name.parse()
+            .map(SelectBy::Metric)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Serialize for SelectBy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SelectBy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for TrainSection {
@@ -259,6 +331,7 @@ impl Default for TrainSection {
             patience: 0,
             min_delta: 0.0,
             k_folds: 0,
+            select_by: SelectBy::ValLoss,
         }
     }
 }
@@ -297,6 +370,15 @@ pub struct EvalSection {
     /// Prompts generated together for the metrics.
     #[serde(skip_serializing_if = "is_default_metric_batch")]
     pub metric_batch: usize,
+    /// Score the metrics during training too, at every N-th evaluation and the last (logged in
+    /// `metrics.jsonl`). 0 (the default): at every evaluation when `train.select_by` follows a
+    /// metric, else before and after training only.
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub metric_every: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 fn is_default_normalize(n: &Normalize) -> bool {
@@ -325,6 +407,7 @@ impl Default for EvalSection {
             normalize: Normalize::default(),
             metric_examples: 0,
             metric_batch: DEFAULT_METRIC_BATCH,
+            metric_every: 0,
         }
     }
 }
@@ -602,10 +685,10 @@ impl Config {
                     "applies to loss = \"dpo\" only; remove it or set it to 0".into(),
                 ));
             }
-            if p.loss != PreferenceLoss::Orpo && self.method == Method::Full {
+            if p.precompute_reference && p.loss == PreferenceLoss::Orpo {
                 return Err(bad(
-                    "preference.loss",
-                    "DPO / IPO with method = \"full\" needs a frozen reference copy, which whet does not build yet; use method = \"lora\" or loss = \"orpo\"".into(),
+                    "preference.precompute_reference",
+                    "applies to DPO and IPO; ORPO has no reference model".into(),
                 ));
             }
             if self.data.scrub_pii || self.data.dedup {
@@ -701,6 +784,22 @@ impl Config {
                     "need a reference completion per example; data.format = \"text\" has none (use prompt-completion or chat data)".into(),
                 ));
             }
+        }
+        if let SelectBy::Metric(m) = t.select_by
+            && !self.eval.metrics.contains(&m)
+        {
+            return Err(bad(
+                "train.select_by",
+                format!(
+                    "follows the task metric `{m}`, which eval.metrics does not score; add it (eval.metrics = [\"{m}\"]) or select by \"val_loss\""
+                ),
+            ));
+        }
+        if self.eval.metric_every > 0 && self.eval.metrics.is_empty() {
+            return Err(bad(
+                "eval.metric_every",
+                "scores eval.metrics during training, and none are set; add some (eval.metrics = [\"accuracy\"]) or remove it".into(),
+            ));
         }
         if let Some(labels) = &self.eval.labels {
             let folded: Vec<String> = labels
@@ -916,6 +1015,11 @@ impl Config {
             eval_every: t.eval_every,
             patience: t.patience,
             min_delta: t.min_delta,
+            select_by: t.select_by.metric().map(|m| m.name().to_string()),
+            metric_every: match (t.select_by, self.eval.metric_every) {
+                (SelectBy::Metric(_), 0) => 1,
+                (_, n) => n,
+            },
             save_every: self.output.save_every,
             keep_last: self.output.keep_last,
             config_toml,
@@ -1235,6 +1339,57 @@ mod tests {
         assert!(msg.contains("`eval.metric_batch`"), "{msg}");
         let msg = refused(&["eval.labels=[\"Wi-Fi\", \"wifi\"]"]);
         assert!(msg.contains("`eval.labels[1]`"), "{msg}");
+    }
+
+    #[test]
+    fn metric_selection_settings_are_checked() {
+        let c = Config::from_toml(
+            MINIMAL,
+            Path::new("run.toml"),
+            &[
+                "eval.metrics=[\"accuracy\"]".into(),
+                "train.select_by=\"metric:accuracy\"".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.select_by, SelectBy::Metric(Metric::Accuracy));
+        let t = c.trainer();
+        assert_eq!(t.select_by.as_deref(), Some("accuracy"));
+        assert_eq!(
+            t.metric_every, 1,
+            "a selecting metric is scored at every evaluation"
+        );
+        assert!(c.to_toml().contains("select_by = \"metric:accuracy\""));
+        let plain = Config::from_toml(MINIMAL, Path::new("run.toml"), &[]).unwrap();
+        assert_eq!(plain.trainer().metric_every, 0);
+        assert!(!plain.to_toml().contains("select_by"));
+        let every = Config::from_toml(
+            MINIMAL,
+            Path::new("run.toml"),
+            &[
+                "eval.metrics=[\"chrf\"]".into(),
+                "eval.metric_every=3".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (every.trainer().metric_every, every.trainer().select_by),
+            (3, None)
+        );
+        let msg = refused(&["train.select_by=\"accuracy\""]);
+        assert!(
+            msg.contains("metric:NAME") && msg.contains("val_loss"),
+            "{msg}"
+        );
+        let msg = refused(&["train.select_by=\"metric:bleu\""]);
+        assert!(msg.contains("bleu") && msg.contains("exact_match"), "{msg}");
+        let msg = refused(&["train.select_by=\"metric:accuracy\""]);
+        assert!(
+            msg.contains("`train.select_by`") && msg.contains("eval.metrics"),
+            "{msg}"
+        );
+        let msg = refused(&["eval.metric_every=2"]);
+        assert!(msg.contains("`eval.metric_every`"), "{msg}");
     }
 
     #[test]

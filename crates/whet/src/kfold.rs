@@ -99,6 +99,15 @@ pub fn run(rt: &Runtime, cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &P
             None => None,
         };
         let fold_out = out.join(format!("fold-{fold}"));
+        // Each fold selects its best checkpoint by its own validation examples' metric.
+        let mut scorer = match &task_examples {
+            Some(examples) if trainer_cfg.metric_every > 0 => Some(task_eval::Scorer {
+                tok,
+                examples,
+                settings: settings.clone(),
+            }),
+            _ => None,
+        };
         let mut trainer = Trainer {
             model: &mut model,
             config: &trainer_cfg,
@@ -109,6 +118,10 @@ pub fn run(rt: &Runtime, cfg: &Config, tok: &Tokenizer, data: &Prepared, out: &P
             run_id: format!("{}-fold{fold}", run_id(cfg, &train)),
             comm: &whet_train::comm::Single,
             eval_sets: &[],
+            scorer: scorer
+                .as_mut()
+                .map(|s| s as &mut dyn whet_train::TaskScorer),
+            reference: None,
         };
         let summary = trainer.run(&mut Quiet)?;
         let best = summary.best_val_loss.unwrap_or(f64::NAN);

@@ -61,6 +61,8 @@ pub struct RunTime {
     pub base_generate_s: f64,
     /// The base model's task metrics (generation for every scored validation example).
     pub base_task_s: f64,
+    /// The reference log-probabilities of a preference run, computed before training.
+    pub reference_s: f64,
     /// The training loop: steps, validation during training, checkpoints.
     pub train: whet_train::TrainTime,
     /// Writing the adapter or model.
@@ -75,15 +77,20 @@ pub struct RunTime {
 
 impl RunTime {
     /// The parts as (name, seconds), in the order they ran.
-    pub fn parts(&self) -> [(&'static str, f64); 12] {
+    pub fn parts(&self) -> [(&'static str, f64); 14] {
         [
             ("data", self.data_s),
             ("model load", self.load_s),
             ("base eval", self.base_eval_s),
             ("base generation", self.base_generate_s),
             ("base task metrics", self.base_task_s),
+            ("reference log-probs", self.reference_s),
             ("training steps", self.train.steps_s),
-            ("validation during training", self.train.eval_s),
+            (
+                "validation during training",
+                self.train.eval_s - self.train.metric_s,
+            ),
+            ("task metrics during training", self.train.metric_s),
             ("checkpoints", self.train.checkpoint_s),
             ("saving", self.save_s),
             ("tuned eval", self.tuned_eval_s),
@@ -112,6 +119,9 @@ pub struct EvalRows<'a> {
     pub sets: &'a [(String, Vec<Row>)],
     /// The validation examples task metrics score, with the label set (`[eval] metrics`).
     pub task: Option<(&'a [TaskExample], &'a [String])>,
+    /// A preference run's validation reference log-probabilities, computed before training;
+    /// `None`: the model with its adapters off is the reference.
+    pub reference: Option<&'a [whet_train::preference::SeqLogp]>,
 }
 
 /// Validation loss, general-text loss, the named sets' losses and the evaluation prompts'
@@ -129,6 +139,7 @@ pub fn measure(
         general,
         sets,
         task,
+        reference,
     } = *rows;
     let mb = cfg.train.micro_batch;
     let clock = std::time::Instant::now();
@@ -138,6 +149,7 @@ pub fn measure(
             model,
             &p.objective(),
             validation,
+            reference,
             mb,
             device,
         )?;
@@ -192,6 +204,48 @@ pub fn measure(
         generate_s: clock.elapsed().as_secs_f64(),
         task_s,
     })
+}
+
+/// The task metrics of the evaluations during training that scored them (`eval.metric_every`,
+/// `train.select_by`), a row per evaluation; nothing when none did.
+fn during_training_markdown(s: &mut String, evals: &[whet_train::EvalMetrics]) {
+    let scored: Vec<(
+        &whet_train::EvalMetrics,
+        &std::collections::BTreeMap<String, f64>,
+    )> = evals
+        .iter()
+        .filter_map(|e| Some((e, e.task.as_ref()?)))
+        .collect();
+    let Some((_, first)) = scored.first() else {
+        return;
+    };
+    let names: Vec<&String> = first.keys().collect();
+    let _ = writeln!(s, "### Task metrics during training\n");
+    let header: String = names.iter().map(|n| format!(" {n} |")).collect();
+    let rule: String = names.iter().map(|_| "---|").collect();
+    let _ = writeln!(
+        s,
+        "| step | validation loss |{header} |\n|---|---|{rule}---|"
+    );
+    for (e, values) in scored {
+        let cells: String = names
+            .iter()
+            .map(|n| {
+                format!(
+                    " {} |",
+                    values.get(*n).map_or("-".into(), |v| format!("{v:.4}"))
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} |{cells} {} |",
+            e.step,
+            fmt_loss(Some(e.val_loss)),
+            if e.improved { "best so far" } else { "" }
+        );
+    }
+    let _ = writeln!(s);
 }
 
 /// `[eval]`'s metric settings; prompts may take all of `data.max_len` but the new tokens.
@@ -464,13 +518,27 @@ impl Report {
                 delta(before, Some(after.loss))
             );
         }
+        let best = match (
+            self.config.train.select_by.metric(),
+            self.summary.best_metric,
+        ) {
+            (Some(m), value) => format!(
+                "Best checkpoint by {m} (`train.select_by`): {} at step {} (validation loss {})",
+                value.map_or("-".into(), |v| format!("{v:.4}")),
+                self.summary.best_step.map_or("-".into(), |s| s.to_string()),
+                fmt_loss(self.summary.best_val_loss),
+            ),
+            (None, _) => format!(
+                "Best validation loss {} at step {}",
+                fmt_loss(self.summary.best_val_loss),
+                self.summary.best_step.map_or("-".into(), |s| s.to_string()),
+            ),
+        };
         let _ = writeln!(
             s,
-            "\nTraining loss {} -> {}. Best validation loss {} at step {}{}.\n",
+            "\nTraining loss {} -> {}. {best}{}.\n",
             fmt_loss(self.summary.first_loss),
             fmt_loss(self.summary.last_loss),
-            fmt_loss(self.summary.best_val_loss),
-            self.summary.best_step.map_or("-".into(), |s| s.to_string()),
             if self.summary.stopped_early {
                 " (stopped early)"
             } else {
@@ -481,6 +549,7 @@ impl Report {
         if let (Some(b), Some(a)) = (&self.before.task, &self.after.task) {
             task_markdown(&mut s, b, a);
         }
+        during_training_markdown(&mut s, &self.summary.evals);
         if !self.generations.is_empty() {
             let _ = writeln!(s, "## Generations (greedy)\n");
             for g in &self.generations {

@@ -268,3 +268,30 @@ fn predict(
     }
     Ok((out, hit_limit))
 }
+
+/// The task metrics the trainer scores during training (`train.select_by`,
+/// `eval.metric_every`): generates for `examples` and returns the values of `settings.metrics`.
+pub struct Scorer<'a> {
+    pub tok: &'a Tokenizer,
+    pub examples: &'a [TaskExample],
+    pub settings: TaskSettings<'a>,
+}
+
+impl whet_train::TaskScorer for Scorer<'_> {
+    fn names(&self) -> Vec<String> {
+        self.settings
+            .metrics
+            .iter()
+            .map(|m| m.name().to_string())
+            .collect()
+    }
+
+    fn score(
+        &mut self,
+        model: &Model,
+    ) -> std::result::Result<Vec<f64>, Box<dyn std::error::Error + Send + Sync>> {
+        let scores = score_model(model, self.tok, self.examples, &self.settings)
+            .map_err(|e| format!("{e:#}"))?;
+        Ok(scores.values.iter().map(|(_, v)| *v).collect())
+    }
+}

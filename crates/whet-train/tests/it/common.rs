@@ -99,6 +99,8 @@ pub fn config(out: &Path, overrides: &[&str]) -> Config {
         eval_every: 0,
         patience: 0,
         min_delta: 0.0,
+        select_by: None,
+        metric_every: 0,
         save_every: 0,
         keep_last: 2,
         config_toml: "# a whet-train test run\n".into(),
@@ -131,6 +133,8 @@ pub fn config(out: &Path, overrides: &[&str]) -> Config {
             "train.patience" => t.patience = count() as u32,
             "train.micro_batch" => t.micro_batch = count() as usize,
             "train.grad_accum" => t.grad_accum = count() as usize,
+            "train.select_by" => t.select_by = Some(value.into()),
+            "eval.metric_every" => t.metric_every = count(),
             "output.save_every" => t.save_every = count(),
             "output.keep_last" => t.keep_last = count() as usize,
             other => panic!("the tests have no override `{other}`"),
@@ -182,6 +186,19 @@ pub fn run(
     validation: &[Row],
     run_id: &str,
 ) -> whet_train::Result<Summary> {
+    run_with(model, config, train, validation, run_id, None, None)
+}
+
+/// [`run`] with a task scorer and a precomputed preference reference.
+pub fn run_with<'a>(
+    model: &'a mut Model,
+    config: &'a Config,
+    train: &'a [Row],
+    validation: &'a [Row],
+    run_id: &str,
+    scorer: Option<&'a mut dyn whet_train::TaskScorer>,
+    reference: Option<&'a whet_train::preference::ReferenceLogps>,
+) -> whet_train::Result<Summary> {
     Trainer {
         model,
         config: &config.trainer,
@@ -192,6 +209,8 @@ pub fn run(
         run_id: run_id.into(),
         comm: &whet_train::comm::Single,
         eval_sets: &[],
+        scorer,
+        reference,
     }
     .run(&mut Quiet)
 }
@@ -330,15 +349,40 @@ pub fn run_ranks(
     validation: &[Row],
     run_id: impl Fn(usize) -> String + Sync,
 ) -> Vec<RankRun> {
+    run_ranks_with(
+        world,
+        bucket_elems,
+        lora,
+        config,
+        train,
+        validation,
+        run_id,
+        |_| None,
+    )
+}
+
+/// [`run_ranks`] with a task scorer per rank.
+#[allow(clippy::too_many_arguments)]
+pub fn run_ranks_with(
+    world: usize,
+    bucket_elems: usize,
+    lora: bool,
+    config: &Config,
+    train: &[Row],
+    validation: &[Row],
+    run_id: impl Fn(usize) -> String + Sync,
+    scorer: impl Fn(usize) -> Option<Box<dyn whet_train::TaskScorer + Send>> + Sync,
+) -> Vec<RankRun> {
     let ranks = threads::group(world, bucket_elems);
     let out = config.out.clone();
     std::thread::scope(|s| {
         let handles: Vec<_> = ranks
             .iter()
             .map(|comm| {
-                let (out, run_id) = (&out, &run_id);
+                let (out, run_id, scorer) = (&out, &run_id, &scorer);
                 s.spawn(move || {
                     let mut model = tiny_model(lora);
+                    let mut scorer = scorer(comm.rank());
                     let summary = Trainer {
                         model: &mut model,
                         config: &config.trainer,
@@ -349,6 +393,10 @@ pub fn run_ranks(
                         run_id: run_id(comm.rank()),
                         comm,
                         eval_sets: &[],
+                        scorer: scorer
+                            .as_deref_mut()
+                            .map(|s| s as &mut dyn whet_train::TaskScorer),
+                        reference: None,
                     }
                     .run(&mut Quiet);
                     (summary, trainable_values(&model))

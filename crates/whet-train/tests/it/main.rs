@@ -7,3 +7,4 @@ mod loop_;
 mod metrics;
 mod preference;
 mod resume;
+mod selection;

@@ -36,6 +36,7 @@ fn metrics_lines_read_back_typed() {
         improved: true,
         sets: Vec::new(),
         preference: None,
+        task: None,
     };
     let mut log = MetricsLog::open(&path, 0).unwrap();
     log.step(&step).unwrap();

@@ -89,6 +89,7 @@ fn a_failed_checkpoint_write_leaves_earlier_checkpoints_intact() {
         cursor: Default::default(),
         run_id: "r".into(),
         best_val_loss: None,
+        best_metric: None,
         best_step: None,
         stale_evals: 0,
         tokens_seen: 0,

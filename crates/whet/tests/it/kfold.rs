@@ -94,3 +94,40 @@ fn k_fold_scores_task_metrics_per_fold() {
     assert!((m["std"].as_f64().unwrap() - (tuned[0] - tuned[1]).abs() / 2.0).abs() < 1e-12);
     assert!((m["base_mean"].as_f64().unwrap() - (base[0] + base[1]) / 2.0).abs() < 1e-12);
 }
+
+/// `train.select_by` in k-fold: each fold's best checkpoint is its evaluation with the highest
+/// metric on its own held-out examples, and the fold's tuned score is that checkpoint's.
+#[test]
+fn k_fold_folds_select_by_the_metric() {
+    let tmp = Tmp::new("kfold-select");
+    let m = model(&tmp);
+    chat_data(&tmp);
+    let body = CHAT_RUN
+        .replace("max_len = 64", "max_len = 64\npack = false")
+        .replace("[eval]\n", "[eval]\nmetrics = [\"chrf\"]\n")
+        .replace(
+            "eval_every = 3",
+            "eval_every = 2\nselect_by = \"metric:chrf\"",
+        );
+    let cfg = config(&tmp, &m, &body);
+    whet(["train", "--config", s(&cfg), "--set", "train.k_folds=2"]).ok();
+    let report: Value =
+        serde_json::from_slice(&fs::read(tmp.join("out/kfold.json")).unwrap()).unwrap();
+    for (i, f) in report["folds"].as_array().unwrap().iter().enumerate() {
+        let evals: Vec<Value> = metrics(&tmp.join(format!("out/fold-{i}")))
+            .into_iter()
+            .filter(|v| v["kind"] == "eval")
+            .collect();
+        let chrf: Vec<f64> = evals
+            .iter()
+            .map(|e| e["task"]["chrf"].as_f64().unwrap())
+            .collect();
+        let best = (0..chrf.len()).fold(0, |b, j| if chrf[j] > chrf[b] { j } else { b });
+        assert_eq!(f["best_step"], evals[best]["step"], "fold {i}: {chrf:?}");
+        let tuned = f["task"]["values"]["chrf"].as_f64().unwrap();
+        assert!(
+            (tuned - chrf[best]).abs() < 1e-12,
+            "fold {i}: {tuned} vs {chrf:?}"
+        );
+    }
+}

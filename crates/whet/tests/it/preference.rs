@@ -194,20 +194,73 @@ fn bad_pairs_are_errors_naming_file_row_and_field_or_counted_skips() {
     }
 }
 
+/// Full fine-tuning has no adapter to switch off: DPO's reference log-probabilities are computed
+/// once before training. The first step's policy is the reference (loss ln 2) and the tuned
+/// model's validation margin is measured against the same numbers.
 #[test]
-fn full_fine_tuning_dpo_is_refused_with_the_way_out_and_orpo_runs() {
+fn full_fine_tuning_dpo_runs_against_a_precomputed_reference() {
     let tmp = Tmp::new("pref-full");
     let m = model(&tmp);
-    write(&tmp.join("pairs.jsonl"), &chat_pairs(2));
-    write(&tmp.join("val_pairs.jsonl"), &chat_pairs(1));
+    write(&tmp.join("pairs.jsonl"), &chat_pairs(8));
+    write(&tmp.join("val_pairs.jsonl"), &chat_pairs(3));
     let body = run_body("dpo", "").replace("method = \"lora\"", "method = \"full\"");
-    let cfg = config(&tmp, &m, &body);
-    let r = whet(["train", "--config", s(&cfg)]).fails();
+    let cfg = config(&tmp, &m, &body.replace("lr = 1e-2", "lr = 1e-3"));
+    let r = whet(["train", "--config", s(&cfg)]).ok();
     assert!(
-        r.stderr.contains("preference.loss") && r.stderr.contains("orpo"),
+        r.stderr
+            .contains("reference log-probabilities of 16 training and 6 validation rows"),
         "{}",
         r.stderr
     );
+    let out = tmp.join("out");
+    let lines = metrics(&out);
+    let first = lines.iter().find(|v| v["kind"] == "train").unwrap();
+    assert!(
+        (first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-5,
+        "{first}"
+    );
+    let report: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let before = report["before"]["preference"]["reward_margin"]
+        .as_f64()
+        .unwrap();
+    assert!(before.abs() < 1e-6, "the base is the reference: {report}");
+    assert!(report["after"]["preference"]["reward_margin"].is_f64());
+    assert!(report["time"]["reference_s"].as_f64().unwrap() > 0.0);
+    assert!(out.join("model/model.safetensors").exists());
+}
+
+/// With LoRA the precomputed reference (`preference.precompute_reference`) gives the numbers of
+/// the adapter-off forward it replaces.
+#[test]
+fn a_precomputed_lora_reference_gives_the_same_run() {
+    let run = |extra: &str| {
+        let tmp = Tmp::new("pref-precompute");
+        let m = model(&tmp);
+        write(&tmp.join("pairs.jsonl"), &chat_pairs(8));
+        write(&tmp.join("val_pairs.jsonl"), &chat_pairs(3));
+        let body = run_body("dpo", "").replace("beta = 0.1", &format!("beta = 0.1\n{extra}"));
+        let cfg = config(&tmp, &m, &body);
+        whet(["train", "--config", s(&cfg)]).ok();
+        let losses: Vec<f64> = metrics(&tmp.join("out"))
+            .iter()
+            .map(|v| {
+                v[if v["kind"] == "train" {
+                    "loss"
+                } else {
+                    "val_loss"
+                }]
+                .as_f64()
+                .unwrap()
+            })
+            .collect();
+        losses
+    };
+    let (live, pre) = (run(""), run("precompute_reference = true"));
+    assert_eq!(live.len(), pre.len());
+    for (a, b) in live.iter().zip(&pre) {
+        assert!((a - b).abs() < 1e-4, "{live:?} vs {pre:?}");
+    }
 }
 
 #[test]

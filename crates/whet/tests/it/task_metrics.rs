@@ -77,6 +77,77 @@ fn a_run_reports_task_metrics_before_and_after() {
     assert!(md.contains("| tuned task metrics |"), "{md}");
 }
 
+/// `train.select_by = "metric:chrf"`: chrF++ is scored at every evaluation during training, and
+/// the best checkpoint is the evaluation with the highest, whatever its loss.
+#[test]
+fn a_task_metric_selects_the_best_checkpoint() {
+    let tmp = Tmp::new("select-by");
+    let m = model(&tmp);
+    chat_data(&tmp);
+    let body = CHAT_RUN
+        .replace(
+            "[eval]\n",
+            "[eval]\nmetrics = [\"chrf\", \"exact_match\"]\n",
+        )
+        .replace(
+            "eval_every = 3",
+            "eval_every = 2\nselect_by = \"metric:chrf\"",
+        );
+    let cfg = config(&tmp, &m, &body);
+    let r = whet(["train", "--config", s(&cfg)]).ok();
+    assert!(r.stderr.contains(", chrf "), "{}", r.stderr);
+    let out = tmp.join("out");
+    let evals: Vec<Value> = metrics(&out)
+        .into_iter()
+        .filter(|v| v["kind"] == "eval")
+        .collect();
+    assert_eq!(evals.len(), 3, "evaluations at steps 2, 4, 6");
+    let chrf: Vec<f64> = evals
+        .iter()
+        .map(|e| e["task"]["chrf"].as_f64().unwrap_or_else(|| panic!("{e}")))
+        .collect();
+    // The first evaluation with the highest chrF++ is the best.
+    let best = (0..3).fold(0, |b, i| if chrf[i] > chrf[b] { i } else { b });
+    let best_step = evals[best]["step"].as_u64().unwrap();
+    let report: Value =
+        serde_json::from_slice(&fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["summary"]["best_step"], best_step, "{chrf:?}");
+    assert_eq!(report["summary"]["best_metric"].as_f64(), Some(chrf[best]));
+    assert_eq!(
+        fs::read_to_string(out.join("best")).unwrap().trim(),
+        format!("checkpoint-{best_step:06}")
+    );
+    let md = fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("Best checkpoint by chrf (`train.select_by`)")
+            && md.contains("### Task metrics during training")
+            && md.contains("| task metrics during training |"),
+        "{md}"
+    );
+}
+
+/// `eval.metric_every = 2` scores every second evaluation and the last, without selecting.
+#[test]
+fn metric_every_scores_metrics_during_training() {
+    let tmp = Tmp::new("metric-every");
+    let m = model(&tmp);
+    chat_data(&tmp);
+    let body = CHAT_RUN
+        .replace(
+            "[eval]\n",
+            "[eval]\nmetrics = [\"exact_match\"]\nmetric_every = 2\n",
+        )
+        .replace("eval_every = 3", "eval_every = 1");
+    let cfg = config(&tmp, &m, &body);
+    whet(["train", "--config", s(&cfg)]).ok();
+    let scored: Vec<u64> = metrics(&tmp.join("out"))
+        .iter()
+        .filter(|v| v["kind"] == "eval" && v["task"].is_object())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(scored, [2, 4, 6]);
+}
+
 #[test]
 fn whet_eval_scores_completions_against_references() {
     let tmp = Tmp::new("eval-metric");
