@@ -355,18 +355,81 @@ fn finish_conversation(
     Ok(())
 }
 
+/// An implicit-prompt pair as the explicit row `{prompt, chosen, rejected}` (the mapped column
+/// names): the shared leading messages (or text) of `chosen` and `rejected` become the prompt.
+fn extract_prompt(ctx: &Ctx<'_>, chosen: &Value, rejected: &Value, c: &Columns) -> Result<Value> {
+    let no_prompt = |why: &'static str| DataError::InvalidPair {
+        origin: ctx.origin.clone(),
+        field: c.prompt.clone(),
+        why,
+    };
+    let text = |v: &Value| match v {
+        Value::String(s) if !s.trim_start().starts_with('[') => Some(s.clone()),
+        _ => None,
+    };
+    let mut row = Map::new();
+    if let (Some(a), Some(b)) = (text(chosen), text(rejected)) {
+        let mut split = a
+            .char_indices()
+            .zip(b.chars())
+            .find(|((_, x), y)| x != y)
+            .map_or(a.len().min(b.len()), |((i, _), _)| i);
+        // Keep the answers' leading space with them (TRL moves the split back over one).
+        if a[..split].ends_with(' ') {
+            split -= 1;
+        }
+        if split == 0 {
+            return Err(no_prompt(
+                "is absent, and `chosen` and `rejected` share no leading text to take as the prompt",
+            ));
+        }
+        row.insert(c.prompt.clone(), Value::String(a[..split].to_string()));
+        row.insert(PAIR_FIELDS[0].into(), Value::String(a[split..].to_string()));
+        row.insert(PAIR_FIELDS[1].into(), Value::String(b[split..].to_string()));
+        return Ok(Value::Object(row));
+    }
+    let a = messages_from(ctx, PAIR_FIELDS[0], chosen, c)?;
+    let b = messages_from(ctx, PAIR_FIELDS[1], rejected, c)?;
+    let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    if shared == 0 {
+        return Err(no_prompt(
+            "is absent, and `chosen` and `rejected` share no leading messages to take as the prompt",
+        ));
+    }
+    let list = |m: &[Message]| {
+        Value::Array(
+            m.iter()
+                .map(|m| {
+                    let mut o = Map::new();
+                    o.insert(c.role.clone(), Value::String(m.role.as_str().into()));
+                    o.insert(c.content.clone(), Value::String(m.content.clone()));
+                    Value::Object(o)
+                })
+                .collect(),
+        )
+    };
+    row.insert(c.prompt.clone(), list(&a[..shared]));
+    row.insert(PAIR_FIELDS[0].into(), list(&a[shared..]));
+    row.insert(PAIR_FIELDS[1].into(), list(&b[shared..]));
+    Ok(Value::Object(row))
+}
+
 /// The fields of a preference row: `prompt` (or the mapped prompt column), `chosen`, `rejected`.
 pub const PAIR_FIELDS: [&str; 2] = ["chosen", "rejected"];
 
 /// Maps one preference row onto the two records it trains on, `(chosen, rejected)`: the prompt
-/// followed by each answer. Shapes (TRL's "standard" and "conversational" explicit-prompt
-/// preference formats):
+/// followed by each answer. Shapes (TRL's "standard" and "conversational" preference formats):
 ///
 /// - `{"prompt": "...", "chosen": "...", "rejected": "..."}`: two [`Record::PromptCompletion`]s;
 /// - `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}`: two
 ///   [`Record::Conversation`]s, the prompt's messages followed by each side's (which end in an
 ///   assistant turn, the one learned); a text prompt becomes one user turn, a text answer one
 ///   assistant turn. The mapping's system prompt is added as for chat data.
+///
+/// Without a prompt field (TRL's implicit-prompt shapes), `chosen` and `rejected` are whole
+/// conversations (or texts) and their shared beginning is the prompt, as TRL's `extract_prompt`
+/// takes it: the leading messages equal in both, or the longest common text prefix (a space just
+/// before the split goes with the answers).
 ///
 /// A side that is empty (no text, no messages, or an empty last assistant turn) and a pair whose
 /// sides are equal are [`DataError::InvalidPair`]s.
@@ -379,6 +442,15 @@ pub fn to_pair(row: &Value, origin: &Origin, mapping: &Mapping) -> Result<(Recor
         return Err(ctx.wrong("<row>", "an object with prompt, chosen and rejected", row));
     };
     let c = &mapping.columns;
+    if present(obj, &c.prompt).is_none()
+        && let (Some(chosen), Some(rejected)) = (
+            present(obj, PAIR_FIELDS[0]),
+            present(obj, PAIR_FIELDS[1]),
+        )
+    {
+        let explicit = extract_prompt(&ctx, chosen, rejected, c)?;
+        return to_pair(&explicit, origin, mapping);
+    }
     let prompt_v = present(obj, &c.prompt).ok_or_else(|| ctx.missing(&c.prompt))?;
     let side = |field: &str| -> Result<Value> {
         present(obj, field)

@@ -1,4 +1,4 @@
-//! Preference rows: TRL's standard and conversational explicit-prompt shapes as two records each,
+//! Preference rows: TRL's standard and conversational shapes (explicit and implicit prompt) as two records each,
 //! from JSONL and CSV, and the invalid pairs as errors or counted skips.
 
 use serde_json::json;
@@ -40,6 +40,55 @@ fn standard_and_conversational_pairs_become_two_records() {
                      "rejected": [{"role": "assistant", "content": "B"}]});
     let (c, _) = to_pair(&row, &origin(), &m).unwrap();
     assert_eq!(c, conv(&[(Role::User, "Q"), (Role::Assistant, "A")]));
+}
+
+/// TRL's implicit-prompt shapes: no `prompt`; the shared beginning of the two sides is it.
+#[test]
+fn implicit_prompt_pairs_take_the_shared_beginning_as_the_prompt() {
+    let m = Mapping::default();
+    let row = json!({
+        "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Good."}],
+        "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Bad."}],
+    });
+    let (c, r) = to_pair(&row, &origin(), &m).unwrap();
+    let turns = |a| conv(&[(Role::User, "Q"), (Role::Assistant, a)]);
+    assert_eq!((c, r), (turns("Good."), turns("Bad.")));
+    // A multi-turn shared history is all prompt; ShareGPT names map as elsewhere.
+    let row = json!({
+        "chosen": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                   {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A1"}],
+        "rejected": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                     {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A2"}],
+    });
+    let (c, _) = to_pair(&row, &origin(), &m).unwrap();
+    let want = conv(&[
+        (Role::User, "Hi"),
+        (Role::Assistant, "Hello"),
+        (Role::User, "Q"),
+        (Role::Assistant, "A1"),
+    ]);
+    assert_eq!(c, want);
+    // Text: the longest common prefix, the space before the split kept with the answers.
+    let (c, r) = to_pair(
+        &json!({"chosen": "The sky is blue.", "rejected": "The sky is green."}),
+        &origin(),
+        &m,
+    )
+    .unwrap();
+    assert_eq!((c, r), (pc("The sky is", " blue."), pc("The sky is", " green.")));
+    let err = to_pair(&json!({"chosen": "Yes", "rejected": "No"}), &origin(), &m).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, DataError::InvalidPair { ref field, .. } if field == "prompt")
+            && msg.contains("share no leading text"),
+        "{msg}"
+    );
+    let row = json!({
+        "chosen": [{"role": "assistant", "content": "A"}],
+        "rejected": [{"role": "assistant", "content": "B"}],
+    });
+    let msg = to_pair(&row, &origin(), &m).unwrap_err().to_string();
+    assert!(msg.contains("share no leading messages"), "{msg}");
 }
 
 #[test]
