@@ -443,10 +443,8 @@ pub fn to_pair(row: &Value, origin: &Origin, mapping: &Mapping) -> Result<(Recor
     };
     let c = &mapping.columns;
     if present(obj, &c.prompt).is_none()
-        && let (Some(chosen), Some(rejected)) = (
-            present(obj, PAIR_FIELDS[0]),
-            present(obj, PAIR_FIELDS[1]),
-        )
+        && let (Some(chosen), Some(rejected)) =
+            (present(obj, PAIR_FIELDS[0]), present(obj, PAIR_FIELDS[1]))
     {
         let explicit = extract_prompt(&ctx, chosen, rejected, c)?;
         return to_pair(&explicit, origin, mapping);

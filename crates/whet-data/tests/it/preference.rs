@@ -75,7 +75,10 @@ fn implicit_prompt_pairs_take_the_shared_beginning_as_the_prompt() {
         &m,
     )
     .unwrap();
-    assert_eq!((c, r), (pc("The sky is", " blue."), pc("The sky is", " green.")));
+    assert_eq!(
+        (c, r),
+        (pc("The sky is", " blue."), pc("The sky is", " green."))
+    );
     let err = to_pair(&json!({"chosen": "Yes", "rejected": "No"}), &origin(), &m).unwrap_err();
     let msg = err.to_string();
     assert!(

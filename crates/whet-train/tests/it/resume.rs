@@ -259,3 +259,67 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+/// Preference runs resume bit-identically too: LoRA DPO (the adapter-off reference) and full
+/// fine-tuning DPO, whose reference log-probs are computed again from the fresh base before the
+/// checkpoint is loaded, as `whet train` does.
+#[test]
+fn preference_resume_is_bit_identical() {
+    use whet_train::preference::{
+        DpoConfig, DpoLoss, Objective, PreferenceObjective, ReferenceLogps, reference_logps,
+    };
+    let overrides = [
+        "train.max_steps=6",
+        "output.save_every=1",
+        "output.keep_last=20",
+    ];
+    let (train, val) = (rows(12, 12), rows(4, 12));
+    for lora in [true, false] {
+        let settings = |out: &std::path::Path| {
+            let mut cfg = config(out, &overrides);
+            cfg.trainer.objective = Objective::Preference(PreferenceObjective::Dpo(DpoConfig {
+                beta: 0.5,
+                loss: DpoLoss::Sigmoid {
+                    label_smoothing: 0.1,
+                },
+            }));
+            if !lora {
+                cfg.trainer.method = whet_train::Method::Full;
+                cfg.trainer.lr = 1e-3;
+            }
+            cfg
+        };
+        let go = |out: &std::path::Path| {
+            let mut model = tiny_model(lora);
+            model.set_training(false);
+            let reference = (!lora).then(|| ReferenceLogps {
+                train: reference_logps(&model, &train, 4, &candle_core::Device::Cpu).unwrap(),
+                validation: reference_logps(&model, &val, 4, &candle_core::Device::Cpu).unwrap(),
+            });
+            let cfg = settings(out);
+            let s = run_with(
+                &mut model,
+                &cfg,
+                &train,
+                &val,
+                "r",
+                None,
+                reference.as_ref(),
+            )
+            .unwrap();
+            (s, trainable_values(&model))
+        };
+        let full_out = tempdir("pref-resume-full");
+        let (_, want_weights) = go(&full_out);
+        let want_losses = losses(&full_out);
+        let out = tempdir("pref-resume-part");
+        let ckpt = checkpoint::checkpoint_name(3);
+        copy_dir(&full_out.join(&ckpt), &out.join(&ckpt));
+        std::fs::copy(full_out.join(MARKER), out.join(MARKER)).unwrap();
+        std::fs::copy(full_out.join("metrics.jsonl"), out.join("metrics.jsonl")).unwrap();
+        let (s, weights) = go(&out);
+        assert_eq!(s.resumed_from, 3, "lora {lora}");
+        assert_eq!(losses(&out), want_losses, "lora {lora}");
+        assert!(weights == want_weights, "lora {lora}: the weights differ");
+    }
+}
