@@ -311,6 +311,37 @@ impl Scrubber {
         });
     }
 
+    /// Redacts both sides of a preference pair, with one audit row per pair whose counts take the
+    /// prompt the sides share once (each side is prompt + answer).
+    pub fn scrub_pair(&self, pair: &mut crate::read::PairExample, audit: &mut Audit) {
+        audit.examples_scanned += 1;
+        let mut shared = shared_prompt(&pair.chosen, &pair.rejected);
+        let mut counts = self.scrub_record(&mut pair.chosen);
+        for (k, v) in self.scrub_record(&mut pair.rejected) {
+            *counts.entry(k).or_default() += v;
+        }
+        if let Some(prompt) = shared.as_mut() {
+            for (k, v) in self.scrub_record(prompt) {
+                let c = counts.entry(k).or_default();
+                *c = c.saturating_sub(v);
+            }
+        }
+        counts.retain(|_, v| *v > 0);
+        if counts.is_empty() {
+            return;
+        }
+        pair.id = record_id(&pair.chosen) ^ record_id(&pair.rejected).rotate_left(1);
+        audit.examples_touched += 1;
+        for (k, v) in &counts {
+            *audit.redactions.entry(k.clone()).or_default() += v;
+        }
+        audit.rows.push(AuditRow {
+            id: pair.id,
+            origin: pair.origin.clone(),
+            redactions: counts,
+        });
+    }
+
     /// Redacts a whole dataset; returns the examples (same order) and the audit.
     pub fn scrub_all(&self, examples: impl IntoIterator<Item = Example>) -> (Vec<Example>, Audit) {
         let mut audit = Audit::default();
@@ -561,6 +592,30 @@ pub struct AuditRow {
     pub id: u64,
     pub origin: Origin,
     pub redactions: Counts,
+}
+
+/// The prompt both sides of a pair start with, as a record of its own: a prompt/completion
+/// pair's prompt, or the conversations' shared leading messages.
+fn shared_prompt(a: &Record, b: &Record) -> Option<Record> {
+    match (a, b) {
+        (
+            Record::PromptCompletion { prompt, .. },
+            Record::PromptCompletion { prompt: other, .. },
+        ) if prompt == other => Some(Record::Text {
+            text: prompt.clone(),
+        }),
+        (Record::Conversation { messages }, Record::Conversation { messages: other }) => {
+            let k = messages
+                .iter()
+                .zip(other)
+                .take_while(|(x, y)| x == y)
+                .count();
+            (k > 0).then(|| Record::Conversation {
+                messages: messages[..k].to_vec(),
+            })
+        }
+        _ => None,
+    }
 }
 
 /// What a scrub did: counts per rule and the touched rows. Never holds a removed value.

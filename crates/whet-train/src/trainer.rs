@@ -417,12 +417,6 @@ impl<'a> Trainer<'a> {
                     "task metrics are not scored in preference runs; the validation pairs' rewards are".into(),
                 );
             }
-            if !self.eval_sets.is_empty() {
-                return refuse(
-                    "named eval sets are not scored in preference runs yet; remove [[eval_sets]]"
-                        .into(),
-                );
-            }
         }
         Ok(())
     }
@@ -545,42 +539,9 @@ impl<'a> Trainer<'a> {
         Ok(names.into_iter().zip(values).collect())
     }
 
-    /// The validation loss now (and the task metrics when due), the early-stopping state they
-    /// update, and the seconds the task metrics took.
-    fn evaluate_now(&mut self, state: &mut TrainerState, last: bool) -> Result<(EvalMetrics, f64)> {
-        self.model.set_training(false);
-        if let Objective::Preference(p) = &self.config.objective {
-            let (val_loss, metrics) = evaluate_preference(
-                self.model,
-                p,
-                self.validation,
-                self.reference.map(|r| r.validation.as_slice()),
-                self.config.micro_batch,
-                &self.device,
-            )?;
-            self.model.set_training(true);
-            let improved = self.record_eval(state, val_loss, None);
-            let e = EvalMetrics {
-                step: state.step,
-                val_loss,
-                val_ppl: f64::NAN,
-                val_tokens: metrics.as_ref().map_or(0, |m| m.pairs),
-                improved,
-                sets: Vec::new(),
-                preference: metrics,
-                task: None,
-            };
-            return Ok((e, 0.0));
-        }
-        // Summed over the ranks: every rank sees the same loss and makes the same
-        // early-stopping decision.
-        let (val_loss, val_tokens) = evaluate_sharded(
-            self.model,
-            self.validation,
-            self.config.micro_batch,
-            &self.device,
-            self.comm,
-        )?;
+    /// The cross-entropy of each named evaluation set now (text, prompt/completion or chat rows,
+    /// whatever the run's objective).
+    fn eval_set_losses(&self) -> Result<Vec<SetLoss>> {
         let mut sets = Vec::with_capacity(self.eval_sets.len());
         for (name, rows) in self.eval_sets {
             let (loss, tokens) = evaluate_sharded(
@@ -597,6 +558,47 @@ impl<'a> Trainer<'a> {
                 tokens,
             });
         }
+        Ok(sets)
+    }
+
+    /// The validation loss now (and the task metrics when due), the early-stopping state they
+    /// update, and the seconds the task metrics took.
+    fn evaluate_now(&mut self, state: &mut TrainerState, last: bool) -> Result<(EvalMetrics, f64)> {
+        self.model.set_training(false);
+        if let Objective::Preference(p) = &self.config.objective {
+            let (val_loss, metrics) = evaluate_preference(
+                self.model,
+                p,
+                self.validation,
+                self.reference.map(|r| r.validation.as_slice()),
+                self.config.micro_batch,
+                &self.device,
+            )?;
+            let sets = self.eval_set_losses()?;
+            self.model.set_training(true);
+            let improved = self.record_eval(state, val_loss, None);
+            let e = EvalMetrics {
+                step: state.step,
+                val_loss,
+                val_ppl: f64::NAN,
+                val_tokens: metrics.as_ref().map_or(0, |m| m.pairs),
+                improved,
+                sets,
+                preference: metrics,
+                task: None,
+            };
+            return Ok((e, 0.0));
+        }
+        // Summed over the ranks: every rank sees the same loss and makes the same
+        // early-stopping decision.
+        let (val_loss, val_tokens) = evaluate_sharded(
+            self.model,
+            self.validation,
+            self.config.micro_batch,
+            &self.device,
+            self.comm,
+        )?;
+        let sets = self.eval_set_losses()?;
         let clock = Instant::now();
         let task = if self.metric_due(state.step, last) {
             Some(self.score_task(state.step)?)

@@ -550,7 +550,7 @@ fn train_on(
     let out = cfg.output.dir.clone();
     let tok = load_tokenizer(&cfg.model.path)?;
     let data = if cfg.preference.is_some() {
-        pipeline::prepare_pairs(&tok, &cfg.data, cfg.train.seed)?
+        pipeline::prepare_pairs(&tok, &cfg.data, cfg.train.seed, &out)?
     } else {
         pipeline::prepare(&tok, &cfg.data, cfg.train.seed, &out)?
     };

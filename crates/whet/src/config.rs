@@ -691,25 +691,16 @@ impl Config {
                     "applies to DPO and IPO; ORPO has no reference model".into(),
                 ));
             }
-            if self.data.scrub_pii || self.data.dedup {
-                return Err(bad(
-                    "data.scrub_pii",
-                    "and data.dedup do not apply to preference pairs yet; set both to false".into(),
-                ));
-            }
             if t.k_folds > 0 {
                 return Err(bad(
                     "train.k_folds",
                     "k-fold cross-validation is not supported with [preference] yet".into(),
                 ));
             }
-            if !self.eval.sets.is_empty()
-                || self.eval.general_data.is_some()
-                || !self.eval.metrics.is_empty()
-            {
+            if !self.eval.metrics.is_empty() {
                 return Err(bad(
-                    "eval",
-                    "named eval sets, general_data and task metrics are not supported with [preference] yet; the validation pairs are scored instead".into(),
+                    "eval.metrics",
+                    "task metrics are not scored with [preference]: the validation pairs' reward accuracy and margin are".into(),
                 ));
             }
         }

@@ -452,23 +452,85 @@ pub fn pair_rows(
     Ok((rows, report))
 }
 
+/// A pair as one text record (prompt, both answers), for dedup and the leakage check: two pairs
+/// are duplicates when prompt, chosen and rejected all are.
+fn pair_example(i: usize, p: &whet_data::PairExample) -> Example {
+    let mut text = String::new();
+    for record in [&p.chosen, &p.rejected] {
+        match record {
+            whet_data::Record::Text { text: t } => text.push_str(t),
+            whet_data::Record::PromptCompletion { prompt, completion } => {
+                text.push_str(prompt);
+                text.push_str(completion);
+            }
+            whet_data::Record::Conversation { messages } => {
+                for m in messages {
+                    text.push_str(&m.content);
+                    text.push('\n');
+                }
+            }
+        }
+        text.push_str("\n\n");
+    }
+    Example {
+        id: i as u64,
+        origin: p.origin.clone(),
+        record: whet_data::Record::Text { text },
+    }
+}
+
 /// The data path of a preference run: read the pairs (`data.train`, `data.validation` or a
-/// seeded `data.validation_fraction` of the training pairs) and tokenize them ([`pair_rows`]).
-/// PII scrubbing, dedup and packing do not apply (the config refuses the first two).
-pub fn prepare_pairs(tok: &Tokenizer, data: &DataSection, seed: u64) -> Result<Prepared> {
+/// seeded `data.validation_fraction` of the training pairs), scrub PII (one audit row per pair,
+/// its shared prompt counted once) and drop duplicate pairs (prompt, chosen and rejected all
+/// exact or near duplicates of an earlier pair's) when asked, check train/validation leakage,
+/// and tokenize them ([`pair_rows`]). Pairs are never packed. Writes nothing: the PII audit
+/// comes back in [`Prepared::pii_audit`].
+pub fn prepare_pairs(
+    tok: &Tokenizer,
+    data: &DataSection,
+    seed: u64,
+    out: &Path,
+) -> Result<Prepared> {
     let read = |path: &Path| {
         whet_data::read_pairs(path, &read_options(data))
             .with_context(|| format!("reading preference pairs from {}", path.display()))
     };
     let mut report = DataReport::default();
+    let mut pii_audit = None;
     let (mut train, r) = read(&data.train)?;
     report.train_read = Some(r);
-    let validation = match &data.validation {
+    let mut validation = match &data.validation {
         Some(path) => {
             let (v, r) = read(path)?;
             report.validation_read = Some(r);
-            v
+            Some(v)
         }
+        None => None,
+    };
+    if data.scrub_pii {
+        let scrubber = Scrubber::new();
+        let mut audit = Audit::default();
+        for pair in train.iter_mut().chain(validation.iter_mut().flatten()) {
+            scrubber.scrub_pair(pair, &mut audit);
+        }
+        report.pii_redactions = audit_total(&audit);
+        report.pii_audit = Some(out.join("pii_audit.json"));
+        pii_audit = Some(audit);
+    }
+    if data.dedup {
+        let examples = train.iter().enumerate().map(|(i, p)| pair_example(i, p));
+        let (kept, r) = whet_data::dedup::dedup(examples, &DedupConfig::default())?;
+        let kept: std::collections::HashSet<u64> = kept.iter().map(|e| e.id).collect();
+        train = train
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| kept.contains(&(*i as u64)))
+            .map(|(_, p)| p)
+            .collect();
+        report.dedup = Some(r);
+    }
+    let validation = match validation {
+        Some(v) => v,
         None if data.validation_fraction > 0.0 => {
             let order = whet_train::rows::epoch_order(train.len(), seed, 0);
             let n = ((train.len() as f64 * data.validation_fraction).round() as usize)
@@ -486,6 +548,20 @@ pub fn prepare_pairs(tok: &Tokenizer, data: &DataSection, seed: u64) -> Result<P
     if train.is_empty() {
         bail!("{}: no preference pairs were read", data.train.display());
     }
+    if !validation.is_empty() {
+        let examples = |pairs: &[whet_data::PairExample]| -> Vec<Example> {
+            pairs
+                .iter()
+                .enumerate()
+                .map(|(i, p)| pair_example(i, p))
+                .collect()
+        };
+        report.leakage = Some(whet_data::dedup::leakage(
+            &examples(&train),
+            &examples(&validation),
+            &DedupConfig::default(),
+        )?);
+    }
     let (train_rows, r) = pair_rows(tok, &train, data)?;
     if train_rows.is_empty() {
         bail!(
@@ -502,7 +578,7 @@ pub fn prepare_pairs(tok: &Tokenizer, data: &DataSection, seed: u64) -> Result<P
     report.train_examples = train.len();
     report.validation_examples = validation.len();
     Ok(Prepared {
-        pii_audit: None,
+        pii_audit,
         train_examples: Vec::new(),
         validation_examples: Vec::new(),
         train: train_rows,

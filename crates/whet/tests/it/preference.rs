@@ -268,3 +268,65 @@ fn ipo_trains_on_chat_pairs_and_reports_rewards() {
     let tmp = Tmp::new("ipo");
     check_run(&tmp, "ipo");
 }
+
+/// Compliance and forgetting checks apply to preference runs too: PII in the pairs is redacted
+/// (the shared prompt counted once per pair), duplicate pairs dropped, and general text and
+/// named sets scored before, during and after.
+#[test]
+fn preference_runs_scrub_dedup_and_score_general_text_and_sets() {
+    let tmp = Tmp::new("pref-compliance");
+    let m = model(&tmp);
+    let mut pairs = chat_pairs(6);
+    pairs.push_str(&chat_pairs(1)); // the first pair again: a duplicate
+    pairs.push_str(
+        &(json!({
+            "prompt": [{ "role": "user", "content": "Mail ada@example.com about my bill" }],
+            "chosen": [{ "role": "assistant", "content": "Done, ada@example.com is on it." }],
+            "rejected": [{ "role": "assistant", "content": "No." }],
+        })
+        .to_string()
+            + "\n"),
+    );
+    write(&tmp.join("pairs.jsonl"), &pairs);
+    write(&tmp.join("val_pairs.jsonl"), &chat_pairs(3));
+    write(
+        &tmp.join("general.jsonl"),
+        "{\"text\":\"The quick brown fox jumps over the lazy dog.\"}\n",
+    );
+    let body = run_body("dpo", "scrub_pii = true\ndedup = true").replace(
+        "[eval]\n",
+        "[eval]\ngeneral_data = \"general.jsonl\"\nsets = [{ name = \"fox\", path = \"general.jsonl\" }]\n",
+    );
+    let cfg = config(&tmp, &m, &body);
+    whet(["train", "--config", s(&cfg)]).ok();
+    let out = tmp.join("out");
+    let audit: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("pii_audit.json")).unwrap()).unwrap();
+    assert_eq!(audit["examples_touched"], 1, "{audit}");
+    assert_eq!(
+        audit["redactions"]["email"], 2,
+        "once in the shared prompt, once in the chosen answer: {audit}"
+    );
+    let report: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let data = &report["data"];
+    assert_eq!(
+        (&data["dedup"]["input"], &data["dedup"]["kept"]),
+        (&json!(8), &json!(7)),
+        "{data}"
+    );
+    assert_eq!(data["train_pairs"]["pairs_out"], 7, "{data}");
+    assert!(data["leakage"].is_object(), "{data}");
+    for side in ["before", "after"] {
+        assert!(report[side]["general_loss"].is_f64(), "{report}");
+        assert_eq!(report[side]["sets"][0]["name"], "fox", "{report}");
+    }
+    let evals: Vec<Value> = metrics(&out)
+        .into_iter()
+        .filter(|v| v["kind"] == "eval")
+        .collect();
+    assert!(
+        evals.iter().all(|e| e["sets"][0]["name"] == "fox"),
+        "{evals:?}"
+    );
+}
