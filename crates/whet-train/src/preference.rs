@@ -347,6 +347,72 @@ pub struct PreferenceMetrics {
 }
 
 impl PreferenceMetrics {
+    /// Values per rank in [`PreferenceMetrics::over_ranks`]: pairs, six means, and a
+    /// (present, value) pair for each of the three ORPO means.
+    const WIRE: usize = 13;
+
+    /// The pair-weighted mean of every rank's `local` metrics (each rank's own pair-weighted
+    /// mean, `None` where it had no pairs): the same value on every rank. One process returns
+    /// `local`.
+    pub fn over_ranks(
+        local: Option<PreferenceMetrics>,
+        comm: &dyn crate::comm::Communicator,
+    ) -> Result<Option<PreferenceMetrics>> {
+        if comm.world_size() == 1 {
+            return Ok(local);
+        }
+        let m = local.unwrap_or_default();
+        let opt = |o: Option<f64>| [f64::from(u8::from(o.is_some())), o.unwrap_or(0.0)];
+        let mut wire = vec![
+            m.pairs as f64,
+            m.rewards_chosen,
+            m.rewards_rejected,
+            m.reward_margin,
+            m.reward_accuracy,
+            m.logps_chosen,
+            m.logps_rejected,
+        ];
+        for o in [m.nll, m.log_odds_ratio, m.log_odds_chosen] {
+            wire.extend(opt(o));
+        }
+        debug_assert_eq!(wire.len(), Self::WIRE);
+        let all = comm.all_gather_host(&wire)?;
+        if all.len() != Self::WIRE * comm.world_size() {
+            return Err(TrainError::Comm {
+                rank: comm.rank(),
+                world: comm.world_size(),
+                backend: comm.backend(),
+                op: "all-gather of preference metrics".into(),
+                message: format!(
+                    "got {} values, expected {} from each of {} ranks",
+                    all.len(),
+                    Self::WIRE,
+                    comm.world_size()
+                ),
+            });
+        }
+        let parts: Vec<PreferenceMetrics> = all
+            .chunks_exact(Self::WIRE)
+            .filter(|v| v[0] > 0.0)
+            .map(|v| {
+                let opt = |i: usize| (v[i] > 0.0).then_some(v[i + 1]);
+                PreferenceMetrics {
+                    pairs: v[0] as usize,
+                    rewards_chosen: v[1],
+                    rewards_rejected: v[2],
+                    reward_margin: v[3],
+                    reward_accuracy: v[4],
+                    logps_chosen: v[5],
+                    logps_rejected: v[6],
+                    nll: opt(7),
+                    log_odds_ratio: opt(9),
+                    log_odds_chosen: opt(11),
+                }
+            })
+            .collect();
+        Ok(Self::weighted_mean(&parts))
+    }
+
     /// The pair-weighted mean of several batches' metrics (micro-batches of a step, batches of
     /// an evaluation); `None` when there are none.
     pub fn weighted_mean(parts: &[PreferenceMetrics]) -> Option<PreferenceMetrics> {

@@ -124,7 +124,10 @@ impl Step<'_> {
             grad_norm,
             supervised,
             tokens,
-            preference: PreferenceMetrics::weighted_mean(&preference),
+            preference: PreferenceMetrics::over_ranks(
+                PreferenceMetrics::weighted_mean(&preference),
+                self.comm,
+            )?,
         })
     }
 

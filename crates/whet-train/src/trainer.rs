@@ -101,9 +101,36 @@ pub fn evaluate_preference(
     micro_batch: usize,
     device: &Device,
 ) -> Result<(f64, Option<PreferenceMetrics>)> {
+    evaluate_preference_sharded(
+        model,
+        objective,
+        rows,
+        reference,
+        micro_batch,
+        device,
+        &comm::Single,
+    )
+}
+
+/// [`evaluate_preference`] over the ranks of `comm`: each rank scores the batches `j` with
+/// `j % world == rank`; the sums and metrics are combined over the ranks, so every rank returns
+/// the same values (those of one process, up to summation order).
+pub fn evaluate_preference_sharded(
+    model: &Model,
+    objective: &PreferenceObjective,
+    rows: &[Row],
+    reference: Option<&[SeqLogp]>,
+    micro_batch: usize,
+    device: &Device,
+    comm: &dyn Communicator,
+) -> Result<(f64, Option<PreferenceMetrics>)> {
+    let (rank, world) = (comm.rank(), comm.world_size());
     let (mut sum, mut parts) = (0f64, Vec::new());
     let size = 2 * micro_batch.max(1);
     for (j, chunk) in rows.chunks(size).enumerate() {
+        if j % world != rank {
+            continue;
+        }
         let refs: Vec<&Row> = chunk.iter().collect();
         let batch = match reference {
             Some(r) => Batch::from_pair_rows_with_reference(
@@ -122,7 +149,10 @@ pub fn evaluate_preference(
         sum += value as f64 * batch.supervised as f64;
         parts.push(out.metrics);
     }
-    let metrics = PreferenceMetrics::weighted_mean(&parts);
+    if world > 1 {
+        sum = comm::sum_over_ranks(comm, &[sum])?[0];
+    }
+    let metrics = PreferenceMetrics::over_ranks(PreferenceMetrics::weighted_mean(&parts), comm)?;
     let pairs = metrics.as_ref().map_or(0, |m| m.pairs);
     let loss = if pairs == 0 {
         f64::NAN
@@ -388,12 +418,6 @@ impl<'a> Trainer<'a> {
                     self.validation.len()
                 ));
             }
-            if self.comm.world_size() > 1 {
-                return refuse(
-                    "data-parallel preference training is not supported yet; run on one process"
-                        .into(),
-                );
-            }
             if p.needs_reference() && self.config.method == Method::Full && self.reference.is_none()
             {
                 return refuse(
@@ -566,13 +590,14 @@ impl<'a> Trainer<'a> {
     fn evaluate_now(&mut self, state: &mut TrainerState, last: bool) -> Result<(EvalMetrics, f64)> {
         self.model.set_training(false);
         if let Objective::Preference(p) = &self.config.objective {
-            let (val_loss, metrics) = evaluate_preference(
+            let (val_loss, metrics) = evaluate_preference_sharded(
                 self.model,
                 p,
                 self.validation,
                 self.reference.map(|r| r.validation.as_slice()),
                 self.config.micro_batch,
                 &self.device,
+                self.comm,
             )?;
             let sets = self.eval_set_losses()?;
             self.model.set_training(true);

@@ -279,3 +279,63 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+/// Preference runs are data-parallel too: each rank takes whole pairs, the loss is normalised by
+/// the pairs of all ranks, and the logged rewards are the pair-weighted means over every rank's
+/// pairs: DPO and ORPO on 2 and 3 ranks reach one process's losses, rewards and parameters.
+#[test]
+fn preference_runs_reach_one_process_on_every_world_size() {
+    use whet_train::preference::{DpoConfig, DpoLoss, Objective, PreferenceObjective};
+    // 11 pairs, 3 micro-batches of 2 pairs per step: ranks get unequal shares.
+    let (train, val) = (rows(22, 12), rows(10, 12));
+    let objectives = [
+        PreferenceObjective::Dpo(DpoConfig {
+            beta: 0.5,
+            loss: DpoLoss::Sigmoid {
+                label_smoothing: 0.0,
+            },
+        }),
+        PreferenceObjective::Orpo { beta: 0.2 },
+    ];
+    for objective in objectives {
+        let settings = |out: &Path| {
+            let mut cfg = config(out, DP_RUN);
+            cfg.trainer.objective = Objective::Preference(objective);
+            cfg
+        };
+        let one_out = tempdir("dp-pref-1");
+        let mut model = tiny_model(true);
+        let one = run(&mut model, &settings(&one_out), &train, &val, "r").unwrap();
+        let want = trainable_values(&model);
+        assert_eq!(one.steps, 4);
+        for world in [2, 3] {
+            let out = tempdir("dp-pref-n");
+            let ranks = run_ranks(world, 200, true, &settings(&out), &train, &val, |_| {
+                "r".into()
+            });
+            for (rank, (summary, values)) in ranks.iter().enumerate() {
+                let s = summary.as_ref().unwrap();
+                let at = format!("{objective:?} world {world} rank {rank}");
+                for (a, b) in s.losses.iter().zip(&one.losses) {
+                    assert!((a - b).abs() < 1e-5, "{at}: loss {a} vs {b}");
+                }
+                for (a, b) in s.evals.iter().zip(&one.evals) {
+                    assert!((a.val_loss - b.val_loss).abs() < 1e-5, "{at}");
+                    let (pa, pb) = (
+                        a.preference.as_ref().unwrap(),
+                        b.preference.as_ref().unwrap(),
+                    );
+                    assert_eq!(pa.pairs, pb.pairs, "{at}");
+                    assert!((pa.reward_margin - pb.reward_margin).abs() < 1e-5, "{at}");
+                    assert!(
+                        (pa.reward_accuracy - pb.reward_accuracy).abs() < 1e-9,
+                        "{at}"
+                    );
+                    assert_eq!(pa.nll.is_some(), pb.nll.is_some(), "{at}");
+                }
+                let diff = max_abs_diff(values, &want);
+                assert!(diff < TOL, "{at}: max |param - one process| = {diff}");
+            }
+        }
+    }
+}
