@@ -13,15 +13,25 @@ use crate::runtime::load_tokenizer;
 
 /// Decodes `ex` with every learned span wrapped in `⟦...⟧`.
 pub fn marked(tok: &Tokenizer, ex: &TokenizedExample) -> Result<String> {
+    marked_ids(tok, &ex.input_ids, |i| ex.labels[i] >= 0)
+}
+
+/// Decodes a trainer row with every learned token (the target of the position before it)
+/// wrapped in `⟦...⟧`.
+fn marked_row(tok: &Tokenizer, row: &whet_train::Row) -> Result<String> {
+    marked_ids(tok, &row.input_ids, |i| i > 0 && row.targets[i - 1] >= 0)
+}
+
+fn marked_ids(tok: &Tokenizer, ids: &[u32], learned_at: impl Fn(usize) -> bool) -> Result<String> {
     let mut s = String::new();
     let mut i = 0;
-    while i < ex.input_ids.len() {
-        let learned = ex.labels[i] >= 0;
+    while i < ids.len() {
+        let learned = learned_at(i);
         let start = i;
-        while i < ex.input_ids.len() && (ex.labels[i] >= 0) == learned {
+        while i < ids.len() && learned_at(i) == learned {
             i += 1;
         }
-        let text = tok.decode(&ex.input_ids[start..i], false)?;
+        let text = tok.decode(&ids[start..i], false)?;
         if learned {
             s.push_str(&format!("⟦{text}⟧"));
         } else {
@@ -151,6 +161,94 @@ pub fn inspect(
         println!(
             "\nexample 1 (learned tokens in ⟦ ⟧):\n{}",
             marked(&tok, ex)?
+        );
+    }
+    Ok(())
+}
+
+/// `whet data inspect --pairs`: preference pairs as a `[preference]` run reads and tokenizes
+/// them (TRL's shapes, explicit or implicit prompt): pairs kept, cut and skipped, tokens, PII,
+/// duplicate pairs, train/validation leakage, and the first pair's two sides with the learned
+/// tokens marked.
+pub fn inspect_pairs(
+    data: &Path,
+    validation: Option<&Path>,
+    model: &Path,
+    max_len: usize,
+    skip_invalid: bool,
+) -> Result<()> {
+    let tok = load_tokenizer(model)?;
+    let mut spec = pipeline::flags_section(data, validation, Shape::Auto, max_len, skip_invalid);
+    // Counted, not written: the audit stays in memory.
+    spec.scrub_pii = true;
+    spec.dedup = true;
+    let prepared = pipeline::prepare_pairs(&tok, &spec, 0, Path::new("."))?;
+    let r = &prepared.report;
+    if let Some(read) = &r.train_read {
+        println!("source: {} ({} file(s))", data.display(), read.files.len());
+        println!(
+            "rows read: {}, pairs: {}, skipped: {}",
+            read.rows,
+            read.examples,
+            read.skipped_total()
+        );
+        for s in &read.samples {
+            println!("  e.g. {}", s.message);
+        }
+    }
+    if let Some(p) = &r.train_pairs {
+        println!(
+            "pairs tokenized at max_len {max_len}: {} of {} kept, {} with an answer cut, {} skipped",
+            p.pairs_out, p.pairs_in, p.pairs_truncated, p.pairs_skipped
+        );
+        for line in &p.skipped {
+            println!("  skipped {line}");
+        }
+    }
+    let rows = &prepared.train;
+    let tokens: usize = rows.iter().map(|r| r.input_ids.len()).sum();
+    let supervised: usize = rows.iter().map(|r| r.supervised()).sum();
+    println!(
+        "tokens: {tokens} total over {} sides, {supervised} learned ({:.1}%)",
+        rows.len(),
+        100.0 * supervised as f64 / tokens.max(1) as f64
+    );
+    let pii: Vec<String> = prepared
+        .pii_audit
+        .iter()
+        .flat_map(|a| a.redactions.iter().map(|(k, v)| format!("{k}={v}")))
+        .collect();
+    println!(
+        "PII: {} pair(s) with personal data{}",
+        prepared
+            .pii_audit
+            .as_ref()
+            .map_or(0, |a| a.examples_touched),
+        if pii.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", pii.join(", "))
+        }
+    );
+    if let Some(d) = &r.dedup {
+        println!(
+            "duplicates: {} pair(s) exact or near ({} kept)",
+            d.input - d.kept,
+            d.kept
+        );
+    }
+    if let Some(leak) = &r.leakage {
+        println!(
+            "leakage: {:.1}% of {} validation pairs overlap train",
+            100.0 * leak.leaked_fraction(),
+            r.validation_examples
+        );
+    }
+    if let [chosen, rejected, ..] = rows.as_slice() {
+        println!(
+            "\npair 1 (learned tokens in ⟦ ⟧)\nchosen:\n{}\nrejected:\n{}",
+            marked_row(&tok, chosen)?,
+            marked_row(&tok, rejected)?
         );
     }
     Ok(())

@@ -198,6 +198,9 @@ enum DataCommand {
         max_len: usize,
         #[arg(long)]
         skip_invalid: bool,
+        /// Read preference pairs (prompt, chosen, rejected) as a `[preference]` run does.
+        #[arg(long)]
+        pairs: bool,
     },
 }
 
@@ -309,9 +312,28 @@ fn run(cli: Cli) -> Result<()> {
                     data,
                     model,
                     validation,
+                    max_len,
+                    skip_invalid,
+                    pairs: true,
+                    ..
+                },
+        } => whet::inspect::inspect_pairs(
+            &data,
+            validation.as_deref(),
+            &model,
+            max_len,
+            skip_invalid,
+        ),
+        Command::Data {
+            command:
+                DataCommand::Inspect {
+                    data,
+                    model,
+                    validation,
                     format,
                     max_len,
                     skip_invalid,
+                    ..
                 },
         } => whet::inspect::inspect(
             &data,

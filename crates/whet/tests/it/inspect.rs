@@ -155,3 +155,71 @@ fn inspect_counts_duplicates_and_train_validation_leakage() {
         r.stdout
     );
 }
+
+/// `--pairs`: preference pairs as a `[preference]` run reads them, implicit prompts included.
+#[test]
+fn inspect_pairs_shows_kept_pairs_pii_duplicates_leakage_and_both_sides() {
+    let tmp = Tmp::new("inspect-pairs");
+    let m = model(&tmp);
+    let pair = |u: &str, a: &str| {
+        serde_json::json!({
+            "prompt": [{"role": "user", "content": u}],
+            "chosen": [{"role": "assistant", "content": a}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+        })
+        .to_string()
+    };
+    let implicit = serde_json::json!({
+        "chosen": [{"role": "user", "content": "Mail bob@example.com"},
+                   {"role": "assistant", "content": "Sent."}],
+        "rejected": [{"role": "user", "content": "Mail bob@example.com"},
+                     {"role": "assistant", "content": "Later."}],
+    })
+    .to_string();
+    let train = tmp.join("pairs.jsonl");
+    let lines = [
+        pair("Hi", "Hello! How can I help?"),
+        pair("Reset my router", "Unplug it for ten seconds."),
+        pair("Hi", "Hello! How can I help?"),
+        implicit,
+    ];
+    write(&train, &(lines.join("\n") + "\n"));
+    let val = tmp.join("val_pairs.jsonl");
+    write(
+        &val,
+        &(pair("Reset my router", "Unplug it for ten seconds.") + "\n"),
+    );
+    let r = whet([
+        "data",
+        "inspect",
+        "--pairs",
+        "--data",
+        s(&train),
+        "--validation",
+        s(&val),
+        "--model",
+        s(&m),
+    ])
+    .ok();
+    let out = &r.stdout;
+    assert!(line(out, "rows read:").contains("pairs: 4"), "{out}");
+    assert!(
+        line(out, "pairs tokenized").contains("3 of 3 kept"),
+        "{out}"
+    );
+    assert!(
+        line(out, "PII:").contains("1 pair(s)") && out.contains("email=1"),
+        "{out}"
+    );
+    assert_eq!(numbers(line(out, "duplicates:"))[..2], [1.0, 3.0], "{out}");
+    assert!(
+        line(out, "leakage:").contains("100.0% of 1 validation pairs"),
+        "{out}"
+    );
+    assert!(
+        out.contains("chosen:\n") && out.contains("rejected:\n"),
+        "{out}"
+    );
+    assert!(out.contains("⟦Hello! How can I help?"), "{out}");
+    assert!(out.contains("⟦No."), "{out}");
+}
