@@ -656,8 +656,10 @@ impl<'a> Trainer<'a> {
 
     /// Updates the early-stopping state with an evaluation; whether it improved. By the
     /// validation loss (lower is better), or with `select_by` by the metric (higher is better;
-    /// `metric` is `None` at evaluations that did not score it, which then neither improve nor
-    /// count as stale). The best step's validation loss is kept as `best_val_loss`.
+    /// a tie with the best is broken by the lower validation loss, so a metric that has
+    /// saturated still lets the loss choose; `metric` is `None` at evaluations that did not
+    /// score it, which then neither improve nor count as stale). The best step's validation
+    /// loss is kept as `best_val_loss`.
     fn record_eval(&self, state: &mut TrainerState, val_loss: f64, metric: Option<f64>) -> bool {
         let min_delta = self.config.min_delta;
         let improved = if self.config.select_by.is_none() {
@@ -666,7 +668,11 @@ impl<'a> Trainer<'a> {
             let Some(m) = metric else {
                 return false;
             };
-            m.is_finite() && state.best_metric.is_none_or(|b| m > b + min_delta)
+            m.is_finite()
+                && state.best_metric.is_none_or(|b| {
+                    m > b + min_delta
+                        || (m == b && state.best_val_loss.is_none_or(|l| val_loss < l))
+                })
         };
         if improved {
             state.best_val_loss = Some(val_loss);

@@ -59,9 +59,9 @@ fn a_task_metric_selects_the_best_checkpoint_and_stops_early() {
     );
     let (train, val) = (rows(8, 12), rows(2, 12));
     let mut model = tiny_model(true);
-    // Evaluations at steps 2 (0.2, best), 4 (0.9, best), 6 (0.5, stale) and 8 (0.9 again: not
-    // better, stale): the second stale evaluation stops the run.
-    let mut scorer = Scripted::new(&[0.2, 0.9, 0.5, 0.9]);
+    // Evaluations at steps 2 (0.2, best), 4 (0.9, best), 6 (0.5, stale) and 8 (0.85: stale):
+    // the second stale evaluation stops the run.
+    let mut scorer = Scripted::new(&[0.2, 0.9, 0.5, 0.85]);
     let s = run_with(&mut model, &cfg, &train, &val, "r", Some(&mut scorer), None).unwrap();
     assert_eq!(scorer.calls, 4);
     assert!(s.stopped_early);
@@ -194,7 +194,7 @@ fn ranks_select_by_rank_zeros_metric() {
         |_| "r".into(),
         |rank| {
             let script: &[f64] = if rank == 0 {
-                &[0.2, 0.9, 0.5, 0.9]
+                &[0.2, 0.9, 0.5, 0.85]
             } else {
                 &[]
             };
@@ -213,8 +213,39 @@ fn ranks_select_by_rank_zeros_metric() {
             .iter()
             .map(|e| e.task.as_ref().unwrap()["accuracy"])
             .collect();
-        assert_eq!(acc, [0.2, 0.9, 0.5, 0.9]);
+        assert_eq!(acc, [0.2, 0.9, 0.5, 0.85]);
     }
+}
+
+/// A tie with the best metric goes to the lower validation loss.
+#[test]
+fn a_tied_metric_is_broken_by_the_validation_loss() {
+    let out = tempdir("select-tie");
+    let cfg = config(
+        &out,
+        &[
+            "train.max_steps=6",
+            "train.eval_every=2",
+            "train.select_by=accuracy",
+            "eval.metric_every=1",
+        ],
+    );
+    let (train, val) = (rows(8, 12), rows(2, 12));
+    let mut model = tiny_model(true);
+    let mut scorer = Scripted::new(&[1.0, 1.0, 1.0]);
+    let s = run_with(&mut model, &cfg, &train, &val, "r", Some(&mut scorer), None).unwrap();
+    let lowest = s
+        .evals
+        .iter()
+        .min_by(|a, b| a.val_loss.total_cmp(&b.val_loss))
+        .unwrap();
+    assert!(
+        s.evals[0].val_loss > lowest.val_loss,
+        "the losses fall: {:?}",
+        s.evals
+    );
+    assert_eq!(s.best_step, Some(lowest.step));
+    assert_eq!(s.best_val_loss, Some(lowest.val_loss));
 }
 
 #[test]

@@ -122,7 +122,17 @@ fn k_fold_folds_select_by_the_metric() {
             .iter()
             .map(|e| e["task"]["chrf"].as_f64().unwrap())
             .collect();
-        let best = (0..chrf.len()).fold(0, |b, j| if chrf[j] > chrf[b] { j } else { b });
+        let loss: Vec<f64> = evals
+            .iter()
+            .map(|e| e["val_loss"].as_f64().unwrap())
+            .collect();
+        let best = (0..chrf.len()).fold(0, |b, j| {
+            if chrf[j] > chrf[b] || (chrf[j] == chrf[b] && loss[j] < loss[b]) {
+                j
+            } else {
+                b
+            }
+        });
         assert_eq!(f["best_step"], evals[best]["step"], "fold {i}: {chrf:?}");
         let tuned = f["task"]["values"]["chrf"].as_f64().unwrap();
         assert!(

@@ -106,8 +106,18 @@ fn a_task_metric_selects_the_best_checkpoint() {
         .iter()
         .map(|e| e["task"]["chrf"].as_f64().unwrap_or_else(|| panic!("{e}")))
         .collect();
-    // The first evaluation with the highest chrF++ is the best.
-    let best = (0..3).fold(0, |b, i| if chrf[i] > chrf[b] { i } else { b });
+    // The highest chrF++ is the best, a tie going to the lower validation loss.
+    let loss: Vec<f64> = evals
+        .iter()
+        .map(|e| e["val_loss"].as_f64().unwrap())
+        .collect();
+    let best = (0..3).fold(0, |b, i| {
+        if chrf[i] > chrf[b] || (chrf[i] == chrf[b] && loss[i] < loss[b]) {
+            i
+        } else {
+            b
+        }
+    });
     let best_step = evals[best]["step"].as_u64().unwrap();
     let report: Value =
         serde_json::from_slice(&fs::read(out.join("report.json")).unwrap()).unwrap();
