@@ -102,6 +102,9 @@ pub enum Error {
 
     #[error("{}: cache file is unreadable ({what}); delete it to rebuild", path.display())]
     Cache { path: PathBuf, what: String },
+
+    #[error("{}: not a usable token store: {what}", path.display())]
+    Store { path: PathBuf, what: String },
 }
 
 impl Error {

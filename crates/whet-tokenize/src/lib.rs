@@ -9,6 +9,7 @@
 //! - [`pack`], [`padding_free`], [`pad_each`], [`Batch`]: training rows with position and
 //!   segment ids; [`targets_from_labels`] for next-token targets in packed rows.
 //! - [`Cache`]: the result on disk as Parquet, keyed by a [`Fingerprint`].
+//! - [`store`]: tokenized documents in memory-mapped shards, for corpora larger than memory.
 //! - [`ollama::Modelfile`]: the chat template as an Ollama `Modelfile` (Go template, stops).
 //!
 //! Invariant: this crate knows nothing of tensors; everything is plain `Vec<u32>` /
@@ -52,6 +53,7 @@ mod fast;
 pub mod fingerprint;
 pub mod ollama;
 pub mod pack;
+pub mod store;
 pub mod template;
 pub mod tokenize;
 pub mod tokenizer;

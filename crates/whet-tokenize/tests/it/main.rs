@@ -7,6 +7,7 @@ mod masking;
 mod ollama;
 mod pack;
 mod parity;
+mod store;
 mod template;
 mod template_limits;
 mod tokenize;
