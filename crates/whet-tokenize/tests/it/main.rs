@@ -10,3 +10,4 @@ mod parity;
 mod template;
 mod template_limits;
 mod tokenize;
+mod windows;
