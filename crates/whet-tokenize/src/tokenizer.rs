@@ -274,6 +274,13 @@ impl Tokenizer {
 
     /// Replace the chat template (e.g. one given on the command line).
     pub fn set_chat_template(&mut self, source: &str) -> Result<()> {
+        let origin = format!("chat template set for {}", self.source.display());
+        self.set_chat_template_from(source, origin)
+    }
+
+    /// Replace the chat template with `source`, which errors name as `origin` (a file, or a
+    /// shipped template's name). The content hash, and so every cache key, changes with it.
+    pub fn set_chat_template_from(&mut self, source: &str, origin: String) -> Result<()> {
         let mut vars: Vec<(String, String)> = vec![("eos_token".into(), self.eos.text.clone())];
         if let Some(b) = &self.bos {
             vars.push(("bos_token".into(), b.text.clone()));
@@ -290,7 +297,7 @@ impl Tokenizer {
             .collect();
         self.chat_template = Some(
             ChatTemplate::new(source)?
-                .with_origin(format!("chat template set for {}", self.source.display()))
+                .with_origin(origin)
                 .with_special_tokens(vars)
                 .with_control_tokens(control),
         );
