@@ -141,8 +141,15 @@ impl<'a> From<&'a DataSection> for RowSettings<'a> {
 
 /// Reads every example of `path` (file, directory or glob) as `data` says.
 pub fn read(path: &Path, data: &DataSection) -> Result<(Vec<Example>, ReadReport)> {
-    whet_data::read_all(path, &read_options(data))
-        .with_context(|| format!("reading {}", path.display()))
+    whet_data::read_all(path, &read_options(data)).map_err(|e| {
+        let hint = match &e {
+            whet_data::DataError::MissingField { .. } | whet_data::DataError::UnknownShape { .. } => {
+                " (data.columns maps fields of other names, e.g. columns = { prompt = \"question\", completion = \"answer\" }; data.format sets the shape)"
+            }
+            _ => "",
+        };
+        anyhow::Error::new(e).context(format!("reading {}{hint}", path.display()))
+    })
 }
 
 /// Tokenizes with the settings training uses: the first stage of [`rows`], on its own for
