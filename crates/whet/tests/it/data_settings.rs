@@ -254,6 +254,19 @@ fn a_shipped_chat_template_renders_chats_for_a_model_without_one() {
         saved,
         whet_tokenize::template::shipped::shipped("chatml").unwrap()
     );
+    // ... which `--adapter` picks up: `--chat` needs a template, and the base has none.
+    let adapter = tmp.join("out/adapter");
+    let chat = |adapter: Option<&Path>| {
+        let mut args = vec!["generate", "--model", s(&base), "--chat", "--prompt", "Hi"];
+        args.extend(["--max-new-tokens", "2"]);
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        whet(args)
+    };
+    chat(Some(&adapter)).ok();
+    let run = chat(None).fails();
+    assert!(run.stderr.contains("chat template"), "{}", run.stderr);
     // Without it the same run stops at the first chat, naming the file.
     let cfg = config(
         &tmp,
