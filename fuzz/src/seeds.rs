@@ -112,6 +112,14 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
         b"[model]\npath = \"m\"\n[data]\ntrain = \"t.jsonl\"\n[output]\ndir = \"out\"\n\0train.epochs=2\0train.micro_batch=2"
             .to_vec(),
     );
+    // The `[data]` keys that shape reading and tokenizing: columns, a shipped chat template,
+    // long documents as windows with an overlap.
+    add(
+        "train_config",
+        "data_settings.bin",
+        b"[model]\npath = \"m\"\n[data]\ntrain = \"t.jsonl\"\nmax_len = 64\nwindow_overlap = 8\nchat_template = \"chatml\"\ncolumns = { prompt = \"question\", completion = \"answer\" }\n[output]\ndir = \"out\"\n\0data.long_documents=\"truncate\""
+            .to_vec(),
+    );
     out
 }
 

@@ -12,7 +12,7 @@ use crate::record::{Message, Origin, Record, Role, Shape};
 /// Which input field holds which part of a record. Defaults are the conventional names; set
 /// only what differs, e.g. `Columns { text: "body".into(), ..Columns::default() }`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Columns {
     /// Text shape.
     pub text: String,

@@ -65,7 +65,9 @@ pub use pack::{
 };
 pub use template::{AssistantTurns, ChatTemplate, Rendered, SpanMethod};
 pub use tokenize::{
-    DoubleBos, ExcludeReason, Excluded, IGNORE_INDEX, Outcome, TokenizeConfig, TokenizeReport,
-    TokenizedExample, Truncated, Truncation, mask_from_spans, truncate,
+    DoubleBos, ExcludeReason, Excluded, IGNORE_INDEX, LongDocuments, Outcome, TokenizeConfig,
+    TokenizeReport, TokenizedExample, Truncated, Truncation, mask_from_spans, truncate, windows,
 };
-pub use tokenizer::{Encoded, SpecialToken, Tokenizer};
+pub use tokenizer::{
+    BYTES_PER_TOKEN, Encoded, PIECE_BYTES, SpecialToken, Tokenizer, bounded, piece_cuts,
+};

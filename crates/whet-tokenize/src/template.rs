@@ -22,6 +22,7 @@
 
 pub mod limits;
 mod pycompat;
+pub mod shipped;
 
 use std::ops::Range;
 use std::sync::OnceLock;

@@ -15,7 +15,7 @@ use whet_data::{Example, Message, Record};
 
 use crate::error::{Error, Result};
 use crate::template::AssistantTurns;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Tokenizer, bounded};
 
 /// Label of a token that is not learned.
 pub const IGNORE_INDEX: i64 = -100;
@@ -68,6 +68,25 @@ pub enum DoubleBos {
     Error,
 }
 
+/// What to do with a text document (continued pre-training, every token learned) longer than
+/// `max_len`. Prompt/completion and chat rows always follow [`Truncation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LongDocuments {
+    /// Cut it into consecutive windows of at most `max_len` tokens, each its own example
+    /// (see [`windows`]): no token is lost.
+    #[default]
+    Window,
+    /// Fit it into `max_len` as [`Truncation`] says, like any other row.
+    Truncate,
+}
+
+impl LongDocuments {
+    pub fn is_window(&self) -> bool {
+        *self == LongDocuments::Window
+    }
+}
+
 /// Tokenization settings. Everything but `parallel` changes the output, so all of it
 /// goes into the cache fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +95,11 @@ pub struct TokenizeConfig {
     /// Longest sequence kept; `None` keeps everything.
     pub max_len: Option<usize>,
     pub truncation: Truncation,
+    /// Text documents longer than `max_len`: windowed (default) or truncated.
+    pub long_documents: LongDocuments,
+    /// Tokens each window repeats from the end of the one before, as context only (their
+    /// labels are [`IGNORE_INDEX`] the second time); less than `max_len`.
+    pub window_overlap: usize,
     /// Conversations: learn all assistant turns or only the last.
     pub assistant_turns: AssistantTurns,
     pub double_bos: DoubleBos,
@@ -91,6 +115,8 @@ impl Default for TokenizeConfig {
         TokenizeConfig {
             max_len: None,
             truncation: Truncation::Right,
+            long_documents: LongDocuments::Window,
+            window_overlap: 0,
             assistant_turns: AssistantTurns::All,
             double_bos: DoubleBos::Fix,
             skip_template_errors: false,
@@ -105,6 +131,18 @@ impl TokenizeConfig {
             return Err(Error::Setting {
                 field: "max_len",
                 what: "must be at least 1".into(),
+            });
+        }
+        if let Some(max_len) = self.max_len
+            && self.long_documents.is_window()
+            && self.window_overlap >= max_len
+        {
+            return Err(Error::Setting {
+                field: "window_overlap",
+                what: format!(
+                    "{} must be less than max_len ({max_len}): each window must bring new tokens",
+                    self.window_overlap
+                ),
             });
         }
         Ok(())
@@ -139,6 +177,7 @@ pub struct Excluded {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct TokenizeReport {
     pub rows_in: u64,
+    /// Examples kept: one per row, or one per window of a windowed document.
     pub rows_out: u64,
     /// Rows cut to `max_len` and kept (some learned tokens survived).
     pub rows_truncated: u64,
@@ -154,6 +193,13 @@ pub struct TokenizeReport {
     pub rows_template_error: u64,
     /// Rows where a second BOS was removed.
     pub double_bos_fixed: u64,
+    /// Text documents longer than `max_len` cut into windows (`long_documents = window`); each
+    /// window is its own example in `rows_out`.
+    #[serde(default)]
+    pub rows_windowed: u64,
+    /// The windows those documents became.
+    #[serde(default)]
+    pub windows: u64,
     pub tokens_out: u64,
     pub supervised_tokens_out: u64,
     pub excluded: Vec<Excluded>,
@@ -181,6 +227,11 @@ pub enum Outcome {
     Excluded {
         reason: ExcludeReason,
         supervised_cut: usize,
+    },
+    /// A text document longer than `max_len`, cut into windows (`long_documents = window`).
+    Windowed {
+        windows: Vec<TokenizedExample>,
+        double_bos_fixed: bool,
     },
 }
 
@@ -261,6 +312,45 @@ pub fn truncate(
     }
 }
 
+/// Cut a tokenized text document into consecutive windows of at most `max_len` tokens, each
+/// window starting `max_len - overlap` tokens after the one before, the last one ending with
+/// the document's last token. The first `overlap` tokens of every window but the first repeat
+/// the end of the window before as context: their labels are [`IGNORE_INDEX`], so every label
+/// of `ex` appears in exactly one window. A leading BOS stays at the front of the first window
+/// only, and the EOS at the end of the last only: each window is a document of its own (packing
+/// never lets it attend to the others), and a window's first token, which no token of its own
+/// window precedes, is a next-token target only through an overlap (`overlap >= 1`).
+///
+/// Panics if `overlap >= max_len` ([`TokenizeConfig::validate`] refuses it first).
+pub fn windows(ex: &TokenizedExample, max_len: usize, overlap: usize) -> Vec<TokenizedExample> {
+    assert!(
+        overlap < max_len,
+        "window overlap {overlap} must be less than max_len {max_len}"
+    );
+    let len = ex.len();
+    let stride = max_len - overlap;
+    let mut out = Vec::with_capacity(len.saturating_sub(overlap).div_ceil(stride).max(1));
+    let mut start = 0usize;
+    loop {
+        let end = (start + max_len).min(len);
+        let mut labels = ex.labels[start..end].to_vec();
+        if start > 0 {
+            for l in labels.iter_mut().take(overlap) {
+                *l = IGNORE_INDEX;
+            }
+        }
+        out.push(TokenizedExample {
+            input_ids: ex.input_ids[start..end].to_vec(),
+            labels,
+        });
+        if end == len {
+            break;
+        }
+        start = end - overlap;
+    }
+    out
+}
+
 /// Token mask for character spans, exactly as transformers builds `assistant_masks`: a
 /// token is in if its offsets overlap a span.
 pub fn mask_from_spans(offsets: &[(usize, usize)], spans: &[Range<usize>]) -> Vec<bool> {
@@ -290,14 +380,27 @@ impl Tokenizer {
     /// - conversation: the chat template's rendering (BOS comes from the template;
     ///   prepended only if the tokenizer adds BOS and the template did not), with the
     ///   assistant spans (see [`crate::ChatTemplate::assistant_spans`]) learned.
+    ///
+    /// With `max_len` set, a text that truncation will cut is first cut to
+    /// [`Tokenizer::text_bound`] bytes (its start, or its end under left truncation), so a
+    /// 50 MB prompt is never tokenized whole; the tokens truncation keeps are the same.
     pub fn tokenize_record(
         &self,
         record: &Record,
         cfg: &TokenizeConfig,
     ) -> Result<(TokenizedExample, bool)> {
+        let bound = cfg.max_len.map(|m| self.text_bound(m));
+        let keep_end = cfg.truncation == Truncation::Left;
         let (mut ids, mut labels) = match record {
             Record::Text { text } => {
-                let body = self.encode_ids(text)?;
+                // A document that will be truncated is cut to a length past which it surely
+                // has more than `max_len` tokens first; one that will be windowed is tokenized
+                // whole, in pieces.
+                let text = match bound {
+                    Some(b) if !cfg.long_documents.is_window() => bounded(text, b, keep_end),
+                    _ => text.as_str(),
+                };
+                let body = self.encode_ids_in_pieces(text)?;
                 let mut ids = Vec::with_capacity(body.len() + 2);
                 let mut labels = Vec::with_capacity(body.len() + 2);
                 if let (true, Some(b)) = (self.adds_bos(), self.bos_id()) {
@@ -311,6 +414,16 @@ impl Tokenizer {
                 (ids, labels)
             }
             Record::PromptCompletion { prompt, completion } => {
+                // Each part cut to the bound keeps every token truncation would keep: the
+                // first `max_len` lie within the first `bound` bytes of the prompt and of the
+                // completion, the last `max_len` within their last `bound` bytes.
+                let (prompt, completion) = match bound {
+                    Some(b) => (
+                        bounded(prompt, b, keep_end),
+                        bounded(completion, b, keep_end),
+                    ),
+                    None => (prompt.as_str(), completion.as_str()),
+                };
                 let full = format!("{prompt}{completion}");
                 let enc = self.encode(&full)?;
                 let cut = prompt.len();
@@ -328,7 +441,24 @@ impl Tokenizer {
                 labels.push(self.eos_id() as i64);
                 (ids, labels)
             }
-            Record::Conversation { messages } => self.tokenize_conversation(messages, cfg)?,
+            Record::Conversation { messages } => {
+                // Every message cut to the bound, for the same reason as a prompt's.
+                let cut: Vec<Message>;
+                let messages = match bound {
+                    Some(b) if messages.iter().any(|m| m.content.len() > b) => {
+                        cut = messages
+                            .iter()
+                            .map(|m| Message {
+                                role: m.role,
+                                content: bounded(&m.content, b, keep_end).to_string(),
+                            })
+                            .collect();
+                        &cut
+                    }
+                    _ => messages,
+                };
+                self.tokenize_conversation(messages, cfg)?
+            }
         };
         let mut fixed = false;
         if let Some(b) = self.bos_id()
@@ -413,6 +543,15 @@ impl Tokenizer {
                 double_bos_fixed: fixed,
             });
         };
+        if ex.len() > max_len
+            && cfg.long_documents.is_window()
+            && matches!(example.record, Record::Text { .. })
+        {
+            return Ok(Outcome::Windowed {
+                windows: windows(&ex, max_len, cfg.window_overlap),
+                double_bos_fixed: fixed,
+            });
+        }
         Ok(match truncate(ex, max_len, cfg.truncation, self.bos_id()) {
             Truncated::Unchanged(example) => Outcome::Kept {
                 example,
@@ -477,6 +616,20 @@ impl Tokenizer {
                     report.tokens_out += ex.len() as u64;
                     report.supervised_tokens_out += ex.supervised() as u64;
                     out.push(ex);
+                }
+                Outcome::Windowed {
+                    windows,
+                    double_bos_fixed,
+                } => {
+                    report.rows_windowed += 1;
+                    report.windows += windows.len() as u64;
+                    report.double_bos_fixed += double_bos_fixed as u64;
+                    for ex in windows {
+                        report.rows_out += 1;
+                        report.tokens_out += ex.len() as u64;
+                        report.supervised_tokens_out += ex.supervised() as u64;
+                        out.push(ex);
+                    }
                 }
                 Outcome::Excluded {
                     reason,

@@ -38,6 +38,8 @@ pub struct Tokenizer {
     add_bos: bool,
     chat_template: Option<ChatTemplate>,
     content_hash: u128,
+    /// Bytes of the longest vocabulary entry (see [`Tokenizer::text_bound`]).
+    max_token_bytes: usize,
     /// Exact shortcut for plain-text ids with GPT-2-style byte-level BPE (see `fast.rs`).
     fast: Option<FastByteLevelBpe>,
 }
@@ -210,7 +212,14 @@ impl Tokenizer {
         };
 
         let fast = FastByteLevelBpe::new(&inner);
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1);
         Ok(Tokenizer {
+            max_token_bytes,
             fast,
             inner,
             source: tj.to_path_buf(),
@@ -265,6 +274,13 @@ impl Tokenizer {
 
     /// Replace the chat template (e.g. one given on the command line).
     pub fn set_chat_template(&mut self, source: &str) -> Result<()> {
+        let origin = format!("chat template set for {}", self.source.display());
+        self.set_chat_template_from(source, origin)
+    }
+
+    /// Replace the chat template with `source`, which errors name as `origin` (a file, or a
+    /// shipped template's name). The content hash, and so every cache key, changes with it.
+    pub fn set_chat_template_from(&mut self, source: &str, origin: String) -> Result<()> {
         let mut vars: Vec<(String, String)> = vec![("eos_token".into(), self.eos.text.clone())];
         if let Some(b) = &self.bos {
             vars.push(("bos_token".into(), b.text.clone()));
@@ -281,7 +297,7 @@ impl Tokenizer {
             .collect();
         self.chat_template = Some(
             ChatTemplate::new(source)?
-                .with_origin(format!("chat template set for {}", self.source.display()))
+                .with_origin(origin)
                 .with_special_tokens(vars)
                 .with_control_tokens(control),
         );
@@ -347,6 +363,35 @@ impl Tokenizer {
             })
     }
 
+    /// [`Tokenizer::encode_ids`] for text of any length: a text longer than [`PIECE_BYTES`] is
+    /// never tokenized whole (a tens-of-MB line would hold every intermediate of the tokenizer at
+    /// once) but cut into pieces of at most that many bytes ([`piece_cuts`]), tokenized in
+    /// parallel, the ids concatenated. The cuts are before a space that follows a non-space,
+    /// where GPT-2's, Llama 3's and SentencePiece's pre-tokenizers start a new word anyway, so a
+    /// byte-level BPE gives exactly the whole text's ids; a tokenizer whose normalizer adds to
+    /// the start of every input (Llama 2's `Prepend("▁")`) may differ at the cuts, and only
+    /// there. A piece without such a space is cut before any whitespace, else at a character
+    /// boundary (where a word may then be split in two).
+    pub fn encode_ids_in_pieces(&self, text: &str) -> Result<Vec<u32>> {
+        if text.len() <= PIECE_BYTES {
+            return self.encode_ids(text);
+        }
+        let cuts = piece_cuts(text, PIECE_BYTES);
+        let pieces: Vec<&str> = cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect();
+        let ids = self.encode_batch_ids(&pieces)?;
+        Ok(ids.concat())
+    }
+
+    /// A length in bytes past which a text surely has more than `max_len` tokens: `max_len + 1`
+    /// times [`BYTES_PER_TOKEN`] or the longest vocabulary entry, whichever is more (no token
+    /// covers more input than that). Texts that are truncated anyway are cut to it before they
+    /// are tokenized, so a 50 MB prompt costs what `max_len` tokens do.
+    pub fn text_bound(&self, max_len: usize) -> usize {
+        max_len
+            .saturating_add(1)
+            .saturating_mul(BYTES_PER_TOKEN.max(self.max_token_bytes))
+    }
+
     /// Encode many texts in parallel (rayon), without special tokens or offsets.
     pub fn encode_batch_ids(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
         if self.fast.is_some() {
@@ -375,6 +420,70 @@ impl Tokenizer {
     /// The id of a token string, if it is in the vocabulary.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+}
+
+/// The most bytes [`Tokenizer::encode_ids_in_pieces`] tokenizes at once.
+pub const PIECE_BYTES: usize = 64 * 1024;
+
+/// A generous bound on the bytes of input one token covers (see [`Tokenizer::text_bound`]).
+pub const BYTES_PER_TOKEN: usize = 64;
+
+/// Where [`Tokenizer::encode_ids_in_pieces`] cuts `text`: `0`, the cuts, `text.len()`, each
+/// piece at most `piece` bytes (at least one character). A cut is the last position in reach
+/// that holds a space following a non-whitespace byte, else the last whitespace byte, else the
+/// last character boundary.
+pub fn piece_cuts(text: &str, piece: usize) -> Vec<usize> {
+    let bytes = text.as_bytes();
+    let mut cuts = vec![0];
+    let mut start = 0;
+    while text.len() - start > piece {
+        let reach = start + piece;
+        let word = (start + 1..=reach)
+            .rev()
+            .find(|&p| bytes[p] == b' ' && !bytes[p - 1].is_ascii_whitespace());
+        let space = || {
+            (start + 1..=reach)
+                .rev()
+                .find(|&p| bytes[p].is_ascii_whitespace())
+        };
+        let char_edge = || {
+            (start + 1..=reach)
+                .rev()
+                .find(|&p| text.is_char_boundary(p))
+                // A piece shorter than one character: take the whole character.
+                .unwrap_or_else(|| {
+                    (reach + 1..=text.len())
+                        .find(|&p| text.is_char_boundary(p))
+                        .unwrap_or(text.len())
+                })
+        };
+        let cut = word.or_else(space).unwrap_or_else(char_edge);
+        cuts.push(cut);
+        start = cut;
+    }
+    cuts.push(text.len());
+    cuts
+}
+
+/// `text` cut to at most `max_bytes` bytes at a character boundary: its start, or with
+/// `keep_end` its end.
+pub fn bounded(text: &str, max_bytes: usize, keep_end: bool) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    if keep_end {
+        let mut from = text.len() - max_bytes;
+        while !text.is_char_boundary(from) {
+            from += 1;
+        }
+        &text[from..]
+    } else {
+        let mut to = max_bytes;
+        while !text.is_char_boundary(to) {
+            to -= 1;
+        }
+        &text[..to]
     }
 }
 

@@ -14,6 +14,33 @@ pub struct ModelArgs {
     /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// The chat template to use instead of the model's (a run's `data.chat_template`): a
+    /// `.jinja` file, or a template whet ships (chatml, llama3, gemma, zephyr, phi3).
+    #[arg(long, value_name = "FILE|NAME")]
+    pub chat_template: Option<String>,
+}
+
+impl ModelArgs {
+    /// The model's tokenizer, with `--chat-template` in place of its own template, else the
+    /// adapter's `chat_template.jinja` (a run with `data.chat_template` saves it there).
+    pub fn tokenizer(&self) -> anyhow::Result<whet_tokenize::Tokenizer> {
+        let from_adapter = self
+            .adapter
+            .as_ref()
+            .map(|a| a.join(crate::commands::CHAT_TEMPLATE_FILE))
+            .filter(|p| p.is_file());
+        match (&self.chat_template, from_adapter) {
+            (Some(t), _) => {
+                crate::runtime::load_tokenizer_with(&self.model, Some(t), "--chat-template")
+            }
+            (None, Some(file)) => crate::runtime::load_tokenizer_with(
+                &self.model,
+                file.to_str(),
+                "--adapter's chat_template.jinja",
+            ),
+            (None, None) => crate::runtime::load_tokenizer(&self.model),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]

@@ -20,12 +20,12 @@ use crate::config::{Config, Method};
 use crate::pipeline;
 use crate::prompt::{complete, generation_config, prompt_ids};
 use crate::report::{self, Generation, Report};
-use crate::runtime::{Runtime, load_tokenizer, run_id};
+use crate::runtime::{Runtime, load_tokenizer, run_id, run_tokenizer};
 use crate::task_eval;
 
 pub fn generate(rt: &Runtime, args: &ModelArgs, g: &GenerateArgs) -> Result<()> {
     let model = rt.load_model(args, Trainable::None)?;
-    let tok = load_tokenizer(&args.model)?;
+    let tok = args.tokenizer()?;
     let cfg = generation_config(&g.sampling, &model, &tok);
     let ids = prompt_ids(&tok, &g.prompt, g.chat, g.system.as_deref())?;
     println!("{}", complete(&model, &tok, &ids, &cfg)?);
@@ -42,11 +42,11 @@ pub fn chat(
     compare: bool,
 ) -> Result<()> {
     let base_args = ModelArgs {
-        model: args.model.clone(),
         adapter: None,
+        ..args.clone()
     };
     let base = rt.load_model(&base_args, Trainable::None)?;
-    let tok = load_tokenizer(&args.model)?;
+    let tok = args.tokenizer()?;
     let cfg = generation_config(sampling, &base, &tok);
     let tuned = match &args.adapter {
         Some(dir) => Some(rt.with_adapter(&base, dir)?),
@@ -67,6 +67,7 @@ pub fn chat(
 pub fn serve(
     rt: &Runtime,
     model: &Path,
+    chat_template: Option<&str>,
     name: Option<&str>,
     adapters: &[(String, std::path::PathBuf)],
     opts: &crate::serve::ServeOptions,
@@ -74,9 +75,10 @@ pub fn serve(
     let args = ModelArgs {
         model: model.to_path_buf(),
         adapter: None,
+        chat_template: chat_template.map(str::to_string),
     };
     let base = rt.load_model(&args, Trainable::None)?;
-    let tok = load_tokenizer(model)?;
+    let tok = args.tokenizer()?;
     let base_name = match name {
         Some(n) => n.to_string(),
         None => model
@@ -114,7 +116,7 @@ pub fn eval(
     task: &crate::cli::MetricArgs,
 ) -> Result<()> {
     let model = rt.load_model(args, Trainable::None)?;
-    let tok = load_tokenizer(&args.model)?;
+    let tok = args.tokenizer()?;
     let spec = pipeline::flags_section(data, None, format, max_len, false);
     let rows = pipeline::eval_rows(&tok, &spec)?;
     let (loss, tokens) = evaluate(&model, &rows, 4, rt.device())?;
@@ -205,7 +207,7 @@ pub fn merge(rt: &Runtime, args: &ModelArgs, out: &Path) -> Result<()> {
     // Refused before the work, and again before the folder is renamed into place.
     atomic::check(out, MERGE_RUN)?;
     let model = rt.load_model(args, Trainable::None)?;
-    let tok = load_tokenizer(&args.model)?;
+    let tok = args.tokenizer()?;
     let mut merged = model.detached();
     merged.merge_lora()?;
     let (a, n) = probe_logits(&model, &tok, rt.device())?;
@@ -284,7 +286,7 @@ pub fn export(
         }
         ExportTo::Ollama { dir } => {
             atomic::check(dir, OLLAMA_RUN)?;
-            let tok = load_tokenizer(&args.model)?;
+            let tok = args.tokenizer()?;
             Some(whet_tokenize::ollama::Modelfile::from_tokenizer(&tok)?)
         }
     };
@@ -339,7 +341,7 @@ pub fn export(
     let scratch = tempfile::tempdir().context("creating a scratch folder")?;
     whet_model::gguf::convert_gguf_to_hf(out, scratch.path())?;
     let back = Model::load(scratch.path(), Trainable::None, rt.device())?;
-    let tok = load_tokenizer(&args.model)?;
+    let tok = args.tokenizer()?;
     let tok_back = load_tokenizer(scratch.path())?;
     let (a, n) = probe_logits(&merged, &tok, rt.device())?;
     let (b, _) = probe_logits(&back, &tok, rt.device())?;
@@ -392,6 +394,9 @@ pub fn export(
     }
     Ok(())
 }
+
+/// A chat template beside a model's or an adapter's files.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
 /// Copies tokenizer and generation files next to written weights so the folder is complete
 /// (into a folder being built, see `whet_data::atomic::write_dir`).
@@ -548,7 +553,7 @@ fn train_on(
     let leader = comm.rank() == 0;
     let cfg = Config::load_for_model(config, overrides)?;
     let out = cfg.output.dir.clone();
-    let tok = load_tokenizer(&cfg.model.path)?;
+    let tok = run_tokenizer(&cfg)?;
     let data = if cfg.preference.is_some() {
         pipeline::prepare_pairs(&tok, &cfg.data, cfg.train.seed, &out)?
     } else {
@@ -564,8 +569,15 @@ fn train_on(
         audit.write_json(path)?;
     }
     if leader {
+        let windows = match &data.report.train_tokenize {
+            Some(t) if t.rows_windowed > 0 => format!(
+                "; {} long documents cut into {} windows of at most {} tokens",
+                t.rows_windowed, t.windows, cfg.data.max_len
+            ),
+            _ => String::new(),
+        };
         eprintln!(
-            "data: {} train examples -> {} rows, {} validation examples -> {} rows (tokenized rows: cache {})",
+            "data: {} train examples -> {} rows, {} validation examples -> {} rows (tokenized rows: cache {}){windows}",
             data.report.train_examples,
             data.train.len(),
             data.report.validation_examples,
@@ -728,11 +740,24 @@ fn train_on(
         Method::Full => "model",
     });
     let clock = Instant::now();
-    atomic::write_dir(&final_dir, |dir| match cfg.method {
-        Method::Lora => Ok(model.save_adapter(dir)?),
-        Method::Full => {
-            model.save_pretrained(dir)?;
-            copy_tokenizer_files(&cfg.model.path, dir)
+    atomic::write_dir(&final_dir, |dir| {
+        // The run's own chat template goes with its weights: transformers (and whet's
+        // `--adapter`) read a folder's chat_template.jinja before the base model's.
+        if cfg.data.chat_template.is_some()
+            && let Some(t) = tok.chat_template()
+        {
+            atomic::write_file(
+                &dir.join(CHAT_TEMPLATE_FILE),
+                t.source().as_bytes(),
+                Existing::Refuse,
+            )?;
+        }
+        match cfg.method {
+            Method::Lora => Ok(model.save_adapter(dir)?),
+            Method::Full => {
+                model.save_pretrained(dir)?;
+                copy_tokenizer_files(&cfg.model.path, dir)
+            }
         }
     })?;
     time.save_s = clock.elapsed().as_secs_f64();

@@ -6,13 +6,15 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use whet_data::Shape;
+use whet_data::{Columns, Shape};
 use whet_optim::{AdamWConfig, SgdConfig};
 pub use whet_train::Method;
 use whet_train::config::check;
 use whet_train::preference::{DpoConfig, DpoLoss, Objective, PreferenceObjective};
 use whet_train::score::{Metric, Normalize};
 use whet_train::{OptimizerChoice, TrainError, TrainerConfig};
+
+pub use whet_tokenize::LongDocuments;
 
 pub type Result<T> = std::result::Result<T, ConfigError>;
 
@@ -22,6 +24,9 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
     #[error("override `{assignment}`: {message}")]
     Override { assignment: String, message: String },
+    /// A chat template choice (`data.chat_template`, `--chat-template`) that names nothing.
+    #[error("`{field}` {message}")]
+    ChatTemplate { field: String, message: String },
     #[error("{path}: {source}", path = path.display())]
     Io {
         path: PathBuf,
@@ -167,8 +172,72 @@ pub struct DataSection {
     /// Skip (and count) invalid rows instead of stopping at the first.
     #[serde(default)]
     pub skip_invalid: bool,
+    /// Inserted as the system turn of every conversation that has none.
     #[serde(default)]
     pub system_prompt: Option<String>,
+    /// Text documents longer than `max_len`: `window` (cut into consecutive windows of at most
+    /// `max_len` tokens, each its own row, no token lost) or `truncate` (keep the first
+    /// `max_len`). Prompt/completion and chat rows are always truncated.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub long_documents: LongDocuments,
+    /// Tokens each window repeats from the end of the one before, as context (not learned
+    /// twice); at most half of `max_len`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub window_overlap: usize,
+    /// Which field of a row holds which part of a record, for data whose fields have other
+    /// names: `columns = { prompt = "question", completion = "answer" }`. Keys: `text`,
+    /// `prompt`, `completion`, `messages`, `role`, `content`, `conversations`, `from`, `value`,
+    /// `instruction`, `input`, `output`, `system`; each defaults to its own name. Applies to
+    /// `train` and `validation`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub columns: Columns,
+    /// The chat template to render conversations with, instead of the tokenizer's (for a base
+    /// model whose tokenizer_config.json has none): a `.jinja` file (relative to this config),
+    /// or the name of a template whet ships (`chatml`, `llama3`, `gemma`, `zephyr`, `phi3`).
+    /// Used for training, evaluation, the report's generations and task metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+}
+
+impl DataSection {
+    /// The chat template `chat_template` names, as (source, origin for errors); `None` without
+    /// one. A shipped name is that template; anything else is a file.
+    pub fn chat_template_source(&self) -> Result<Option<(String, String)>> {
+        let Some(choice) = &self.chat_template else {
+            return Ok(None);
+        };
+        chat_template_source(choice, "data.chat_template").map(Some)
+    }
+}
+
+/// The text of the chat template `choice` names (a shipped template's name or a file) and its
+/// origin for error messages; `field` is the setting or flag that gave it.
+pub fn chat_template_source(choice: &str, field: &str) -> Result<(String, String)> {
+    if let Some(text) = whet_tokenize::template::shipped::shipped(choice) {
+        return Ok((
+            text.to_string(),
+            format!("whet's shipped `{choice}` chat template"),
+        ));
+    }
+    let path = Path::new(choice);
+    if !path.is_file() {
+        return Err(ConfigError::ChatTemplate {
+            field: field.to_string(),
+            message: format!(
+                "{choice:?} is neither a file nor a chat template whet ships ({})",
+                whet_tokenize::template::shipped::names()
+            ),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((text, path.display().to_string()))
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -620,6 +689,13 @@ impl Config {
         if let Some(v) = self.data.validation.as_mut() {
             fix(v);
         }
+        if let Some(t) = self.data.chat_template.as_mut()
+            && whet_tokenize::template::shipped::shipped(t).is_none()
+        {
+            let mut p = PathBuf::from(&*t);
+            fix(&mut p);
+            *t = p.to_string_lossy().into_owned();
+        }
         if let Some(g) = self.eval.general_data.as_mut() {
             fix(g);
         }
@@ -727,6 +803,28 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if self.data.long_documents.is_window() && self.data.window_overlap > self.data.max_len / 2
+        {
+            return Err(bad(
+                "data.window_overlap",
+                format!(
+                    "= {} must be at most half of data.max_len ({}): each window repeats that many tokens of the one before as context, and more would multiply the rows",
+                    self.data.window_overlap, self.data.max_len
+                ),
+            ));
+        }
+        if let Some(t) = &self.data.chat_template
+            && whet_tokenize::template::shipped::shipped(t).is_none()
+            && !Path::new(t).is_file()
+        {
+            return Err(bad(
+                "data.chat_template",
+                format!(
+                    "{t:?} is neither a file nor a chat template whet ships ({})",
+                    whet_tokenize::template::shipped::names()
+                ),
+            ));
         }
         real(
             "data.validation_fraction",
@@ -1381,6 +1479,98 @@ mod tests {
         );
         let msg = refused(&["eval.metric_every=2"]);
         assert!(msg.contains("`eval.metric_every`"), "{msg}");
+    }
+
+    #[test]
+    fn data_settings_for_long_documents_columns_and_templates() {
+        let c = Config::from_toml(
+            MINIMAL,
+            Path::new("/cfg/run.toml"),
+            &[
+                "data.long_documents=\"truncate\"".into(),
+                "data.columns={ prompt = \"question\", completion = \"answer\" }".into(),
+                "data.chat_template=\"chatml\"".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.data.long_documents, LongDocuments::Truncate);
+        assert_eq!(
+            (
+                c.data.columns.prompt.as_str(),
+                c.data.columns.completion.as_str()
+            ),
+            ("question", "answer")
+        );
+        assert_eq!(
+            c.data.columns.text, "text",
+            "unset columns keep their names"
+        );
+        assert_eq!(c.data.chat_template.as_deref(), Some("chatml"));
+        assert!(
+            c.data
+                .chat_template_source()
+                .unwrap()
+                .unwrap()
+                .0
+                .contains("<|im_start|>")
+        );
+        let again = Config::from_toml(&c.to_toml(), Path::new("/elsewhere/x.toml"), &[]).unwrap();
+        assert_eq!(again, c);
+        // At their defaults the new keys stay out of the saved config (run ids of older configs
+        // hold).
+        let plain = Config::from_toml(MINIMAL, Path::new("run.toml"), &[]).unwrap();
+        assert_eq!(plain.data.long_documents, LongDocuments::Window);
+        for key in [
+            "long_documents",
+            "window_overlap",
+            "columns",
+            "chat_template",
+        ] {
+            assert!(!plain.to_toml().contains(key), "{key}");
+        }
+        // A template file is relative to the config.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.jinja"), "{{ messages[0]['content'] }}").unwrap();
+        let c = Config::from_toml(
+            MINIMAL,
+            &dir.path().join("run.toml"),
+            &["data.chat_template=\"t.jinja\"".into()],
+        )
+        .unwrap();
+        let file = dir.path().join("t.jinja");
+        assert_eq!(c.data.chat_template.as_deref(), file.to_str());
+        assert_eq!(
+            c.data.chat_template_source().unwrap().unwrap().1,
+            file.display().to_string()
+        );
+    }
+
+    #[test]
+    fn bad_data_settings_are_refused_naming_the_field() {
+        for (o, want) in [
+            ("data.window_overlap=300", "`data.window_overlap`"),
+            ("data.long_documents=\"slide\"", "long_documents"),
+            ("data.columns={ questoin = \"q\" }", "questoin"),
+            ("data.columns={ prompt = 3 }", "prompt"),
+            ("data.chat_template=\"chatml2\"", "`data.chat_template`"),
+        ] {
+            let msg = refused(&[o]);
+            assert!(msg.contains(want) && msg.contains("run.toml"), "{o}: {msg}");
+        }
+        let msg = refused(&["data.chat_template=\"chatml2\""]);
+        assert!(msg.contains("chatml, llama3, gemma, zephyr, phi3"), "{msg}");
+        let msg = refused(&["data.columns={ questoin = \"q\" }"]);
+        assert!(
+            msg.contains("did you mean `question`") || msg.contains("`prompt`"),
+            "{msg}"
+        );
+        // Half of max_len is the most.
+        Config::from_toml(
+            MINIMAL,
+            Path::new("run.toml"),
+            &["data.window_overlap=256".into()],
+        )
+        .unwrap();
     }
 
     #[test]

@@ -9,7 +9,7 @@ use whet_data::pii::Scrubber;
 use whet_tokenize::{TokenizedExample, Tokenizer};
 
 use crate::pipeline;
-use crate::runtime::load_tokenizer;
+use crate::runtime::load_tokenizer_with;
 
 /// Decodes `ex` with every learned span wrapped in `⟦...⟧`.
 pub fn marked(tok: &Tokenizer, ex: &TokenizedExample) -> Result<String> {
@@ -45,11 +45,12 @@ pub fn inspect(
     data: &Path,
     validation: Option<&Path>,
     model: &Path,
+    chat_template: Option<&str>,
     format: Shape,
     max_len: usize,
     skip_invalid: bool,
 ) -> Result<()> {
-    let tok = load_tokenizer(model)?;
+    let tok = load_tokenizer_with(model, chat_template, "--chat-template")?;
     let spec = pipeline::flags_section(data, validation, format, max_len, skip_invalid);
     let (examples, read) = pipeline::read(data, &spec)?;
     println!("source: {} ({} file(s))", data.display(), read.files.len());
@@ -75,9 +76,11 @@ pub fn inspect(
         rep.tokens_out as f64 / tokenized.len().max(1) as f64
     );
     println!(
-        "truncated to {max_len}: {} row(s) ({} supervised tokens cut); excluded: {} with no supervised token, {} emptied by truncation, {} template errors",
+        "truncated to {max_len}: {} row(s) ({} supervised tokens cut); long text documents cut into windows: {} (-> {} windows); excluded: {} with no supervised token, {} emptied by truncation, {} template errors",
         rep.rows_truncated,
         rep.supervised_tokens_cut,
+        rep.rows_windowed,
+        rep.windows,
         rep.rows_without_supervision,
         rep.rows_supervision_emptied,
         rep.rows_template_error
@@ -174,10 +177,11 @@ pub fn inspect_pairs(
     data: &Path,
     validation: Option<&Path>,
     model: &Path,
+    chat_template: Option<&str>,
     max_len: usize,
     skip_invalid: bool,
 ) -> Result<()> {
-    let tok = load_tokenizer(model)?;
+    let tok = load_tokenizer_with(model, chat_template, "--chat-template")?;
     let mut spec = pipeline::flags_section(data, validation, Shape::Auto, max_len, skip_invalid);
     // Counted, not written: the audit stays in memory.
     spec.scrub_pii = true;

@@ -92,6 +92,10 @@ enum Command {
         /// The base model's name in requests.
         #[arg(long)]
         name: Option<String>,
+        /// The chat template to use instead of the model's: a `.jinja` file, or a template whet
+        /// ships (chatml, llama3, gemma, zephyr, phi3).
+        #[arg(long, value_name = "FILE|NAME")]
+        chat_template: Option<String>,
         /// A LoRA adapter on the base, served as NAME (repeatable).
         #[arg(long = "adapter", value_name = "NAME=DIR", value_parser = parse_adapter)]
         adapters: Vec<(String, PathBuf)>,
@@ -201,6 +205,10 @@ enum DataCommand {
         /// Read preference pairs (prompt, chosen, rejected) as a `[preference]` run does.
         #[arg(long)]
         pairs: bool,
+        /// The chat template to use instead of the model's: a `.jinja` file, or a template whet
+        /// ships (chatml, llama3, gemma, zephyr, phi3).
+        #[arg(long, value_name = "FILE|NAME")]
+        chat_template: Option<String>,
     },
 }
 
@@ -268,6 +276,7 @@ fn run(cli: Cli) -> Result<()> {
         } => whet::commands::chat(&rt, &model, &sampling, system, compare),
         Command::Serve {
             model,
+            chat_template,
             name,
             adapters,
             host,
@@ -277,6 +286,7 @@ fn run(cli: Cli) -> Result<()> {
         } => whet::commands::serve(
             &rt,
             &model,
+            chat_template.as_deref(),
             name.as_deref(),
             &adapters,
             &whet::serve::ServeOptions {
@@ -315,12 +325,14 @@ fn run(cli: Cli) -> Result<()> {
                     max_len,
                     skip_invalid,
                     pairs: true,
+                    chat_template,
                     ..
                 },
         } => whet::inspect::inspect_pairs(
             &data,
             validation.as_deref(),
             &model,
+            chat_template.as_deref(),
             max_len,
             skip_invalid,
         ),
@@ -333,12 +345,14 @@ fn run(cli: Cli) -> Result<()> {
                     format,
                     max_len,
                     skip_invalid,
+                    chat_template,
                     ..
                 },
         } => whet::inspect::inspect(
             &data,
             validation.as_deref(),
             &model,
+            chat_template.as_deref(),
             format,
             max_len,
             skip_invalid,

@@ -9,10 +9,11 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use whet_data::dedup::{DedupConfig, DedupReport, LeakageReport};
 use whet_data::pii::{Audit, Scrubber};
-use whet_data::{Example, Mapping, ReadOptions, ReadReport, Shape};
+use whet_data::{Columns, Example, Mapping, ReadOptions, ReadReport, Shape};
 use whet_tokenize::{
-    AssistantTurns, Cache, CacheStatus, CachedDataset, FingerprintBuilder, PackConfig, PackReport,
-    PackedRow, TokenizeConfig, TokenizeReport, TokenizedExample, Tokenizer, Truncation,
+    AssistantTurns, Cache, CacheStatus, CachedDataset, FingerprintBuilder, LongDocuments,
+    PackConfig, PackReport, PackedRow, TokenizeConfig, TokenizeReport, TokenizedExample, Tokenizer,
+    Truncation,
 };
 use whet_train::Row;
 
@@ -40,6 +41,10 @@ pub fn flags_section(
         dedup: false,
         skip_invalid,
         system_prompt: None,
+        long_documents: LongDocuments::Window,
+        window_overlap: 0,
+        columns: Columns::default(),
+        chat_template: None,
     }
 }
 
@@ -49,8 +54,8 @@ fn read_options(data: &DataSection) -> ReadOptions {
     ReadOptions {
         mapping: Mapping {
             shape: data.format,
+            columns: data.columns.clone(),
             system_prompt: data.system_prompt.clone(),
-            ..Default::default()
         },
         skip_invalid: data.skip_invalid,
         ..Default::default()
@@ -63,6 +68,8 @@ fn tokenize_config(data: &DataSection) -> TokenizeConfig {
     TokenizeConfig {
         max_len: Some(data.max_len),
         truncation: Truncation::Right,
+        long_documents: data.long_documents,
+        window_overlap: data.window_overlap,
         assistant_turns: if data.all_assistant_turns {
             AssistantTurns::All
         } else {
@@ -82,9 +89,12 @@ fn pack_config(data: &DataSection, tok: &Tokenizer) -> Option<PackConfig> {
     })
 }
 
-/// What the cached rows of a set of examples depend on besides the tokenizer and the examples:
-/// part of the cache key, with the same fields and spelling as earlier whets keyed with, so
-/// their caches stay valid.
+/// What the cached rows of a set of examples depend on besides the tokenizer (whose hash covers
+/// the chat template, `data.chat_template`'s included) and the examples: part of the cache key,
+/// with the same fields and spelling as earlier whets keyed with, so their caches stay valid.
+/// The later settings are left out at the value that reproduces earlier whets' rows:
+/// `long_documents` only at `truncate` (the new default, `window`, makes other rows from a long
+/// document, so it is in the key), the others at their defaults.
 #[derive(Serialize)]
 struct RowSettings<'a> {
     format: Shape,
@@ -93,6 +103,24 @@ struct RowSettings<'a> {
     all_assistant_turns: bool,
     skip_invalid: bool,
     system_prompt: Option<&'a str>,
+    #[serde(skip_serializing_if = "is_truncate")]
+    long_documents: LongDocuments,
+    #[serde(skip_serializing_if = "is_zero")]
+    window_overlap: usize,
+    #[serde(skip_serializing_if = "is_default_columns")]
+    columns: &'a Columns,
+}
+
+fn is_truncate(l: &LongDocuments) -> bool {
+    *l == LongDocuments::Truncate
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_default_columns(c: &&Columns) -> bool {
+    **c == Columns::default()
 }
 
 impl<'a> From<&'a DataSection> for RowSettings<'a> {
@@ -104,14 +132,24 @@ impl<'a> From<&'a DataSection> for RowSettings<'a> {
             all_assistant_turns: d.all_assistant_turns,
             skip_invalid: d.skip_invalid,
             system_prompt: d.system_prompt.as_deref(),
+            long_documents: d.long_documents,
+            window_overlap: d.window_overlap,
+            columns: &d.columns,
         }
     }
 }
 
 /// Reads every example of `path` (file, directory or glob) as `data` says.
 pub fn read(path: &Path, data: &DataSection) -> Result<(Vec<Example>, ReadReport)> {
-    whet_data::read_all(path, &read_options(data))
-        .with_context(|| format!("reading {}", path.display()))
+    whet_data::read_all(path, &read_options(data)).map_err(|e| {
+        let hint = match &e {
+            whet_data::DataError::MissingField { .. } | whet_data::DataError::UnknownShape { .. } => {
+                " (data.columns maps fields of other names, e.g. columns = { prompt = \"question\", completion = \"answer\" }; data.format sets the shape)"
+            }
+            _ => "",
+        };
+        anyhow::Error::new(e).context(format!("reading {}{hint}", path.display()))
+    })
 }
 
 /// Tokenizes with the settings training uses: the first stage of [`rows`], on its own for
@@ -387,6 +425,8 @@ pub fn pair_rows(
         max_len: Some(data.max_len),
         truncation: Truncation::Right,
         assistant_turns: AssistantTurns::Last,
+        // A pair's sides are prompt/completion or chat records, which are never windowed.
+        long_documents: LongDocuments::Truncate,
         skip_template_errors: data.skip_invalid,
         parallel: false,
         ..Default::default()
@@ -412,6 +452,12 @@ pub fn pair_rows(
                     cut |= truncated;
                     sides.push(example);
                     continue;
+                }
+                whet_tokenize::Outcome::Windowed { .. } => {
+                    bail!(
+                        "{}, field `{field}`: a preference pair's side was cut into windows; pairs must be prompt/completion or chat records",
+                        pair.origin
+                    )
                 }
                 whet_tokenize::Outcome::Excluded { reason, .. } => match reason {
                     whet_tokenize::ExcludeReason::SupervisionTruncated { len, max_len }

@@ -583,11 +583,19 @@ impl Report {
         if let Some(t) = &d.train_tokenize {
             let _ = writeln!(
                 s,
-                "- training tokens: {} ({} supervised); rows truncated: {}, rows excluded: {}",
+                "- training tokens: {} ({} supervised); rows truncated: {}, rows excluded: {}{}",
                 t.tokens_out,
                 t.supervised_tokens_out,
                 t.rows_truncated,
-                t.rows_excluded()
+                t.rows_excluded(),
+                if t.rows_windowed > 0 {
+                    format!(
+                        "; long documents cut into windows: {} (-> {} windows)",
+                        t.rows_windowed, t.windows
+                    )
+                } else {
+                    String::new()
+                }
             );
         }
         if let Some(p) = &d.train_pack {

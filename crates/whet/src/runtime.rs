@@ -185,6 +185,34 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))
 }
 
+/// The tokenizer of `dir` with the chat template `chat_template` names (a template whet ships,
+/// or a file; see [`crate::config::chat_template_source`]) in place of its own; `field` is the
+/// setting or flag that named it, for errors. Every command that renders chats loads its
+/// tokenizer through here, so a run's `data.chat_template` (or `--chat-template`) is the one
+/// template of training, evaluation, the report's generations and task metrics.
+pub fn load_tokenizer_with(
+    dir: &Path,
+    chat_template: Option<&str>,
+    field: &str,
+) -> Result<Tokenizer> {
+    let mut tok = load_tokenizer(dir)?;
+    if let Some(choice) = chat_template {
+        let (source, origin) = crate::config::chat_template_source(choice, field)?;
+        tok.set_chat_template_from(&source, origin.clone())
+            .with_context(|| format!("`{field}`: {origin}"))?;
+    }
+    Ok(tok)
+}
+
+/// A training run's tokenizer: `model.path`'s, with `data.chat_template` when set.
+pub fn run_tokenizer(cfg: &Config) -> Result<Tokenizer> {
+    load_tokenizer_with(
+        &cfg.model.path,
+        cfg.data.chat_template.as_deref(),
+        "data.chat_template",
+    )
+}
+
 pub fn trainable(cfg: &Config, seed: u64) -> Trainable {
     match cfg.method {
         Method::Lora => Trainable::Lora {

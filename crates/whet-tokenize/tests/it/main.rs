@@ -11,3 +11,4 @@ mod store;
 mod template;
 mod template_limits;
 mod tokenize;
+mod windows;

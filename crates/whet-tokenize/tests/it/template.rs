@@ -239,3 +239,33 @@ fn config_errors_name_the_file_and_field() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every shipped template (`data.chat_template = "<name>"`) renders a conversation, its assistant turn learned up to the end of turn.
+#[test]
+fn shipped_templates_render_and_mark_the_assistant_turn() {
+    use whet_tokenize::template::shipped::{SHIPPED, shipped};
+    let chat = [
+        msg(Role::User, "Is there an outage?"),
+        msg(Role::Assistant, "No outage in your area."),
+    ];
+    for (name, text) in SHIPPED {
+        assert_eq!(shipped(name), Some(text));
+        // A tokenizer with BOS and EOS (Llama 3's template writes `bos_token`, Zephyr's
+        // `eos_token`); its own template replaced.
+        let mut tok = load("gemma2");
+        tok.set_chat_template_from(text, format!("shipped {name}"))
+            .unwrap();
+        let t = tok.chat_template().unwrap();
+        let r = t.assistant_spans(&chat, AssistantTurns::All).unwrap();
+        assert!(r.text.contains("Is there an outage?"), "{name}: {}", r.text);
+        assert_eq!(r.spans.len(), 1, "{name}");
+        let learned = &r.text[r.spans[0].clone()];
+        assert!(
+            learned.starts_with("No outage in your area."),
+            "{name}: {learned:?}"
+        );
+        let prompt = t.render(&chat[..1], true).unwrap();
+        assert!(r.text.len() > prompt.len(), "{name}");
+    }
+    assert_eq!(shipped("chatml2"), None);
+}

@@ -44,6 +44,7 @@ fn the_chat_loop_streams_answers_keeps_the_conversation_and_obeys_its_commands()
             &ModelArgs {
                 model: m.clone(),
                 adapter: None,
+                chat_template: None,
             },
             Trainable::None,
         )

@@ -3,6 +3,7 @@
 mod chat;
 mod common;
 mod continue_;
+mod data_settings;
 #[cfg(feature = "mpi")]
 mod distributed;
 mod errors;

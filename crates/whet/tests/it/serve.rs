@@ -89,6 +89,7 @@ fn fixture_models(name: &str) -> Fixture {
     let args = ModelArgs {
         model: m.clone(),
         adapter: None,
+        chat_template: None,
     };
     let base = rt.load_model(&args, Trainable::None).unwrap();
     let tuned = rt.with_adapter(&base, &out.join("adapter")).unwrap();
