@@ -105,6 +105,10 @@ pub enum Error {
 
     #[error("{}: not a usable token store: {what}", path.display())]
     Store { path: PathBuf, what: String },
+
+    /// Reading the records to tokenize failed (`whet_data`: file, row and field in the message).
+    #[error(transparent)]
+    Data(#[from] whet_data::DataError),
 }
 
 impl Error {

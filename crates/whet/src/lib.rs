@@ -28,6 +28,7 @@ pub mod inspect;
 pub mod kfold;
 pub mod pipeline;
 pub mod plot;
+pub mod prepare;
 pub mod prompt;
 pub mod report;
 pub mod runtime;

@@ -187,6 +187,33 @@ struct ConvertArgs {
 
 #[derive(Subcommand)]
 enum DataCommand {
+    /// Stream a corpus (any size, any format whet reads) into a token store on disk: scrubbed
+    /// when asked, tokenized on all cores, long documents in windows, memory bounded by
+    /// `--memory-mb`; `prepare.json` beside it says what was done.
+    Prepare {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        /// The store folder (new, empty, or an older store, which is replaced whole).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_parser = whet::cli::shape_parser(), default_value = "auto")]
+        format: whet_data::Shape,
+        #[arg(long, default_value_t = 2048)]
+        max_len: usize,
+        #[arg(long)]
+        skip_invalid: bool,
+        #[arg(long)]
+        scrub_pii: bool,
+        /// Memory for the text being tokenized and the shard being written, in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mb: usize,
+        /// The chat template to use instead of the model's: a `.jinja` file, or a template whet
+        /// ships (chatml, llama3, gemma, zephyr, phi3).
+        #[arg(long, value_name = "FILE|NAME")]
+        chat_template: Option<String>,
+    },
     /// Rows, tokens, supervision, truncation, BOS/EOS, PII, duplicates, leakage, and one rendered
     /// example with the learned tokens marked.
     Inspect {
@@ -316,6 +343,51 @@ fn run(cli: Cli) -> Result<()> {
             };
             whet::commands::export(&rt, &model, &to, &ty, name.as_deref())
         }
+        Command::Data {
+            command:
+                DataCommand::Prepare {
+                    data,
+                    model,
+                    out,
+                    format,
+                    max_len,
+                    skip_invalid,
+                    scrub_pii,
+                    memory_mb,
+                    chat_template,
+                },
+        } => whet::prepare::prepare(&whet::prepare::PrepareArgs {
+            data: &data,
+            model: &model,
+            out: &out,
+            chat_template: chat_template.as_deref(),
+            format,
+            max_len,
+            skip_invalid,
+            scrub_pii,
+            memory_mb,
+        })
+        .map(|(_, s)| {
+            println!(
+                "{}: {} examples ({} skipped) -> {} documents ({} windows of long ones), {} tokens ({} learned) in {} shard(s); {:.1} MB of input in {:.1} s ({:.1} MB/s){}",
+                out.display(),
+                s.examples,
+                s.skipped,
+                s.documents,
+                s.windows,
+                s.tokens,
+                s.learned,
+                s.shards,
+                s.input_bytes as f64 / 1e6,
+                s.seconds,
+                s.mb_per_s,
+                if scrub_pii {
+                    format!("; {} PII redactions (pii_audit.json)", s.pii_redactions)
+                } else {
+                    String::new()
+                }
+            )
+        }),
         Command::Data {
             command:
                 DataCommand::Inspect {

@@ -50,7 +50,7 @@ pub fn flags_section(
 
 // The data settings, translated into the library crates' options: here and nowhere else.
 
-fn read_options(data: &DataSection) -> ReadOptions {
+pub(crate) fn read_options(data: &DataSection) -> ReadOptions {
     ReadOptions {
         mapping: Mapping {
             shape: data.format,
@@ -64,7 +64,7 @@ fn read_options(data: &DataSection) -> ReadOptions {
 
 /// The settings training tokenizes with (TRL conventions: text gets EOS, prompt/completion
 /// learns completion + EOS, chat learns assistant turns + end-of-turn).
-fn tokenize_config(data: &DataSection) -> TokenizeConfig {
+pub(crate) fn tokenize_config(data: &DataSection) -> TokenizeConfig {
     TokenizeConfig {
         max_len: Some(data.max_len),
         truncation: Truncation::Right,
@@ -96,7 +96,7 @@ fn pack_config(data: &DataSection, tok: &Tokenizer) -> Option<PackConfig> {
 /// `long_documents` only at `truncate` (the new default, `window`, makes other rows from a long
 /// document, so it is in the key), the others at their defaults.
 #[derive(Serialize)]
-struct RowSettings<'a> {
+pub(crate) struct RowSettings<'a> {
     format: Shape,
     max_len: usize,
     pack: bool,

@@ -18,6 +18,7 @@ mod kfold;
 mod ollama;
 mod outputs;
 mod preference;
+mod prepare;
 mod qlora_export;
 mod recipes;
 mod resume;

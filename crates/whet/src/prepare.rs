@@ -1,0 +1,201 @@
+//! `whet data prepare`: a corpus larger than memory to a token store on disk. The input is
+//! streamed (every format whet reads), scrubbed when asked, tokenized on all cores in batches of
+//! a bounded size, and written shard by shard (`whet_tokenize::store`), so memory is bounded by
+//! `--memory-mb` whatever the corpus. A document longer than `--max-len` is kept as windows
+//! (`data.long_documents`, as training makes them), a huge line tokenized in pieces.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use whet_data::pii::Scrubber;
+use whet_data::{Example, Record, Shape};
+use whet_tokenize::FingerprintBuilder;
+use whet_tokenize::store::{Manifest, write_store};
+
+use crate::pipeline;
+use crate::runtime::load_tokenizer_with;
+
+/// What `whet data prepare` is asked to do.
+pub struct PrepareArgs<'a> {
+    pub data: &'a Path,
+    pub model: &'a Path,
+    pub out: &'a Path,
+    pub chat_template: Option<&'a str>,
+    pub format: Shape,
+    pub max_len: usize,
+    pub skip_invalid: bool,
+    pub scrub_pii: bool,
+    /// The memory the batches and the shard being written may hold, in MiB.
+    pub memory_mb: usize,
+}
+
+/// What a prepare did, printed and written as `prepare.json` next to the store.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prepared {
+    pub input_files: usize,
+    pub input_bytes: u64,
+    /// Bytes of record text tokenized (the input less its JSON/CSV framing).
+    pub text_bytes: u64,
+    pub examples: u64,
+    pub skipped: u64,
+    pub documents: u64,
+    pub tokens: u64,
+    pub learned: u64,
+    pub windows: u64,
+    pub excluded: u64,
+    pub pii_redactions: u64,
+    pub shards: usize,
+    pub seconds: f64,
+    /// Input megabytes (10^6 bytes) per second.
+    pub mb_per_s: f64,
+}
+
+/// The text a record tokenizes (for the progress and the batch size).
+fn text_len(r: &Record) -> usize {
+    match r {
+        Record::Text { text } => text.len(),
+        Record::PromptCompletion { prompt, completion } => prompt.len() + completion.len(),
+        Record::Conversation { messages } => messages.iter().map(|m| m.content.len()).sum(),
+    }
+}
+
+/// Streams `args.data` into a token store at `args.out` (replacing an older store there whole,
+/// never a folder of other files).
+pub fn prepare(args: &PrepareArgs<'_>) -> Result<(Manifest, Prepared)> {
+    let started = Instant::now();
+    let tok = load_tokenizer_with(args.model, args.chat_template, "--chat-template")?;
+    let spec = pipeline::flags_section(
+        args.data,
+        None,
+        args.format,
+        args.max_len,
+        args.skip_invalid,
+    );
+    let opts = pipeline::read_options(&spec);
+    let files = whet_data::read::resolve(args.data, opts.format)?;
+    let input_bytes: u64 = files
+        .iter()
+        .map(|(p, _)| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    let mut fp = FingerprintBuilder::new()
+        .tokenizer(&tok)
+        .settings("data", &pipeline::RowSettings::from(&spec))?
+        .settings("scrub_pii", &args.scrub_pii)?;
+    for (path, _) in &files {
+        fp = fp.data_file(path)?;
+    }
+    let fingerprint = fp.finish().to_string();
+    if args.out.exists() && !args.out.join(whet_tokenize::store::MANIFEST).is_file() {
+        let nonempty = std::fs::read_dir(args.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true);
+        anyhow::ensure!(
+            !nonempty,
+            "{}: not a token store (no manifest.json) and not empty; whet writes a store only where it owns the folder: pass a new --out",
+            args.out.display()
+        );
+    }
+    // A fifth of the budget for the text of a batch (its tokens and labels take about as much
+    // again), the rest for the shard being written (5 bytes a token).
+    let budget = args.memory_mb.max(1) << 20;
+    let batch_bytes = budget / 5;
+    let shard_tokens = budget * 3 / 5 / 5;
+    let mut cfg = pipeline::tokenize_config(&spec);
+    cfg.parallel = true;
+    let scrubber = args.scrub_pii.then(Scrubber::new);
+    let mut audit = whet_data::pii::Audit::default();
+    let bar = ProgressBar::new(input_bytes);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} ({binary_bytes_per_sec})  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut reader = whet_data::read::open(args.data, &opts)?;
+    let mut s = Prepared {
+        input_files: files.len(),
+        input_bytes,
+        text_bytes: 0,
+        examples: 0,
+        skipped: 0,
+        documents: 0,
+        tokens: 0,
+        learned: 0,
+        windows: 0,
+        excluded: 0,
+        pii_redactions: 0,
+        shards: 0,
+        seconds: 0.0,
+        mb_per_s: 0.0,
+    };
+    let manifest = write_store(args.out, &fingerprint, shard_tokens, |w| {
+        let mut batch: Vec<Example> = Vec::new();
+        let mut held = 0usize;
+        let flush = |batch: &mut Vec<Example>,
+                     w: &mut whet_tokenize::store::StoreWriter,
+                     s: &mut Prepared|
+         -> whet_tokenize::Result<()> {
+            let (docs, rep) = tok.tokenize_examples(batch, &cfg)?;
+            for d in &docs {
+                w.push(d)?;
+            }
+            s.windows += rep.windows;
+            s.excluded += rep.rows_excluded();
+            s.documents = w.manifest().documents;
+            s.tokens = w.manifest().tokens;
+            batch.clear();
+            bar.set_message(format!("{} tokens", s.tokens));
+            Ok(())
+        };
+        for item in reader.by_ref() {
+            let mut ex = item?;
+            if let Some(scrubber) = &scrubber {
+                scrubber.scrub_example(&mut ex, &mut audit);
+            }
+            let n = text_len(&ex.record);
+            s.text_bytes += n as u64;
+            s.examples += 1;
+            held += n;
+            batch.push(ex);
+            if held >= batch_bytes {
+                flush(&mut batch, w, &mut s)?;
+                held = 0;
+                // The reader's position is not known; the text read stands for it.
+                bar.set_position(s.text_bytes.min(input_bytes));
+            }
+        }
+        if !batch.is_empty() {
+            flush(&mut batch, w, &mut s)?;
+        }
+        Ok(())
+    })
+    .with_context(|| {
+        format!(
+            "preparing {} into {}",
+            args.data.display(),
+            args.out.display()
+        )
+    })?;
+    bar.finish_and_clear();
+    let report = reader.into_report();
+    s.skipped = report.skipped_total() as u64;
+    s.documents = manifest.documents;
+    s.tokens = manifest.tokens;
+    s.learned = manifest.learned;
+    s.shards = manifest.shards.len();
+    s.pii_redactions = audit.redactions.values().sum();
+    s.seconds = started.elapsed().as_secs_f64();
+    s.mb_per_s = input_bytes as f64 / 1e6 / s.seconds.max(1e-9);
+    whet_data::atomic::write_file(
+        &args.out.join("prepare.json"),
+        serde_json::to_string_pretty(&s)?.as_bytes(),
+        whet_data::atomic::Existing::Replace,
+    )?;
+    if args.scrub_pii {
+        audit.write_json(args.out.join("pii_audit.json"))?;
+    }
+    Ok((manifest, s))
+}
