@@ -267,8 +267,19 @@ fn main() -> std::process::ExitCode {
         // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
-    tune_malloc();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // `data prepare` streams a corpus through allocations of every size: it keeps glibc's
+    // defaults (large blocks mapped, freed memory trimmed), so its RSS follows its working set
+    // rather than its largest document's high-water mark.
+    if !matches!(
+        cli.command,
+        Command::Data {
+            command: DataCommand::Prepare { .. }
+        }
+    ) {
+        tune_malloc();
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The cause chain, not a backtrace: the message names the file, row and field.
