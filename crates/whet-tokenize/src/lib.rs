@@ -61,7 +61,8 @@ pub mod tokenizer;
 pub use cache::{Cache, CacheStatus, CachedDataset, Fingerprint, FingerprintBuilder};
 pub use error::{Error, Result};
 pub use pack::{
-    Batch, PackConfig, PackReport, PackedRow, pack, pad_each, padding_free, targets_from_labels,
+    Batch, PackConfig, PackReport, PackedRow, pack, pack_plan, pad_each, padding_free,
+    targets_from_labels,
 };
 pub use template::{AssistantTurns, ChatTemplate, Rendered, SpanMethod};
 pub use tokenize::{

@@ -203,35 +203,8 @@ pub fn pack(
         &mut report,
     );
 
-    let mut order: Vec<usize> = (0..docs.len()).collect();
-    order.sort_by(|&a, &b| docs[b].1.len().cmp(&docs[a].1.len()).then(a.cmp(&b)));
-
-    // (room left, row index) of rows that are not full.
-    let mut open: BTreeSet<(usize, usize)> = BTreeSet::new();
-    let mut bins: Vec<Vec<usize>> = Vec::new();
-    for d in order {
-        let len = docs[d].1.len();
-        let slot = open.range((len, 0)..).next().copied();
-        match slot {
-            Some((room, row)) => {
-                open.remove(&(room, row));
-                bins[row].push(d);
-                if room > len {
-                    open.insert((room - len, row));
-                }
-            }
-            None => {
-                bins.push(vec![d]);
-                if cfg.seq_len > len {
-                    open.insert((cfg.seq_len - len, bins.len() - 1));
-                }
-            }
-        }
-    }
-    for bin in &mut bins {
-        bin.sort_unstable();
-    }
-    bins.sort_by_key(|b| b[0]);
+    let lengths: Vec<usize> = docs.iter().map(|(_, d)| d.len()).collect();
+    let bins = pack_plan(&lengths, cfg.seq_len);
 
     let mut rows = Vec::with_capacity(bins.len());
     for bin in bins {
@@ -253,6 +226,44 @@ pub fn pack(
     }
     report.rows = rows.len() as u64;
     Ok((rows, report))
+}
+
+/// [`pack`]'s rows as indices into `lengths` (documents of at most `seq_len` tokens): best-fit
+/// decreasing, longest first (ties by index), each into the open row with the least room that
+/// still fits it (ties: the earliest row), else a new row; indices ascending within a row, rows
+/// ordered by their first index. Deterministic; needs only the lengths, so rows can be planned
+/// for documents that stay on disk.
+pub fn pack_plan(lengths: &[usize], seq_len: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
+
+    // (room left, row index) of rows that are not full.
+    let mut open: BTreeSet<(usize, usize)> = BTreeSet::new();
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    for d in order {
+        let len = lengths[d];
+        let slot = open.range((len, 0)..).next().copied();
+        match slot {
+            Some((room, row)) => {
+                open.remove(&(room, row));
+                bins[row].push(d);
+                if room > len {
+                    open.insert((room - len, row));
+                }
+            }
+            None => {
+                bins.push(vec![d]);
+                if seq_len > len {
+                    open.insert((seq_len - len, bins.len() - 1));
+                }
+            }
+        }
+    }
+    for bin in &mut bins {
+        bin.sort_unstable();
+    }
+    bins.sort_by_key(|b| b[0]);
+    bins
 }
 
 fn push_doc(row: &mut PackedRow, doc: &TokenizedExample, seg: u32) {

@@ -40,6 +40,10 @@ pub struct Manifest {
     /// Tokens with a loss (mask 1).
     pub learned: u64,
     pub shards: Vec<ShardInfo>,
+    /// What the writer wants to keep beside the documents (whet: the settings it tokenized
+    /// with), for the reader to check.
+    #[serde(default)]
+    pub meta: serde_json::Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +96,7 @@ impl StoreWriter {
                 tokens: 0,
                 learned: 0,
                 shards: Vec::new(),
+                meta: serde_json::Value::Null,
             },
         }
     }
@@ -110,6 +115,11 @@ impl StoreWriter {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Sets the manifest's `meta`.
+    pub fn set_meta(&mut self, meta: serde_json::Value) {
+        self.manifest.meta = meta;
     }
 
     /// The documents and tokens written so far.

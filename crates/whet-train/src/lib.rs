@@ -56,7 +56,7 @@ pub mod trainer;
 pub use config::{Method, OptimizerChoice, TrainerConfig};
 pub use error::{Result, TrainError};
 pub use metrics::{EvalMetrics, SetLoss, StepMetrics};
-pub use rows::{Batch, Cursor, Row};
+pub use rows::{Batch, Cursor, Row, RowSource};
 pub use step::{Step, StepOutcome};
 pub use trainer::{
     Observer, Quiet, Summary, TaskScorer, TrainTime, Trainer, evaluate, evaluate_sharded,

@@ -23,6 +23,49 @@ impl Row {
     }
 }
 
+/// The training rows a [`crate::Trainer`] visits: in memory (`[Row]`, `Vec<Row>`), or made on
+/// demand from a store on disk, so a corpus larger than memory trains. Row `i` must be the same
+/// at every call (the seeded order and an exact resume rely on it).
+pub trait RowSource: Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Row `i`, `i < len()`.
+    fn row(&self, i: usize) -> std::borrow::Cow<'_, Row>;
+    /// Whether any row has a supervised token (a source on disk may know without reading them).
+    fn any_supervised(&self) -> bool {
+        (0..self.len()).any(|i| self.row(i).supervised() > 0)
+    }
+}
+
+impl RowSource for [Row] {
+    fn len(&self) -> usize {
+        <[Row]>::len(self)
+    }
+    fn row(&self, i: usize) -> std::borrow::Cow<'_, Row> {
+        std::borrow::Cow::Borrowed(&self[i])
+    }
+}
+
+impl RowSource for &[Row] {
+    fn len(&self) -> usize {
+        <[Row]>::len(self)
+    }
+    fn row(&self, i: usize) -> std::borrow::Cow<'_, Row> {
+        std::borrow::Cow::Borrowed(&self[i])
+    }
+}
+
+impl RowSource for Vec<Row> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn row(&self, i: usize) -> std::borrow::Cow<'_, Row> {
+        std::borrow::Cow::Borrowed(&self[i])
+    }
+}
+
 /// A micro-batch as tensors: ids/positions/segments (B, T) u32, targets (B, T) i64.
 #[derive(Debug, Clone)]
 pub struct Batch {

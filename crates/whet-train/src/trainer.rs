@@ -27,7 +27,7 @@ use crate::metrics::{EvalMetrics, MetricsLog, SetLoss, StepMetrics};
 use crate::preference::{
     Objective, PreferenceMetrics, PreferenceObjective, ReferenceLogps, SeqLogp,
 };
-use crate::rows::{Batch, Cursor, Row, epoch_order};
+use crate::rows::{Batch, Cursor, Row, RowSource, epoch_order};
 use crate::step::Step;
 use crate::{Result, TrainError};
 
@@ -215,7 +215,8 @@ pub fn evaluate_sharded(
 pub struct Trainer<'a> {
     pub model: &'a mut Model,
     pub config: &'a TrainerConfig,
-    pub train: &'a [Row],
+    /// The training rows: in memory, or made on demand from a store ([`RowSource`]).
+    pub train: &'a dyn RowSource,
     pub validation: &'a [Row],
     pub out: &'a Path,
     pub device: Device,
@@ -308,7 +309,9 @@ impl<'a> Trainer<'a> {
                 lr,
                 micro_batches.len(),
                 |j| {
-                    let rows: Vec<&Row> = micro_batches[j].iter().map(|&i| &train[i]).collect();
+                    let owned: Vec<std::borrow::Cow<'_, Row>> =
+                        micro_batches[j].iter().map(|&i| train.row(i)).collect();
+                    let rows: Vec<&Row> = owned.iter().map(|r| r.as_ref()).collect();
                     match (t.objective, reference) {
                         (Objective::Sft, _) => Batch::from_rows(&rows, device),
                         (Objective::Preference(_), None) => Batch::from_pair_rows(&rows, device),
@@ -375,7 +378,7 @@ impl<'a> Trainer<'a> {
                 hint: "no rows survived reading and tokenization",
             });
         }
-        if self.train.iter().all(|r| r.supervised() == 0) {
+        if !self.train.any_supervised() {
             return Err(TrainError::NoSupervisedTokens);
         }
         let config = |message: String| TrainError::Config {

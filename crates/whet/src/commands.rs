@@ -560,7 +560,11 @@ fn train_on(
         pipeline::prepare(&tok, &cfg.data, cfg.train.seed, &out)?
     };
     time.data_s = started.elapsed().as_secs_f64();
-    let id = run_id(&cfg, &data.train);
+    let id = match &data.train_store {
+        // The store's fingerprint stands for its rows (tokenizer, settings, input files).
+        Some(st) => run_id(&cfg, &[]) + &st.store().manifest().fingerprint[..8],
+        None => run_id(&cfg, &data.train),
+    };
     // Before writing anything: `out` must be new, empty or this run's (rank 0 writes it).
     if leader {
         whet_train::checkpoint::claim(&out, &id)?;
@@ -579,7 +583,7 @@ fn train_on(
         eprintln!(
             "data: {} train examples -> {} rows, {} validation examples -> {} rows (tokenized rows: cache {}){windows}",
             data.report.train_examples,
-            data.train.len(),
+            data.train_rows().len(),
             data.report.validation_examples,
             data.validation.len(),
             data.report.cache.as_deref().unwrap_or("off")
@@ -708,7 +712,7 @@ fn train_on(
     let mut trainer = Trainer {
         model: &mut model,
         config: &trainer_cfg,
-        train: &data.train,
+        train: data.train_rows(),
         validation: &data.validation,
         out: &out,
         device: dev.clone(),

@@ -197,6 +197,11 @@ pub struct DataSection {
     /// Used for training, evaluation, the report's generations and task metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
+    /// Train from a token store in this folder (`whet data prepare`): made from `train` with
+    /// these settings the first time (and again whenever the tokenizer, a setting or an input
+    /// file changes), then read memory-mapped: the corpus never has to fit in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<PathBuf>,
 }
 
 impl DataSection {
@@ -689,6 +694,9 @@ impl Config {
         if let Some(v) = self.data.validation.as_mut() {
             fix(v);
         }
+        if let Some(st) = self.data.store.as_mut() {
+            fix(st);
+        }
         if let Some(t) = self.data.chat_template.as_mut()
             && whet_tokenize::template::shipped::shipped(t).is_none()
         {
@@ -730,6 +738,12 @@ impl Config {
                 real("train.beta1", t.beta1, 0.0, 1.0, true, "")?;
                 real("train.beta2", t.beta2, 0.0, 1.0, true, "")?;
             }
+        }
+        if self.data.store.is_some() && (t.k_folds > 0 || self.preference.is_some()) {
+            return Err(bad(
+                "data.store",
+                "trains plain runs only for now: k-fold (train.k_folds) and [preference] read their data in memory; remove data.store".into(),
+            ));
         }
         if t.k_folds == 1 {
             return Err(bad(

@@ -45,6 +45,7 @@ pub fn flags_section(
         window_overlap: 0,
         columns: Columns::default(),
         chat_template: None,
+        store: None,
     }
 }
 
@@ -295,11 +296,26 @@ pub struct Prepared {
     pub train: Vec<Row>,
     pub validation: Vec<Row>,
     pub report: DataReport,
+    /// The training rows of a run from a token store (`data.store`); `train` is then empty.
+    pub train_store: Option<crate::store_rows::StoreRows>,
+}
+
+impl Prepared {
+    /// The training rows, wherever they are.
+    pub fn train_rows(&self) -> &dyn whet_train::RowSource {
+        match &self.train_store {
+            Some(s) => s,
+            None => &self.train,
+        }
+    }
 }
 
 /// The full data path of a training run. Writes nothing: the PII audit comes back in
 /// [`Prepared::pii_audit`] for the caller to write once it knows it owns `out`.
 pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Result<Prepared> {
+    if let Some(dir) = &data.store {
+        return prepare_from_store(tok, data, seed, dir);
+    }
     let mut report = DataReport::default();
     let mut pii_audit = None;
     let (mut train, read_report) = read(&data.train, data)?;
@@ -385,6 +401,7 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
         validation: val.rows,
         report,
         pii_audit,
+        train_store: None,
     })
 }
 
@@ -630,5 +647,84 @@ pub fn prepare_pairs(
         train: train_rows,
         validation: validation_rows,
         report,
+        train_store: None,
+    })
+}
+
+/// The data path of a run with `data.store`: the token store made from `data.train` (again when
+/// its fingerprint no longer matches), its documents packed as training packs them, the rows
+/// read from disk on demand. Validation: `data.validation` read as usual, or a seeded
+/// `data.validation_fraction` of the store's documents held out (rows in memory).
+fn prepare_from_store(
+    tok: &Tokenizer,
+    data: &DataSection,
+    seed: u64,
+    dir: &Path,
+) -> Result<Prepared> {
+    use whet_tokenize::store::Store;
+    let fingerprint = crate::prepare::store_fingerprint(tok, data)?;
+    let current = Store::open(dir)
+        .ok()
+        .is_some_and(|s| s.manifest().fingerprint == fingerprint);
+    if !current {
+        eprintln!(
+            "data: preparing the token store {} from {}",
+            dir.display(),
+            data.train.display()
+        );
+        let (_, p) = crate::prepare::prepare_store(tok, data, dir, 256, true)?;
+        eprintln!(
+            "data: {} documents, {} tokens in {:.1} s ({:.1} MB/s)",
+            p.documents, p.tokens, p.seconds, p.mb_per_s
+        );
+    }
+    let store = Store::open(dir)?;
+    let n = store.documents();
+    let mut report = DataReport::default();
+    let (train_docs, validation) = match &data.validation {
+        Some(path) => {
+            let (v, r) = read(path, data)?;
+            report.validation_read = Some(r);
+            report.validation_examples = v.len();
+            let rows = rows(tok, &v, data, None)?;
+            report.validation_tokenize = Some(rows.tokenize);
+            ((0..n).collect::<Vec<u64>>(), rows.rows)
+        }
+        None if data.validation_fraction > 0.0 => {
+            let order = whet_train::rows::epoch_order(n as usize, seed, u64::MAX);
+            let k = ((n as f64 * data.validation_fraction).round() as usize)
+                .clamp(1, (n as usize).saturating_sub(1).max(1));
+            let mut held: Vec<u64> = order[..k].iter().map(|&i| i as u64).collect();
+            held.sort_unstable();
+            let mut train: Vec<u64> = order[k..].iter().map(|&i| i as u64).collect();
+            train.sort_unstable();
+            report.validation_examples = held.len();
+            let val = crate::store_rows::StoreRows::new(
+                Store::open(dir)?,
+                &held,
+                data.max_len,
+                tok.pad_id(),
+            );
+            (train, val.to_rows())
+        }
+        None => ((0..n).collect(), Vec::new()),
+    };
+    report.train_examples = train_docs.len();
+    report.cache = Some(format!("token store {}", dir.display()));
+    let train = crate::store_rows::StoreRows::new(store, &train_docs, data.max_len, tok.pad_id());
+    if whet_train::RowSource::is_empty(&train) {
+        bail!(
+            "{}: the token store has no training documents",
+            dir.display()
+        );
+    }
+    Ok(Prepared {
+        pii_audit: None,
+        train_examples: Vec::new(),
+        validation_examples: Vec::new(),
+        train: Vec::new(),
+        validation,
+        report,
+        train_store: Some(train),
     })
 }

@@ -12,9 +12,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use whet_data::pii::Scrubber;
 use whet_data::{Example, Record, Shape};
-use whet_tokenize::FingerprintBuilder;
 use whet_tokenize::store::{Manifest, write_store};
+use whet_tokenize::{FingerprintBuilder, Tokenizer};
 
+use crate::config::DataSection;
 use crate::pipeline;
 use crate::runtime::load_tokenizer_with;
 
@@ -62,51 +63,75 @@ fn text_len(r: &Record) -> usize {
     }
 }
 
-/// Streams `args.data` into a token store at `args.out` (replacing an older store there whole,
+/// Streams `args.data` into a token store at `out_dir` (replacing an older store there whole,
 /// never a folder of other files).
 pub fn prepare(args: &PrepareArgs<'_>) -> Result<(Manifest, Prepared)> {
-    let started = Instant::now();
     let tok = load_tokenizer_with(args.model, args.chat_template, "--chat-template")?;
-    let spec = pipeline::flags_section(
+    let mut spec = pipeline::flags_section(
         args.data,
         None,
         args.format,
         args.max_len,
         args.skip_invalid,
     );
-    let opts = pipeline::read_options(&spec);
-    let files = whet_data::read::resolve(args.data, opts.format)?;
+    spec.scrub_pii = args.scrub_pii;
+    prepare_store(&tok, &spec, args.out, args.memory_mb, true)
+}
+
+/// What a store of `data.train` made with `tok` and `data`'s settings is keyed by: the
+/// tokenizer (and chat template), the settings that shape the documents, PII scrubbing, and each
+/// input file's path, size and modification time.
+pub fn store_fingerprint(tok: &Tokenizer, data: &DataSection) -> Result<String> {
+    let opts = pipeline::read_options(data);
+    let files = whet_data::read::resolve(&data.train, opts.format)?;
+    let mut fp = FingerprintBuilder::new()
+        .tokenizer(tok)
+        .settings("data", &pipeline::RowSettings::from(data))?
+        .settings("scrub_pii", &data.scrub_pii)?;
+    for (path, _) in &files {
+        fp = fp.data_file(path)?;
+    }
+    Ok(fp.finish().to_string())
+}
+
+/// Streams `data.train` into a token store at `out` as training would tokenize it with `tok`
+/// and `data`'s settings (scrubbed with `data.scrub_pii`), in batches bounded by `memory_mb`.
+pub fn prepare_store(
+    tok: &Tokenizer,
+    data: &DataSection,
+    out: &Path,
+    memory_mb: usize,
+    progress: bool,
+) -> Result<(Manifest, Prepared)> {
+    let started = Instant::now();
+    let spec = data;
+    let opts = pipeline::read_options(spec);
+    let files = whet_data::read::resolve(&spec.train, opts.format)?;
     let input_bytes: u64 = files
         .iter()
         .map(|(p, _)| std::fs::metadata(p).map_or(0, |m| m.len()))
         .sum();
-    let mut fp = FingerprintBuilder::new()
-        .tokenizer(&tok)
-        .settings("data", &pipeline::RowSettings::from(&spec))?
-        .settings("scrub_pii", &args.scrub_pii)?;
-    for (path, _) in &files {
-        fp = fp.data_file(path)?;
-    }
-    let fingerprint = fp.finish().to_string();
-    if args.out.exists() && !args.out.join(whet_tokenize::store::MANIFEST).is_file() {
-        let nonempty = std::fs::read_dir(args.out)
+    let fingerprint = store_fingerprint(tok, spec)?;
+    let out_dir = out;
+    if out_dir.exists() && !out_dir.join(whet_tokenize::store::MANIFEST).is_file() {
+        let nonempty = std::fs::read_dir(out_dir)
             .map(|mut d| d.next().is_some())
             .unwrap_or(true);
         anyhow::ensure!(
             !nonempty,
             "{}: not a token store (no manifest.json) and not empty; whet writes a store only where it owns the folder: pass a new --out",
-            args.out.display()
+            out_dir.display()
         );
     }
     // A batch's text takes a sixteenth of the budget: tokenized, each byte of text becomes up to
     // ~0.6 tokens of 12 bytes (id and label) besides itself, so the batch peaks near half the
     // budget; the shard being written (5 bytes a token) takes two fifths.
-    let budget = args.memory_mb.max(1) << 20;
+    let budget = memory_mb.max(1) << 20;
     let batch_bytes = budget / 16;
     let shard_tokens = budget * 2 / 5 / 5;
-    let mut cfg = pipeline::tokenize_config(&spec);
+    let mut cfg = pipeline::tokenize_config(spec);
     cfg.parallel = true;
-    let scrubber = args.scrub_pii.then(Scrubber::new);
+    let scrubber = spec.scrub_pii.then(Scrubber::new);
     let mut audit = whet_data::pii::Audit::default();
     let bar = ProgressBar::new(input_bytes);
     bar.set_style(
@@ -115,7 +140,7 @@ pub fn prepare(args: &PrepareArgs<'_>) -> Result<(Manifest, Prepared)> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut reader = whet_data::read::open(args.data, &opts)?;
+    let mut reader = whet_data::read::open(&spec.train, &opts)?;
     let mut s = Prepared {
         input_files: files.len(),
         input_bytes,
@@ -132,7 +157,15 @@ pub fn prepare(args: &PrepareArgs<'_>) -> Result<(Manifest, Prepared)> {
         seconds: 0.0,
         mb_per_s: 0.0,
     };
-    let manifest = write_store(args.out, &fingerprint, shard_tokens, |w| {
+    let meta = serde_json::json!({
+        "settings": pipeline::RowSettings::from(spec),
+        "scrub_pii": spec.scrub_pii,
+    });
+    if !progress {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let manifest = write_store(out_dir, &fingerprint, shard_tokens, |w| {
+        w.set_meta(meta);
         let mut batch: Vec<Example> = Vec::new();
         let mut held = 0usize;
         let flush = |batch: &mut Vec<Example>,
@@ -176,8 +209,8 @@ pub fn prepare(args: &PrepareArgs<'_>) -> Result<(Manifest, Prepared)> {
     .with_context(|| {
         format!(
             "preparing {} into {}",
-            args.data.display(),
-            args.out.display()
+            spec.train.display(),
+            out_dir.display()
         )
     })?;
     bar.finish_and_clear();
@@ -191,12 +224,12 @@ pub fn prepare(args: &PrepareArgs<'_>) -> Result<(Manifest, Prepared)> {
     s.seconds = started.elapsed().as_secs_f64();
     s.mb_per_s = input_bytes as f64 / 1e6 / s.seconds.max(1e-9);
     whet_data::atomic::write_file(
-        &args.out.join("prepare.json"),
+        &out_dir.join("prepare.json"),
         serde_json::to_string_pretty(&s)?.as_bytes(),
         whet_data::atomic::Existing::Replace,
     )?;
-    if args.scrub_pii {
-        audit.write_json(args.out.join("pii_audit.json"))?;
+    if spec.scrub_pii {
+        audit.write_json(out_dir.join("pii_audit.json"))?;
     }
     Ok((manifest, s))
 }

@@ -186,14 +186,14 @@ pub fn run(
     validation: &[Row],
     run_id: &str,
 ) -> whet_train::Result<Summary> {
-    run_with(model, config, train, validation, run_id, None, None)
+    run_with(model, config, &train, validation, run_id, None, None)
 }
 
 /// [`run`] with a task scorer and a precomputed preference reference.
 pub fn run_with<'a>(
     model: &'a mut Model,
     config: &'a Config,
-    train: &'a [Row],
+    train: &'a dyn whet_train::RowSource,
     validation: &'a [Row],
     run_id: &str,
     scorer: Option<&'a mut dyn whet_train::TaskScorer>,
@@ -386,7 +386,7 @@ pub fn run_ranks_with(
                     let summary = Trainer {
                         model: &mut model,
                         config: &config.trainer,
-                        train,
+                        train: &train,
                         validation,
                         out,
                         device: Device::Cpu,

@@ -179,3 +179,115 @@ fn a_bad_row_names_file_and_row_and_leaves_no_store() {
     );
     assert!(!out.exists());
 }
+
+const STORE_RUN: &str = r#"
+method = "lora"
+
+[data]
+train = "corpus.jsonl"
+validation = "val.jsonl"
+max_len = 64
+STORE
+
+[lora]
+r = 4
+alpha = 8.0
+dropout = 0.1
+
+[train]
+max_steps = 5
+micro_batch = 2
+lr = 1e-2
+eval_every = 2
+
+[eval]
+max_new_tokens = 4
+
+[output]
+dir = "out"
+"#;
+
+fn train_losses(out: &Path) -> Vec<String> {
+    metrics(out)
+        .iter()
+        .map(|v| {
+            format!(
+                "{} {} {}",
+                v["kind"],
+                v["step"],
+                v.get("loss").unwrap_or(&v["val_loss"])
+            )
+        })
+        .collect()
+}
+
+/// `data.store`: the run prepares the store from `data.train` once, trains from it with the
+/// losses of the in-memory run bit for bit (the same rows in the same order), reuses it while
+/// nothing changed and prepares it again when an input file changes.
+#[test]
+fn training_from_a_store_matches_training_in_memory() {
+    let tmp = Tmp::new("store-train");
+    let m = model(&tmp);
+    corpus(&tmp.join("corpus.jsonl"), 60);
+    corpus(&tmp.join("val.jsonl"), 4);
+    let memory = config(&tmp, &m, &STORE_RUN.replace("STORE", ""));
+    whet(["train", "--config", s(&memory)]).ok();
+    let want = train_losses(&tmp.join("out"));
+    assert_eq!(want.len(), 5 + 3, "{want:?}");
+
+    let body = STORE_RUN
+        .replace("STORE", "store = \"tokens\"")
+        .replace("dir = \"out\"", "dir = \"out-store\"");
+    let from_store = config(&tmp, &m, &body);
+    let r = whet(["train", "--config", s(&from_store)]).ok();
+    assert!(
+        r.stderr.contains("preparing the token store"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(train_losses(&tmp.join("out-store")), want);
+    assert!(Store::open(&tmp.join("tokens")).is_ok());
+
+    // Nothing changed: the store is read as it is (a new output folder, the same losses).
+    let again = config(&tmp, &m, &body.replace("out-store", "out-again"));
+    let r = whet(["train", "--config", s(&again)]).ok();
+    assert!(
+        !r.stderr.contains("preparing the token store"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(train_losses(&tmp.join("out-again")), want);
+
+    // An input file changed: prepared again.
+    corpus(&tmp.join("corpus.jsonl"), 61);
+    let changed = config(&tmp, &m, &body.replace("out-store", "out-changed"));
+    let r = whet(["train", "--config", s(&changed)]).ok();
+    assert!(
+        r.stderr.contains("preparing the token store"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Without a validation file, a seeded fraction of the store's documents is held out.
+#[test]
+fn a_store_run_holds_out_a_fraction_of_its_documents() {
+    let tmp = Tmp::new("store-fraction");
+    let m = model(&tmp);
+    corpus(&tmp.join("corpus.jsonl"), 60);
+    let body = STORE_RUN
+        .replace("STORE", "store = \"tokens\"\nvalidation_fraction = 0.2")
+        .replace("validation = \"val.jsonl\"\n", "");
+    let cfg = config(&tmp, &m, &body);
+    whet(["train", "--config", s(&cfg)]).ok();
+    let report: Value =
+        serde_json::from_str(&fs::read_to_string(tmp.join("out/report.json")).unwrap()).unwrap();
+    let store = Store::open(&tmp.join("tokens")).unwrap();
+    let (train, val) = (
+        report["data"]["train_examples"].as_u64().unwrap(),
+        report["data"]["validation_examples"].as_u64().unwrap(),
+    );
+    assert_eq!(train + val, store.documents(), "{report}");
+    assert_eq!(val, (store.documents() as f64 * 0.2).round() as u64);
+    assert!(report["before"]["val_loss"].is_f64(), "{report}");
+}
