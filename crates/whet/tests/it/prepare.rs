@@ -291,3 +291,48 @@ fn a_store_run_holds_out_a_fraction_of_its_documents() {
     assert_eq!(val, (store.documents() as f64 * 0.2).round() as u64);
     assert!(report["before"]["val_loss"].is_f64(), "{report}");
 }
+
+/// A run from a store resumes from a checkpoint with the uninterrupted run's losses.
+#[test]
+fn a_store_run_resumes_bit_identically() {
+    let tmp = Tmp::new("store-resume");
+    let m = model(&tmp);
+    corpus(&tmp.join("corpus.jsonl"), 60);
+    corpus(&tmp.join("val.jsonl"), 4);
+    let body = STORE_RUN
+        .replace("STORE", "store = \"tokens\"")
+        .replace("[output]\n", "[output]\nsave_every = 1\nkeep_last = 10\n");
+    let cfg = config(&tmp, &m, &body);
+    whet(["train", "--config", s(&cfg), "--no-report"]).ok();
+    let full = tmp.join("out");
+    let want = train_losses(&full);
+    // As if killed after step 3: its checkpoint, the claim and the metrics so far.
+    let part = tmp.join("part");
+    let ckpt = "checkpoint-000003";
+    fs::create_dir_all(part.join(ckpt)).unwrap();
+    for e in fs::read_dir(full.join(ckpt)).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), part.join(ckpt).join(e.file_name())).unwrap();
+    }
+    fs::copy(
+        full.join(whet_data::atomic::MARKER),
+        part.join(whet_data::atomic::MARKER),
+    )
+    .unwrap();
+    fs::copy(full.join("metrics.jsonl"), part.join("metrics.jsonl")).unwrap();
+    let r = whet([
+        "train",
+        "--config",
+        s(&cfg),
+        "--no-report",
+        "--set",
+        &format!("output.dir={}", s(&part)),
+    ])
+    .ok();
+    assert!(
+        !r.stderr.contains("preparing the token store"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(train_losses(&part), want);
+}
