@@ -685,7 +685,7 @@ fn train_on(
     // Before training: the base model (LoRA starts as the identity, B = 0).
     model.set_training(false);
     let clock = Instant::now();
-    let reference = preference_reference(&cfg, &model, &data, dev)?;
+    let reference = preference_reference(&cfg, rt, &model, &data)?;
     time.reference_s = clock.elapsed().as_secs_f64();
     let measure = |model: &Model| {
         report::measure(
@@ -809,9 +809,9 @@ fn train_on(
 /// of every step). `None` otherwise.
 fn preference_reference(
     cfg: &Config,
+    rt: &Runtime,
     model: &Model,
     data: &pipeline::Prepared,
-    device: &Device,
 ) -> Result<Option<whet_train::preference::ReferenceLogps>> {
     let Some(p) = &cfg.preference else {
         return Ok(None);
@@ -819,16 +819,103 @@ fn preference_reference(
     if !p.objective().needs_reference() || !(cfg.method == Method::Full || p.precompute_reference) {
         return Ok(None);
     }
+    let mb = 2 * cfg.train.micro_batch;
+    // Cached with the tokenized data, keyed by what the numbers depend on: the base weights
+    // (every file of the model folder by name, size and time; the adapter continued from, by
+    // content), quantization, device and dtype, the rows and the batch size.
+    let mut key = whet_tokenize::fingerprint::Fnv128::new();
+    key.bytes(b"reference-logps-v1");
+    let mut files: Vec<_> = std::fs::read_dir(&cfg.model.path)
+        .with_context(|| format!("listing {}", cfg.model.path.display()))?
+        .filter_map(|e| e.ok())
+        .collect();
+    files.sort_by_key(|e| e.file_name());
+    for e in files {
+        let meta = e.metadata()?;
+        key.bytes(e.file_name().as_encoded_bytes());
+        key.u64(meta.len());
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        key.u64(mtime);
+    }
+    if let Some(a) = &cfg.model.adapter {
+        key.bytes(&std::fs::read(
+            a.join(whet_model::lora::ADAPTER_WEIGHTS_FILE),
+        )?);
+    }
+    key.bytes(
+        format!(
+            "{:?} {:?} {:?} {mb}",
+            cfg.model.quantize,
+            rt.device(),
+            rt.compute_dtype()
+        )
+        .as_bytes(),
+    );
+    for rows in [&data.train, &data.validation] {
+        key.u64(rows.len() as u64);
+        for r in rows.iter() {
+            key.u64(r.input_ids.len() as u64);
+            r.input_ids.iter().for_each(|&id| key.u64(id as u64));
+            r.targets.iter().for_each(|&t| key.u64(t as u64));
+        }
+    }
+    let path = pipeline::cache_dir()
+        .join("reference")
+        .join(format!("{}.json", key.hex()));
+    if let Ok(text) = std::fs::read(&path)
+        && let Ok(cached) = serde_json::from_slice::<CachedReference>(&text)
+        && cached.train.len() == data.train.len()
+        && cached.validation.len() == data.validation.len()
+    {
+        eprintln!(
+            "preference: the reference log-probabilities from the cache ({})",
+            path.display()
+        );
+        let back = |v: Vec<(f32, usize)>| {
+            v.into_iter()
+                .map(|(logp, tokens)| whet_train::preference::SeqLogp { logp, tokens })
+                .collect()
+        };
+        return Ok(Some(whet_train::preference::ReferenceLogps {
+            train: back(cached.train),
+            validation: back(cached.validation),
+        }));
+    }
     eprintln!(
         "preference: the reference log-probabilities of {} training and {} validation rows, computed once",
         data.train.len(),
         data.validation.len()
     );
-    let mb = 2 * cfg.train.micro_batch;
-    Ok(Some(whet_train::preference::ReferenceLogps {
+    let device = rt.device();
+    let r = whet_train::preference::ReferenceLogps {
         train: whet_train::preference::reference_logps(model, &data.train, mb, device)?,
         validation: whet_train::preference::reference_logps(model, &data.validation, mb, device)?,
-    }))
+    };
+    let pairs =
+        |v: &[whet_train::preference::SeqLogp]| v.iter().map(|s| (s.logp, s.tokens)).collect();
+    let cached = CachedReference {
+        train: pairs(&r.train),
+        validation: pairs(&r.validation),
+    };
+    if let Some(dir) = path.parent()
+        && std::fs::create_dir_all(dir).is_ok()
+    {
+        // A cache: a failed write costs a recomputation next time, nothing else.
+        let _ = atomic::write_file(&path, &serde_json::to_vec(&cached)?, Existing::Replace);
+    }
+    Ok(Some(r))
+}
+
+/// The reference log-probabilities (log-prob, supervised tokens) of a preference run's rows, as
+/// cached on disk.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedReference {
+    train: Vec<(f32, usize)>,
+    validation: Vec<(f32, usize)>,
 }
 
 /// The validation examples task metrics score (the first `eval.metric_examples`, or all) and

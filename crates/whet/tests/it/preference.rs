@@ -228,6 +228,29 @@ fn full_fine_tuning_dpo_runs_against_a_precomputed_reference() {
     assert!(report["after"]["preference"]["reward_margin"].is_f64());
     assert!(report["time"]["reference_s"].as_f64().unwrap() > 0.0);
     assert!(out.join("model/model.safetensors").exists());
+
+    // Cached with the tokenized data: a second run reads the reference back, to the same run.
+    let r = whet([
+        "train",
+        "--config",
+        s(&cfg),
+        "--set",
+        &format!("output.dir={}", s(&tmp.join("again"))),
+    ])
+    .ok();
+    assert!(
+        r.stderr
+            .contains("reference log-probabilities from the cache"),
+        "{}",
+        r.stderr
+    );
+    let losses = |out: &std::path::Path| -> Vec<f64> {
+        metrics(out)
+            .iter()
+            .filter_map(|v| v["loss"].as_f64().or(v["val_loss"].as_f64()))
+            .collect()
+    };
+    assert_eq!(losses(&tmp.join("again")), losses(&out));
 }
 
 /// With LoRA the precomputed reference (`preference.precompute_reference`) gives the numbers of
