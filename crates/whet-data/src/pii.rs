@@ -300,15 +300,7 @@ impl Scrubber {
             return;
         }
         example.id = record_id(&example.record);
-        audit.examples_touched += 1;
-        for (k, v) in &counts {
-            *audit.redactions.entry(k.clone()).or_default() += v;
-        }
-        audit.rows.push(AuditRow {
-            id: example.id,
-            origin: example.origin.clone(),
-            redactions: counts,
-        });
+        audit.touched(example.id, &example.origin, counts);
     }
 
     /// Redacts both sides of a preference pair, with one audit row per pair whose counts take the
@@ -331,15 +323,7 @@ impl Scrubber {
             return;
         }
         pair.id = record_id(&pair.chosen) ^ record_id(&pair.rejected).rotate_left(1);
-        audit.examples_touched += 1;
-        for (k, v) in &counts {
-            *audit.redactions.entry(k.clone()).or_default() += v;
-        }
-        audit.rows.push(AuditRow {
-            id: pair.id,
-            origin: pair.origin.clone(),
-            redactions: counts,
-        });
+        audit.touched(pair.id, &pair.origin, counts);
     }
 
     /// Redacts a whole dataset; returns the examples (same order) and the audit.
@@ -639,6 +623,19 @@ impl Audit {
         let path = path.as_ref();
         crate::atomic::write_file(path, self.to_json().as_bytes(), Existing::Replace)
             .map_err(DataError::from)
+    }
+
+    /// Records the redactions of one touched row (an example, or a preference pair).
+    fn touched(&mut self, id: u64, origin: &Origin, counts: Counts) {
+        self.examples_touched += 1;
+        for (k, v) in &counts {
+            *self.redactions.entry(k.clone()).or_default() += v;
+        }
+        self.rows.push(AuditRow {
+            id,
+            origin: origin.clone(),
+            redactions: counts,
+        });
     }
 
     /// Folds another audit (e.g. from another shard) into this one.

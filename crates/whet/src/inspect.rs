@@ -41,6 +41,24 @@ fn marked_ids(tok: &Tokenizer, ids: &[u32], learned_at: impl Fn(usize) -> bool) 
     Ok(s)
 }
 
+/// `PII: 3 example(s) with personal data (email=2, phone=1)`.
+fn print_pii(audit: &whet_data::pii::Audit, rows: &str) {
+    let pii: Vec<String> = audit
+        .redactions
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "PII: {} {rows} with personal data{}",
+        audit.examples_touched,
+        if pii.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", pii.join(", "))
+        }
+    );
+}
+
 pub fn inspect(
     data: &Path,
     validation: Option<&Path>,
@@ -130,20 +148,7 @@ pub fn inspect(
         }
     );
     let (_, audit) = Scrubber::new().scrub_all(examples.iter().cloned());
-    let pii: Vec<String> = audit
-        .redactions
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    println!(
-        "PII: {} example(s) with personal data{}",
-        audit.examples_touched,
-        if pii.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", pii.join(", "))
-        }
-    );
+    print_pii(&audit, "example(s)");
     let (kept, dups) = whet_data::dedup::dedup(examples.iter().cloned(), &DedupConfig::default())?;
     println!(
         "duplicates: {} exact or near ({} kept)",
@@ -217,23 +222,9 @@ pub fn inspect_pairs(
         rows.len(),
         100.0 * supervised as f64 / tokens.max(1) as f64
     );
-    let pii: Vec<String> = prepared
-        .pii_audit
-        .iter()
-        .flat_map(|a| a.redactions.iter().map(|(k, v)| format!("{k}={v}")))
-        .collect();
-    println!(
-        "PII: {} pair(s) with personal data{}",
-        prepared
-            .pii_audit
-            .as_ref()
-            .map_or(0, |a| a.examples_touched),
-        if pii.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", pii.join(", "))
-        }
-    );
+    if let Some(audit) = &prepared.pii_audit {
+        print_pii(audit, "pair(s)");
+    }
     if let Some(d) = &r.dedup {
         println!(
             "duplicates: {} pair(s) exact or near ({} kept)",

@@ -406,3 +406,17 @@ pub fn run_ranks_with(
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
+
+/// The reference of each pair row, from `model` as it is now (the base: LoRA's B is 0).
+pub fn precompute(
+    model: &mut Model,
+    train: &[Row],
+    val: &[Row],
+) -> whet_train::preference::ReferenceLogps {
+    model.set_training(false);
+    let device = candle_core::Device::Cpu;
+    whet_train::preference::ReferenceLogps {
+        train: whet_train::preference::reference_logps(model, train, 3, &device).unwrap(),
+        validation: whet_train::preference::reference_logps(model, val, 3, &device).unwrap(),
+    }
+}

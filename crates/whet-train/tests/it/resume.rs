@@ -265,9 +265,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 /// checkpoint is loaded, as `whet train` does.
 #[test]
 fn preference_resume_is_bit_identical() {
-    use whet_train::preference::{
-        DpoConfig, DpoLoss, Objective, PreferenceObjective, ReferenceLogps, reference_logps,
-    };
+    use whet_train::preference::{DpoConfig, DpoLoss, Objective, PreferenceObjective};
     let overrides = [
         "train.max_steps=6",
         "output.save_every=1",
@@ -291,11 +289,7 @@ fn preference_resume_is_bit_identical() {
         };
         let go = |out: &std::path::Path| {
             let mut model = tiny_model(lora);
-            model.set_training(false);
-            let reference = (!lora).then(|| ReferenceLogps {
-                train: reference_logps(&model, &train, 4, &candle_core::Device::Cpu).unwrap(),
-                validation: reference_logps(&model, &val, 4, &candle_core::Device::Cpu).unwrap(),
-            });
+            let reference = (!lora).then(|| precompute(&mut model, &train, &val));
             let cfg = settings(out);
             let s = run_with(
                 &mut model,

@@ -4,11 +4,9 @@
 use whet_model::Model;
 use whet_train::TaskScorer;
 use whet_train::TrainError;
-use whet_train::preference::{
-    DpoConfig, DpoLoss, Objective, PreferenceObjective, ReferenceLogps, reference_logps,
-};
+use whet_train::preference::{DpoConfig, DpoLoss, Objective, PreferenceObjective};
 
-use crate::common::{config, rows, run, run_ranks_with, run_with, tempdir, tiny_model};
+use crate::common::{config, precompute, rows, run, run_ranks_with, run_with, tempdir, tiny_model};
 
 /// Returns `accuracy` from a script, one value per call (and a constant `chrf`), and records the
 /// calls.
@@ -302,20 +300,6 @@ fn dpo() -> Objective {
             label_smoothing: 0.0,
         },
     }))
-}
-
-/// The reference of each pair row, from `model` as it is now (the base: LoRA's B is 0).
-fn precompute(
-    model: &mut Model,
-    train: &[whet_train::Row],
-    val: &[whet_train::Row],
-) -> ReferenceLogps {
-    model.set_training(false);
-    let device = candle_core::Device::Cpu;
-    ReferenceLogps {
-        train: reference_logps(model, train, 3, &device).unwrap(),
-        validation: reference_logps(model, val, 3, &device).unwrap(),
-    }
 }
 
 /// For LoRA the precomputed reference is the adapter-off forward each step would run: the
