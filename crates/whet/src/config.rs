@@ -1755,7 +1755,11 @@ mod tests {
             both.contains("`data.train`") && both.contains("`data.sources`"),
             "{both}"
         );
-        let neither = MIXTURE.split("[[data.sources]]").next().unwrap().to_string()
+        let neither = MIXTURE
+            .split("[[data.sources]]")
+            .next()
+            .unwrap()
+            .to_string()
             + "\n[output]\ndir = \"out\"\n";
         let msg = refuse(&neither, &[]);
         assert!(

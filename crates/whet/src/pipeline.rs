@@ -429,12 +429,7 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
 /// `columns` over `[data]`'s, the run's scrub and dedup settings, `validation_fraction` of it held
 /// out unless `data.validation` is given, which is read once for all), so no row mixes two
 /// sources' documents. The training rows are then drawn by [`mixture`].
-fn prepare_mixture(
-    tok: &Tokenizer,
-    data: &DataSection,
-    seed: u64,
-    out: &Path,
-) -> Result<Prepared> {
+fn prepare_mixture(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Result<Prepared> {
     let mut report = DataReport::default();
     let mut audit: Option<Audit> = None;
     let mut merge_audit = |a: Option<Audit>| match (&mut audit, a) {
@@ -457,7 +452,10 @@ fn prepare_mixture(
                 data.validation_fraction
             },
             format: source.format.unwrap_or(data.format),
-            columns: source.columns.clone().unwrap_or_else(|| data.columns.clone()),
+            columns: source
+                .columns
+                .clone()
+                .unwrap_or_else(|| data.columns.clone()),
             sources: Vec::new(),
             ..data.clone()
         };
@@ -866,7 +864,10 @@ mod tests {
     fn quotas_follow_the_weights() {
         assert_eq!(mixture_quotas(&[30, 10], &[3.0, 1.0]), vec![30, 10]);
         assert_eq!(mixture_quotas(&[10, 30], &[3.0, 1.0]), vec![30, 10]);
-        assert_eq!(mixture_quotas(&[5, 5, 10], &[1.0, 1.0, 2.0]), vec![5, 5, 10]);
+        assert_eq!(
+            mixture_quotas(&[5, 5, 10], &[1.0, 1.0, 2.0]),
+            vec![5, 5, 10]
+        );
         // A tiny weight still keeps its source in.
         assert_eq!(mixture_quotas(&[100, 1], &[1.0, 1e-9]), vec![101, 1]);
     }
@@ -875,7 +876,11 @@ mod tests {
     fn the_mixture_draws_each_sources_quota_evenly_and_deterministically() {
         for seed in 0..20u64 {
             for rows in [vec![1, 7], vec![3, 50], vec![40, 2, 9], vec![13]] {
-                for weights in [vec![1.0, 1.0, 1.0], vec![3.0, 1.0, 0.5], vec![0.1, 9.0, 2.0]] {
+                for weights in [
+                    vec![1.0, 1.0, 1.0],
+                    vec![3.0, 1.0, 0.5],
+                    vec![0.1, 9.0, 2.0],
+                ] {
                     let weights = &weights[..rows.len()];
                     let picks = mixture(&rows, weights, seed);
                     assert_eq!(picks, mixture(&rows, weights, seed), "deterministic");
