@@ -124,7 +124,7 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
     add(
         "train_config",
         "data_sources.bin",
-        b"[model]\npath = \"m\"\n[data]\nmax_len = 64\n[[data.sources]]\nname = \"manuals\"\npath = \"a.jsonl\"\nformat = \"text\"\ncolumns = { text = \"body\" }\nweight = 3.0\n[[data.sources]]\npath = \"b.jsonl\"\n[output]\ndir = \"out\"\n\0data.max_len=128"
+        b"[model]\npath = \"m\"\n[data]\nmax_len = 64\n[[data.sources]]\nname = \"manuals\"\npath = \"a.jsonl\"\nformat = \"text\"\ncolumns = { text = \"body\" }\nweight = 3.0\nmax_tokens = 100000\n[[data.sources]]\npath = \"b.jsonl\"\n[output]\ndir = \"out\"\n\0data.max_len=128"
             .to_vec(),
     );
     out

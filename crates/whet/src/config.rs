@@ -226,6 +226,10 @@ pub struct SourceSection {
     /// Relative share of the training rows (default 1.0; finite and > 0).
     #[serde(default = "defaults::weight")]
     pub weight: f64,
+    /// A budget of supervised tokens per epoch for this source: its drawn rows are cut to
+    /// those that fit (at least one). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
 }
 
 impl SourceSection {
@@ -1158,6 +1162,12 @@ impl Config {
                     format!("must be a finite number > 0, got {}", source.weight),
                 ));
             }
+            if source.max_tokens == Some(0) {
+                return Err(bad(
+                    &format!("data.sources[{i}].max_tokens"),
+                    "must be > 0 (leave it out for no budget)".into(),
+                ));
+            }
             if is_empty_path(&source.path) {
                 return Err(bad(
                     &format!("data.sources[{i}].path"),
@@ -1771,6 +1781,11 @@ mod tests {
             let msg = refuse(&text, &[]);
             assert!(msg.contains("`data.sources[0].weight`"), "{w}: {msg}");
         }
+        let msg = refuse(
+            &MIXTURE.replace("weight = 3.0", "weight = 3.0\nmax_tokens = 0"),
+            &[],
+        );
+        assert!(msg.contains("`data.sources[0].max_tokens`"), "{msg}");
         let dup = MIXTURE.replace("name = \"manuals\"", "name = \"general\"");
         let msg = refuse(&dup, &[]);
         assert!(

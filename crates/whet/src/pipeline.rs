@@ -297,6 +297,9 @@ pub struct SourceReport {
     pub name: String,
     pub path: PathBuf,
     pub weight: f64,
+    /// The source's budget of supervised tokens per epoch, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
     /// Examples read from `path` (before dedup and the validation split).
     pub examples_read: usize,
     pub train_examples: usize,
@@ -304,7 +307,7 @@ pub struct SourceReport {
     /// Packed training rows this source has.
     pub rows_available: usize,
     /// Rows of this source in each epoch of the mixture (more than `rows_available`: some
-    /// repeated; fewer: a fixed seeded subset).
+    /// repeated; fewer: a fixed seeded subset, or what `max_tokens` leaves).
     pub rows_per_epoch: usize,
     /// Supervised (learned) tokens of those rows. Tokens seen over the run are this times the
     /// epochs trained.
@@ -468,6 +471,7 @@ fn prepare_mixture(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -
             name,
             path: source.path.clone(),
             weight: source.weight,
+            max_tokens: source.max_tokens,
             examples_read: r.train_read.as_ref().map_or(0, |r| r.examples as usize),
             train_examples: r.train_examples,
             validation_examples: r.validation_examples,
@@ -510,9 +514,13 @@ fn prepare_mixture(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -
     if audit.is_some() {
         report.pii_audit = Some(out.join("pii_audit.json"));
     }
-    let counts: Vec<usize> = source_rows.iter().map(Vec::len).collect();
+    let tokens: Vec<Vec<usize>> = source_rows
+        .iter()
+        .map(|rows| rows.iter().map(Row::supervised).collect())
+        .collect();
     let weights: Vec<f64> = data.sources.iter().map(|s| s.weight).collect();
-    let picks = mixture(&counts, &weights, seed);
+    let budgets: Vec<Option<u64>> = data.sources.iter().map(|s| s.max_tokens).collect();
+    let picks = mixture(&tokens, &weights, &budgets, seed);
     let mut train = Vec::with_capacity(picks.len());
     let mut train_sources = Vec::with_capacity(picks.len());
     for &(source, row) in &picks {
@@ -551,16 +559,26 @@ pub fn mixture_quotas(rows: &[usize], weights: &[f64]) -> Vec<usize> {
         .collect()
 }
 
-/// The rows of a mixture's epoch as (source, row) pairs, deterministic from `seed`: source `i`
-/// (with `rows[i]` rows) gets its [`mixture_quotas`] share `q`. With `q >= rows[i]` every row is
-/// used `q / rows[i]` times and a seeded `q % rows[i]` of them once more (up-sampling: uses
-/// differ by at most one); with `q < rows[i]` a seeded subset of `q` rows is used once
-/// (down-sampling: the same fixed subset every epoch, since the trainer is given one list of
-/// rows; the others are not trained on). The pairs come in a seeded order (the trainer shuffles
-/// them again each epoch).
-pub fn mixture(rows: &[usize], weights: &[f64], seed: u64) -> Vec<(usize, usize)> {
-    assert_eq!(rows.len(), weights.len(), "one weight per source");
-    let quotas = mixture_quotas(rows, weights);
+/// The rows of a mixture's epoch as (source, row) pairs, deterministic from `seed`. Source `i`
+/// has `tokens[i].len()` rows (`tokens[i][r]`: the supervised tokens of row `r`) and gets its
+/// [`mixture_quotas`] share `q`, drawn as the first `q` of its rows in a seeded order, cycled:
+/// with `q >= n` rows every row is used `q / n` times and `q % n` of them once more
+/// (up-sampling: uses differ by at most one); with `q < n` a seeded subset of `q` rows is used
+/// once (down-sampling: the same fixed subset every epoch, since the trainer is given one list
+/// of rows; the others are not trained on). A `budgets[i]` of supervised tokens keeps the
+/// longest prefix of that draw within it (at least one row), so uses still differ by at most
+/// one; the other sources keep their rows. The pairs come in a seeded order (the trainer
+/// shuffles them again each epoch).
+pub fn mixture(
+    tokens: &[Vec<usize>],
+    weights: &[f64],
+    budgets: &[Option<u64>],
+    seed: u64,
+) -> Vec<(usize, usize)> {
+    assert_eq!(tokens.len(), weights.len(), "one weight per source");
+    assert_eq!(tokens.len(), budgets.len(), "one budget per source");
+    let rows: Vec<usize> = tokens.iter().map(Vec::len).collect();
+    let quotas = mixture_quotas(&rows, weights);
     let mut picks = Vec::with_capacity(quotas.iter().sum());
     for (i, (&n, &q)) in rows.iter().zip(&quotas).enumerate() {
         if n == 0 {
@@ -569,10 +587,15 @@ pub fn mixture(rows: &[usize], weights: &[f64], seed: u64) -> Vec<(usize, usize)
         let mut rng = SplitMix64(seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut order: Vec<usize> = (0..n).collect();
         rng.shuffle(&mut order);
-        for _ in 0..q / n {
-            picks.extend((0..n).map(|r| (i, r)));
+        let mut spent = 0u64;
+        for k in 0..q {
+            let r = order[k % n];
+            spent += tokens[i][r] as u64;
+            if k > 0 && budgets[i].is_some_and(|b| spent > b) {
+                break;
+            }
+            picks.push((i, r));
         }
-        picks.extend(order[..q % n].iter().map(|&r| (i, r)));
     }
     SplitMix64(seed).shuffle(&mut picks);
     picks
@@ -882,8 +905,14 @@ mod tests {
                     vec![0.1, 9.0, 2.0],
                 ] {
                     let weights = &weights[..rows.len()];
-                    let picks = mixture(&rows, weights, seed);
-                    assert_eq!(picks, mixture(&rows, weights, seed), "deterministic");
+                    let tokens: Vec<Vec<usize>> = rows.iter().map(|&n| vec![5; n]).collect();
+                    let none = vec![None; rows.len()];
+                    let picks = mixture(&tokens, weights, &none, seed);
+                    assert_eq!(
+                        picks,
+                        mixture(&tokens, weights, &none, seed),
+                        "deterministic"
+                    );
                     let quotas = mixture_quotas(&rows, weights);
                     assert_eq!(picks.len(), quotas.iter().sum::<usize>());
                     for (i, (&n, &q)) in rows.iter().zip(&quotas).enumerate() {
@@ -897,13 +926,27 @@ mod tests {
                             assert_eq!(hi, 1, "down-sampling uses a row at most once");
                         }
                     }
+                    // A budget of 33 tokens (rows of 5): 6 rows of source 0, still evenly used.
+                    let mut budgets = none.clone();
+                    budgets[0] = Some(33);
+                    let capped = mixture(&tokens, weights, &budgets, seed);
+                    let u = uses(&capped, 0, rows[0]);
+                    assert_eq!(u.iter().sum::<usize>(), quotas[0].min(6));
+                    assert!(u.iter().max().unwrap() - u.iter().min().unwrap() <= 1);
+                    for (i, &n) in rows.iter().enumerate().skip(1) {
+                        assert_eq!(uses(&capped, i, n), uses(&picks, i, n));
+                    }
                 }
             }
         }
+        // A budget below one row still keeps one.
+        let one = mixture(&[vec![50; 4]], &[1.0], &[Some(10)], 3);
+        assert_eq!(one.len(), 1);
         // Another seed draws another subset and order.
+        let t = vec![vec![1; 100], vec![1; 100]];
         assert_ne!(
-            mixture(&[100, 100], &[1.0, 3.0], 1),
-            mixture(&[100, 100], &[1.0, 3.0], 2)
+            mixture(&t, &[1.0, 3.0], &[None, None], 1),
+            mixture(&t, &[1.0, 3.0], &[None, None], 2)
         );
     }
 }

@@ -242,3 +242,44 @@ fn each_source_holds_out_its_share_or_all_share_one_validation_file() {
         assert_eq!(s["train_examples"], 20, "{s}");
     }
 }
+
+#[test]
+fn max_tokens_caps_a_sources_rows_per_epoch() {
+    let tmp = Tmp::new("mixture-budget");
+    let m = model(&tmp);
+    let cfg = mixture_config(&tmp, &m);
+    whet(["train", "--config", s(&cfg), "--no-report"]).ok();
+    let full = report(&tmp.join("out"))["data"]["sources"][0].clone();
+    let budget = full["tokens_per_epoch"].as_u64().unwrap() / 3;
+    let text = fs::read_to_string(&cfg).unwrap().replace(
+        "weight = 3.0",
+        &format!("weight = 3.0\nmax_tokens = {budget}"),
+    );
+    fs::write(&cfg, text).unwrap();
+    let run = whet([
+        "train",
+        "--config",
+        s(&cfg),
+        "--no-report",
+        "--set",
+        "output.dir=\"out-budget\"",
+    ])
+    .ok();
+    let sources = report(&tmp.join("out-budget"))["data"]["sources"].clone();
+    let (manuals, general) = (&sources[0], &sources[1]);
+    assert_eq!(manuals["max_tokens"].as_u64(), Some(budget));
+    let tokens = manuals["tokens_per_epoch"].as_u64().unwrap();
+    let rows = manuals["rows_per_epoch"].as_u64().unwrap();
+    assert!(tokens <= budget, "{tokens} > {budget}");
+    assert!((8..=11).contains(&rows), "30 rows cut to a third: {rows}");
+    assert_eq!(
+        general["rows_per_epoch"], 10,
+        "the other source keeps its rows"
+    );
+    assert!(
+        run.stderr
+            .contains(&format!("manuals (weight 3): {rows} of 20 rows")),
+        "{}",
+        run.stderr
+    );
+}
