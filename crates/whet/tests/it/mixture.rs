@@ -139,6 +139,29 @@ fn a_mixture_run_is_deterministic_from_the_seed() {
     assert_eq!(rows[0], rows[1], "same seed, same mixture");
     assert_eq!(losses[0].len(), 2);
     assert_ne!(losses[0], losses[2], "another seed draws other rows");
+    // The same config claims its own output folder again (the run id, which hashes the training
+    // rows, is the same), as a resume does; another seed's run is another run.
+    whet([
+        "train",
+        "--config",
+        s(&cfg),
+        "--no-report",
+        "--set",
+        "output.dir=\"out-a\"",
+    ])
+    .ok();
+    let run = whet([
+        "train",
+        "--config",
+        s(&cfg),
+        "--no-report",
+        "--set",
+        "output.dir=\"out-a\"",
+        "--set",
+        "train.seed=7",
+    ])
+    .fails();
+    assert!(run.stderr.contains("belongs to run"), "{}", run.stderr);
 }
 
 #[test]
