@@ -120,6 +120,13 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
         b"[model]\npath = \"m\"\n[data]\ntrain = \"t.jsonl\"\nmax_len = 64\nwindow_overlap = 8\nchat_template = \"chatml\"\ncolumns = { prompt = \"question\", completion = \"answer\" }\n[output]\ndir = \"out\"\n\0data.long_documents=\"truncate\""
             .to_vec(),
     );
+    // A data mixture: two `[[data.sources]]` with their own format, columns and weight.
+    add(
+        "train_config",
+        "data_sources.bin",
+        b"[model]\npath = \"m\"\n[data]\nmax_len = 64\n[[data.sources]]\nname = \"manuals\"\npath = \"a.jsonl\"\nformat = \"text\"\ncolumns = { text = \"body\" }\nweight = 3.0\nmax_tokens = 100000\n[[data.sources]]\npath = \"b.jsonl\"\n[output]\ndir = \"out\"\n\0data.max_len=128"
+            .to_vec(),
+    );
     out
 }
 

@@ -580,6 +580,26 @@ fn train_on(
             ),
             _ => String::new(),
         };
+        let mix: Vec<String> = data
+            .report
+            .sources
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} (weight {}): {} of {} rows, {:.1}% of tokens",
+                    s.name,
+                    s.weight,
+                    s.rows_per_epoch,
+                    s.rows_available,
+                    100.0 * s.token_share
+                )
+            })
+            .collect();
+        let windows = if mix.is_empty() {
+            windows
+        } else {
+            format!("{windows}; mixture per epoch: {}", mix.join(", "))
+        };
         eprintln!(
             "data: {} train examples -> {} rows, {} validation examples -> {} rows (tokenized rows: cache {}){windows}",
             data.report.train_examples,

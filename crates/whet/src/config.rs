@@ -144,6 +144,9 @@ impl ModelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
+    /// The training data (file, folder or glob). Exactly one of `train` and `sources` is set; an
+    /// empty path stands for "not set" (and is left out of the saved TOML).
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub train: PathBuf,
     /// A separate validation file; without it `validation_fraction` of train is held out.
     #[serde(default)]
@@ -202,6 +205,53 @@ pub struct DataSection {
     /// file changes), then read memory-mapped: the corpus never has to fit in memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<PathBuf>,
+    /// `[[data.sources]]`: a mixture of several training sources instead of `train`, each
+    /// read, scrubbed, deduplicated, split, tokenized and packed on its own, its rows drawn in
+    /// proportion to its `weight` (see `pipeline::mixture`). Left out of the saved TOML when
+    /// empty, so a single-`train` config keeps its run id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceSection>,
+}
+
+/// One `[[data.sources]]` entry of a data mixture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    /// The name in logs and reports; default: the file stem of `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// File, folder or glob, in any format whet reads.
+    pub path: PathBuf,
+    /// This source's record shape; default: `data.format`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<Shape>,
+    /// This source's field renames; default: `data.columns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Columns>,
+    /// Relative share of the training rows (default 1.0; finite and > 0).
+    #[serde(default = "defaults::weight")]
+    pub weight: f64,
+    /// A budget of supervised tokens per epoch for this source: its drawn rows are cut to
+    /// those that fit (at least one). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+}
+
+impl SourceSection {
+    /// `name`, or the file stem of `path` (its last component for a folder or glob).
+    pub fn display_name(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        self.path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.path.display().to_string())
+    }
+}
+
+fn is_empty_path(p: &Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 impl DataSection {
@@ -531,6 +581,9 @@ mod defaults {
     pub fn validation_fraction() -> f64 {
         0.1
     }
+    pub fn weight() -> f64 {
+        1.0
+    }
     pub fn max_len() -> usize {
         512
     }
@@ -691,6 +744,9 @@ impl Config {
             fix(a);
         }
         fix(&mut self.data.train);
+        for source in &mut self.data.sources {
+            fix(&mut source.path);
+        }
         if let Some(v) = self.data.validation.as_mut() {
             fix(v);
         }
@@ -739,6 +795,12 @@ impl Config {
                 real("train.beta2", t.beta2, 0.0, 1.0, true, "")?;
             }
         }
+        if self.data.store.is_some() && !self.data.sources.is_empty() {
+            return Err(bad(
+                "data.store",
+                "is made from data.train; a mixture (data.sources) reads its sources in memory for now: remove one of them".into(),
+            ));
+        }
         if self.data.store.is_some() && (t.k_folds > 0 || self.preference.is_some()) {
             return Err(bad(
                 "data.store",
@@ -752,6 +814,7 @@ impl Config {
             ));
         }
         int("train.k_folds", t.k_folds.into(), 0, limits::K_FOLDS)?;
+        self.validate_sources(path)?;
         if let Some(p) = &self.preference {
             real(
                 "preference.beta",
@@ -1069,6 +1132,77 @@ impl Config {
                     limits::ACTIVATION_ELEMS
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// `data.train` xor `data.sources`; each source's weight, its unique name; and the runs that
+    /// do not take a mixture yet (`[preference]`, `train.k_folds`).
+    fn validate_sources(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("`{field}` {message}"),
+        };
+        let d = &self.data;
+        match (is_empty_path(&d.train), d.sources.is_empty()) {
+            (false, false) => {
+                return Err(bad(
+                    "data.train",
+                    "and `data.sources` are both set: give the training data as one of them (`data.train` for one source, `[[data.sources]]` for a mixture)".into(),
+                ));
+            }
+            (true, true) => {
+                return Err(bad(
+                    "data.train",
+                    "is not set: give the training data as `data.train = \"file\"` or as at least one `[[data.sources]]` with a `path`".into(),
+                ));
+            }
+            _ => {}
+        }
+        if d.sources.is_empty() {
+            return Ok(());
+        }
+        if self.preference.is_some() {
+            return Err(bad(
+                "data.sources",
+                "is not supported with [preference] yet: give the pairs as `data.train`".into(),
+            ));
+        }
+        if self.train.k_folds > 0 {
+            return Err(bad(
+                "data.sources",
+                "is not supported with `train.k_folds` yet: give the data as `data.train` or set train.k_folds = 0".into(),
+            ));
+        }
+        let mut names = std::collections::BTreeMap::new();
+        for (i, source) in d.sources.iter().enumerate() {
+            if !(source.weight.is_finite() && source.weight > 0.0) {
+                return Err(bad(
+                    &format!("data.sources[{i}].weight"),
+                    format!("must be a finite number > 0, got {}", source.weight),
+                ));
+            }
+            if source.max_tokens == Some(0) {
+                return Err(bad(
+                    &format!("data.sources[{i}].max_tokens"),
+                    "must be > 0 (leave it out for no budget)".into(),
+                ));
+            }
+            if is_empty_path(&source.path) {
+                return Err(bad(
+                    &format!("data.sources[{i}].path"),
+                    "is empty: name the source's file, folder or glob".into(),
+                ));
+            }
+            let name = source.display_name();
+            if let Some(j) = names.insert(name.clone(), i) {
+                return Err(bad(
+                    &format!("data.sources[{i}].name"),
+                    format!(
+                        "= \"{name}\" is also the name of data.sources[{j}]; names must be unique (set `name` on one of them)"
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -1593,5 +1727,101 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("train.lr"), "{err}");
+    }
+
+    const MIXTURE: &str = r#"
+        [model]
+        path = "m"
+        [data]
+        max_len = 64
+        [[data.sources]]
+        name = "manuals"
+        path = "manuals.jsonl"
+        format = "text"
+        columns = { text = "body" }
+        weight = 3.0
+        [[data.sources]]
+        path = "general.jsonl"
+        [output]
+        dir = "out"
+    "#;
+
+    #[test]
+    fn a_config_without_sources_saves_no_sources_key() {
+        let c = Config::from_toml(MINIMAL, Path::new("/cfg/run.toml"), &[]).unwrap();
+        let saved = c.to_toml();
+        assert!(!saved.contains("sources"), "{saved}");
+        assert!(saved.contains("train = "), "{saved}");
+    }
+
+    #[test]
+    fn sources_load_with_defaults_and_read_back() {
+        let c = Config::from_toml(MIXTURE, Path::new("/cfg/run.toml"), &[]).unwrap();
+        let s = &c.data.sources;
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].display_name(), "manuals");
+        assert_eq!(s[0].format, Some(Shape::Text));
+        assert_eq!(s[1].display_name(), "general");
+        assert_eq!(s[1].weight, 1.0);
+        assert_eq!(s[1].path, Path::new("/cfg/general.jsonl"));
+        assert_eq!(s[1].format, None);
+        let saved = c.to_toml();
+        assert!(!saved.contains("\ntrain = "), "{saved}");
+        let again = Config::from_toml(&saved, Path::new("/elsewhere/x.toml"), &[]).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn source_errors_name_the_fields() {
+        let refuse = |text: &str, overrides: &[&str]| {
+            let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+            match Config::from_toml(text, Path::new("run.toml"), &o) {
+                Ok(_) => panic!("{text} {overrides:?} was accepted"),
+                Err(e) => e.to_string(),
+            }
+        };
+        let both = refuse(MIXTURE, &["data.train=\"d.jsonl\""]);
+        assert!(
+            both.contains("`data.train`") && both.contains("`data.sources`"),
+            "{both}"
+        );
+        let neither = MIXTURE
+            .split("[[data.sources]]")
+            .next()
+            .unwrap()
+            .to_string()
+            + "\n[output]\ndir = \"out\"\n";
+        let msg = refuse(&neither, &[]);
+        assert!(
+            msg.contains("`data.train`") && msg.contains("data.sources"),
+            "{msg}"
+        );
+        for w in ["0.0", "-1.0", "nan", "inf"] {
+            let text = MIXTURE.replace("weight = 3.0", &format!("weight = {w}"));
+            let msg = refuse(&text, &[]);
+            assert!(msg.contains("`data.sources[0].weight`"), "{w}: {msg}");
+        }
+        let msg = refuse(
+            &MIXTURE.replace("weight = 3.0", "weight = 3.0\nmax_tokens = 0"),
+            &[],
+        );
+        assert!(msg.contains("`data.sources[0].max_tokens`"), "{msg}");
+        let dup = MIXTURE.replace("name = \"manuals\"", "name = \"general\"");
+        let msg = refuse(&dup, &[]);
+        assert!(
+            msg.contains("`data.sources[1].name`") && msg.contains("\"general\""),
+            "{msg}"
+        );
+        let msg = refuse(MIXTURE, &["train.k_folds=3"]);
+        assert!(
+            msg.contains("`data.sources`") && msg.contains("train.k_folds"),
+            "{msg}"
+        );
+        let pref = format!("{MIXTURE}\n[preference]\nloss = \"dpo\"\n");
+        let msg = refuse(&pref, &[]);
+        assert!(
+            msg.contains("`data.sources`") && msg.contains("[preference]"),
+            "{msg}"
+        );
     }
 }

@@ -46,6 +46,7 @@ pub fn flags_section(
         columns: Columns::default(),
         chat_template: None,
         store: None,
+        sources: Vec::new(),
     }
 }
 
@@ -286,6 +287,39 @@ pub struct DataReport {
     pub validation_examples: usize,
     /// Whether the tokenized training rows came from the cache (`Hit`) or were built.
     pub cache: Option<String>,
+    /// A mixture's sources (`[[data.sources]]`), in config order; empty for `data.train`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceReport>,
+}
+
+/// One source of a data mixture: what was read and how many of its rows an epoch trains on.
+#[derive(Debug, Serialize)]
+pub struct SourceReport {
+    pub name: String,
+    pub path: PathBuf,
+    pub weight: f64,
+    /// The source's budget of supervised tokens per epoch, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    /// Examples read from `path` (before dedup and the validation split).
+    pub examples_read: usize,
+    pub train_examples: usize,
+    pub validation_examples: usize,
+    /// Packed training rows this source has.
+    pub rows_available: usize,
+    /// Rows of this source in each epoch of the mixture (more than `rows_available`: some
+    /// repeated; fewer: a fixed seeded subset, or what `max_tokens` leaves).
+    pub rows_per_epoch: usize,
+    /// Supervised (learned) tokens of those rows. Tokens seen over the run are this times the
+    /// epochs trained.
+    pub tokens_per_epoch: usize,
+    /// `tokens_per_epoch` over all sources' (0..1).
+    pub token_share: f64,
+    pub read: Option<ReadReport>,
+    pub dedup: Option<DedupReport>,
+    pub tokenize: Option<TokenizeReport>,
+    pub pack: Option<PackReport>,
+    pub cache: Option<String>,
 }
 
 pub struct Prepared {
@@ -294,6 +328,8 @@ pub struct Prepared {
     pub train_examples: Vec<Example>,
     pub validation_examples: Vec<Example>,
     pub train: Vec<Row>,
+    /// A mixture's source of each `train` row (an index into `data.sources`); empty without one.
+    pub train_sources: Vec<usize>,
     pub validation: Vec<Row>,
     pub report: DataReport,
     /// The training rows of a run from a token store (`data.store`); `train` is then empty.
@@ -315,6 +351,9 @@ impl Prepared {
 pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Result<Prepared> {
     if let Some(dir) = &data.store {
         return prepare_from_store(tok, data, seed, dir);
+    }
+    if !data.sources.is_empty() {
+        return prepare_mixture(tok, data, seed, out);
     }
     let mut report = DataReport::default();
     let mut pii_audit = None;
@@ -398,11 +437,207 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
         train_examples: train,
         validation_examples: validation,
         train: train_rows,
+        train_sources: Vec::new(),
         validation: val.rows,
         report,
         pii_audit,
         train_store: None,
     })
+}
+
+/// `[[data.sources]]`: each source goes through [`prepare`] on its own (its `format` and
+/// `columns` over `[data]`'s, the run's scrub and dedup settings, `validation_fraction` of it held
+/// out unless `data.validation` is given, which is read once for all), so no row mixes two
+/// sources' documents. The training rows are then drawn by [`mixture`].
+fn prepare_mixture(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Result<Prepared> {
+    let mut report = DataReport::default();
+    let mut audit: Option<Audit> = None;
+    let mut merge_audit = |a: Option<Audit>| match (&mut audit, a) {
+        (Some(all), Some(a)) => all.merge(a),
+        (all @ None, a) => *all = a,
+        (Some(_), None) => {}
+    };
+    let mut train_examples = Vec::new();
+    let mut validation_examples = Vec::new();
+    let mut validation_rows = Vec::new();
+    let mut source_rows = Vec::with_capacity(data.sources.len());
+    for (i, source) in data.sources.iter().enumerate() {
+        let name = source.display_name();
+        let section = DataSection {
+            train: source.path.clone(),
+            validation: None,
+            validation_fraction: if data.validation.is_some() {
+                0.0
+            } else {
+                data.validation_fraction
+            },
+            format: source.format.unwrap_or(data.format),
+            columns: source
+                .columns
+                .clone()
+                .unwrap_or_else(|| data.columns.clone()),
+            sources: Vec::new(),
+            ..data.clone()
+        };
+        let p = prepare(tok, &section, seed, out)
+            .with_context(|| format!("data.sources[{i}] `{name}`"))?;
+        merge_audit(p.pii_audit);
+        let r = p.report;
+        report.pii_redactions += r.pii_redactions;
+        report.sources.push(SourceReport {
+            name,
+            path: source.path.clone(),
+            weight: source.weight,
+            max_tokens: source.max_tokens,
+            examples_read: r.train_read.as_ref().map_or(0, |r| r.examples as usize),
+            train_examples: r.train_examples,
+            validation_examples: r.validation_examples,
+            rows_available: p.train.len(),
+            rows_per_epoch: 0,
+            tokens_per_epoch: 0,
+            token_share: 0.0,
+            read: r.train_read,
+            dedup: r.dedup,
+            tokenize: r.train_tokenize,
+            pack: r.train_pack,
+            cache: r.cache,
+        });
+        train_examples.extend(p.train_examples);
+        validation_examples.extend(p.validation_examples);
+        validation_rows.extend(p.validation);
+        source_rows.push(p.train);
+    }
+    if let Some(path) = &data.validation {
+        let (mut v, r) = read(path, data)?;
+        report.validation_read = Some(r);
+        if data.scrub_pii {
+            let (scrubbed, a) = Scrubber::new().scrub_all(v);
+            v = scrubbed;
+            report.pii_redactions += audit_total(&a);
+            merge_audit(Some(a));
+        }
+        let val = rows(tok, &v, data, Some(&Cache::new(cache_dir())))?;
+        report.validation_tokenize = Some(val.tokenize);
+        validation_rows = val.rows;
+        validation_examples = v;
+    }
+    if !validation_examples.is_empty() {
+        report.leakage = Some(whet_data::dedup::leakage(
+            &train_examples,
+            &validation_examples,
+            &DedupConfig::default(),
+        )?);
+    }
+    if audit.is_some() {
+        report.pii_audit = Some(out.join("pii_audit.json"));
+    }
+    let tokens: Vec<Vec<usize>> = source_rows
+        .iter()
+        .map(|rows| rows.iter().map(Row::supervised).collect())
+        .collect();
+    let weights: Vec<f64> = data.sources.iter().map(|s| s.weight).collect();
+    let budgets: Vec<Option<u64>> = data.sources.iter().map(|s| s.max_tokens).collect();
+    let picks = mixture(&tokens, &weights, &budgets, seed);
+    let mut train = Vec::with_capacity(picks.len());
+    let mut train_sources = Vec::with_capacity(picks.len());
+    for &(source, row) in &picks {
+        let r = &source_rows[source][row];
+        let s = &mut report.sources[source];
+        s.rows_per_epoch += 1;
+        s.tokens_per_epoch += r.supervised();
+        train.push(r.clone());
+        train_sources.push(source);
+    }
+    let total: usize = report.sources.iter().map(|s| s.tokens_per_epoch).sum();
+    for s in &mut report.sources {
+        s.token_share = s.tokens_per_epoch as f64 / total.max(1) as f64;
+    }
+    report.train_examples = train_examples.len();
+    report.validation_examples = validation_examples.len();
+    Ok(Prepared {
+        pii_audit: audit,
+        train_examples,
+        validation_examples,
+        train,
+        train_sources,
+        validation: validation_rows,
+        report,
+        train_store: None,
+    })
+}
+
+/// Rows per epoch of each source of a mixture: with `R` rows over all sources, source `i` gets
+/// `round(R * w_i / sum(w))`, at least 1 (a source in the config is never left out).
+pub fn mixture_quotas(rows: &[usize], weights: &[f64]) -> Vec<usize> {
+    let total: usize = rows.iter().sum();
+    let sum: f64 = weights.iter().sum();
+    weights
+        .iter()
+        .map(|w| ((total as f64 * w / sum).round() as usize).max(1))
+        .collect()
+}
+
+/// The rows of a mixture's epoch as (source, row) pairs, deterministic from `seed`. Source `i`
+/// has `tokens[i].len()` rows (`tokens[i][r]`: the supervised tokens of row `r`) and gets its
+/// [`mixture_quotas`] share `q`, drawn as the first `q` of its rows in a seeded order, cycled:
+/// with `q >= n` rows every row is used `q / n` times and `q % n` of them once more
+/// (up-sampling: uses differ by at most one); with `q < n` a seeded subset of `q` rows is used
+/// once (down-sampling: the same fixed subset every epoch, since the trainer is given one list
+/// of rows; the others are not trained on). A `budgets[i]` of supervised tokens keeps the
+/// longest prefix of that draw within it (at least one row), so uses still differ by at most
+/// one; the other sources keep their rows. The pairs come in a seeded order (the trainer
+/// shuffles them again each epoch).
+pub fn mixture(
+    tokens: &[Vec<usize>],
+    weights: &[f64],
+    budgets: &[Option<u64>],
+    seed: u64,
+) -> Vec<(usize, usize)> {
+    assert_eq!(tokens.len(), weights.len(), "one weight per source");
+    assert_eq!(tokens.len(), budgets.len(), "one budget per source");
+    let rows: Vec<usize> = tokens.iter().map(Vec::len).collect();
+    let quotas = mixture_quotas(&rows, weights);
+    let mut picks = Vec::with_capacity(quotas.iter().sum());
+    for (i, (&n, &q)) in rows.iter().zip(&quotas).enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let mut rng = SplitMix64(seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut order: Vec<usize> = (0..n).collect();
+        rng.shuffle(&mut order);
+        let mut spent = 0u64;
+        for k in 0..q {
+            let r = order[k % n];
+            spent += tokens[i][r] as u64;
+            if k > 0 && budgets[i].is_some_and(|b| spent > b) {
+                break;
+            }
+            picks.push((i, r));
+        }
+    }
+    SplitMix64(seed).shuffle(&mut picks);
+    picks
+}
+
+/// splitmix64 (Steele, Lea and Flood 2014): a small seeded generator for the mixture's draws.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Fisher-Yates.
+    fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            items.swap(i, j);
+        }
+    }
 }
 
 fn audit_total(audit: &Audit) -> u64 {
@@ -645,6 +880,7 @@ pub fn prepare_pairs(
         train_examples: Vec::new(),
         validation_examples: Vec::new(),
         train: train_rows,
+        train_sources: Vec::new(),
         validation: validation_rows,
         report,
         train_store: None,
@@ -723,8 +959,92 @@ fn prepare_from_store(
         train_examples: Vec::new(),
         validation_examples: Vec::new(),
         train: Vec::new(),
+        train_sources: Vec::new(),
         validation,
         report,
         train_store: Some(train),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How often each row of source `i` is used.
+    fn uses(picks: &[(usize, usize)], i: usize, n: usize) -> Vec<usize> {
+        let mut u = vec![0; n];
+        for &(s, r) in picks {
+            if s == i {
+                u[r] += 1;
+            }
+        }
+        u
+    }
+
+    #[test]
+    fn quotas_follow_the_weights() {
+        assert_eq!(mixture_quotas(&[30, 10], &[3.0, 1.0]), vec![30, 10]);
+        assert_eq!(mixture_quotas(&[10, 30], &[3.0, 1.0]), vec![30, 10]);
+        assert_eq!(
+            mixture_quotas(&[5, 5, 10], &[1.0, 1.0, 2.0]),
+            vec![5, 5, 10]
+        );
+        // A tiny weight still keeps its source in.
+        assert_eq!(mixture_quotas(&[100, 1], &[1.0, 1e-9]), vec![101, 1]);
+    }
+
+    #[test]
+    fn the_mixture_draws_each_sources_quota_evenly_and_deterministically() {
+        for seed in 0..20u64 {
+            for rows in [vec![1, 7], vec![3, 50], vec![40, 2, 9], vec![13]] {
+                for weights in [
+                    vec![1.0, 1.0, 1.0],
+                    vec![3.0, 1.0, 0.5],
+                    vec![0.1, 9.0, 2.0],
+                ] {
+                    let weights = &weights[..rows.len()];
+                    let tokens: Vec<Vec<usize>> = rows.iter().map(|&n| vec![5; n]).collect();
+                    let none = vec![None; rows.len()];
+                    let picks = mixture(&tokens, weights, &none, seed);
+                    assert_eq!(
+                        picks,
+                        mixture(&tokens, weights, &none, seed),
+                        "deterministic"
+                    );
+                    let quotas = mixture_quotas(&rows, weights);
+                    assert_eq!(picks.len(), quotas.iter().sum::<usize>());
+                    for (i, (&n, &q)) in rows.iter().zip(&quotas).enumerate() {
+                        let u = uses(&picks, i, n);
+                        assert_eq!(u.iter().sum::<usize>(), q, "source {i} gets its quota");
+                        let (lo, hi) = (*u.iter().min().unwrap(), *u.iter().max().unwrap());
+                        assert!(hi - lo <= 1, "uses differ by at most one: {u:?}");
+                        if q >= n {
+                            assert!(lo >= 1, "up-sampling uses every row: {u:?}");
+                        } else {
+                            assert_eq!(hi, 1, "down-sampling uses a row at most once");
+                        }
+                    }
+                    // A budget of 33 tokens (rows of 5): 6 rows of source 0, still evenly used.
+                    let mut budgets = none.clone();
+                    budgets[0] = Some(33);
+                    let capped = mixture(&tokens, weights, &budgets, seed);
+                    let u = uses(&capped, 0, rows[0]);
+                    assert_eq!(u.iter().sum::<usize>(), quotas[0].min(6));
+                    assert!(u.iter().max().unwrap() - u.iter().min().unwrap() <= 1);
+                    for (i, &n) in rows.iter().enumerate().skip(1) {
+                        assert_eq!(uses(&capped, i, n), uses(&picks, i, n));
+                    }
+                }
+            }
+        }
+        // A budget below one row still keeps one.
+        let one = mixture(&[vec![50; 4]], &[1.0], &[Some(10)], 3);
+        assert_eq!(one.len(), 1);
+        // Another seed draws another subset and order.
+        let t = vec![vec![1; 100], vec![1; 100]];
+        assert_ne!(
+            mixture(&t, &[1.0, 3.0], &[None, None], 1),
+            mixture(&t, &[1.0, 3.0], &[None, None], 2)
+        );
+    }
 }

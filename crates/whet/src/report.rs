@@ -607,6 +607,27 @@ impl Report {
                 100.0 * p.efficiency()
             );
         }
+        if !d.sources.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n### Data mixture\n\nRows and supervised tokens per epoch (tokens seen = per epoch x epochs trained).\n\n| source | path | weight | examples | rows available | rows per epoch | tokens per epoch | share of tokens |\n|---|---|---:|---:|---:|---:|---:|---:|"
+            );
+            for m in &d.sources {
+                let _ = writeln!(
+                    s,
+                    "| {} | `{}` | {} | {} | {} | {} | {} | {:.1}% |",
+                    m.name,
+                    m.path.display(),
+                    m.weight,
+                    m.examples_read,
+                    m.rows_available,
+                    m.rows_per_epoch,
+                    m.tokens_per_epoch,
+                    100.0 * m.token_share
+                );
+            }
+            let _ = writeln!(s);
+        }
         if let Some(path) = &d.pii_audit {
             let _ = writeln!(
                 s,

@@ -15,6 +15,7 @@ mod hardening;
 mod inspect;
 mod kernels;
 mod kfold;
+mod mixture;
 mod ollama;
 mod outputs;
 mod preference;
