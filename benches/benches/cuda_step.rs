@@ -97,6 +97,7 @@ fn run(name: &str, json: &str, dev: &Device, steps: usize) -> anyhow::Result<(f6
             .unsqueeze(0)?
             .repeat((batch, 1))?,
         segments: Tensor::zeros((batch, seq), DType::U32, dev)?,
+        reference: None,
     };
     let warmup = 2;
     // Sampled after each backward pass, while the activations and gradients are alive.
