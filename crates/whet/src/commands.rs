@@ -843,49 +843,41 @@ fn preference_reference(
     // Cached with the tokenized data, keyed by what the numbers depend on: the base weights
     // (every file of the model folder by name, size and time; the adapter continued from, by
     // content), quantization, device and dtype, the rows and the batch size.
-    let mut key = whet_tokenize::fingerprint::Fnv128::new();
-    key.bytes(b"reference-logps-v1");
-    let mut files: Vec<_> = std::fs::read_dir(&cfg.model.path)
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&cfg.model.path)
         .with_context(|| format!("listing {}", cfg.model.path.display()))?
-        .filter_map(|e| e.ok())
+        .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
-    files.sort_by_key(|e| e.file_name());
-    for e in files {
-        let meta = e.metadata()?;
-        key.bytes(e.file_name().as_encoded_bytes());
-        key.u64(meta.len());
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos() as u64);
-        key.u64(mtime);
+    files.sort();
+    let mut key = whet_tokenize::FingerprintBuilder::new().bytes("cache", b"reference-logps-v1");
+    for f in &files {
+        key = key.data_file(f)?;
     }
     if let Some(a) = &cfg.model.adapter {
-        key.bytes(&std::fs::read(
-            a.join(whet_model::lora::ADAPTER_WEIGHTS_FILE),
-        )?);
+        let weights = std::fs::read(a.join(whet_model::lora::ADAPTER_WEIGHTS_FILE))?;
+        key = key.bytes("adapter", &weights);
     }
-    key.bytes(
-        format!(
-            "{:?} {:?} {:?} {mb}",
-            cfg.model.quantize,
-            rt.device(),
-            rt.compute_dtype()
-        )
-        .as_bytes(),
+    let runtime = format!(
+        "{:?} {:?} {:?} {mb}",
+        cfg.model.quantize,
+        rt.device(),
+        rt.compute_dtype()
     );
-    for rows in [&data.train, &data.validation] {
-        key.u64(rows.len() as u64);
+    key = key.bytes("runtime", runtime.as_bytes());
+    for (name, rows) in [("train", &data.train), ("validation", &data.validation)] {
+        let mut bytes = Vec::new();
         for r in rows.iter() {
-            key.u64(r.input_ids.len() as u64);
-            r.input_ids.iter().for_each(|&id| key.u64(id as u64));
-            r.targets.iter().for_each(|&t| key.u64(t as u64));
+            bytes.extend((r.input_ids.len() as u64).to_le_bytes());
+            r.input_ids
+                .iter()
+                .for_each(|id| bytes.extend(id.to_le_bytes()));
+            r.targets.iter().for_each(|t| bytes.extend(t.to_le_bytes()));
         }
+        key = key.bytes(name, &bytes);
     }
+    let key = key.finish();
     let path = pipeline::cache_dir()
         .join("reference")
-        .join(format!("{}.json", key.hex()));
+        .join(format!("{key}.json"));
     if let Ok(text) = std::fs::read(&path)
         && let Ok(cached) = serde_json::from_slice::<CachedReference>(&text)
         && cached.train.len() == data.train.len()
