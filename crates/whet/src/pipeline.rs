@@ -753,27 +753,17 @@ pub fn pair_rows(
 /// A pair as one text record (prompt, both answers), for dedup and the leakage check: two pairs
 /// are duplicates when prompt, chosen and rejected all are.
 fn pair_example(i: usize, p: &whet_data::PairExample) -> Example {
-    let mut text = String::new();
-    for record in [&p.chosen, &p.rejected] {
-        match record {
-            whet_data::Record::Text { text: t } => text.push_str(t),
-            whet_data::Record::PromptCompletion { prompt, completion } => {
-                text.push_str(prompt);
-                text.push_str(completion);
-            }
-            whet_data::Record::Conversation { messages } => {
-                for m in messages {
-                    text.push_str(&m.content);
-                    text.push('\n');
-                }
-            }
-        }
-        text.push_str("\n\n");
-    }
+    use whet_data::dedup::comparable_text;
     Example {
         id: i as u64,
         origin: p.origin.clone(),
-        record: whet_data::Record::Text { text },
+        record: whet_data::Record::Text {
+            text: format!(
+                "{}\n\n{}",
+                comparable_text(&p.chosen),
+                comparable_text(&p.rejected)
+            ),
+        },
     }
 }
 
