@@ -898,7 +898,7 @@ fn prepare_from_store(
             dir.display(),
             data.train.display()
         );
-        let (_, p) = crate::prepare::prepare_store(tok, data, dir, 256, true)?;
+        let (_, p) = crate::prepare::prepare_store(tok, data, &fingerprint, dir, 256, true)?;
         eprintln!(
             "data: {} documents, {} tokens in {:.1} s ({:.1} MB/s)",
             p.documents, p.tokens, p.seconds, p.mb_per_s

@@ -63,7 +63,7 @@ fn text_len(r: &Record) -> usize {
     }
 }
 
-/// Streams `args.data` into a token store at `out_dir` (replacing an older store there whole,
+/// Streams `args.data` into a token store at `args.out` (replacing an older store there whole,
 /// never a folder of other files).
 pub fn prepare(args: &PrepareArgs<'_>) -> Result<(Manifest, Prepared)> {
     let tok = load_tokenizer_with(args.model, args.chat_template, "--chat-template")?;
@@ -75,7 +75,8 @@ pub fn prepare(args: &PrepareArgs<'_>) -> Result<(Manifest, Prepared)> {
         args.skip_invalid,
     );
     spec.scrub_pii = args.scrub_pii;
-    prepare_store(&tok, &spec, args.out, args.memory_mb, true)
+    let fingerprint = store_fingerprint(&tok, &spec)?;
+    prepare_store(&tok, &spec, &fingerprint, args.out, args.memory_mb, true)
 }
 
 /// What a store of `data.train` made with `tok` and `data`'s settings is keyed by: the
@@ -95,32 +96,31 @@ pub fn store_fingerprint(tok: &Tokenizer, data: &DataSection) -> Result<String> 
 }
 
 /// Streams `data.train` into a token store at `out` as training would tokenize it with `tok`
-/// and `data`'s settings (scrubbed with `data.scrub_pii`), in batches bounded by `memory_mb`.
+/// and `data`'s settings (scrubbed with `data.scrub_pii`), in batches bounded by `memory_mb`;
+/// `fingerprint` is theirs ([`store_fingerprint`]).
 pub fn prepare_store(
     tok: &Tokenizer,
     data: &DataSection,
+    fingerprint: &str,
     out: &Path,
     memory_mb: usize,
     progress: bool,
 ) -> Result<(Manifest, Prepared)> {
     let started = Instant::now();
-    let spec = data;
-    let opts = pipeline::read_options(spec);
-    let files = whet_data::read::resolve(&spec.train, opts.format)?;
+    let opts = pipeline::read_options(data);
+    let files = whet_data::read::resolve(&data.train, opts.format)?;
     let input_bytes: u64 = files
         .iter()
         .map(|(p, _)| std::fs::metadata(p).map_or(0, |m| m.len()))
         .sum();
-    let fingerprint = store_fingerprint(tok, spec)?;
-    let out_dir = out;
-    if out_dir.exists() && !out_dir.join(whet_tokenize::store::MANIFEST).is_file() {
-        let nonempty = std::fs::read_dir(out_dir)
+    if out.exists() && !out.join(whet_tokenize::store::MANIFEST).is_file() {
+        let nonempty = std::fs::read_dir(out)
             .map(|mut d| d.next().is_some())
             .unwrap_or(true);
         anyhow::ensure!(
             !nonempty,
             "{}: not a token store (no manifest.json) and not empty; whet writes a store only where it owns the folder: pass a new --out",
-            out_dir.display()
+            out.display()
         );
     }
     // A batch's text takes a sixteenth of the budget: tokenized, each byte of text becomes up to
@@ -129,9 +129,9 @@ pub fn prepare_store(
     let budget = memory_mb.max(1) << 20;
     let batch_bytes = budget / 16;
     let shard_tokens = budget * 2 / 5 / 5;
-    let mut cfg = pipeline::tokenize_config(spec);
+    let mut cfg = pipeline::tokenize_config(data);
     cfg.parallel = true;
-    let scrubber = spec.scrub_pii.then(Scrubber::new);
+    let scrubber = data.scrub_pii.then(Scrubber::new);
     let mut audit = whet_data::pii::Audit::default();
     let bar = ProgressBar::new(input_bytes);
     bar.set_style(
@@ -140,7 +140,7 @@ pub fn prepare_store(
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut reader = whet_data::read::open(&spec.train, &opts)?;
+    let mut reader = whet_data::read::open(&data.train, &opts)?;
     let mut s = Prepared {
         input_files: files.len(),
         input_bytes,
@@ -158,13 +158,13 @@ pub fn prepare_store(
         mb_per_s: 0.0,
     };
     let meta = serde_json::json!({
-        "settings": pipeline::RowSettings::from(spec),
-        "scrub_pii": spec.scrub_pii,
+        "settings": pipeline::RowSettings::from(data),
+        "scrub_pii": data.scrub_pii,
     });
     if !progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let manifest = write_store(out_dir, &fingerprint, shard_tokens, |w| {
+    let manifest = write_store(out, fingerprint, shard_tokens, |w| {
         w.set_meta(meta);
         let mut batch: Vec<Example> = Vec::new();
         let mut held = 0usize;
@@ -206,13 +206,7 @@ pub fn prepare_store(
         }
         Ok(())
     })
-    .with_context(|| {
-        format!(
-            "preparing {} into {}",
-            spec.train.display(),
-            out_dir.display()
-        )
-    })?;
+    .with_context(|| format!("preparing {} into {}", data.train.display(), out.display()))?;
     bar.finish_and_clear();
     let report = reader.into_report();
     s.skipped = report.skipped_total() as u64;
@@ -224,12 +218,12 @@ pub fn prepare_store(
     s.seconds = started.elapsed().as_secs_f64();
     s.mb_per_s = input_bytes as f64 / 1e6 / s.seconds.max(1e-9);
     whet_data::atomic::write_file(
-        &out_dir.join("prepare.json"),
+        &out.join("prepare.json"),
         serde_json::to_string_pretty(&s)?.as_bytes(),
         whet_data::atomic::Existing::Replace,
     )?;
-    if spec.scrub_pii {
-        audit.write_json(out_dir.join("pii_audit.json"))?;
+    if data.scrub_pii {
+        audit.write_json(out.join("pii_audit.json"))?;
     }
     Ok((manifest, s))
 }
