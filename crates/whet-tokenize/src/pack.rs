@@ -208,20 +208,11 @@ pub fn pack(
 
     let mut rows = Vec::with_capacity(bins.len());
     for bin in bins {
-        let mut row = PackedRow {
-            input_ids: Vec::with_capacity(cfg.seq_len),
-            labels: Vec::with_capacity(cfg.seq_len),
-            position_ids: Vec::with_capacity(cfg.seq_len),
-            segment_ids: Vec::with_capacity(cfg.seq_len),
-        };
-        for (seg, &d) in bin.iter().enumerate() {
-            push_doc(&mut row, &docs[d].1, seg as u32);
-        }
+        let tokens: usize = bin.iter().map(|&d| docs[d].1.len()).sum();
         report.docs_packed += bin.len() as u64;
-        report.tokens += row.len() as u64;
-        let pad = cfg.seq_len - row.len();
-        report.pad_tokens += pad as u64;
-        push_padding(&mut row, pad, cfg.pad_id, bin.len() as u32);
+        report.tokens += tokens as u64;
+        report.pad_tokens += (cfg.seq_len - tokens) as u64;
+        let row = PackedRow::from_docs(bin.iter().map(|&d| &docs[d].1), cfg.seq_len, cfg.pad_id);
         rows.push(row);
     }
     report.rows = rows.len() as u64;
@@ -264,6 +255,33 @@ pub fn pack_plan(lengths: &[usize], seq_len: usize) -> Vec<Vec<usize>> {
     }
     bins.sort_by_key(|b| b[0]);
     bins
+}
+
+impl PackedRow {
+    /// A row of `seq_len` tokens as [`pack`] lays one out: the documents one after the other,
+    /// each in a segment of its own with positions from 0, then padding (`pad_id`, not learned)
+    /// in the next segment. Rows planned by [`pack_plan`] over documents kept elsewhere (a token
+    /// store) are made with it too, so they equal [`pack`]'s.
+    pub fn from_docs<'a>(
+        docs: impl IntoIterator<Item = &'a TokenizedExample>,
+        seq_len: usize,
+        pad_id: u32,
+    ) -> PackedRow {
+        let mut row = PackedRow {
+            input_ids: Vec::with_capacity(seq_len),
+            labels: Vec::with_capacity(seq_len),
+            position_ids: Vec::with_capacity(seq_len),
+            segment_ids: Vec::with_capacity(seq_len),
+        };
+        let mut segments = 0;
+        for doc in docs {
+            push_doc(&mut row, doc, segments);
+            segments += 1;
+        }
+        let pad = seq_len.saturating_sub(row.len());
+        push_padding(&mut row, pad, pad_id, segments);
+        row
+    }
 }
 
 fn push_doc(row: &mut PackedRow, doc: &TokenizedExample, seg: u32) {

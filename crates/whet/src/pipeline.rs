@@ -255,7 +255,8 @@ pub fn cache_dir() -> PathBuf {
     root.join("datasets")
 }
 
-fn to_row(r: PackedRow) -> Row {
+/// A packed row as the trainer takes it: labels shifted into next-token targets.
+pub(crate) fn to_row(r: PackedRow) -> Row {
     let targets = r.targets();
     Row {
         input_ids: r.input_ids,

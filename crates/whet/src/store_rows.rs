@@ -5,8 +5,8 @@
 
 use std::borrow::Cow;
 
-use whet_tokenize::IGNORE_INDEX;
 use whet_tokenize::store::Store;
+use whet_tokenize::{IGNORE_INDEX, PackedRow, TokenizedExample};
 use whet_train::{Row, RowSource};
 
 pub struct StoreRows {
@@ -64,38 +64,23 @@ impl RowSource for StoreRows {
     }
 
     fn row(&self, i: usize) -> Cow<'_, Row> {
-        let n = self.seq_len;
-        let (mut ids, mut labels, mut pos, mut seg) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let bin = &self.docs[self.starts[i]..self.starts[i + 1]];
-        for (s, &d) in bin.iter().enumerate() {
-            let doc = self.store.doc(d);
-            ids.extend_from_slice(doc.ids);
-            labels.extend(
-                doc.ids
-                    .iter()
-                    .zip(doc.mask)
-                    .map(|(&id, &m)| if m == 1 { id as i64 } else { IGNORE_INDEX }),
-            );
-            pos.extend(0..doc.ids.len() as u32);
-            seg.extend(std::iter::repeat_n(s as u32, doc.ids.len()));
-        }
-        let pad = n.saturating_sub(ids.len());
-        ids.extend(std::iter::repeat_n(self.pad_id, pad));
-        labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
-        pos.extend(0..pad as u32);
-        seg.extend(std::iter::repeat_n(bin.len() as u32, pad));
-        let targets = whet_tokenize::targets_from_labels(&labels, &seg);
-        Cow::Owned(Row {
-            input_ids: ids,
-            position_ids: pos,
-            segment_ids: seg,
-            targets,
-        })
+        let docs: Vec<TokenizedExample> = self.docs[self.starts[i]..self.starts[i + 1]]
+            .iter()
+            .map(|&d| {
+                let doc = self.store.doc(d);
+                TokenizedExample {
+                    input_ids: doc.ids.to_vec(),
+                    labels: doc
+                        .ids
+                        .iter()
+                        .zip(doc.mask)
+                        .map(|(&id, &m)| if m == 1 { id as i64 } else { IGNORE_INDEX })
+                        .collect(),
+                }
+            })
+            .collect();
+        let row = PackedRow::from_docs(&docs, self.seq_len, self.pad_id);
+        Cow::Owned(crate::pipeline::to_row(row))
     }
 
     fn any_supervised(&self) -> bool {
