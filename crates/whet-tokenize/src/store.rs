@@ -325,6 +325,17 @@ impl Store {
         self.manifest.documents
     }
 
+    /// The number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The store-wide indices of shard `s`'s documents.
+    pub fn shard_documents(&self, s: usize) -> std::ops::Range<u64> {
+        let shard = &self.shards[s];
+        shard.first_doc..shard.first_doc + (shard.offsets.len() as u64 - 1)
+    }
+
     /// Document `i` (store-wide index, in writing order).
     pub fn doc(&self, i: u64) -> Doc<'_> {
         assert!(i < self.documents(), "document {i} of {}", self.documents());

@@ -46,6 +46,10 @@ pub struct TrainerState {
     /// Evaluations since the last improvement (early stopping).
     pub stale_evals: u32,
     pub tokens_seen: u64,
+    /// Supervised tokens trained on so far from each source of a mixture
+    /// ([`crate::RowSource::source_names`]); empty for rows of one source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens_by_source: Vec<u64>,
 }
 
 pub fn checkpoint_name(step: u64) -> String {

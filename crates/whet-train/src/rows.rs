@@ -37,6 +37,31 @@ pub trait RowSource: Sync {
     fn any_supervised(&self) -> bool {
         (0..self.len()).any(|i| self.row(i).supervised() > 0)
     }
+    /// The supervised tokens of row `i` (a source on disk may count them without making the
+    /// row).
+    fn supervised(&self, i: usize) -> usize {
+        self.row(i).supervised()
+    }
+    /// The rows one epoch visits: the length of [`RowSource::epoch_order`].
+    fn epoch_len(&self) -> usize {
+        self.len()
+    }
+    /// The rows one epoch visits, in order: a seeded shuffle of every row by default. A source
+    /// may order them otherwise (a store streams shard by shard, a mixture repeats or skips
+    /// rows by weight); the order must depend only on `seed` and `epoch`, so a resumed run
+    /// visits the same rows. Its length is the epoch's length.
+    fn epoch_order(&self, seed: u64, epoch: u64) -> Vec<usize> {
+        epoch_order(self.len(), seed, epoch)
+    }
+    /// The data source row `i` comes from, for counting tokens by source (`0` unless the rows
+    /// are a mixture of several: then an index into [`RowSource::source_names`]).
+    fn source(&self, _i: usize) -> usize {
+        0
+    }
+    /// The names of a mixture's sources; empty for rows of one source.
+    fn source_names(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl RowSource for [Row] {
@@ -48,9 +73,36 @@ impl RowSource for [Row] {
     }
 }
 
-impl RowSource for &[Row] {
+impl<T: RowSource + ?Sized> RowSource for &T {
     fn len(&self) -> usize {
-        <[Row]>::len(self)
+        (**self).len()
+    }
+    fn row(&self, i: usize) -> std::borrow::Cow<'_, Row> {
+        (**self).row(i)
+    }
+    fn any_supervised(&self) -> bool {
+        (**self).any_supervised()
+    }
+    fn supervised(&self, i: usize) -> usize {
+        (**self).supervised(i)
+    }
+    fn epoch_len(&self) -> usize {
+        (**self).epoch_len()
+    }
+    fn epoch_order(&self, seed: u64, epoch: u64) -> Vec<usize> {
+        (**self).epoch_order(seed, epoch)
+    }
+    fn source(&self, i: usize) -> usize {
+        (**self).source(i)
+    }
+    fn source_names(&self) -> Vec<String> {
+        (**self).source_names()
+    }
+}
+
+impl<const N: usize> RowSource for [Row; N] {
+    fn len(&self) -> usize {
+        N
     }
     fn row(&self, i: usize) -> std::borrow::Cow<'_, Row> {
         std::borrow::Cow::Borrowed(&self[i])

@@ -73,6 +73,10 @@ pub struct Summary {
     pub losses: Vec<f64>,
     /// Where this call's time went.
     pub time: TrainTime,
+    /// Supervised tokens trained on from each source of a mixture, by name, over the whole run
+    /// (a resumed run's included); empty for rows of one source.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens_by_source: Vec<(String, u64)>,
 }
 
 /// Seconds a [`Trainer::run`] spent in each part of the loop.
@@ -96,7 +100,7 @@ pub struct TrainTime {
 pub fn evaluate_preference(
     model: &Model,
     objective: &PreferenceObjective,
-    rows: &[Row],
+    rows: &(impl RowSource + ?Sized),
     reference: Option<&[SeqLogp]>,
     micro_batch: usize,
     device: &Device,
@@ -118,7 +122,7 @@ pub fn evaluate_preference(
 pub fn evaluate_preference_sharded(
     model: &Model,
     objective: &PreferenceObjective,
-    rows: &[Row],
+    rows: &(impl RowSource + ?Sized),
     reference: Option<&[SeqLogp]>,
     micro_batch: usize,
     device: &Device,
@@ -127,17 +131,15 @@ pub fn evaluate_preference_sharded(
     let (rank, world) = (comm.rank(), comm.world_size());
     let (mut sum, mut parts) = (0f64, Vec::new());
     let size = 2 * micro_batch.max(1);
-    for (j, chunk) in rows.chunks(size).enumerate() {
+    for (j, start) in (0..rows.len()).step_by(size).enumerate() {
         if j % world != rank {
             continue;
         }
-        let refs: Vec<&Row> = chunk.iter().collect();
+        let end = (start + size).min(rows.len());
+        let owned: Vec<_> = (start..end).map(|i| rows.row(i)).collect();
+        let refs: Vec<&Row> = owned.iter().map(|r| r.as_ref()).collect();
         let batch = match reference {
-            Some(r) => Batch::from_pair_rows_with_reference(
-                &refs,
-                &r[j * size..j * size + chunk.len()],
-                device,
-            )?,
+            Some(r) => Batch::from_pair_rows_with_reference(&refs, &r[start..end], device)?,
             None => Batch::from_pair_rows(&refs, device)?,
         };
         if batch.supervised == 0 {
@@ -166,7 +168,7 @@ pub fn evaluate_preference_sharded(
 /// be in evaluation mode (`set_training(false)`: no dropout).
 pub fn evaluate(
     model: &Model,
-    rows: &[Row],
+    rows: &(impl RowSource + ?Sized),
     micro_batch: usize,
     device: &Device,
 ) -> Result<(f64, usize)> {
@@ -178,18 +180,22 @@ pub fn evaluate(
 /// rank returns the same value (that of one process, up to summation order).
 pub fn evaluate_sharded(
     model: &Model,
-    rows: &[Row],
+    rows: &(impl RowSource + ?Sized),
     micro_batch: usize,
     device: &Device,
     comm: &dyn Communicator,
 ) -> Result<(f64, usize)> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let (mut sum, mut n) = (0f64, 0usize);
-    for (j, chunk) in rows.chunks(micro_batch.max(1)).enumerate() {
+    let size = micro_batch.max(1);
+    for (j, start) in (0..rows.len()).step_by(size).enumerate() {
         if j % world != rank {
             continue;
         }
-        let refs: Vec<&Row> = chunk.iter().collect();
+        let owned: Vec<_> = (start..(start + size).min(rows.len()))
+            .map(|i| rows.row(i))
+            .collect();
+        let refs: Vec<&Row> = owned.iter().map(|r| r.as_ref()).collect();
         let batch = Batch::from_rows(&refs, device)?;
         if batch.supervised == 0 {
             continue;
@@ -217,7 +223,8 @@ pub struct Trainer<'a> {
     pub config: &'a TrainerConfig,
     /// The training rows: in memory, or made on demand from a store ([`RowSource`]).
     pub train: &'a dyn RowSource,
-    pub validation: &'a [Row],
+    /// The validation rows: in memory, or made on demand from a store.
+    pub validation: &'a dyn RowSource,
     pub out: &'a Path,
     pub device: Device,
     /// Identifies this run (config + data); a checkpoint of another run is never resumed.
@@ -247,7 +254,16 @@ impl<'a> Trainer<'a> {
 
     /// The units of training data: rows, or pairs of rows for a preference objective.
     fn units(&self) -> usize {
-        self.train.len() / self.config.objective.rows_per_unit()
+        self.train.epoch_len() / self.config.objective.rows_per_unit()
+    }
+
+    /// The units epoch `epoch` visits, in order: the rows' own order ([`RowSource::epoch_order`])
+    /// or, for pairs, a seeded shuffle of the pairs.
+    fn order(&self, epoch: u64) -> Vec<usize> {
+        match self.config.objective.rows_per_unit() {
+            1 => self.train.epoch_order(self.config.seed, epoch),
+            _ => epoch_order(self.units(), self.config.seed, epoch),
+        }
     }
 
     pub fn total_steps(&self) -> u64 {
@@ -288,7 +304,9 @@ impl<'a> Trainer<'a> {
         observer.on_start(total_steps, state.step);
         let mut log = Log::open(self.out, writer, &state, observer)?;
         let started = Instant::now();
-        let mut order = epoch_order(self.units(), t.seed, state.cursor.epoch);
+        let mut order = self.order(state.cursor.epoch);
+        let sources = self.train.source_names();
+        state.tokens_by_source.resize(sources.len(), 0);
         let unit = t.objective.rows_per_unit();
         self.model.set_training(true);
         self.model.set_neftune(t.neftune_alpha);
@@ -326,6 +344,12 @@ impl<'a> Trainer<'a> {
             log.summary.time.steps_s += step_clock.elapsed().as_secs_f64();
             state.step += 1;
             state.tokens_seen += done.tokens as u64;
+            if !sources.is_empty() {
+                // Every rank counts every rank's rows: the counts agree without a message.
+                for &i in &picked {
+                    state.tokens_by_source[self.train.source(i)] += self.train.supervised(i) as u64;
+                }
+            }
             log.step(&StepMetrics {
                 step: state.step,
                 total_steps,
@@ -365,6 +389,10 @@ impl<'a> Trainer<'a> {
             }
         }
         self.model.set_training(false);
+        log.summary.tokens_by_source = sources
+            .into_iter()
+            .zip(state.tokens_by_source.iter().copied())
+            .collect();
         Ok(log.finish(&state, self.out))
     }
 
@@ -473,6 +501,7 @@ impl<'a> Trainer<'a> {
                 best_step: None,
                 stale_evals: 0,
                 tokens_seen: 0,
+                tokens_by_source: Vec::new(),
             });
         };
         let state = self.resume(&dir, optimizer)?;
@@ -495,7 +524,7 @@ impl<'a> Trainer<'a> {
                     epoch: cursor.epoch + 1,
                     offset: 0,
                 };
-                *order = epoch_order(self.units(), t.seed, cursor.epoch);
+                *order = self.order(cursor.epoch);
                 if !rows.is_empty() && t.max_steps == 0 {
                     break; // an epoch boundary ends a short last step
                 }
@@ -769,6 +798,7 @@ impl<'o> Log<'o> {
             evals: Vec::new(),
             losses: Vec::new(),
             time: TrainTime::default(),
+            tokens_by_source: Vec::new(),
         };
         Ok(Self {
             metrics,

@@ -560,9 +560,9 @@ fn train_on(
         pipeline::prepare(&tok, &cfg.data, cfg.train.seed, &out)?
     };
     time.data_s = started.elapsed().as_secs_f64();
-    let id = match &data.train_store {
-        // The store's fingerprint stands for its rows (tokenizer, settings, input files).
-        Some(st) => run_id(&cfg, &[]) + &st.store().manifest().fingerprint[..8],
+    let id = match &data.store_fingerprint {
+        // The stores' fingerprints stand for their rows (tokenizer, settings, input files).
+        Some(f) => run_id(&cfg, &[]) + &f[..8.min(f.len())],
         None => run_id(&cfg, &data.train),
     };
     // Before writing anything: `out` must be new, empty or this run's (rank 0 writes it).
@@ -605,7 +605,7 @@ fn train_on(
             data.report.train_examples,
             data.train_rows().len(),
             data.report.validation_examples,
-            data.validation.len(),
+            data.validation_rows().len(),
             data.report.cache.as_deref().unwrap_or("off")
         );
     }
@@ -713,7 +713,7 @@ fn train_on(
             &tok,
             &cfg,
             &report::EvalRows {
-                validation: &data.validation,
+                validation: data.validation_rows(),
                 general: general.as_deref(),
                 sets: &eval_sets,
                 task,
@@ -729,11 +729,12 @@ fn train_on(
             (b.eval_s, b.generate_s, b.task_s);
     }
 
+    let train_rows = data.train_rows();
     let mut trainer = Trainer {
         model: &mut model,
         config: &trainer_cfg,
-        train: data.train_rows(),
-        validation: &data.validation,
+        train: &*train_rows,
+        validation: data.validation_rows(),
         out: &out,
         device: dev.clone(),
         run_id: id,
@@ -751,6 +752,7 @@ fn train_on(
     };
     let mut progress = Progress::new();
     let summary = trainer.run(&mut progress)?;
+    drop(train_rows);
     progress.bar.finish_and_clear();
     time.train = summary.time;
 

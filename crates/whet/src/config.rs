@@ -205,6 +205,16 @@ pub struct DataSection {
     /// file changes), then read memory-mapped: the corpus never has to fit in memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<PathBuf>,
+    /// Training from a store: how many shards' rows are shuffled together. Each epoch visits
+    /// the shards in a seeded order, this many at a time, and shuffles their rows (a shuffle
+    /// buffer of shards: more mixes better and keeps more packing plans in memory, a few bytes
+    /// per document). Default 8; with at least as many as the store has, every row is
+    /// shuffled with every other, as in memory.
+    #[serde(
+        default = "defaults::shuffle_shards",
+        skip_serializing_if = "is_default_shuffle_shards"
+    )]
+    pub shuffle_shards: usize,
     /// `[[data.sources]]`: a mixture of several training sources instead of `train`, each
     /// read, scrubbed, deduplicated, split, tokenized and packed on its own, its rows drawn in
     /// proportion to its `weight` (see `pipeline::mixture`). Left out of the saved TOML when
@@ -514,6 +524,11 @@ fn is_zero(n: &usize) -> bool {
 }
 
 const DEFAULT_METRIC_BATCH: usize = 8;
+const DEFAULT_SHUFFLE_SHARDS: usize = 8;
+
+fn is_default_shuffle_shards(n: &usize) -> bool {
+    *n == DEFAULT_SHUFFLE_SHARDS
+}
 
 fn is_default_metric_batch(n: &usize) -> bool {
     *n == DEFAULT_METRIC_BATCH
@@ -572,6 +587,8 @@ pub mod limits {
     pub const ACTIVATION_ELEMS: u64 = 1 << 33;
     pub const LORA_RANK: u64 = 1 << 16;
     pub const K_FOLDS: u64 = 1000;
+    /// `data.shuffle_shards`: the packing plans of this many shards stay in memory.
+    pub const SHUFFLE_SHARDS: u64 = 1 << 16;
     pub const MAX_NEW_TOKENS: u64 = 1 << 20;
     /// `eval.metric_batch`: prompts generated together.
     pub const METRIC_BATCH: u64 = 1 << 12;
@@ -592,6 +609,9 @@ mod defaults {
     }
     pub fn keep_last() -> usize {
         2
+    }
+    pub fn shuffle_shards() -> usize {
+        super::DEFAULT_SHUFFLE_SHARDS
     }
 }
 
@@ -795,12 +815,6 @@ impl Config {
                 real("train.beta2", t.beta2, 0.0, 1.0, true, "")?;
             }
         }
-        if self.data.store.is_some() && !self.data.sources.is_empty() {
-            return Err(bad(
-                "data.store",
-                "is made from data.train; a mixture (data.sources) reads its sources in memory for now: remove one of them".into(),
-            ));
-        }
         if self.data.store.is_some() && (t.k_folds > 0 || self.preference.is_some()) {
             return Err(bad(
                 "data.store",
@@ -867,6 +881,12 @@ impl Config {
             ));
         }
         int("data.max_len", self.data.max_len as u64, 8, limits::MAX_LEN)?;
+        int(
+            "data.shuffle_shards",
+            self.data.shuffle_shards as u64,
+            1,
+            limits::SHUFFLE_SHARDS,
+        )?;
         match t.micro_batch.checked_mul(self.data.max_len) {
             Some(tokens) if tokens as u64 <= limits::TOKENS_PER_MICRO_BATCH => {}
             _ => {

@@ -26,6 +26,7 @@ pub mod commands;
 pub mod config;
 pub mod inspect;
 pub mod kfold;
+pub mod mixture;
 pub mod pipeline;
 pub mod plot;
 pub mod prepare;

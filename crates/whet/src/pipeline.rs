@@ -15,7 +15,9 @@ use whet_tokenize::{
     PackConfig, PackReport, PackedRow, TokenizeConfig, TokenizeReport, TokenizedExample, Tokenizer,
     Truncation,
 };
-use whet_train::Row;
+use whet_train::{Row, RowSource};
+
+use crate::store_rows::{Holdout, Layout, Part, StoreRows};
 
 use crate::config::DataSection;
 
@@ -46,6 +48,7 @@ pub fn flags_section(
         columns: Columns::default(),
         chat_template: None,
         store: None,
+        shuffle_shards: 8,
         sources: Vec::new(),
     }
 }
@@ -333,16 +336,34 @@ pub struct Prepared {
     pub train_sources: Vec<usize>,
     pub validation: Vec<Row>,
     pub report: DataReport,
-    /// The training rows of a run from a token store (`data.store`); `train` is then empty.
-    pub train_store: Option<crate::store_rows::StoreRows>,
+    /// The training rows of a run from token stores (`data.store`), made on demand; `train`
+    /// is then empty.
+    pub train_store: Option<Box<dyn RowSource + Send>>,
+    /// The validation rows held out of the stores, if any; `validation` is then empty.
+    pub validation_store: Option<Box<dyn RowSource + Send>>,
+    /// What the stores' rows are keyed by (their fingerprints), for the run id.
+    pub store_fingerprint: Option<String>,
 }
 
 impl Prepared {
-    /// The training rows, wherever they are.
-    pub fn train_rows(&self) -> &dyn whet_train::RowSource {
+    /// The training rows, wherever they are (a mixture's tagged with their sources).
+    pub fn train_rows(&self) -> Box<dyn RowSource + '_> {
         match &self.train_store {
-            Some(s) => s,
-            None => &self.train,
+            Some(s) => Box::new(&**s),
+            None if !self.train_sources.is_empty() => Box::new(crate::mixture::Tagged {
+                rows: &self.train,
+                sources: &self.train_sources,
+                names: self.report.sources.iter().map(|s| s.name.clone()).collect(),
+            }),
+            None => Box::new(&self.train[..]),
+        }
+    }
+
+    /// The validation rows, wherever they are.
+    pub fn validation_rows(&self) -> &dyn RowSource {
+        match &self.validation_store {
+            Some(s) => &**s,
+            None => &self.validation,
         }
     }
 }
@@ -443,6 +464,8 @@ pub fn prepare(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -> Re
         report,
         pii_audit,
         train_store: None,
+        validation_store: None,
+        store_fingerprint: None,
     })
 }
 
@@ -464,22 +487,7 @@ fn prepare_mixture(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -
     let mut source_rows = Vec::with_capacity(data.sources.len());
     for (i, source) in data.sources.iter().enumerate() {
         let name = source.display_name();
-        let section = DataSection {
-            train: source.path.clone(),
-            validation: None,
-            validation_fraction: if data.validation.is_some() {
-                0.0
-            } else {
-                data.validation_fraction
-            },
-            format: source.format.unwrap_or(data.format),
-            columns: source
-                .columns
-                .clone()
-                .unwrap_or_else(|| data.columns.clone()),
-            sources: Vec::new(),
-            ..data.clone()
-        };
+        let section = source_section(data, source);
         let p = prepare(tok, &section, seed, out)
             .with_context(|| format!("data.sources[{i}] `{name}`"))?;
         merge_audit(p.pii_audit);
@@ -564,6 +572,8 @@ fn prepare_mixture(tok: &Tokenizer, data: &DataSection, seed: u64, out: &Path) -
         validation: validation_rows,
         report,
         train_store: None,
+        validation_store: None,
+        store_fingerprint: None,
     })
 }
 
@@ -875,19 +885,185 @@ pub fn prepare_pairs(
         validation: validation_rows,
         report,
         train_store: None,
+        validation_store: None,
+        store_fingerprint: None,
     })
 }
 
 /// The data path of a run with `data.store`: the token store made from `data.train` (again when
 /// its fingerprint no longer matches), its documents packed as training packs them, the rows
-/// read from disk on demand. Validation: `data.validation` read as usual, or a seeded
-/// `data.validation_fraction` of the store's documents held out (rows in memory).
+/// read from disk on demand, shard by shard. Validation: `data.validation` read as usual, or a
+/// seeded `data.validation_fraction` of the store's documents held out (also read on demand).
+/// A mixture (`[[data.sources]]`) has a store per source in the folder, each made from its
+/// source with its settings, drawn by weight as they stream ([`crate::mixture::Mixture`]).
 fn prepare_from_store(
     tok: &Tokenizer,
     data: &DataSection,
     seed: u64,
     dir: &Path,
 ) -> Result<Prepared> {
+    let mut report = DataReport::default();
+    let (validation, mut validation_store) = match &data.validation {
+        Some(path) => {
+            let (v, r) = read(path, data)?;
+            report.validation_read = Some(r);
+            report.validation_examples = v.len();
+            let rows = rows(tok, &v, data, None)?;
+            report.validation_tokenize = Some(rows.tokenize);
+            (rows.rows, None)
+        }
+        None => (Vec::new(), None),
+    };
+    if data.sources.is_empty() {
+        let part = store_part(tok, data, seed, dir)?;
+        report.train_examples = part.train_documents as usize;
+        if validation_store.is_none() && part.held.is_some() {
+            report.validation_examples = part.held_documents as usize;
+            validation_store = part.held.map(|h| Box::new(h) as Box<dyn RowSource + Send>);
+        }
+        report.cache = Some(format!("token store {}", dir.display()));
+        return Ok(Prepared {
+            pii_audit: None,
+            train_examples: Vec::new(),
+            validation_examples: Vec::new(),
+            train: Vec::new(),
+            train_sources: Vec::new(),
+            validation,
+            report,
+            train_store: Some(Box::new(part.train)),
+            validation_store,
+            store_fingerprint: Some(part.fingerprint),
+        });
+    }
+    let (mut trains, mut helds, mut names, mut fingerprints) =
+        (Vec::new(), Vec::new(), Vec::new(), String::new());
+    for (i, source) in data.sources.iter().enumerate() {
+        let name = source.display_name();
+        let section = source_section(data, source);
+        let sub = dir.join(format!("{i:02}-{}", sanitize(&name)));
+        let part = store_part(tok, &section, seed, &sub)
+            .with_context(|| format!("data.sources[{i}] `{name}`"))?;
+        fingerprints.push_str(&part.fingerprint[..16.min(part.fingerprint.len())]);
+        report.train_examples += part.train_documents as usize;
+        let rows = part.train.len();
+        let supervised: usize = (0..rows).map(|r| part.train.supervised(r)).sum();
+        report.sources.push(SourceReport {
+            name: name.clone(),
+            path: source.path.clone(),
+            weight: source.weight,
+            max_tokens: source.max_tokens,
+            examples_read: (part.train_documents + part.held_documents) as usize,
+            train_examples: part.train_documents as usize,
+            validation_examples: part.held_documents as usize,
+            rows_available: rows,
+            rows_per_epoch: 0,
+            tokens_per_epoch: supervised,
+            token_share: 0.0,
+            read: None,
+            dedup: None,
+            tokenize: None,
+            pack: None,
+            cache: Some(format!("token store {}", sub.display())),
+        });
+        if let Some(h) = part.held {
+            report.validation_examples += part.held_documents as usize;
+            helds.push((name.clone(), h));
+        }
+        names.push(name);
+        trains.push(Box::new(part.train) as Box<dyn RowSource + Send>);
+    }
+    let lens: Vec<usize> = trains.iter().map(|t| t.len()).collect();
+    let weights: Vec<f64> = data.sources.iter().map(|s| s.weight).collect();
+    let mut quotas = mixture_quotas(&lens, &weights);
+    for (i, (q, source)) in quotas.iter_mut().zip(&data.sources).enumerate() {
+        let s = &mut report.sources[i];
+        // `tokens_per_epoch` holds the source's supervised tokens over all its rows so far.
+        let mean = s.tokens_per_epoch as f64 / lens[i].max(1) as f64;
+        if let Some(budget) = source.max_tokens {
+            // A store's rows are not all counted up front: the budget holds on average.
+            *q = (*q).min(((budget as f64 / mean.max(1e-9)).floor() as usize).max(1));
+        }
+        s.rows_per_epoch = *q;
+        s.tokens_per_epoch = (*q as f64 * mean).round() as usize;
+    }
+    let total: usize = report.sources.iter().map(|s| s.tokens_per_epoch).sum();
+    for s in &mut report.sources {
+        s.token_share = s.tokens_per_epoch as f64 / total.max(1) as f64;
+    }
+    if validation_store.is_none() && !helds.is_empty() {
+        let (names, parts): (Vec<String>, Vec<Box<dyn RowSource + Send>>) = helds
+            .into_iter()
+            .map(|(n, h)| (n, Box::new(h) as Box<dyn RowSource + Send>))
+            .unzip();
+        validation_store = Some(Box::new(crate::mixture::Mixture::new(
+            parts,
+            names,
+            Vec::new(),
+        )));
+    }
+    report.cache = Some(format!("token stores in {}", dir.display()));
+    Ok(Prepared {
+        pii_audit: None,
+        train_examples: Vec::new(),
+        validation_examples: Vec::new(),
+        train: Vec::new(),
+        train_sources: Vec::new(),
+        validation,
+        report,
+        train_store: Some(Box::new(crate::mixture::Mixture::new(
+            trains, names, quotas,
+        ))),
+        validation_store,
+        store_fingerprint: Some(fingerprints),
+    })
+}
+
+/// A source's data settings: the mixture's, with the source's files, format and columns.
+fn source_section(data: &DataSection, source: &crate::config::SourceSection) -> DataSection {
+    DataSection {
+        train: source.path.clone(),
+        validation: None,
+        validation_fraction: if data.validation.is_some() {
+            0.0
+        } else {
+            data.validation_fraction
+        },
+        format: source.format.unwrap_or(data.format),
+        columns: source
+            .columns
+            .clone()
+            .unwrap_or_else(|| data.columns.clone()),
+        sources: Vec::new(),
+        ..data.clone()
+    }
+}
+
+/// A source name as a folder name: letters, digits, `-`, `_` and `.` kept, the rest `_`.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// One token store's rows: training, and those held out for validation.
+struct StorePart {
+    train: StoreRows,
+    held: Option<StoreRows>,
+    train_documents: u64,
+    held_documents: u64,
+    fingerprint: String,
+}
+
+/// The store in `dir` made from `data.train` (prepared first when missing or stale), split
+/// into training rows and, with `data.validation_fraction` and no `data.validation`, held-out
+/// validation rows.
+fn store_part(tok: &Tokenizer, data: &DataSection, seed: u64, dir: &Path) -> Result<StorePart> {
     use whet_tokenize::store::Store;
     let fingerprint = crate::prepare::store_fingerprint(tok, data)?;
     let current = Store::open(dir)
@@ -905,55 +1081,35 @@ fn prepare_from_store(
             p.documents, p.tokens, p.seconds, p.mb_per_s
         );
     }
-    let store = Store::open(dir)?;
-    let n = store.documents();
-    let mut report = DataReport::default();
-    let (train_docs, validation) = match &data.validation {
-        Some(path) => {
-            let (v, r) = read(path, data)?;
-            report.validation_read = Some(r);
-            report.validation_examples = v.len();
-            let rows = rows(tok, &v, data, None)?;
-            report.validation_tokenize = Some(rows.tokenize);
-            ((0..n).collect::<Vec<u64>>(), rows.rows)
-        }
-        None if data.validation_fraction > 0.0 => {
-            let order = whet_train::rows::epoch_order(n as usize, seed, u64::MAX);
-            let k = ((n as f64 * data.validation_fraction).round() as usize)
-                .clamp(1, (n as usize).saturating_sub(1).max(1));
-            let mut held: Vec<u64> = order[..k].iter().map(|&i| i as u64).collect();
-            held.sort_unstable();
-            let mut train: Vec<u64> = order[k..].iter().map(|&i| i as u64).collect();
-            train.sort_unstable();
-            report.validation_examples = held.len();
-            let val = crate::store_rows::StoreRows::new(
-                Store::open(dir)?,
-                &held,
-                data.max_len,
-                tok.pad_id(),
-            );
-            (train, val.to_rows())
-        }
-        None => ((0..n).collect(), Vec::new()),
+    let holdout =
+        (data.validation.is_none() && data.validation_fraction > 0.0).then_some(Holdout {
+            fraction: data.validation_fraction,
+            seed,
+        });
+    let layout = Layout {
+        seq_len: data.max_len,
+        pad_id: tok.pad_id(),
+        pack: data.pack,
+        window: data.shuffle_shards,
     };
-    report.train_examples = train_docs.len();
-    report.cache = Some(format!("token store {}", dir.display()));
-    let train = crate::store_rows::StoreRows::new(store, &train_docs, data.max_len, tok.pad_id());
-    if whet_train::RowSource::is_empty(&train) {
+    let rows_of = |part| -> Result<StoreRows> {
+        Ok(StoreRows::new(Store::open(dir)?, part, holdout, layout))
+    };
+    let train = rows_of(Part::Train)?;
+    if train.is_empty() {
         bail!(
             "{}: the token store has no training documents",
             dir.display()
         );
     }
-    Ok(Prepared {
-        pii_audit: None,
-        train_examples: Vec::new(),
-        validation_examples: Vec::new(),
-        train: Vec::new(),
-        train_sources: Vec::new(),
-        validation,
-        report,
-        train_store: Some(train),
+    let held = holdout.map(|_| rows_of(Part::Held)).transpose()?;
+    let held_documents = train.held();
+    Ok(StorePart {
+        train_documents: train.store().documents() - held_documents,
+        held_documents,
+        train,
+        held,
+        fingerprint,
     })
 }
 

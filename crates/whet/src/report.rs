@@ -112,7 +112,7 @@ impl RunTime {
 
 /// The rows the report scores a model on.
 pub struct EvalRows<'a> {
-    pub validation: &'a [Row],
+    pub validation: &'a dyn whet_train::RowSource,
     /// Held-out general text (`eval.general_data`).
     pub general: Option<&'a [Row]>,
     /// `[eval] sets`, named.
@@ -610,12 +610,21 @@ impl Report {
         if !d.sources.is_empty() {
             let _ = writeln!(
                 s,
-                "\n### Data mixture\n\nRows and supervised tokens per epoch (tokens seen = per epoch x epochs trained).\n\n| source | path | weight | examples | rows available | rows per epoch | tokens per epoch | share of tokens |\n|---|---|---:|---:|---:|---:|---:|---:|"
+                "\n### Data mixture\n\nRows and supervised tokens per epoch as planned, and the supervised tokens training took from each source (counted as it ran, resumed parts included).\n\n| source | path | weight | examples | rows available | rows per epoch | tokens per epoch | share of tokens | tokens trained on |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
             );
+            let seen: u64 = self.summary.tokens_by_source.iter().map(|(_, n)| n).sum();
             for m in &d.sources {
+                let trained = self
+                    .summary
+                    .tokens_by_source
+                    .iter()
+                    .find(|(name, _)| *name == m.name)
+                    .map_or("-".into(), |(_, n)| {
+                        format!("{n} ({:.1}%)", 100.0 * *n as f64 / seen.max(1) as f64)
+                    });
                 let _ = writeln!(
                     s,
-                    "| {} | `{}` | {} | {} | {} | {} | {} | {:.1}% |",
+                    "| {} | `{}` | {} | {} | {} | {} | {} | {:.1}% | {trained} |",
                     m.name,
                     m.path.display(),
                     m.weight,

@@ -186,7 +186,7 @@ pub fn run(
     validation: &[Row],
     run_id: &str,
 ) -> whet_train::Result<Summary> {
-    run_with(model, config, &train, validation, run_id, None, None)
+    run_with(model, config, &train, &validation, run_id, None, None)
 }
 
 /// [`run`] with a task scorer and a precomputed preference reference.
@@ -194,7 +194,7 @@ pub fn run_with<'a>(
     model: &'a mut Model,
     config: &'a Config,
     train: &'a dyn whet_train::RowSource,
-    validation: &'a [Row],
+    validation: &'a dyn whet_train::RowSource,
     run_id: &str,
     scorer: Option<&'a mut dyn whet_train::TaskScorer>,
     reference: Option<&'a whet_train::preference::ReferenceLogps>,
@@ -387,7 +387,7 @@ pub fn run_ranks_with(
                         model: &mut model,
                         config: &config.trainer,
                         train: &train,
-                        validation,
+                        validation: &validation,
                         out,
                         device: Device::Cpu,
                         run_id: run_id(comm.rank()),

@@ -93,6 +93,7 @@ fn a_failed_checkpoint_write_leaves_earlier_checkpoints_intact() {
         best_step: None,
         stale_evals: 0,
         tokens_seen: 0,
+        tokens_by_source: Vec::new(),
     };
     whet_train::checkpoint::write(&out, &state(1), "x = 1", |dir| {
         std::fs::write(dir.join("weights.bin"), b"good").unwrap();

@@ -343,3 +343,19 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The output folder `part` of a run killed right after checkpoint `ckpt` of the finished run
+/// `full`: that checkpoint, the claim and the metrics so far (resuming rewinds them).
+pub fn killed_after(full: &Path, part: &Path, ckpt: &str) {
+    fs::create_dir_all(part.join(ckpt)).unwrap();
+    for e in fs::read_dir(full.join(ckpt)).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), part.join(ckpt).join(e.file_name())).unwrap();
+    }
+    fs::copy(
+        full.join(whet_data::atomic::MARKER),
+        part.join(whet_data::atomic::MARKER),
+    )
+    .unwrap();
+    fs::copy(full.join("metrics.jsonl"), part.join("metrics.jsonl")).unwrap();
+}

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use whet_tokenize::store::Store;
+
 use crate::common::*;
 
 const RUN: &str = r#"
@@ -39,10 +41,16 @@ fn docs(path: &Path, topic: &str, field: &str, n: usize) {
 
 /// Two sources of 20 one-row documents each (`pack = false`), weights 3:1.
 fn mixture_config(tmp: &Tmp, m: &Path) -> std::path::PathBuf {
+    mixture_config_with(tmp, m, "")
+}
+
+/// [`mixture_config`] with more `[data]` settings.
+fn mixture_config_with(tmp: &Tmp, m: &Path, extra: &str) -> std::path::PathBuf {
     docs(&tmp.join("manuals.jsonl"), "router", "body", 20);
     docs(&tmp.join("general.jsonl"), "weather", "text", 20);
     let data = r#"
 [data]
+EXTRA
 max_len = 64
 pack = false
 validation_fraction = 0.0
@@ -57,7 +65,7 @@ weight = 3.0
 [[data.sources]]
 path = "general.jsonl"
 "#;
-    config(tmp, m, &format!("{RUN}\n{data}"))
+    config(tmp, m, &format!("{RUN}\n{}", data.replace("EXTRA", extra)))
 }
 
 fn report(out: &Path) -> Value {
@@ -305,4 +313,156 @@ fn max_tokens_caps_a_sources_rows_per_epoch() {
         "{}",
         run.stderr
     );
+}
+
+/// The tokens trained on, counted per source as the run goes: one epoch of the mixture (20
+/// steps of 2 of its 40 rows) trains on exactly each source's tokens per epoch.
+#[test]
+fn the_report_counts_the_tokens_trained_on_from_each_source() {
+    let tmp = Tmp::new("mixture-seen");
+    let m = model(&tmp);
+    let cfg = mixture_config(&tmp, &m);
+    whet(["train", "--config", s(&cfg), "--set", "train.max_steps=20"]).ok();
+    let r = report(&tmp.join("out"));
+    let seen = r["summary"]["tokens_by_source"].as_array().unwrap().clone();
+    let sources = r["data"]["sources"].as_array().unwrap();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for (seen, planned) in seen.iter().zip(sources) {
+        assert_eq!(seen[0], planned["name"]);
+        assert_eq!(seen[1], planned["tokens_per_epoch"], "{seen:?}");
+    }
+    let md = fs::read_to_string(tmp.join("out/report.md")).unwrap();
+    assert!(md.contains("tokens trained on"), "{md}");
+}
+
+/// `data.store` with `[[data.sources]]`: a token store per source in the folder, drawn by weight
+/// as they stream; the tokens trained on follow the weights, a second run reads the stores as
+/// they are, and a resumed run has the uninterrupted run's losses.
+#[test]
+fn a_mixture_of_token_stores_follows_the_weights_and_resumes_exactly() {
+    let tmp = Tmp::new("mixture-store");
+    let m = model(&tmp);
+    let cfg = mixture_config_with(&tmp, &m, "store = \"tokens\"");
+    let run = whet([
+        "train",
+        "--config",
+        s(&cfg),
+        "--no-report",
+        "--set",
+        "train.max_steps=20",
+        "--set",
+        "output.save_every=5",
+        "--set",
+        "output.keep_last=10",
+    ])
+    .ok();
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("data: ") && l.contains("mixture per epoch"))
+        .unwrap_or_else(|| panic!("no data line in:\n{}", run.stderr));
+    assert!(
+        line.contains("manuals (weight 3): 30 of 20 rows")
+            && line.contains("general (weight 1): 10 of 20 rows"),
+        "{line}"
+    );
+    for store in ["00-manuals", "01-general"] {
+        let st = Store::open(&tmp.join("tokens").join(store)).unwrap();
+        assert_eq!(st.documents(), 20, "{store}");
+    }
+    let full = tmp.join("out");
+    let r = report(&full);
+    let seen: Vec<f64> = r["summary"]["tokens_by_source"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[1].as_f64().unwrap())
+        .collect();
+    let share = seen[0] / (seen[0] + seen[1]);
+    let planned = r["data"]["sources"][0]["token_share"].as_f64().unwrap();
+    assert!((share - planned).abs() < 0.05, "{share} vs {planned}");
+    assert!((share - 0.75).abs() < 0.1, "{share}");
+
+    let part = tmp.join("part");
+    killed_after(&full, &part, "checkpoint-000010");
+    let again = whet([
+        "train",
+        "--config",
+        s(&cfg),
+        "--no-report",
+        "--set",
+        "train.max_steps=20",
+        "--set",
+        "output.save_every=5",
+        "--set",
+        "output.keep_last=10",
+        "--set",
+        &format!("output.dir={}", toml_str(&part)),
+    ])
+    .ok();
+    assert!(
+        !again.stderr.contains("preparing the token store"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(
+        series(&part, "train", "loss"),
+        series(&full, "train", "loss")
+    );
+    assert_eq!(
+        report(&part)["summary"]["tokens_by_source"],
+        r["summary"]["tokens_by_source"]
+    );
+}
+
+/// A mixture of stores holds out each source's share of its documents for validation (read
+/// from the stores too), and a source's `max_tokens` cuts its rows per epoch to the budget on
+/// average (a store's rows are not all counted up front).
+#[test]
+fn a_mixture_of_token_stores_holds_out_validation_and_keeps_a_token_budget() {
+    let tmp = Tmp::new("mixture-store-budget");
+    let m = model(&tmp);
+    let cfg = mixture_config_with(&tmp, &m, "store = \"tokens\"")
+        .to_string_lossy()
+        .into_owned();
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("validation_fraction = 0.0", "validation_fraction = 0.2");
+    fs::write(&cfg, &text).unwrap();
+    whet(["train", "--config", &cfg, "--no-report"]).ok();
+    let r = report(&tmp.join("out"));
+    assert_eq!(r["data"]["validation_examples"], 8, "4 of each source's 20");
+    assert_eq!(r["data"]["train_examples"], 32);
+    assert!(r["before"]["val_loss"].is_f64(), "{}", r["before"]);
+    let manuals = &r["data"]["sources"][0];
+    assert_eq!(manuals["rows_available"], 16);
+    let per_row =
+        manuals["tokens_per_epoch"].as_f64().unwrap() / manuals["rows_per_epoch"].as_f64().unwrap();
+
+    let budget = (4.5 * per_row) as u64;
+    fs::write(
+        &cfg,
+        text.replace(
+            "weight = 3.0",
+            &format!("weight = 3.0\nmax_tokens = {budget}"),
+        ),
+    )
+    .unwrap();
+    whet([
+        "train",
+        "--config",
+        &cfg,
+        "--no-report",
+        "--set",
+        "output.dir=\"out-budget\"",
+    ])
+    .ok();
+    let r = report(&tmp.join("out-budget"));
+    let manuals = &r["data"]["sources"][0];
+    assert_eq!(
+        manuals["rows_per_epoch"], 4,
+        "{budget} tokens of ~{per_row} a row"
+    );
+    assert!(manuals["tokens_per_epoch"].as_u64().unwrap() <= budget);
+    assert_eq!(r["data"]["sources"][1]["rows_per_epoch"], 8);
 }

@@ -306,20 +306,8 @@ fn a_store_run_resumes_bit_identically() {
     whet(["train", "--config", s(&cfg), "--no-report"]).ok();
     let full = tmp.join("out");
     let want = train_losses(&full);
-    // As if killed after step 3: its checkpoint, the claim and the metrics so far.
     let part = tmp.join("part");
-    let ckpt = "checkpoint-000003";
-    fs::create_dir_all(part.join(ckpt)).unwrap();
-    for e in fs::read_dir(full.join(ckpt)).unwrap() {
-        let e = e.unwrap();
-        fs::copy(e.path(), part.join(ckpt).join(e.file_name())).unwrap();
-    }
-    fs::copy(
-        full.join(whet_data::atomic::MARKER),
-        part.join(whet_data::atomic::MARKER),
-    )
-    .unwrap();
-    fs::copy(full.join("metrics.jsonl"), part.join("metrics.jsonl")).unwrap();
+    killed_after(&full, &part, "checkpoint-000003");
     let r = whet([
         "train",
         "--config",
