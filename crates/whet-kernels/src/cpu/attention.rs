@@ -160,10 +160,13 @@ fn width(js: usize, n: usize, s: usize) -> usize {
 /// `y[r * ldy + c] += sum_i w[r * wrs + i * wcs] * src[base + i * stride + c]` for `r < rows`,
 /// `c < cols`, `i < kd`: the small matrix products of a (query block x key tile). An `RB x C`
 /// tile of y stays in registers while the rows of src stream past, so each load of src feeds
-/// `RB` multiply-adds (with `RB = 4, C = 64`, 16 zmm accumulators for f32).
+/// `RB` multiply-adds. `RB = 4` rows; `C = 64` f32 columns with AVX-512 (`WIDE`: 16 of its 32
+/// zmm registers accumulate), 32 with AVX2 (16 ymm: the whole file, some reloaded each step,
+/// which measured faster than 4 x 64, 3 x 32, 2 x 64 and 6 x 16: `--bench kernels --
+/// attention` with `WHET_CPU=avx2`, 2026-12-05).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn mm<T: Float>(
+fn mm<T: Float, const WIDE: bool>(
     y: &mut [T],
     (ldy, rows, cols): (usize, usize, usize),
     w: &[T],
@@ -183,11 +186,11 @@ fn mm<T: Float>(
         stride,
     };
     while r0 + 4 <= rows {
-        mm_rows::<T, 4>(y, w, src, args, r0);
+        mm_rows::<T, 4, WIDE>(y, w, src, args, r0);
         r0 += 4;
     }
     while r0 < rows {
-        mm_rows::<T, 1>(y, w, src, args, r0);
+        mm_rows::<T, 1, WIDE>(y, w, src, args, r0);
         r0 += 1;
     }
 }
@@ -206,10 +209,21 @@ struct Mm {
 
 /// Rows `r0 .. r0 + RB` of [`mm`].
 #[inline(always)]
-fn mm_rows<T: Float, const RB: usize>(y: &mut [T], w: &[T], src: &[T], a: Mm, r0: usize) {
+fn mm_rows<T: Float, const RB: usize, const WIDE: bool>(
+    y: &mut [T],
+    w: &[T],
+    src: &[T],
+    a: Mm,
+    r0: usize,
+) {
     let mut c0 = 0;
-    c0 = mm_tile::<T, RB, 64>(y, w, src, a, r0, c0);
-    c0 = mm_tile::<T, RB, 16>(y, w, src, a, r0, c0);
+    if WIDE {
+        c0 = mm_tile::<T, RB, 64>(y, w, src, a, r0, c0);
+        c0 = mm_tile::<T, RB, 16>(y, w, src, a, r0, c0);
+    } else {
+        c0 = mm_tile::<T, RB, 32>(y, w, src, a, r0, c0);
+        c0 = mm_tile::<T, RB, 8>(y, w, src, a, r0, c0);
+    }
     for c in c0..a.cols {
         for r in r0..r0 + RB {
             let mut acc = y[r * a.ldy + c];
@@ -298,7 +312,7 @@ pub(crate) fn fwd<T: Float>(
 
 multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn fwd_block<T: Float>(
+    fn fwd_block<T: Float, const WIDE: bool>(
         q: &[T], kt: &[T], v: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, i0: usize, o: &mut [T], lse: &mut [T],
     ) = fwd_block_impl;
 }
@@ -311,7 +325,7 @@ multiversion! {
 /// update and probabilities P, and the output accumulates P V (R x D), another small product.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn fwd_block_impl<T: Float>(
+fn fwd_block_impl<T: Float, const WIDE: bool>(
     q: &[T],
     kt: &[T],
     v: &[T],
@@ -352,7 +366,7 @@ fn fwd_block_impl<T: Float>(
             let n = KT.min(p_last + 1 - js);
             sc.fill(T::ZERO);
             let kb = (bi * nkv + g) * d * s + js;
-            mm(
+            mm::<T, WIDE>(
                 &mut sc,
                 (KT, nr, width(js, n, s)),
                 &qg,
@@ -388,7 +402,7 @@ fn fwd_block_impl<T: Float>(
             }
             // acc += P (R x n) @ V[js .. js + n] (n x D, rows NKV * D apart)
             let vb = ((bi * s + js) * nkv + g) * d;
-            mm(&mut acc, (d, nr, d), &sc, (KT, 1), n, v, (vb, nkv * d));
+            mm::<T, WIDE>(&mut acc, (d, nr, d), &sc, (KT, 1), n, v, (vb, nkv * d));
             js += n;
         }
         for (row, h) in group_rows(nq, dm, g) {
@@ -489,7 +503,7 @@ pub(crate) fn bwd<T: Float>(
 
 multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn bwd_chunk<T: Float>(
+    fn bwd_chunk<T: Float, const WIDE: bool>(
         q: &[T], kv: (&[T], &[T], &[T]), o: &[T], dout: &[T], lse: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, c0: usize,
         dq: &mut [T],
     ) -> KeyPart<T> = bwd_chunk_impl;
@@ -504,7 +518,7 @@ multiversion! {
 /// dK += dS^T Q.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn bwd_chunk_impl<T: Float>(
+fn bwd_chunk_impl<T: Float, const WIDE: bool>(
     q: &[T],
     (k, kt, vt): (&[T], &[T], &[T]),
     o: &[T],
@@ -566,8 +580,8 @@ fn bwd_chunk_impl<T: Float>(
                 ds[..nr * KT].fill(T::ZERO);
                 let tb = (bi * nkv + g) * d * s + js;
                 let w = width(js, n, s);
-                mm(&mut pr, (KT, nr, w), &qg, (d, 1), d, kt, (tb, s));
-                mm(&mut ds, (KT, nr, w), &dog, (d, 1), d, vt, (tb, s));
+                mm::<T, WIDE>(&mut pr, (KT, nr, w), &qg, (d, 1), d, kt, (tb, s));
+                mm::<T, WIDE>(&mut ds, (KT, nr, w), &dog, (d, 1), d, vt, (tb, s));
                 for ii in 0..qn {
                     let p = off + c0 + qb0 + ii;
                     let window = win.overlap(bi, p, js, n);
@@ -592,11 +606,11 @@ fn bwd_chunk_impl<T: Float>(
                 }
                 // dQ (R x D) += dS (R x n) @ K[js .. js + n]
                 let kb = ((bi * s + js) * nkv + g) * d;
-                mm(&mut dqg, (d, nr, d), &ds, (KT, 1), n, k, (kb, kvrow));
+                mm::<T, WIDE>(&mut dqg, (d, nr, d), &ds, (KT, 1), n, k, (kb, kvrow));
                 // dV, dK (n x D, rows NKV * D apart) += P^T, dS^T (n x R) @ dO, Q (R x D)
                 let y0 = (js - klo) * kvrow + g * d;
-                mm(&mut dv[y0..], (kvrow, n, d), &pr, (1, KT), nr, &dog, (0, d));
-                mm(&mut dk[y0..], (kvrow, n, d), &ds, (1, KT), nr, &qg, (0, d));
+                mm::<T, WIDE>(&mut dv[y0..], (kvrow, n, d), &pr, (1, KT), nr, &dog, (0, d));
+                mm::<T, WIDE>(&mut dk[y0..], (kvrow, n, d), &ds, (1, KT), nr, &qg, (0, d));
                 js += n;
             }
             for (row, h) in group_rows(qn, dm, g) {
@@ -633,23 +647,37 @@ mod tests {
         };
         let (q, k, v) = (f(40 * 4 * 24, 1), f(70 * 2 * 24, 2), f(70 * 2 * 24, 3));
         let (mut o1, mut l1) = (vec![0.0; 16 * 4 * 24], vec![0.0; 16 * 4]);
-        let (mut o2, mut l2) = (o1.clone(), l1.clone());
         let (kt, vt) = (transpose_keys(&k, dm), transpose_keys(&v, dm));
         fwd_block(&q, &kt, &v, &win, dm, 0.3, 0, 16, &mut o1, &mut l1);
-        fwd_block_impl(&q, &kt, &v, &win, dm, 0.3, 0, 16, &mut o2, &mut l2);
         let close = |a: &[f64], b: &[f64]| {
             a.iter()
                 .zip(b)
                 .all(|(x, y)| (x - y).abs() <= 1e-12 * (1.0 + y.abs()))
         };
-        assert!(close(&o1, &o2) && close(&l1, &l2));
         let (o, lse) = fwd(&q, &k, &v, &win, dm, 0.3);
         let dout = f(o.len(), 4);
-        let (mut dq1, mut dq2) = (vec![0.0; 20 * 4 * 24], vec![0.0; 20 * 4 * 24]);
+        let mut dq1 = vec![0.0; 20 * 4 * 24];
         let kv = (k.as_slice(), kt.as_slice(), vt.as_slice());
         let p1 = bwd_chunk(&q, kv, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq1);
-        let p2 = bwd_chunk_impl(&q, kv, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq2);
-        assert!(close(&dq1, &dq2) && close(&p1.dk, &p2.dk) && close(&p1.dv, &p2.dv));
         assert!(dq1.iter().any(|x| *x != 0.0) && p1.dk.iter().any(|x| *x != 0.0));
+        // Both register tilings (AVX-512's and AVX2's), built for the baseline.
+        for wide in [true, false] {
+            let (mut o2, mut l2) = (vec![0.0; 16 * 4 * 24], vec![0.0; 16 * 4]);
+            let mut dq2 = vec![0.0; 20 * 4 * 24];
+            let p2 = if wide {
+                fwd_block_impl::<f64, true>(&q, &kt, &v, &win, dm, 0.3, 0, 16, &mut o2, &mut l2);
+                bwd_chunk_impl::<f64, true>(&q, kv, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq2)
+            } else {
+                fwd_block_impl::<f64, false>(&q, &kt, &v, &win, dm, 0.3, 0, 16, &mut o2, &mut l2);
+                bwd_chunk_impl::<f64, false>(
+                    &q, kv, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq2,
+                )
+            };
+            assert!(close(&o1, &o2) && close(&l1, &l2), "wide {wide}");
+            assert!(
+                close(&dq1, &dq2) && close(&p1.dk, &p2.dk) && close(&p1.dv, &p2.dv),
+                "wide {wide}"
+            );
+        }
     }
 }

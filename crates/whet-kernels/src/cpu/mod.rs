@@ -452,8 +452,16 @@ fn choose_simd(detected: Simd, requested: Option<&str>) -> (Simd, Option<String>
 /// Defines `$name`, which runs `$imp` (an `#[inline(always)]` generic kernel) compiled for
 /// AVX-512 or AVX2 when the CPU has them, else for the baseline target. Kernels are written as
 /// plain loops over slices; the wider instruction sets let them vectorise 8 or 16 lanes wide.
+/// A kernel declared `<T: Float, const WIDE: bool>` is told whether it runs with AVX-512's 32
+/// wide registers (`true`) or with 16 of AVX2's or fewer (`false`), to size its register tiles.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident<T: Float>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $imp:ident;) => {
+        $crate::cpu::multiversion!(@ $(#[$m])* $vis fn $name($($a: $t),*) $(-> $r)? = ($imp::<T>) ($imp::<T>));
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident<T: Float, const WIDE: bool>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $imp:ident;) => {
+        $crate::cpu::multiversion!(@ $(#[$m])* $vis fn $name($($a: $t),*) $(-> $r)? = ($imp::<T, true>) ($imp::<T, false>));
+    };
+    (@ $(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? = ($($wide:tt)*) ($($narrow:tt)*)) => {
         $(#[$m])*
         $vis fn $name<T: $crate::cpu::Float>($($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
@@ -461,12 +469,12 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 fn v4<T: $crate::cpu::Float>($($a: $t),*) $(-> $r)? {
-                    $imp::<T>($($a),*)
+                    $($wide)*($($a),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 fn v3<T: $crate::cpu::Float>($($a: $t),*) $(-> $r)? {
-                    $imp::<T>($($a),*)
+                    $($narrow)*($($a),*)
                 }
                 match $crate::cpu::simd_level() {
                     // SAFETY: simd_level() detected these features on this CPU.
@@ -476,7 +484,7 @@ macro_rules! multiversion {
                     $crate::cpu::Simd::Base => {}
                 }
             }
-            $imp::<T>($($a),*)
+            $($narrow)*($($a),*)
         }
     };
 }
