@@ -274,6 +274,9 @@ pub struct DataReport {
     pub pii_audit: Option<PathBuf>,
     pub pii_redactions: u64,
     pub dedup: Option<DedupReport>,
+    /// A token store's duplicates, marked dropped when it was prepared (`data.store`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_dedup: Option<whet_tokenize::store::DedupCounts>,
     pub leakage: Option<LeakageReport>,
     pub train_tokenize: Option<TokenizeReport>,
     pub validation_tokenize: Option<TokenizeReport>,
@@ -908,9 +911,11 @@ fn prepare_from_store(
     let store = Store::open(dir)?;
     let n = store.documents();
     let mut report = DataReport::default();
+    let mut leak_docs = Vec::new();
     let (train_docs, validation) = match &data.validation {
         Some(path) => {
             let (v, r) = read(path, data)?;
+            leak_docs = crate::store_dedup::tokenized(tok, &v, data)?;
             report.validation_read = Some(r);
             report.validation_examples = v.len();
             let rows = rows(tok, &v, data, None)?;
@@ -926,6 +931,7 @@ fn prepare_from_store(
             let mut train: Vec<u64> = order[k..].iter().map(|&i| i as u64).collect();
             train.sort_unstable();
             report.validation_examples = held.len();
+            leak_docs = crate::store_dedup::held_out(&store, &held);
             let val = crate::store_rows::StoreRows::new(
                 Store::open(dir)?,
                 &held,
@@ -936,7 +942,9 @@ fn prepare_from_store(
         }
         None => ((0..n).collect(), Vec::new()),
     };
-    report.train_examples = train_docs.len();
+    report.train_examples = train_docs.iter().filter(|&&d| !store.is_dropped(d)).count();
+    report.store_dedup = store.manifest().dedup;
+    report.leakage = crate::store_dedup::leakage(&store, &train_docs, &leak_docs)?;
     report.cache = Some(format!("token store {}", dir.display()));
     let train = crate::store_rows::StoreRows::new(store, &train_docs, data.max_len, tok.pad_id());
     if whet_train::RowSource::is_empty(&train) {

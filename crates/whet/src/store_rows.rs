@@ -19,13 +19,13 @@ pub struct StoreRows {
 }
 
 impl StoreRows {
-    /// The rows of `documents` (store indices; empty ones left out) packed into rows of
+    /// The rows of `documents` (store indices; empty and dropped ones left out) packed into rows of
     /// `seq_len` tokens, padded with `pad_id`. Every document must fit `seq_len`.
     pub fn new(store: Store, documents: &[u64], seq_len: usize, pad_id: u32) -> Self {
         let kept: Vec<u64> = documents
             .iter()
             .copied()
-            .filter(|&d| !store.doc(d).ids.is_empty())
+            .filter(|&d| !store.doc(d).ids.is_empty() && !store.is_dropped(d))
             .collect();
         let lengths: Vec<usize> = kept
             .iter()
