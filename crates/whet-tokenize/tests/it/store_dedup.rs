@@ -133,6 +133,14 @@ fn copies_and_near_copies_of_an_earlier_document_are_dropped_the_first_kept() {
         Some((exact_only, 1 << 20)),
     );
     assert_eq!(dropped(&store), vec![2, 7, 9]);
+
+    // An empty store dedups to an empty bitmap.
+    let empty = write(
+        &tempdir("empty").join("store"),
+        &[],
+        Some((DedupConfig::default(), 1 << 20)),
+    );
+    assert_eq!((empty.documents(), empty.dropped()), (0, 0));
 }
 
 /// Documents in clusters: a root, then (later, interleaved with others) exact and near copies.
