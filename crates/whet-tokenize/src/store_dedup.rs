@@ -141,7 +141,7 @@ pub fn find_duplicates(
         for path in &parts {
             let mut entries = read_entries(path)?;
             std::fs::remove_file(path).map_err(io(path, "remove"))?;
-            entries.sort_unstable();
+            entries.par_sort_unstable();
             for group in entries.chunk_by(|a, b| a[0] == b[0] && a[1] >> 63 == b[1] >> 63) {
                 let docs = group.iter().map(|e| e[1] & !EXACT_KEY);
                 if group[0][1] & EXACT_KEY != 0 {

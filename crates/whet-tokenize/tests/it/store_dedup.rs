@@ -309,3 +309,32 @@ fn leakage_finds_validation_documents_copied_from_training_ones() {
         [7, 40]
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(16))]
+
+    /// Any documents (copies, near copies, empty and short ones), any budget (up to 300
+    /// documents over one to three partitions at the 64 KiB floor): the pair-by-pair rule's
+    /// dropped set.
+    #[test]
+    fn any_budget_drops_what_the_rule_says(
+        picks in proptest::collection::vec((0u64..40, 0u8..4, 0usize..120), 0..300),
+        memory in 1usize..(256 << 10),
+    ) {
+        // A document is a fresh one, a copy or a near copy of seed `s`, or empty.
+        let docs: Vec<Vec<u32>> = picks
+            .iter()
+            .enumerate()
+            .map(|(i, &(s, kind, len))| match kind {
+                0 => ids(1000 + i as u64, len),
+                1 => ids(s, 100),
+                2 => near_copy(&ids(s, 100), i as u32),
+                _ => if len % 3 == 0 { Vec::new() } else { ids(s, len % 4) },
+            })
+            .collect();
+        let dir = tempdir("prop").join("store");
+        let store = write(&dir, &docs, Some((DedupConfig::default(), memory)));
+        proptest::prop_assert_eq!(dropped(&store), reference(&docs, &DedupConfig::default()));
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+    }
+}
