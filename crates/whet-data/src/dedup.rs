@@ -201,23 +201,23 @@ pub fn shingles(text: &str, k: usize) -> Vec<u64> {
 /// Hashes of the windows of `k` consecutive token ids (sorted, deduplicated). Fewer than `k`
 /// ids are one shingle; no ids, none.
 pub fn token_shingles(ids: &[u32], k: usize) -> Vec<u64> {
-    let hash = |w: &[u32]| stable_hash(le_bytes(w).as_slice());
+    let mut bytes = Vec::new();
+    let mut hash = |w: &[u32]| {
+        bytes.clear();
+        bytes.extend(w.iter().flat_map(|i| i.to_le_bytes()));
+        stable_hash(&bytes)
+    };
     let k = k.max(1);
     let mut out: Vec<u64> = if ids.is_empty() {
         Vec::new()
     } else if ids.len() <= k {
         vec![hash(ids)]
     } else {
-        ids.windows(k).map(hash).collect()
+        ids.windows(k).map(&mut hash).collect()
     };
     out.sort_unstable();
     out.dedup();
     out
-}
-
-/// The little-endian bytes of `ids`.
-fn le_bytes(ids: &[u32]) -> Vec<u8> {
-    ids.iter().flat_map(|i| i.to_le_bytes()).collect()
 }
 
 /// Exact Jaccard similarity of two texts' shingle sets (1.0 for two empty texts).
