@@ -111,8 +111,8 @@ fn keyed(ids: &[u32], cfg: &DedupConfig, hasher: &MinHasher) -> Keyed {
 
 /// Finds the documents of `store` that duplicate an earlier one (module docs: the rule), with
 /// `cfg`'s checks and LSH layout, in about `memory_bytes` of memory besides the two bitmaps (two
-/// bits per document). The signature and partition files go to `scratch` (created, and removed
-/// when done).
+/// bits per document). The signature and partition files go to the folder `scratch`, which must
+/// not exist yet (it is created, and removed when done).
 pub fn find_duplicates(
     store: &Store,
     cfg: &DedupConfig,
@@ -129,7 +129,8 @@ pub fn find_duplicates(
     let memory_bytes = memory_bytes.max(1 << 16);
     let total = n as u128 * keys_per_doc as u128 * ENTRY_BYTES as u128;
     let partitions = total.div_ceil(memory_bytes as u128 / 2).max(1) as usize;
-    std::fs::create_dir_all(scratch).map_err(io(scratch, "create the folder"))?;
+    // A new folder: what is removed afterwards is only what this function wrote.
+    std::fs::create_dir(scratch).map_err(io(scratch, "create the folder"))?;
     let result = (|| {
         let (sigs, parts) = write_keys(store, cfg, memory_bytes, scratch, partitions)?;
         // Little-endian u32s; the map is page-aligned, so the cast never fails on alignment.
@@ -142,7 +143,8 @@ pub fn find_duplicates(
             let mut entries = read_entries(path)?;
             std::fs::remove_file(path).map_err(io(path, "remove"))?;
             entries.par_sort_unstable();
-            for group in entries.chunk_by(|a, b| a[0] == b[0] && a[1] >> 63 == b[1] >> 63) {
+            let groups = entries.chunk_by(|a, b| a[0] == b[0] && a[1] >> 63 == b[1] >> 63);
+            for group in groups.filter(|g| g.len() > 1) {
                 let docs = group.iter().map(|e| e[1] & !EXACT_KEY);
                 if group[0][1] & EXACT_KEY != 0 {
                     // Equal ids: compared, not trusted to the hash.
