@@ -1,5 +1,7 @@
 //! Deduplication: exact (hash of the normalized record) and near-duplicate (MinHash over word
-//! shingles with LSH banding), plus a train/validation leakage check.
+//! shingles with LSH banding), plus a train/validation leakage check. [`token_shingles`] and
+//! [`MinHasher::signature_of_ids`] are the same MinHash over token ids, for tokenized documents
+//! (whet-tokenize's store dedup).
 //!
 //! All hashing is deterministic ([`stable_hash`] and seeded [`mix64`] permutations), so the same
 //! input and config remove the same examples on every run and platform. The first occurrence of
@@ -13,7 +15,8 @@ use crate::error::{DataError, Result};
 use crate::record::{Example, Origin, Record};
 use crate::split::{mix64, stable_hash};
 
-/// Dedup settings. `Default` is exact + near at Jaccard 0.8, 128 permutations, 3-word shingles.
+/// Dedup settings. `Default` is exact + near at Jaccard 0.8, 128 permutations, 3-word shingles
+/// (5-token shingles for token ids).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DedupConfig {
@@ -29,6 +32,8 @@ pub struct DedupConfig {
     pub bands: usize,
     /// Words per shingle.
     pub shingle_words: usize,
+    /// Token ids per shingle, for tokenized documents (about as long as 3 words).
+    pub shingle_tokens: usize,
     /// Seed of the MinHash permutations.
     pub seed: u64,
 }
@@ -42,13 +47,15 @@ impl Default for DedupConfig {
             num_perm: 128,
             bands: 0,
             shingle_words: 3,
+            shingle_tokens: 5,
             seed: 0x5eed,
         }
     }
 }
 
 impl DedupConfig {
-    fn validate(&self) -> Result<()> {
+    /// Checks the threshold, `num_perm`, the shingle lengths and `bands`.
+    pub fn validate(&self) -> Result<()> {
         let bad = |setting, expected, got: String| {
             Err(DataError::InvalidConfig {
                 setting,
@@ -68,6 +75,9 @@ impl DedupConfig {
         }
         if self.shingle_words == 0 {
             return bad("dedup shingle_words", "at least 1", "0".into());
+        }
+        if self.shingle_tokens == 0 {
+            return bad("dedup shingle_tokens", "at least 1", "0".into());
         }
         if self.bands > self.num_perm {
             return bad(
@@ -188,6 +198,28 @@ pub fn shingles(text: &str, k: usize) -> Vec<u64> {
     out
 }
 
+/// Hashes of the windows of `k` consecutive token ids (sorted, deduplicated). Fewer than `k`
+/// ids are one shingle; no ids, none.
+pub fn token_shingles(ids: &[u32], k: usize) -> Vec<u64> {
+    let mut bytes = Vec::new();
+    let mut hash = |w: &[u32]| {
+        bytes.clear();
+        bytes.extend(w.iter().flat_map(|i| i.to_le_bytes()));
+        stable_hash(&bytes)
+    };
+    let k = k.max(1);
+    let mut out: Vec<u64> = if ids.is_empty() {
+        Vec::new()
+    } else if ids.len() <= k {
+        vec![hash(ids)]
+    } else {
+        ids.windows(k).map(&mut hash).collect()
+    };
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// Exact Jaccard similarity of two texts' shingle sets (1.0 for two empty texts).
 pub fn jaccard(a: &str, b: &str, k: usize) -> f64 {
     let (a, b) = (shingles(a, k), shingles(b, k));
@@ -229,17 +261,52 @@ impl MinHasher {
 
     /// The signature of a text (low 32 bits of each minimum); `None` when it has no words.
     pub fn signature(&self, text: &str) -> Option<Vec<u32>> {
-        let sh = shingles(text, self.shingle_words);
-        if sh.is_empty() {
+        self.signature_of_shingles(&shingles(text, self.shingle_words))
+    }
+
+    /// The signature of token ids over their `shingle_tokens`-id shingles ([`token_shingles`]);
+    /// `None` when there are no ids.
+    pub fn signature_of_ids(&self, ids: &[u32], shingle_tokens: usize) -> Option<Vec<u32>> {
+        self.signature_of_shingles(&token_shingles(ids, shingle_tokens))
+    }
+
+    /// The signature of a set of shingle hashes; `None` for the empty set.
+    pub fn signature_of_shingles(&self, shingles: &[u64]) -> Option<Vec<u32>> {
+        if shingles.is_empty() {
             return None;
         }
         Some(
             self.seeds
                 .iter()
-                .map(|&s| sh.iter().map(|&x| mix64(x ^ s)).min().unwrap_or(u64::MAX) as u32)
+                .map(|&s| {
+                    shingles
+                        .iter()
+                        .map(|&x| mix64(x ^ s))
+                        .min()
+                        .unwrap_or(u64::MAX) as u32
+                })
                 .collect(),
         )
     }
+
+    /// The signature length.
+    pub fn num_perm(&self) -> usize {
+        self.seeds.len()
+    }
+}
+
+/// The LSH bucket keys of a signature: one per band, the hash of the band's index and its
+/// `rows` values. Two signatures are candidates when they share a key.
+pub fn band_keys(sig: &[u32], bands: usize, rows: usize) -> impl Iterator<Item = u64> + '_ {
+    let mut bytes = Vec::with_capacity(8 + rows * 4);
+    (0..bands).map(move |b| {
+        bytes.clear();
+        bytes.extend_from_slice(&(b as u64).to_le_bytes());
+        for v in &sig[b * rows..(b + 1) * rows] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        stable_hash(&bytes)
+    })
 }
 
 /// The fraction of equal positions: an unbiased estimate of the Jaccard similarity.
@@ -274,15 +341,7 @@ impl LshIndex {
     }
 
     fn band_keys<'a>(&self, sig: &'a [u32]) -> impl Iterator<Item = u64> + 'a {
-        let rows = self.rows;
-        (0..self.bands).map(move |b| {
-            let mut bytes = Vec::with_capacity(8 + rows * 4);
-            bytes.extend_from_slice(&(b as u64).to_le_bytes());
-            for v in &sig[b * rows..(b + 1) * rows] {
-                bytes.extend_from_slice(&v.to_le_bytes());
-            }
-            stable_hash(&bytes)
-        })
+        band_keys(sig, self.bands, self.rows)
     }
 
     fn sig(&self, i: u32) -> &[u32] {

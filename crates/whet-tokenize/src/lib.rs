@@ -9,7 +9,8 @@
 //! - [`pack`], [`padding_free`], [`pad_each`], [`Batch`]: training rows with position and
 //!   segment ids; [`targets_from_labels`] for next-token targets in packed rows.
 //! - [`Cache`]: the result on disk as Parquet, keyed by a [`Fingerprint`].
-//! - [`store`]: tokenized documents in memory-mapped shards, for corpora larger than memory.
+//! - [`store`]: tokenized documents in memory-mapped shards, for corpora larger than memory;
+//!   [`store_dedup`]: their near-duplicate removal and leakage check in bounded memory.
 //! - [`ollama::Modelfile`]: the chat template as an Ollama `Modelfile` (Go template, stops).
 //!
 //! Invariant: this crate knows nothing of tensors; everything is plain `Vec<u32>` /
@@ -54,6 +55,7 @@ pub mod fingerprint;
 pub mod ollama;
 pub mod pack;
 pub mod store;
+pub mod store_dedup;
 pub mod template;
 pub mod tokenize;
 pub mod tokenizer;

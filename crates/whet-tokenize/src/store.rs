@@ -8,7 +8,11 @@
 //! - per shard `shard-NNNNN.ids` (the documents' token ids, u32 little-endian, one after the
 //!   other), `shard-NNNNN.mask` (one byte per token: 1 where the token is learned) and
 //!   `shard-NNNNN.idx` (u64 little-endian offsets into the shard's tokens: document `d` is
-//!   `offsets[d]..offsets[d + 1]`).
+//!   `offsets[d]..offsets[d + 1]`);
+//! - with dedup (`StoreWriter::set_dedup`), `dropped.bits`: one bit per document (bit `d % 8` of
+//!   byte `d / 8`), set for a duplicate of an earlier document ([`crate::store_dedup`]), and the
+//!   manifest's `dedup` counts. The dedup runs in the temporary folder before it is renamed into
+//!   place, so a store that looks deduplicated is.
 //!
 //! [`StoreWriter`] buffers one shard at a time (`shard_tokens` tokens, five bytes each), so
 //! writing needs that much memory whatever the corpus. [`write_store`] writes the folder as a
@@ -28,6 +32,8 @@ use crate::tokenize::{IGNORE_INDEX, TokenizedExample};
 /// The store format written by this version of whet.
 pub const STORE_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
+/// The dropped-documents bitmap of a deduplicated store.
+pub const DROPPED: &str = "dropped.bits";
 
 /// What a store holds, as `manifest.json` says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +50,24 @@ pub struct Manifest {
     /// with), for the reader to check.
     #[serde(default)]
     pub meta: serde_json::Value,
+    /// What the dedup dropped (`dropped.bits`); absent when the store was not deduplicated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<DedupCounts>,
+}
+
+/// Documents a store's dedup dropped: `exact + near` bits are set in `dropped.bits`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupCounts {
+    /// Equal to an earlier document, token for token.
+    pub exact: u64,
+    /// Similar to an earlier document (MinHash estimate at or above the threshold).
+    pub near: u64,
+}
+
+impl DedupCounts {
+    pub fn dropped(&self) -> u64 {
+        self.exact + self.near
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +101,7 @@ pub struct StoreWriter {
     mask: Vec<u8>,
     offsets: Vec<u64>,
     manifest: Manifest,
+    dedup: Option<(whet_data::dedup::DedupConfig, usize)>,
 }
 
 impl StoreWriter {
@@ -97,8 +122,16 @@ impl StoreWriter {
                 learned: 0,
                 shards: Vec::new(),
                 meta: serde_json::Value::Null,
+                dedup: None,
             },
+            dedup: None,
         }
+    }
+
+    /// Deduplicates the documents when the store is finished ([`crate::store_dedup`]), with
+    /// `cfg` in about `memory_bytes` of memory.
+    pub fn set_dedup(&mut self, cfg: whet_data::dedup::DedupConfig, memory_bytes: usize) {
+        self.dedup = Some((cfg, memory_bytes));
     }
 
     /// Appends one document; its labels' [`IGNORE_INDEX`] positions are not learned.
@@ -163,12 +196,29 @@ impl StoreWriter {
         Ok(())
     }
 
-    /// Writes the last shard and the manifest.
+    /// Writes the last shard and the manifest; with [`StoreWriter::set_dedup`], then finds the
+    /// duplicates and writes `dropped.bits` and the manifest again with their counts.
     pub fn finish(mut self) -> Result<Manifest> {
         self.flush()?;
         let path = self.dir.join(MANIFEST);
-        let json = serde_json::to_vec_pretty(&self.manifest).expect("a manifest serializes");
-        std::fs::write(&path, json).map_err(io(&path, "write"))?;
+        let write_manifest = |m: &Manifest| {
+            let json = serde_json::to_vec_pretty(m).expect("a manifest serializes");
+            std::fs::write(&path, json).map_err(io(&path, "write"))
+        };
+        write_manifest(&self.manifest)?;
+        if let Some((cfg, memory_bytes)) = &self.dedup {
+            let store = Store::open(&self.dir)?;
+            let scratch = self.dir.join(".dedup-scratch");
+            let d = crate::store_dedup::find_duplicates(&store, cfg, *memory_bytes, &scratch)?;
+            drop(store);
+            let bits = self.dir.join(DROPPED);
+            std::fs::write(&bits, &d.dropped).map_err(io(&bits, "write"))?;
+            self.manifest.dedup = Some(DedupCounts {
+                exact: d.exact,
+                near: d.near,
+            });
+            write_manifest(&self.manifest)?;
+        }
         Ok(self.manifest)
     }
 }
@@ -219,6 +269,8 @@ pub struct Store {
     dir: PathBuf,
     manifest: Manifest,
     shards: Vec<Shard>,
+    /// `dropped.bits`, in memory (one bit per document); empty without dedup.
+    dropped: Vec<u8>,
 }
 
 impl Store {
@@ -306,10 +358,46 @@ impl Store {
                 ),
             ));
         }
+        let bits_path = dir.join(DROPPED);
+        let dropped = match &manifest.dedup {
+            Some(counts) => {
+                let bits = std::fs::read(&bits_path).map_err(io(&bits_path, "read"))?;
+                let want = manifest.documents.div_ceil(8);
+                if bits.len() as u64 != want {
+                    return Err(store_err(
+                        &bits_path,
+                        format!(
+                            "{} bytes, {want} expected for {} documents; prepare the data again",
+                            bits.len(),
+                            manifest.documents
+                        ),
+                    ));
+                }
+                let set: u64 = bits.iter().map(|b| b.count_ones() as u64).sum();
+                if set != counts.dropped() {
+                    return Err(store_err(
+                        &bits_path,
+                        format!(
+                            "{set} documents marked dropped, the manifest says {}; prepare the data again",
+                            counts.dropped()
+                        ),
+                    ));
+                }
+                bits
+            }
+            None if bits_path.exists() => {
+                return Err(store_err(
+                    &bits_path,
+                    "present, but the manifest records no dedup; prepare the data again",
+                ));
+            }
+            None => Vec::new(),
+        };
         Ok(Store {
             dir: dir.to_path_buf(),
             manifest,
             shards,
+            dropped,
         })
     }
 
@@ -347,6 +435,18 @@ impl Store {
             ids: &shard.ids()[a..b],
             mask: &shard.mask[a..b],
         }
+    }
+
+    /// Whether the dedup dropped document `i` (a duplicate of an earlier one); never without
+    /// dedup.
+    pub fn is_dropped(&self, i: u64) -> bool {
+        assert!(i < self.documents(), "document {i} of {}", self.documents());
+        !self.dropped.is_empty() && crate::store_dedup::bit(&self.dropped, i)
+    }
+
+    /// Documents the dedup dropped.
+    pub fn dropped(&self) -> u64 {
+        self.manifest.dedup.map_or(0, |c| c.dropped())
     }
 
     /// Every document in writing order.

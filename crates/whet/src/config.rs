@@ -169,7 +169,9 @@ pub struct DataSection {
     /// Redact PII before tokenizing and write `pii_audit.json`.
     #[serde(default)]
     pub scrub_pii: bool,
-    /// Drop exact and near duplicates before splitting.
+    /// Drop exact and near duplicates before splitting. With `store`: the store's duplicate
+    /// documents (MinHash over token ids) are marked dropped when it is prepared, and training
+    /// and the held-out validation documents skip them.
     #[serde(default)]
     pub dedup: bool,
     /// Skip (and count) invalid rows instead of stopping at the first.

@@ -34,6 +34,7 @@ pub mod prompt;
 pub mod report;
 pub mod runtime;
 pub mod serve;
+pub mod store_dedup;
 pub mod store_rows;
 pub mod stream;
 pub mod task_eval;

@@ -206,6 +206,10 @@ enum DataCommand {
         skip_invalid: bool,
         #[arg(long)]
         scrub_pii: bool,
+        /// Mark exact and near-duplicate documents (MinHash over token ids) dropped: training
+        /// skips them.
+        #[arg(long)]
+        dedup: bool,
         /// Memory for the text being tokenized and the shard being written, in MiB.
         #[arg(long, default_value_t = 256)]
         memory_mb: usize,
@@ -364,6 +368,7 @@ fn run(cli: Cli) -> Result<()> {
                     max_len,
                     skip_invalid,
                     scrub_pii,
+                    dedup,
                     memory_mb,
                     chat_template,
                 },
@@ -376,11 +381,12 @@ fn run(cli: Cli) -> Result<()> {
             max_len,
             skip_invalid,
             scrub_pii,
+            dedup,
             memory_mb,
         })
         .map(|(_, s)| {
             println!(
-                "{}: {} examples ({} skipped) -> {} documents ({} windows of long ones), {} tokens ({} learned) in {} shard(s); {:.1} MB of input in {:.1} s ({:.1} MB/s){}",
+                "{}: {} examples ({} skipped) -> {} documents ({} windows of long ones), {} tokens ({} learned) in {} shard(s); {:.1} MB of input in {:.1} s ({:.1} MB/s){}{}",
                 out.display(),
                 s.examples,
                 s.skipped,
@@ -396,6 +402,15 @@ fn run(cli: Cli) -> Result<()> {
                     format!("; {} PII redactions (pii_audit.json)", s.pii_redactions)
                 } else {
                     String::new()
+                },
+                match s.dedup {
+                    Some(d) => format!(
+                        "; {} duplicate documents dropped ({} exact, {} near)",
+                        d.dropped(),
+                        d.exact,
+                        d.near
+                    ),
+                    None => String::new(),
                 }
             )
         }),

@@ -277,6 +277,9 @@ pub struct DataReport {
     pub pii_audit: Option<PathBuf>,
     pub pii_redactions: u64,
     pub dedup: Option<DedupReport>,
+    /// A token store's duplicates, marked dropped when it was prepared (`data.store`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_dedup: Option<whet_tokenize::store::DedupCounts>,
     pub leakage: Option<LeakageReport>,
     pub train_tokenize: Option<TokenizeReport>,
     pub validation_tokenize: Option<TokenizeReport>,
@@ -903,9 +906,13 @@ fn prepare_from_store(
     dir: &Path,
 ) -> Result<Prepared> {
     let mut report = DataReport::default();
+    // The validation documents as token ids, for the leakage check: the file's, or those held
+    // out of the stores (gathered below).
+    let mut leak_docs = Vec::new();
     let (validation, mut validation_store) = match &data.validation {
         Some(path) => {
             let (v, r) = read(path, data)?;
+            leak_docs = crate::store_dedup::tokenized(tok, &v, data)?;
             report.validation_read = Some(r);
             report.validation_examples = v.len();
             let rows = rows(tok, &v, data, None)?;
@@ -916,9 +923,20 @@ fn prepare_from_store(
     };
     if data.sources.is_empty() {
         let part = store_part(tok, data, seed, dir)?;
-        report.train_examples = part.train_documents as usize;
+        report.train_examples = part.train.count() as usize;
+        report.store_dedup = part.train.store().manifest().dedup;
+        if let Some(held) = &part.held {
+            leak_docs = crate::store_dedup::held_out(held.store(), &part.held_documents);
+        }
+        if !leak_docs.is_empty() {
+            report.leakage = Some(crate::store_dedup::leakage(
+                part.train.store(),
+                &part.held_documents,
+                &leak_docs,
+            )?);
+        }
         if validation_store.is_none() && part.held.is_some() {
-            report.validation_examples = part.held_documents as usize;
+            report.validation_examples = part.held.as_ref().map_or(0, |h| h.count() as usize);
             validation_store = part.held.map(|h| Box::new(h) as Box<dyn RowSource + Send>);
         }
         report.cache = Some(format!("token store {}", dir.display()));
@@ -937,6 +955,7 @@ fn prepare_from_store(
     }
     let (mut trains, mut helds, mut names, mut fingerprints) =
         (Vec::new(), Vec::new(), Vec::new(), String::new());
+    let mut held_lists = Vec::new();
     for (i, source) in data.sources.iter().enumerate() {
         let name = source.display_name();
         let section = source_section(data, source);
@@ -944,7 +963,22 @@ fn prepare_from_store(
         let part = store_part(tok, &section, seed, &sub)
             .with_context(|| format!("data.sources[{i}] `{name}`"))?;
         fingerprints.push_str(&part.fingerprint[..16.min(part.fingerprint.len())]);
-        report.train_examples += part.train_documents as usize;
+        let (train_docs, held_docs) = (
+            part.train.count() as usize,
+            part.held.as_ref().map_or(0, |h| h.count() as usize),
+        );
+        report.train_examples += train_docs;
+        if let Some(c) = part.train.store().manifest().dedup {
+            let all = report.store_dedup.get_or_insert_default();
+            all.exact += c.exact;
+            all.near += c.near;
+        }
+        if let Some(held) = &part.held {
+            leak_docs.extend(crate::store_dedup::held_out(
+                held.store(),
+                &part.held_documents,
+            ));
+        }
         let rows = part.train.len();
         let supervised: usize = (0..rows).map(|r| part.train.supervised(r)).sum();
         report.sources.push(SourceReport {
@@ -952,9 +986,9 @@ fn prepare_from_store(
             path: source.path.clone(),
             weight: source.weight,
             max_tokens: source.max_tokens,
-            examples_read: (part.train_documents + part.held_documents) as usize,
-            train_examples: part.train_documents as usize,
-            validation_examples: part.held_documents as usize,
+            examples_read: train_docs + held_docs,
+            train_examples: train_docs,
+            validation_examples: held_docs,
             rows_available: rows,
             rows_per_epoch: 0,
             tokens_per_epoch: supervised,
@@ -966,12 +1000,26 @@ fn prepare_from_store(
             cache: Some(format!("token store {}", sub.display())),
         });
         if let Some(h) = part.held {
-            report.validation_examples += part.held_documents as usize;
+            report.validation_examples += held_docs;
             helds.push((name.clone(), h));
         }
         names.push(name);
-        trains.push(Box::new(part.train) as Box<dyn RowSource + Send>);
+        held_lists.push(part.held_documents);
+        trains.push(part.train);
     }
+    // Every source's validation documents against every source's training documents.
+    if !leak_docs.is_empty() {
+        let reports = trains
+            .iter()
+            .zip(&held_lists)
+            .map(|(t, held)| crate::store_dedup::leakage(t.store(), held, &leak_docs))
+            .collect::<Result<Vec<_>>>()?;
+        report.leakage = crate::store_dedup::merge(reports);
+    }
+    let trains: Vec<Box<dyn RowSource + Send>> = trains
+        .into_iter()
+        .map(|t| Box::new(t) as Box<dyn RowSource + Send>)
+        .collect();
     let lens: Vec<usize> = trains.iter().map(|t| t.len()).collect();
     let weights: Vec<f64> = data.sources.iter().map(|s| s.weight).collect();
     let mut quotas = mixture_quotas(&lens, &weights);
@@ -1055,8 +1103,8 @@ fn sanitize(name: &str) -> String {
 struct StorePart {
     train: StoreRows,
     held: Option<StoreRows>,
-    train_documents: u64,
-    held_documents: u64,
+    /// The documents held out (ascending; dropped and empty ones included).
+    held_documents: Vec<u64>,
     fingerprint: String,
 }
 
@@ -1103,10 +1151,8 @@ fn store_part(tok: &Tokenizer, data: &DataSection, seed: u64, dir: &Path) -> Res
         );
     }
     let held = holdout.map(|_| rows_of(Part::Held)).transpose()?;
-    let held_documents = train.held();
     Ok(StorePart {
-        train_documents: train.store().documents() - held_documents,
-        held_documents,
+        held_documents: train.held_documents(),
         train,
         held,
         fingerprint,

@@ -2,7 +2,9 @@
 //! streamed (every format whet reads), scrubbed when asked, tokenized on all cores in batches of
 //! a bounded size, and written shard by shard (`whet_tokenize::store`), so memory is bounded by
 //! `--memory-mb` whatever the corpus. A document longer than `--max-len` is kept as windows
-//! (`data.long_documents`, as training makes them), a huge line tokenized in pieces.
+//! (`data.long_documents`, as training makes them), a huge line tokenized in pieces. With
+//! `data.dedup` (`--dedup`) the store's exact and near-duplicate documents are then marked
+//! dropped (`whet_tokenize::store_dedup`) in the same budget, before the store appears.
 
 use std::path::Path;
 use std::time::Instant;
@@ -10,9 +12,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use whet_data::dedup::DedupConfig;
 use whet_data::pii::Scrubber;
 use whet_data::{Example, Record, Shape};
-use whet_tokenize::store::{Manifest, write_store};
+use whet_tokenize::store::{DedupCounts, Manifest, write_store};
 use whet_tokenize::{FingerprintBuilder, Tokenizer};
 
 use crate::config::DataSection;
@@ -29,6 +32,8 @@ pub struct PrepareArgs<'a> {
     pub max_len: usize,
     pub skip_invalid: bool,
     pub scrub_pii: bool,
+    /// Mark exact and near-duplicate documents dropped (`data.dedup`).
+    pub dedup: bool,
     /// The memory the batches and the shard being written may hold, in MiB.
     pub memory_mb: usize,
 }
@@ -48,6 +53,11 @@ pub struct Prepared {
     pub windows: u64,
     pub excluded: u64,
     pub pii_redactions: u64,
+    /// Documents marked dropped as duplicates of earlier ones (0 without `data.dedup`).
+    pub dedup_removed: u64,
+    /// Of those, the exact and the near duplicates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<DedupCounts>,
     pub shards: usize,
     pub seconds: f64,
     /// Input megabytes (10^6 bytes) per second.
@@ -75,13 +85,15 @@ pub fn prepare(args: &PrepareArgs<'_>) -> Result<(Manifest, Prepared)> {
         args.skip_invalid,
     );
     spec.scrub_pii = args.scrub_pii;
+    spec.dedup = args.dedup;
     let fingerprint = store_fingerprint(&tok, &spec)?;
     prepare_store(&tok, &spec, &fingerprint, args.out, args.memory_mb, true)
 }
 
 /// What a store of `data.train` made with `tok` and `data`'s settings is keyed by: the
-/// tokenizer (and chat template), the settings that shape the documents, PII scrubbing, and each
-/// input file's path, size and modification time.
+/// tokenizer (and chat template), the settings that shape the documents, PII scrubbing, the
+/// dedup settings when `data.dedup` (a store without dedup keeps its old key), and each input
+/// file's path, size and modification time.
 pub fn store_fingerprint(tok: &Tokenizer, data: &DataSection) -> Result<String> {
     let opts = pipeline::read_options(data);
     let files = whet_data::read::resolve(&data.train, opts.format)?;
@@ -89,6 +101,9 @@ pub fn store_fingerprint(tok: &Tokenizer, data: &DataSection) -> Result<String> 
         .tokenizer(tok)
         .settings("data", &pipeline::RowSettings::from(data))?
         .settings("scrub_pii", &data.scrub_pii)?;
+    if data.dedup {
+        fp = fp.settings("dedup", &DedupConfig::default())?;
+    }
     for (path, _) in &files {
         fp = fp.data_file(path)?;
     }
@@ -96,8 +111,9 @@ pub fn store_fingerprint(tok: &Tokenizer, data: &DataSection) -> Result<String> 
 }
 
 /// Streams `data.train` into a token store at `out` as training would tokenize it with `tok`
-/// and `data`'s settings (scrubbed with `data.scrub_pii`), in batches bounded by `memory_mb`;
-/// `fingerprint` is theirs ([`store_fingerprint`]).
+/// and `data`'s settings (scrubbed with `data.scrub_pii`, duplicates marked dropped with
+/// `data.dedup`), in batches bounded by `memory_mb`; `fingerprint` is theirs
+/// ([`store_fingerprint`]).
 pub fn prepare_store(
     tok: &Tokenizer,
     data: &DataSection,
@@ -153,6 +169,8 @@ pub fn prepare_store(
         windows: 0,
         excluded: 0,
         pii_redactions: 0,
+        dedup_removed: 0,
+        dedup: None,
         shards: 0,
         seconds: 0.0,
         mb_per_s: 0.0,
@@ -160,12 +178,17 @@ pub fn prepare_store(
     let meta = serde_json::json!({
         "settings": pipeline::RowSettings::from(data),
         "scrub_pii": data.scrub_pii,
+        "dedup": data.dedup,
     });
     if !progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let manifest = write_store(out, fingerprint, shard_tokens, |w| {
         w.set_meta(meta);
+        if data.dedup {
+            // After the last batch: the whole budget is free again.
+            w.set_dedup(DedupConfig::default(), budget);
+        }
         let mut batch: Vec<Example> = Vec::new();
         let mut held = 0usize;
         let flush = |batch: &mut Vec<Example>,
@@ -214,6 +237,8 @@ pub fn prepare_store(
     s.tokens = manifest.tokens;
     s.learned = manifest.learned;
     s.shards = manifest.shards.len();
+    s.dedup = manifest.dedup;
+    s.dedup_removed = manifest.dedup.map_or(0, |d| d.dropped());
     s.pii_redactions = audit.redactions.values().sum();
     s.seconds = started.elapsed().as_secs_f64();
     s.mb_per_s = input_bytes as f64 / 1e6 / s.seconds.max(1e-9);

@@ -645,6 +645,15 @@ impl Report {
                 path.display()
             );
         }
+        if let Some(c) = &d.store_dedup {
+            let _ = writeln!(
+                s,
+                "- duplicate documents dropped from the token store: {} ({} exact, {} near)",
+                c.dropped(),
+                c.exact,
+                c.near
+            );
+        }
         if let Some(l) = &d.leakage {
             let _ = writeln!(
                 s,

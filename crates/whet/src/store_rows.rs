@@ -56,6 +56,8 @@ pub struct StoreRows {
     held: Vec<usize>,
     /// Row numbers: shard `s` makes rows `first_row[s]..first_row[s + 1]`.
     first_row: Vec<usize>,
+    /// The documents the rows hold.
+    count: u64,
     /// The plans of the shards used last, most recent last.
     cache: Mutex<Vec<(usize, Arc<Plan>)>>,
 }
@@ -71,7 +73,8 @@ const SHARD_ORDER: u64 = 0x5348_4152_445f_4f52;
 const HOLDOUT: u64 = 0x484f_4c44_4f55_5421;
 
 impl StoreRows {
-    /// The rows of `part` of `store` laid out as `layout` says (empty documents left out);
+    /// The rows of `part` of `store` laid out as `layout` says (empty documents and those
+    /// deduplicated away left out);
     /// `holdout`: the validation share, if any. Reads every shard's offsets once to count its
     /// rows.
     pub fn new(store: Store, part: Part, holdout: Option<Holdout>, layout: Layout) -> Self {
@@ -90,12 +93,15 @@ impl StoreRows {
             seed: holdout.map_or(0, |h| h.seed),
             held,
             first_row: Vec::with_capacity(shards + 1),
+            count: 0,
             cache: Mutex::new(Vec::new()),
         };
         let mut total = 0;
         rows.first_row.push(0);
         for s in 0..shards {
-            total += rows.plan(s).starts.len() - 1;
+            let plan = rows.plan(s);
+            total += plan.starts.len() - 1;
+            rows.count += plan.docs.len() as u64;
             rows.first_row.push(total);
         }
         rows
@@ -105,13 +111,28 @@ impl StoreRows {
         &self.store
     }
 
-    /// The documents held out of the store (by count; empty ones included).
-    pub fn held(&self) -> u64 {
-        self.held.iter().map(|&k| k as u64).sum()
+    /// The documents the rows hold (empty and dropped ones left out).
+    pub fn count(&self) -> u64 {
+        self.count
     }
 
-    /// Documents of this part in shard `s` (store indices, ascending; empty ones left out).
-    pub fn documents(&self, s: usize) -> Vec<u64> {
+    /// Every document held out of the store for validation, ascending (dropped and empty ones
+    /// included: what training leaves alone).
+    pub fn held_documents(&self) -> Vec<u64> {
+        (0..self.store.shards())
+            .flat_map(|s| {
+                let first = self.store.shard_documents(s).start;
+                self.held_in(s)
+                    .into_iter()
+                    .enumerate()
+                    .filter(|&(_, h)| h)
+                    .map(move |(d, _)| first + d as u64)
+            })
+            .collect()
+    }
+
+    /// Whether each document of shard `s` is held out.
+    fn held_in(&self, s: usize) -> Vec<bool> {
         let range = self.store.shard_documents(s);
         let n = (range.end - range.start) as usize;
         let mut held = vec![false; n];
@@ -121,11 +142,18 @@ impl StoreRows {
                 held[d] = true;
             }
         }
-        range
-            .zip(held)
+        held
+    }
+
+    /// Documents of this part in shard `s` (store indices, ascending; empty and dropped ones
+    /// left out).
+    pub fn documents(&self, s: usize) -> Vec<u64> {
+        self.store
+            .shard_documents(s)
+            .zip(self.held_in(s))
             .filter(|&(_, h)| h == (self.part == Part::Held))
             .map(|(d, _)| d)
-            .filter(|&d| !self.store.doc(d).ids.is_empty())
+            .filter(|&d| !self.store.is_dropped(d) && !self.store.doc(d).ids.is_empty())
             .collect()
     }
 
@@ -386,7 +414,8 @@ mod tests {
         let open = || Store::open(tmp.path()).unwrap();
         let train = StoreRows::new(open(), Part::Train, holdout, layout(4));
         let held = StoreRows::new(open(), Part::Held, holdout, layout(4));
-        assert_eq!(held.held(), 30);
+        assert_eq!(held.held_documents().len(), 30);
+        assert_eq!((train.count(), held.count()), (270, 30));
         let docs = |r: &StoreRows| -> Vec<u64> {
             let mut d: Vec<u64> = (0..r.len()).flat_map(|i| r.docs(i)).collect();
             d.sort_unstable();

@@ -2,8 +2,8 @@
 
 use proptest::prelude::*;
 use whet_data::dedup::{
-    DedupConfig, DuplicateKind, MinHasher, dedup, estimate_jaccard, exact_key, jaccard, leakage,
-    normalize, optimal_bands,
+    DedupConfig, DuplicateKind, MinHasher, band_keys, dedup, estimate_jaccard, exact_key, jaccard,
+    leakage, normalize, optimal_bands, token_shingles,
 };
 use whet_data::{DataError, Role};
 
@@ -220,4 +220,58 @@ proptest! {
         prop_assert_eq!(kept_rows, vec![0, 2]);
         prop_assert_eq!(report.removed[0].duplicate_of_origin.row, 0);
     }
+}
+
+/// `n` pseudo-random token ids below 50_000.
+fn ids(seed: u64, n: usize) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 50_000) as u32
+        })
+        .collect()
+}
+
+#[test]
+fn token_minhash_identical_disjoint_and_near() {
+    let cfg = DedupConfig::default();
+    let h = MinHasher::new(cfg.num_perm, cfg.shingle_words, cfg.seed);
+    let k = cfg.shingle_tokens;
+    let a = ids(1, 300);
+    let sig = |x: &[u32]| h.signature_of_ids(x, k).unwrap();
+    assert_eq!(estimate_jaccard(&sig(&a), &sig(&a.clone())), 1.0);
+    let other = ids(2, 300);
+    assert!(estimate_jaccard(&sig(&a), &sig(&other)) < 0.05);
+    // Three ids changed of 300, far apart: 15 of ~296 shingles differ on each side, Jaccard
+    // ~0.90, above the 0.8 threshold.
+    let mut near = a.clone();
+    for at in [40, 150, 260] {
+        near[at] = 60_000 + at as u32;
+    }
+    let s = estimate_jaccard(&sig(&a), &sig(&near));
+    assert!(s >= cfg.threshold && s < 1.0, "{s}");
+    // The LSH bands put the near copy in a shared bucket.
+    let (bands, rows) = cfg.lsh_layout();
+    let ka: Vec<u64> = band_keys(&sig(&a), bands, rows).collect();
+    let kn: Vec<u64> = band_keys(&sig(&near), bands, rows).collect();
+    assert!(ka.iter().zip(&kn).any(|(x, y)| x == y));
+}
+
+#[test]
+fn token_shingles_of_short_and_empty_documents() {
+    assert!(token_shingles(&[], 5).is_empty());
+    assert_eq!(token_shingles(&[7, 8, 9], 5).len(), 1);
+    assert_ne!(token_shingles(&[7, 8, 9], 5), token_shingles(&[7, 8], 5));
+    // Repeated windows count once; order matters inside a shingle.
+    assert_eq!(token_shingles(&[1, 2, 1, 2, 1, 2], 2).len(), 2);
+    let h = MinHasher::new(16, 3, 0);
+    assert_eq!(h.signature_of_ids(&[], 5), None);
+    let bad = DedupConfig {
+        shingle_tokens: 0,
+        ..DedupConfig::default()
+    };
+    assert!(bad.validate().is_err());
 }

@@ -8,6 +8,7 @@ mod ollama;
 mod pack;
 mod parity;
 mod store;
+mod store_dedup;
 mod template;
 mod template_limits;
 mod tokenize;

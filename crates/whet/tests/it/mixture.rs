@@ -434,6 +434,10 @@ fn a_mixture_of_token_stores_holds_out_validation_and_keeps_a_token_budget() {
     assert_eq!(r["data"]["validation_examples"], 8, "4 of each source's 20");
     assert_eq!(r["data"]["train_examples"], 32);
     assert!(r["before"]["val_loss"].is_f64(), "{}", r["before"]);
+    // The leakage check covers every source's held-out documents against all training ones.
+    let leakage = &r["data"]["leakage"];
+    assert_eq!(leakage["validation"], 8, "{leakage}");
+    assert_eq!(leakage["train"], 32, "{leakage}");
     let manuals = &r["data"]["sources"][0];
     assert_eq!(manuals["rows_available"], 16);
     let per_row =

@@ -324,3 +324,137 @@ fn a_store_run_resumes_bit_identically() {
     );
     assert_eq!(train_losses(&part), want);
 }
+
+/// `corpus`'s text lines, each written `copies` times in a row, and a near copy (one word
+/// changed) of every tenth.
+fn duplicated_corpus(path: &Path, n: usize, copies: usize) {
+    let mut lines = Vec::new();
+    for i in 0..n {
+        let words: Vec<String> = (0..(30 + i % 10))
+            .map(|w| format!("w{}x{}", i, (w * 13 + i) % 97))
+            .collect();
+        for _ in 0..copies {
+            lines.push(json!({ "text": words.join(" ") }).to_string());
+        }
+        if i % 10 == 0 {
+            let mut near = words.clone();
+            near[15] = "changed".into();
+            lines.push(json!({ "text": near.join(" ") }).to_string());
+        }
+    }
+    write(path, &(lines.join("\n") + "\n"));
+}
+
+/// `data prepare --dedup` marks the copies and near copies dropped (counted in the output,
+/// `prepare.json` and the manifest); a run from a store with `data.dedup` trains on the
+/// remaining documents only and reports what was dropped; validation documents copied from
+/// training ones are reported as leakage.
+#[test]
+fn a_deduplicated_store_trains_on_fewer_documents_and_reports_leakage() {
+    let tmp = Tmp::new("store-dedup");
+    let m = model(&tmp);
+    let data = tmp.join("corpus.jsonl");
+    duplicated_corpus(&data, 30, 2);
+    let out = tmp.join("store");
+    let prepare = |extra: &[&str]| {
+        let mut args = vec![
+            "data",
+            "prepare",
+            "--data",
+            s(&data),
+            "--model",
+            s(&m),
+            "--out",
+            s(&out),
+            "--max-len",
+            "256",
+        ];
+        args.extend_from_slice(extra);
+        whet(args).ok()
+    };
+    let r = prepare(&["--dedup"]);
+    // 30 distinct, 30 exact copies, 3 near copies.
+    assert!(
+        r.stdout.contains("63 documents")
+            && r.stdout
+                .contains("33 duplicate documents dropped (30 exact, 3 near)"),
+        "{}",
+        r.stdout
+    );
+    let store = Store::open(&out).unwrap();
+    assert_eq!((store.documents(), store.dropped()), (63, 33));
+    // Kept: the first of each group.
+    assert!(!store.is_dropped(0) && store.is_dropped(1) && store.is_dropped(2));
+    let summary: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("prepare.json")).unwrap()).unwrap();
+    assert_eq!(summary["dedup_removed"], 33);
+    assert_eq!(summary["dedup"]["near"], 3);
+    let dedup_fp = store.manifest().fingerprint.clone();
+    drop(store);
+    // Without --dedup: another fingerprint, nothing dropped.
+    prepare(&[]);
+    let plain = Store::open(&out).unwrap();
+    assert_eq!(plain.dropped(), 0);
+    assert_ne!(plain.manifest().fingerprint, dedup_fp);
+
+    // Validation: two copies of training documents and one unrelated text.
+    duplicated_corpus(&tmp.join("val.jsonl"), 2, 1);
+    fs::write(
+        tmp.join("val.jsonl"),
+        fs::read_to_string(tmp.join("val.jsonl")).unwrap()
+            + "{\"text\": \"nothing like the training documents at all here\"}\n",
+    )
+    .unwrap();
+    let run = |dedup: bool, dir: &str| -> Value {
+        let body = STORE_RUN
+            .replace(
+                "STORE",
+                &format!("store = \"tokens-{dedup}\"\ndedup = {dedup}"),
+            )
+            .replace("max_len = 64", "max_len = 256")
+            .replace("dir = \"out\"", &format!("dir = \"{dir}\""));
+        let cfg = config(&tmp, &m, &body);
+        whet(["train", "--config", s(&cfg)]).ok();
+        serde_json::from_str(&fs::read_to_string(tmp.join(dir).join("report.json")).unwrap())
+            .unwrap()
+    };
+    let deduped = run(true, "out-dedup");
+    let all = run(false, "out-all");
+    let d = &deduped["data"];
+    assert_eq!(d["train_examples"], 30, "{d}");
+    assert_eq!(all["data"]["train_examples"], 63);
+    assert_eq!(d["store_dedup"]["exact"], 30);
+    assert_eq!(d["store_dedup"]["near"], 3);
+    assert!(all["data"].get("store_dedup").is_none());
+    let md = fs::read_to_string(tmp.join("out-dedup/report.md")).unwrap();
+    assert!(
+        md.contains("duplicate documents dropped from the token store: 33 (30 exact, 3 near)"),
+        "{md}"
+    );
+    // Validation: training document 0; the near copy of 0 (training document 2, dropped, so near
+    // to 0); training document 3; a new text.
+    let leak = &d["leakage"];
+    assert_eq!(leak["validation"], 4, "{leak}");
+    let exact: Vec<u64> = leak["exact"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["train_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(exact, [0, 3], "{leak}");
+    let near = &leak["near"].as_array().unwrap();
+    assert_eq!(near.len(), 1, "{leak}");
+    assert_eq!(
+        (&near[0]["validation_id"], &near[0]["train_id"]),
+        (&json!(1), &json!(0))
+    );
+    assert!(md.contains("leakage: 75.0% of validation examples"), "{md}");
+    // Without dedup the near copy is training document 2, token for token.
+    let exact: Vec<u64> = all["data"]["leakage"]["exact"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["train_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(exact, [0, 2, 3]);
+}
