@@ -457,4 +457,28 @@ fn a_deduplicated_store_trains_on_fewer_documents_and_reports_leakage() {
         .map(|o| o["train_id"].as_u64().unwrap())
         .collect();
     assert_eq!(exact, [0, 2, 3]);
+
+    // The report is cached by what it depends on: a run over the same store and validation
+    // reads it back instead of signing the store again (seen by editing the cached copy).
+    let dir = Path::new(concat!(
+        env!("CARGO_TARGET_TMPDIR"),
+        "/whet-cache/datasets/leakage"
+    ));
+    let cached = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            // Other tests write here too: a file gone or half there is not this one.
+            let text = fs::read(p).ok();
+            text.and_then(|t| serde_json::from_slice::<Value>(&t).ok())
+                .as_ref()
+                == Some(leak)
+        })
+        .expect("the leakage report in the cache");
+    let mut edited = leak.clone();
+    edited["train"] = json!(12345);
+    fs::write(&cached, edited.to_string()).unwrap();
+    let again = run(true, "out-dedup-again");
+    assert_eq!(again["data"]["leakage"]["train"], 12345);
+    fs::write(&cached, leak.to_string()).unwrap();
 }
