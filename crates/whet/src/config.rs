@@ -1723,6 +1723,8 @@ mod tests {
             ("data.columns={ questoin = \"q\" }", "questoin"),
             ("data.columns={ prompt = 3 }", "prompt"),
             ("data.chat_template=\"chatml2\"", "`data.chat_template`"),
+            ("data.shuffle_shards=0", "`data.shuffle_shards`"),
+            ("data.shuffle_shards=100000", "`data.shuffle_shards`"),
         ] {
             let msg = refused(&[o]);
             assert!(msg.contains(want) && msg.contains("run.toml"), "{o}: {msg}");
@@ -1741,6 +1743,17 @@ mod tests {
             &["data.window_overlap=256".into()],
         )
         .unwrap();
+        // The default is left out of the saved TOML (the run id of a config without it stays).
+        let c = Config::from_toml(MINIMAL, Path::new("run.toml"), &[]).unwrap();
+        assert_eq!(c.data.shuffle_shards, 8);
+        assert!(!c.to_toml().contains("shuffle_shards"));
+        let c = Config::from_toml(
+            MINIMAL,
+            Path::new("run.toml"),
+            &["data.shuffle_shards=2".into()],
+        )
+        .unwrap();
+        assert!(c.to_toml().contains("shuffle_shards = 2"));
     }
 
     #[test]

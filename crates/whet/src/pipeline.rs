@@ -909,7 +909,7 @@ fn prepare_from_store(
     // The validation documents as token ids, for the leakage check: the file's, or those held
     // out of the stores (gathered below).
     let mut leak_docs = Vec::new();
-    let (validation, mut validation_store) = match &data.validation {
+    let validation = match &data.validation {
         Some(path) => {
             let (v, r) = read(path, data)?;
             leak_docs = crate::store_dedup::tokenized(tok, &v, data)?;
@@ -917,10 +917,12 @@ fn prepare_from_store(
             report.validation_examples = v.len();
             let rows = rows(tok, &v, data, None)?;
             report.validation_tokenize = Some(rows.tokenize);
-            (rows.rows, None)
+            rows.rows
         }
-        None => (Vec::new(), None),
+        None => Vec::new(),
     };
+    // Else the documents held out of the stores, if any.
+    let mut validation_store: Option<Box<dyn RowSource + Send>> = None;
     if data.sources.is_empty() {
         let part = store_part(tok, data, seed, dir)?;
         report.train_examples = part.train.count() as usize;
@@ -935,9 +937,9 @@ fn prepare_from_store(
                 &leak_docs,
             )?);
         }
-        if validation_store.is_none() && part.held.is_some() {
-            report.validation_examples = part.held.as_ref().map_or(0, |h| h.count() as usize);
-            validation_store = part.held.map(|h| Box::new(h) as Box<dyn RowSource + Send>);
+        if let Some(held) = part.held {
+            report.validation_examples = held.count() as usize;
+            validation_store = Some(Box::new(held));
         }
         report.cache = Some(format!("token store {}", dir.display()));
         return Ok(Prepared {
@@ -955,7 +957,7 @@ fn prepare_from_store(
     }
     let (mut trains, mut helds, mut names, mut fingerprints) =
         (Vec::new(), Vec::new(), Vec::new(), String::new());
-    let mut held_lists = Vec::new();
+    let (mut held_lists, mut supervised) = (Vec::new(), Vec::new());
     for (i, source) in data.sources.iter().enumerate() {
         let name = source.display_name();
         let section = source_section(data, source);
@@ -980,7 +982,7 @@ fn prepare_from_store(
             ));
         }
         let rows = part.train.len();
-        let supervised: usize = (0..rows).map(|r| part.train.supervised(r)).sum();
+        supervised.push((0..rows).map(|r| part.train.supervised(r)).sum::<usize>());
         report.sources.push(SourceReport {
             name: name.clone(),
             path: source.path.clone(),
@@ -991,7 +993,7 @@ fn prepare_from_store(
             validation_examples: held_docs,
             rows_available: rows,
             rows_per_epoch: 0,
-            tokens_per_epoch: supervised,
+            tokens_per_epoch: 0,
             token_share: 0.0,
             read: None,
             dedup: None,
@@ -1025,8 +1027,7 @@ fn prepare_from_store(
     let mut quotas = mixture_quotas(&lens, &weights);
     for (i, (q, source)) in quotas.iter_mut().zip(&data.sources).enumerate() {
         let s = &mut report.sources[i];
-        // `tokens_per_epoch` holds the source's supervised tokens over all its rows so far.
-        let mean = s.tokens_per_epoch as f64 / lens[i].max(1) as f64;
+        let mean = supervised[i] as f64 / lens[i].max(1) as f64;
         if let Some(budget) = source.max_tokens {
             // A store's rows are not all counted up front: the budget holds on average.
             *q = (*q).min(((budget as f64 / mean.max(1e-9)).floor() as usize).max(1));
@@ -1038,7 +1039,7 @@ fn prepare_from_store(
     for s in &mut report.sources {
         s.token_share = s.tokens_per_epoch as f64 / total.max(1) as f64;
     }
-    if validation_store.is_none() && !helds.is_empty() {
+    if !helds.is_empty() {
         let (names, parts): (Vec<String>, Vec<Box<dyn RowSource + Send>>) = helds
             .into_iter()
             .map(|(n, h)| (n, Box::new(h) as Box<dyn RowSource + Send>))
