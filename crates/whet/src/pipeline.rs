@@ -349,6 +349,28 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// A run's data read from token stores: the examples stay on disk.
+    fn from_stores(
+        train: Box<dyn RowSource + Send>,
+        validation: Vec<Row>,
+        validation_store: Option<Box<dyn RowSource + Send>>,
+        report: DataReport,
+        fingerprint: String,
+    ) -> Self {
+        Prepared {
+            pii_audit: None,
+            train_examples: Vec::new(),
+            validation_examples: Vec::new(),
+            train: Vec::new(),
+            train_sources: Vec::new(),
+            validation,
+            report,
+            train_store: Some(train),
+            validation_store,
+            store_fingerprint: Some(fingerprint),
+        }
+    }
+
     /// The training rows, wherever they are (a mixture's tagged with their sources).
     pub fn train_rows(&self) -> Box<dyn RowSource + '_> {
         match &self.train_store {
@@ -942,18 +964,13 @@ fn prepare_from_store(
             validation_store = Some(Box::new(held));
         }
         report.cache = Some(format!("token store {}", dir.display()));
-        return Ok(Prepared {
-            pii_audit: None,
-            train_examples: Vec::new(),
-            validation_examples: Vec::new(),
-            train: Vec::new(),
-            train_sources: Vec::new(),
+        return Ok(Prepared::from_stores(
+            Box::new(part.train),
             validation,
-            report,
-            train_store: Some(Box::new(part.train)),
             validation_store,
-            store_fingerprint: Some(part.fingerprint),
-        });
+            report,
+            part.fingerprint,
+        ));
     }
     let (mut trains, mut helds, mut names, mut fingerprints) =
         (Vec::new(), Vec::new(), Vec::new(), String::new());
@@ -1051,20 +1068,13 @@ fn prepare_from_store(
         )));
     }
     report.cache = Some(format!("token stores in {}", dir.display()));
-    Ok(Prepared {
-        pii_audit: None,
-        train_examples: Vec::new(),
-        validation_examples: Vec::new(),
-        train: Vec::new(),
-        train_sources: Vec::new(),
+    Ok(Prepared::from_stores(
+        Box::new(crate::mixture::Mixture::new(trains, names, quotas)),
         validation,
-        report,
-        train_store: Some(Box::new(crate::mixture::Mixture::new(
-            trains, names, quotas,
-        ))),
         validation_store,
-        store_fingerprint: Some(fingerprints),
-    })
+        report,
+        fingerprints,
+    ))
 }
 
 /// A source's data settings: the mixture's, with the source's files, format and columns.

@@ -343,19 +343,22 @@ fn a_mixture_of_token_stores_follows_the_weights_and_resumes_exactly() {
     let tmp = Tmp::new("mixture-store");
     let m = model(&tmp);
     let cfg = mixture_config_with(&tmp, &m, "store = \"tokens\"");
-    let run = whet([
-        "train",
-        "--config",
-        s(&cfg),
-        "--no-report",
-        "--set",
-        "train.max_steps=20",
-        "--set",
-        "output.save_every=5",
-        "--set",
-        "output.keep_last=10",
-    ])
-    .ok();
+    let args = |out: &Path| {
+        let mut a: Vec<String> = ["train", "--config", s(&cfg), "--no-report"]
+            .map(String::from)
+            .to_vec();
+        for set in [
+            "train.max_steps=20".to_string(),
+            "output.save_every=5".into(),
+            "output.keep_last=10".into(),
+            format!("output.dir={}", toml_str(out)),
+        ] {
+            a.extend(["--set".into(), set]);
+        }
+        a
+    };
+    let full = tmp.join("out");
+    let run = whet(args(&full)).ok();
     let line = run
         .stderr
         .lines()
@@ -370,7 +373,6 @@ fn a_mixture_of_token_stores_follows_the_weights_and_resumes_exactly() {
         let st = Store::open(&tmp.join("tokens").join(store)).unwrap();
         assert_eq!(st.documents(), 20, "{store}");
     }
-    let full = tmp.join("out");
     let r = report(&full);
     let seen: Vec<f64> = r["summary"]["tokens_by_source"]
         .as_array()
@@ -385,21 +387,7 @@ fn a_mixture_of_token_stores_follows_the_weights_and_resumes_exactly() {
 
     let part = tmp.join("part");
     killed_after(&full, &part, "checkpoint-000010");
-    let again = whet([
-        "train",
-        "--config",
-        s(&cfg),
-        "--no-report",
-        "--set",
-        "train.max_steps=20",
-        "--set",
-        "output.save_every=5",
-        "--set",
-        "output.keep_last=10",
-        "--set",
-        &format!("output.dir={}", toml_str(&part)),
-    ])
-    .ok();
+    let again = whet(args(&part)).ok();
     assert!(
         !again.stderr.contains("preparing the token store"),
         "{}",
