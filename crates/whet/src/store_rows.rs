@@ -74,9 +74,8 @@ const HOLDOUT: u64 = 0x484f_4c44_4f55_5421;
 
 impl StoreRows {
     /// The rows of `part` of `store` laid out as `layout` says (empty documents and those
-    /// deduplicated away left out);
-    /// `holdout`: the validation share, if any. Reads every shard's offsets once to count its
-    /// rows.
+    /// deduplicated away left out); `holdout`: the validation share, if any. Plans every shard
+    /// once, from its offsets, to number the rows.
     pub fn new(store: Store, part: Part, holdout: Option<Holdout>, layout: Layout) -> Self {
         let shards = store.shards();
         let held = match holdout {
