@@ -288,11 +288,6 @@ impl MinHasher {
                 .collect(),
         )
     }
-
-    /// The signature length.
-    pub fn num_perm(&self) -> usize {
-        self.seeds.len()
-    }
 }
 
 /// The LSH bucket keys of a signature: one per band, the hash of the band's index and its
