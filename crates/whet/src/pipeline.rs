@@ -1125,21 +1125,26 @@ struct StorePart {
 fn store_part(tok: &Tokenizer, data: &DataSection, seed: u64, dir: &Path) -> Result<StorePart> {
     use whet_tokenize::store::Store;
     let fingerprint = crate::prepare::store_fingerprint(tok, data)?;
+    // The store opened to check its fingerprint is the one the training rows read.
     let current = Store::open(dir)
         .ok()
-        .is_some_and(|s| s.manifest().fingerprint == fingerprint);
-    if !current {
-        eprintln!(
-            "data: preparing the token store {} from {}",
-            dir.display(),
-            data.train.display()
-        );
-        let (_, p) = crate::prepare::prepare_store(tok, data, &fingerprint, dir, 256, true)?;
-        eprintln!(
-            "data: {} documents, {} tokens in {:.1} s ({:.1} MB/s)",
-            p.documents, p.tokens, p.seconds, p.mb_per_s
-        );
-    }
+        .filter(|s| s.manifest().fingerprint == fingerprint);
+    let store = match current {
+        Some(store) => store,
+        None => {
+            eprintln!(
+                "data: preparing the token store {} from {}",
+                dir.display(),
+                data.train.display()
+            );
+            let (_, p) = crate::prepare::prepare_store(tok, data, &fingerprint, dir, 256, true)?;
+            eprintln!(
+                "data: {} documents, {} tokens in {:.1} s ({:.1} MB/s)",
+                p.documents, p.tokens, p.seconds, p.mb_per_s
+            );
+            Store::open(dir)?
+        }
+    };
     let holdout =
         (data.validation.is_none() && data.validation_fraction > 0.0).then_some(Holdout {
             fraction: data.validation_fraction,
@@ -1151,17 +1156,22 @@ fn store_part(tok: &Tokenizer, data: &DataSection, seed: u64, dir: &Path) -> Res
         pack: data.pack,
         window: data.shuffle_shards,
     };
-    let rows_of = |part| -> Result<StoreRows> {
-        Ok(StoreRows::new(Store::open(dir)?, part, holdout, layout))
-    };
-    let train = rows_of(Part::Train)?;
+    let train = StoreRows::new(store, Part::Train, holdout, layout);
     if train.is_empty() {
         bail!(
             "{}: the token store has no training documents",
             dir.display()
         );
     }
-    let held = holdout.map(|_| rows_of(Part::Held)).transpose()?;
+    let held = match holdout {
+        Some(_) => Some(StoreRows::new(
+            Store::open(dir)?,
+            Part::Held,
+            holdout,
+            layout,
+        )),
+        None => None,
+    };
     Ok(StorePart {
         held_documents: train.held_documents(),
         train,
