@@ -1,6 +1,6 @@
 //! `x @ w^T + bias`. x: (M, IN) contiguous, w: (OUT, IN) with any strides, bias: (OUT).
 
-use super::{Float, Mat, gemm};
+use super::{Float, Mat, gemm, gemm_extra};
 
 /// w is addressed as `w[o * w_stride[0] + i * w_stride[1]]`. -> (M, OUT)
 pub(crate) fn fwd<T: Float>(
@@ -11,6 +11,19 @@ pub(crate) fn fwd<T: Float>(
     m: usize,
     n_in: usize,
     n_out: usize,
+) -> Vec<T> {
+    fwd_plus(x, w, w_stride, bias, (m, n_in, n_out), None)
+}
+
+/// [`fwd`] plus `lhs2 (M, K2) @ rhs2 (K2, OUT)` (a LoRA update), reduced with the main product
+/// where [`gemm_extra`] can.
+pub(crate) fn fwd_plus<T: Float>(
+    x: &[T],
+    w: &[T],
+    w_stride: [usize; 2],
+    bias: Option<&[T]>,
+    (m, n_in, n_out): (usize, usize, usize),
+    plus: Option<(Mat<'_, T>, Mat<'_, T>, usize)>,
 ) -> Vec<T> {
     let mut y = vec![T::ZERO; m * n_out];
     if let Some(b) = bias {
@@ -24,14 +37,10 @@ pub(crate) fn fwd<T: Float>(
         rs: w_stride[1],
         cs: w_stride[0],
     };
-    gemm(
-        &mut y,
-        bias.is_some(),
-        Mat::row_major(x, n_in),
-        wt,
-        m,
-        n_out,
-        n_in,
-    );
+    let x = Mat::row_major(x, n_in);
+    match plus {
+        Some(second) => gemm_extra(&mut y, bias.is_some(), (x, wt, n_in), second, m, n_out),
+        None => gemm(&mut y, bias.is_some(), x, wt, m, n_out, n_in),
+    }
     y
 }

@@ -267,6 +267,61 @@ pub(crate) fn matmul<T: Float>(
     out
 }
 
+/// `m` seen as f32.
+///
+/// # Safety
+/// T must be f32.
+unsafe fn f32_view<T>(m: Mat<'_, T>) -> Mat<'_, f32> {
+    // SAFETY: T is f32 (the caller's contract): same size, alignment and bits.
+    let data = unsafe { std::slice::from_raw_parts(m.data.as_ptr().cast(), m.data.len()) };
+    Mat {
+        data,
+        rs: m.rs,
+        cs: m.cs,
+    }
+}
+
+/// `dst (m x n, row-major) = [dst +] lhs (m x k) @ rhs (k x n) + lhs2 (m x k2) @ rhs2 (k2 x
+/// n)`: [`gemm`] with a short second product (a LoRA adapter's rank-r update next to its frozen
+/// weight's product). Where whet's f32 kernels run the main product, they reduce the second in
+/// the same micro-tiles ([`sgemm::Extra`]); elsewhere it is a second [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_extra<T: Float>(
+    dst: &mut [T],
+    accumulate: bool,
+    (lhs, rhs, k): (Mat<'_, T>, Mat<'_, T>, usize),
+    (lhs2, rhs2, k2): (Mat<'_, T>, Mat<'_, T>, usize),
+    m: usize,
+    n: usize,
+) {
+    if T::DTYPE == candle_core::DType::F32
+        && sgemm::available()
+        && k > 0
+        && (1..=sgemm::EXTRA_MAX_K).contains(&k2)
+        && sgemm::worth_it(m, n, k)
+    {
+        assert!(dst.len() >= m * n, "gemm: dst too small");
+        // SAFETY: T is f32 (checked through its DType), so the slices reinterpret exactly.
+        let (dst, extra) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()),
+                sgemm::Extra {
+                    a: f32_view(lhs2),
+                    b: f32_view(rhs2),
+                    k: k2,
+                },
+            )
+        };
+        // SAFETY: as above.
+        let (lhs, rhs) = unsafe { (f32_view(lhs), f32_view(rhs)) };
+        let mnk = (m, n, k);
+        sgemm::sgemm_extra(dst, n, accumulate, lhs, rhs, mnk, Some(extra), threads());
+        return;
+    }
+    gemm(dst, accumulate, lhs, rhs, m, n, k);
+    gemm(dst, true, lhs2, rhs2, m, n, k2);
+}
+
 /// `dst (m x n, row-major) = [dst +] lhs (m x k) @ rhs (k x n)`, multi-threaded through the
 /// `gemm` crate (the same routine as candle's CPU matmul).
 pub(crate) fn gemm<T: Float>(
@@ -293,16 +348,6 @@ pub(crate) fn gemm<T: Float>(
         return;
     }
     if T::DTYPE == candle_core::DType::F32 && sgemm::available() {
-        /// `m` seen as f32. Safety: T must be f32.
-        unsafe fn f32_view<T>(m: Mat<'_, T>) -> Mat<'_, f32> {
-            // SAFETY: T is f32 (the caller's contract): same size, alignment and bits.
-            let data = unsafe { std::slice::from_raw_parts(m.data.as_ptr().cast(), m.data.len()) };
-            Mat {
-                data,
-                rs: m.rs,
-                cs: m.cs,
-            }
-        }
         // SAFETY: T is f32 (checked through its DType), so the slices reinterpret exactly.
         let (dst, lhs, rhs) = unsafe {
             (

@@ -25,19 +25,50 @@ const KC: usize = 384;
 const NC: usize = 384;
 
 thread_local! {
-    /// Packing buffers of this thread: (a partial sliver of A, the B block).
-    static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Packing buffers of this thread: (a partial sliver of A, the B block), then the same for
+    /// the [`Extra`] product.
+    static PACK: RefCell<[Vec<f32>; 4]> = const { RefCell::new([const { Vec::new() }; 4]) };
 }
 
+/// A second product summed into the same C, `a (m x k) @ b (k x n)` with a short reduction
+/// (`k <= KC`): LoRA's rank-r update `down @ B^T` riding along the frozen weight's product.
+/// Its reduction steps run in the same micro-tiles as the last `KC` block of the main product,
+/// so C is not loaded and stored once more for it (a rank-16 product alone is bound by that
+/// traffic: 80-120 GFLOP/s on a SmolLM2 step).
+#[derive(Clone, Copy)]
+pub(crate) struct Extra<'a> {
+    pub a: Mat<'a, f32>,
+    pub b: Mat<'a, f32>,
+    pub k: usize,
+}
+
+/// Longest reduction an [`Extra`] may have.
+pub(crate) const EXTRA_MAX_K: usize = KC;
+
 /// One micro-tile: `c[r][j] = [c[r][j] +] sum_p a[r * a_rs + p * a_ps] * bp[p][j]` for
-/// `r < mr`, `j < nr`, from (kc, (a, a_rs, a_ps), bp, c, ldc, (mr, nr), accumulate).
+/// `r < mr`, `j < nr`, from (kc, (a, a_rs, a_ps), bp, c, ldc, (mr, nr), accumulate, second),
+/// plus the same sum over the `second` operands (kc2, (a2, rs, ps), bp2) when `kc2 > 0`.
 ///
 /// # Safety
-/// `a` addresses `MR` rows of `kc` values with the given steps, `bp` holds `kc * NR` values;
-/// `c` addresses `mr` rows of `nr` values, `ldc` apart; `nr` fits the kernel; the CPU has its
-/// instruction set.
-type KernelFn =
-    unsafe fn(usize, (*const f32, usize, usize), *const f32, *mut f32, usize, (usize, usize), bool);
+/// `a` addresses `MR` rows of `kc` values with the given steps, `bp` holds `kc * NR` values
+/// (the same for the second operands with `kc2`); `c` addresses `mr` rows of `nr` values, `ldc`
+/// apart; `nr` fits the kernel; the CPU has its instruction set.
+type KernelFn = unsafe fn(
+    usize,
+    (*const f32, usize, usize),
+    *const f32,
+    *mut f32,
+    usize,
+    (usize, usize),
+    bool,
+    Second,
+);
+
+/// The [`Extra`] operands of one micro-tile: (kc2, (a2, a2_rs, a2_ps), bp2).
+type Second = (usize, (*const f32, usize, usize), *const f32);
+
+/// No second product.
+const NO_SECOND: Second = (0, (std::ptr::null(), 0, 0), std::ptr::null());
 
 /// One full panel of B: `panel[p * NR + j] = b[p * rs + j * cs]` for `p < kc`, `j < NR`, from
 /// (panel, b, (rs, cs), kc).
@@ -107,23 +138,52 @@ pub(crate) fn sgemm(
     mnk: (usize, usize, usize),
     threads: usize,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    match super::simd_level() {
-        Simd::V4 => return sgemm_with::<Avx512>(c, ldc, accumulate, a, b, mnk, threads),
-        Simd::V3 => return sgemm_with::<Avx2>(c, ldc, accumulate, a, b, mnk, threads),
-        Simd::Base => {}
-    }
-    panic!("sgemm: needs AVX2 + FMA or AVX-512");
+    sgemm_extra(c, ldc, accumulate, a, b, mnk, None, threads);
 }
 
-/// [`sgemm`] with the micro-kernel `K`, whose instruction set the caller checked.
-fn sgemm_with<K: Tile>(
+/// [`sgemm`] plus an [`Extra`] product: `c = [c +] a @ b + extra.a @ extra.b`.
+///
+/// # Panics
+/// As [`sgemm`]; also when the extra product's operands are out of bounds or its reduction is
+/// longer than [`EXTRA_MAX_K`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_extra(
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
     a: Mat<'_, f32>,
     b: Mat<'_, f32>,
+    mnk: (usize, usize, usize),
+    extra: Option<Extra<'_>>,
+    threads: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match super::simd_level() {
+        Simd::V4 => return sgemm_with::<Avx512>(c, ldc, accumulate, a, b, mnk, extra, threads),
+        Simd::V3 => return sgemm_with::<Avx2>(c, ldc, accumulate, a, b, mnk, extra, threads),
+        Simd::Base => {}
+    }
+    panic!("sgemm: needs AVX2 + FMA or AVX-512");
+}
+
+/// `m` from its element `at` on.
+fn from(m: Mat<'_, f32>, at: usize) -> Mat<'_, f32> {
+    Mat {
+        data: &m.data[at..],
+        ..m
+    }
+}
+
+/// [`sgemm_extra`] with the micro-kernel `K`, whose instruction set the caller checked.
+#[allow(clippy::too_many_arguments)]
+fn sgemm_with<'a, K: Tile>(
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: Mat<'a, f32>,
+    b: Mat<'a, f32>,
     (m, n, k): (usize, usize, usize),
+    extra: Option<Extra<'a>>,
     threads: usize,
 ) {
     assert!(
@@ -131,7 +191,26 @@ fn sgemm_with<K: Tile>(
         "sgemm: C out of bounds"
     );
     assert!(a.fits(m, k) && b.fits(k, n), "sgemm: operand out of bounds");
+    let extra = extra.filter(|e| e.k > 0);
+    if let Some(e) = extra {
+        assert!(
+            e.k <= EXTRA_MAX_K && e.a.fits(m, e.k) && e.b.fits(e.k, n),
+            "sgemm: extra operand out of bounds"
+        );
+    }
     if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // The extra product alone (the loop nest reduces it with the main one's last block).
+        if let Some(e) = extra {
+            return sgemm_with::<K>(c, ldc, accumulate, e.a, e.b, (m, n, e.k), None, threads);
+        }
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
         return;
     }
     let (mr, nr) = (K::MR, K::NR);
@@ -158,24 +237,22 @@ fn sgemm_with<K: Tile>(
         // touches; the bounds were asserted above; `sgemm` checked the instruction set.
         unsafe {
             if by_rows {
-                let a = Mat {
-                    data: &a.data[lo * a.rs..],
-                    ..a
-                };
+                let rows = |a: Mat<'a, f32>| from(a, lo * a.rs);
+                let extra = extra.map(|e| Extra { a: rows(e.a), ..e });
                 serial::<K>(
                     cp.get().add(lo * ldc),
                     ldc,
                     accumulate,
-                    a,
+                    rows(a),
                     b,
                     (hi - lo, n, k),
+                    extra,
                 );
             } else {
-                let b = Mat {
-                    data: &b.data[lo * b.cs..],
-                    ..b
-                };
-                serial::<K>(cp.get().add(lo), ldc, accumulate, a, b, (m, hi - lo, k));
+                let cols = |b: Mat<'a, f32>| from(b, lo * b.cs);
+                let extra = extra.map(|e| Extra { b: cols(e.b), ..e });
+                let c = cp.get().add(lo);
+                serial::<K>(c, ldc, accumulate, a, cols(b), (m, hi - lo, k), extra);
             }
         }
     };
@@ -196,6 +273,8 @@ fn sgemm_with<K: Tile>(
 ///
 /// A is read in place (a micro-tile's `MR` rows are `MR` strided streams), except for a last
 /// partial tile of rows, which is copied with zero padding. B is packed per `KC x NC` block.
+/// The extra product's B is packed with the last `KC` block of each column block and reduced
+/// by the same micro-kernel calls.
 ///
 /// # Safety
 /// `c` must address an `m x n` block with rows `ldc` apart that only this call writes; the
@@ -207,9 +286,10 @@ unsafe fn serial<K: Tile>(
     a: Mat<'_, f32>,
     b: Mat<'_, f32>,
     (m, n, k): (usize, usize, usize),
+    extra: Option<Extra<'_>>,
 ) {
     let (mr_full, nr_full) = (K::MR, K::NR);
-    PACK.with_borrow_mut(|(edge, bp)| {
+    PACK.with_borrow_mut(|[edge, bp, edge2, bp2]| {
         // Even blocks of whole panels: 576 columns are 2 x 288, not 384 + 192.
         let nblocks = n.div_ceil(NC);
         let nc_max = n.div_ceil(nblocks).div_ceil(nr_full) * nr_full;
@@ -217,16 +297,22 @@ unsafe fn serial<K: Tile>(
         let kc_max = k.div_ceil(kblocks);
         edge.resize(kc_max * mr_full, 0.0);
         bp.resize(kc_max * nc_max, 0.0);
+        let k2 = extra.map_or(0, |e| e.k);
+        edge2.resize(k2 * mr_full, 0.0);
+        bp2.resize(k2 * nc_max, 0.0);
         // A sliver is read in place when its `MR` rows are contiguous streams, unless they
         // lie a multiple of 4 KiB apart: then they share L1 sets and evict each other. A
         // transposed A (the weight gradient's dy^T) is copied too when the copy serves several
         // panels of B: its `KC` reduction steps are `KC` cache lines a fixed stride apart,
         // which for the model's widths (576, 1536 floats) fall into a few L1 sets.
-        let copied = if a.cs == 1 {
-            a.rs.is_multiple_of(1024)
-        } else {
-            a.cs.is_multiple_of(1024) || n >= 4 * nr_full
+        let copied = |a: Mat<'_, f32>| {
+            if a.cs == 1 {
+                a.rs.is_multiple_of(1024)
+            } else {
+                a.cs.is_multiple_of(1024) || n >= 4 * nr_full
+            }
         };
+        let (copied, copied2) = (copied(a), extra.is_some_and(|e| copied(e.a)));
         let mut jc = 0;
         while jc < n {
             let nc = nc_max.min(n - jc);
@@ -235,6 +321,11 @@ unsafe fn serial<K: Tile>(
                 let kc = kc_max.min(k - pc);
                 // SAFETY: `K`'s instruction set is the caller's contract.
                 unsafe { pack_b::<K>(bp, b, pc, kc, jc, nc) };
+                let extra = extra.filter(|_| pc + kc == k);
+                if let Some(e) = extra {
+                    // SAFETY: as above.
+                    unsafe { pack_b::<K>(bp2, e.b, 0, k2, jc, nc) };
+                }
                 let acc = accumulate || pc > 0;
                 let mut ic = 0;
                 while ic < m {
@@ -245,13 +336,25 @@ unsafe fn serial<K: Tile>(
                     } else {
                         copy_sliver(edge, mr_full, a, (ic, mr), (pc, kc))
                     };
+                    let a2 = extra.map(|e| {
+                        if mr == mr_full && !copied2 {
+                            (e.a.data[ic * e.a.rs..].as_ptr(), e.a.rs, e.a.cs)
+                        } else {
+                            copy_sliver(edge2, mr_full, e.a, (ic, mr), (0, k2))
+                        }
+                    });
                     let mut jr = 0;
                     while jr < nc {
                         let nr = nr_full.min(nc - jr);
                         // SAFETY: rows ic..ic+MR and columns pc..pc+kc of A are in bounds
                         // (checked by `sgemm`, or the zero-padded copy); the tile (ic..ic+mr,
-                        // jc+jr..jc+jr+nr) lies in C's block; the packed panel holds kc x NR.
+                        // jc+jr..jc+jr+nr) lies in C's block; the packed panel holds kc x NR;
+                        // the same holds for the extra product's sliver and panel with k2.
                         unsafe {
+                            let second = match a2 {
+                                Some(a2) => (k2, a2, bp2.as_ptr().add(jr * k2)),
+                                None => NO_SECOND,
+                            };
                             K::KERNELS[usize::from(nr > nr_full / 2)](
                                 kc,
                                 (ap, a_rs, a_ps),
@@ -260,6 +363,7 @@ unsafe fn serial<K: Tile>(
                                 ldc,
                                 (mr, nr),
                                 acc,
+                                second,
                             );
                         }
                         jr += nr_full;
@@ -401,31 +505,41 @@ mod avx512 {
         ldc: usize,
         (mr, nr): (usize, usize),
         accumulate: bool,
+        (kc2, (a2, a2_rs, a2_ps), bp2): super::Second,
     ) {
         // SAFETY: the caller's contract covers every pointer offset below.
         unsafe {
             let mut c0 = [_mm512_setzero_ps(); MR];
             let mut c1 = [_mm512_setzero_ps(); MR];
-            let rows: [*const f32; MR] = std::array::from_fn(|r| a.add(r * a_rs));
-            let mut b = bp;
-            let mut p = 0;
-            while p < kc {
-                let b0 = _mm512_loadu_ps(b);
-                let off = p * a_ps;
-                if W == 2 {
-                    let b1 = _mm512_loadu_ps(b.add(16));
-                    for r in 0..MR {
-                        let ar = _mm512_set1_ps(*rows[r].add(off));
-                        c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
-                        c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+            macro_rules! steps {
+                ($kc:expr, $a:expr, $a_rs:expr, $a_ps:expr, $bp:expr) => {
+                    let rows: [*const f32; MR] = std::array::from_fn(|r| $a.add(r * $a_rs));
+                    let mut b = $bp;
+                    let mut p = 0;
+                    while p < $kc {
+                        let b0 = _mm512_loadu_ps(b);
+                        let off = p * $a_ps;
+                        if W == 2 {
+                            let b1 = _mm512_loadu_ps(b.add(16));
+                            for r in 0..MR {
+                                let ar = _mm512_set1_ps(*rows[r].add(off));
+                                c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
+                                c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+                            }
+                        } else {
+                            for r in 0..MR {
+                                let ar = _mm512_set1_ps(*rows[r].add(off));
+                                c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
+                            }
+                        }
+                        b = b.add(NR);
+                        p += 1;
                     }
-                } else {
-                    for r in 0..MR {
-                        c0[r] = _mm512_fmadd_ps(_mm512_set1_ps(*rows[r].add(off)), b0, c0[r]);
-                    }
-                }
-                b = b.add(NR);
-                p += 1;
+                };
+            }
+            steps!(kc, a, a_rs, a_ps, bp);
+            if kc2 > 0 {
+                steps!(kc2, a2, a2_rs, a2_ps, bp2);
             }
             let m0: __mmask16 = if nr >= 16 { 0xffff } else { (1u16 << nr) - 1 };
             let m1: __mmask16 = if nr >= 32 {
@@ -557,32 +671,41 @@ mod avx2 {
         ldc: usize,
         (mr, nr): (usize, usize),
         accumulate: bool,
+        (kc2, (a2, a2_rs, a2_ps), bp2): super::Second,
     ) {
         // SAFETY: the caller's contract covers every pointer offset below.
         unsafe {
             let mut c0 = [_mm256_setzero_ps(); MR];
             let mut c1 = [_mm256_setzero_ps(); MR];
-            let rows: [*const f32; MR] = std::array::from_fn(|r| a.add(r * a_rs));
-            let mut b = bp;
-            let mut p = 0;
-            while p < kc {
-                let b0 = _mm256_loadu_ps(b);
-                let off = p * a_ps;
-                if W == 2 {
-                    let b1 = _mm256_loadu_ps(b.add(8));
-                    for r in 0..MR {
-                        let ar = _mm256_broadcast_ss(&*rows[r].add(off));
-                        c0[r] = _mm256_fmadd_ps(ar, b0, c0[r]);
-                        c1[r] = _mm256_fmadd_ps(ar, b1, c1[r]);
+            macro_rules! steps {
+                ($kc:expr, $a:expr, $a_rs:expr, $a_ps:expr, $bp:expr) => {
+                    let rows: [*const f32; MR] = std::array::from_fn(|r| $a.add(r * $a_rs));
+                    let mut b = $bp;
+                    let mut p = 0;
+                    while p < $kc {
+                        let b0 = _mm256_loadu_ps(b);
+                        let off = p * $a_ps;
+                        if W == 2 {
+                            let b1 = _mm256_loadu_ps(b.add(8));
+                            for r in 0..MR {
+                                let ar = _mm256_broadcast_ss(&*rows[r].add(off));
+                                c0[r] = _mm256_fmadd_ps(ar, b0, c0[r]);
+                                c1[r] = _mm256_fmadd_ps(ar, b1, c1[r]);
+                            }
+                        } else {
+                            for r in 0..MR {
+                                let ar = _mm256_broadcast_ss(&*rows[r].add(off));
+                                c0[r] = _mm256_fmadd_ps(ar, b0, c0[r]);
+                            }
+                        }
+                        b = b.add(NR);
+                        p += 1;
                     }
-                } else {
-                    for r in 0..MR {
-                        let ar = _mm256_broadcast_ss(&*rows[r].add(off));
-                        c0[r] = _mm256_fmadd_ps(ar, b0, c0[r]);
-                    }
-                }
-                b = b.add(NR);
-                p += 1;
+                };
+            }
+            steps!(kc, a, a_rs, a_ps, bp);
+            if kc2 > 0 {
+                steps!(kc2, a2, a2_rs, a2_ps, bp2);
             }
             if nr == 8 * W {
                 for r in 0..mr {
@@ -649,8 +772,16 @@ mod tests {
     }
 
     /// A loop nest with one micro-kernel, as `sgemm` runs it.
-    type Sgemm =
-        fn(&mut [f32], usize, bool, Mat<'_, f32>, Mat<'_, f32>, (usize, usize, usize), usize);
+    type Sgemm = fn(
+        &mut [f32],
+        usize,
+        bool,
+        Mat<'_, f32>,
+        Mat<'_, f32>,
+        (usize, usize, usize),
+        Option<Extra<'_>>,
+        usize,
+    );
 
     /// Every micro-kernel this CPU can run, by name; prints the ones it cannot.
     fn paths() -> Vec<(&'static str, Sgemm)> {
@@ -679,6 +810,20 @@ mod tests {
     /// f64 product, within f32 rounding of the sum of |a||b| terms.
     #[allow(clippy::too_many_arguments)]
     fn check(
+        path: (&str, Sgemm),
+        mnk: (usize, usize, usize),
+        a_t: (bool, usize),
+        b_t: (bool, usize),
+        ldc: usize,
+        accumulate: bool,
+        threads: usize,
+    ) {
+        check_extra(path, mnk, a_t, b_t, ldc, accumulate, threads, None);
+    }
+
+    /// [`check`] with an [`Extra`] product of reduction `k2` (A2 transposed or not) summed in.
+    #[allow(clippy::too_many_arguments)]
+    fn check_extra(
         (path, sgemm): (&str, Sgemm),
         (m, n, k): (usize, usize, usize),
         (a_t, lda): (bool, usize),
@@ -686,6 +831,7 @@ mod tests {
         ldc: usize,
         accumulate: bool,
         threads: usize,
+        second: Option<(usize, bool, bool)>,
     ) {
         let (ad, ars, acs) = matrix(m, k, a_t, lda, 1);
         let (bd, brs, bcs) = matrix(k, n, b_t, ldb, 2);
@@ -701,7 +847,23 @@ mod tests {
             rs: brs,
             cs: bcs,
         };
-        sgemm(&mut c, ldc, accumulate, a, b, (m, n, k), threads);
+        let (k2, a2_t, b2_t) = second.unwrap_or((0, false, false));
+        let (a2d, a2rs, a2cs) = matrix(m, k2, a2_t, if a2_t { m + 1 } else { k2 + 2 }, 4);
+        let (b2d, b2rs, b2cs) = matrix(k2, n, b2_t, if b2_t { k2 } else { n + 3 }, 5);
+        let extra = second.map(|_| Extra {
+            a: Mat {
+                data: &a2d,
+                rs: a2rs,
+                cs: a2cs,
+            },
+            b: Mat {
+                data: &b2d,
+                rs: b2rs,
+                cs: b2cs,
+            },
+            k: k2,
+        });
+        sgemm(&mut c, ldc, accumulate, a, b, (m, n, k), extra, threads);
         for i in 0..m {
             for j in 0..ldc {
                 let got = c[i * ldc + j] as f64;
@@ -715,14 +877,19 @@ mod tests {
                     want += t;
                     mag += t.abs();
                 }
+                for p in 0..k2 {
+                    let t = a2d[i * a2rs + p * a2cs] as f64 * b2d[p * b2rs + j * b2cs] as f64;
+                    want += t;
+                    mag += t.abs();
+                }
                 if accumulate {
                     want += c0[i * ldc + j] as f64;
                     mag += (c0[i * ldc + j] as f64).abs();
                 }
                 assert!(
                     (got - want).abs() <= 4e-7 * mag + 1e-30,
-                    "{path} ({m}, {n}, {k}) a_t {a_t} b_t {b_t} acc {accumulate} threads {threads}: \
-                     c[{i}][{j}] = {got}, want {want}"
+                    "{path} ({m}, {n}, {k}) a_t {a_t} b_t {b_t} acc {accumulate} threads {threads} \
+                     second {second:?}: c[{i}][{j}] = {got}, want {want}"
                 );
             }
         }
@@ -760,6 +927,39 @@ mod tests {
                             n + 2,
                             threads == 2,
                             threads,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_extra_product_is_summed_in_across_shapes_layouts_and_threads() {
+        // The rank-r update of a LoRA linear rides along the main product's last KC block:
+        // reductions of one and several KC blocks, an empty main product, partial tiles, the
+        // narrow kernels, ranks 1, 16 and KC, and A2 read in place or copied.
+        let shapes = [
+            (100, 70, 50),
+            (37, 400, 800),
+            (130, 33, 385),
+            (61, 16, 500),
+            (30, 9, 40),
+            (25, 64, 0),
+        ];
+        for path in paths() {
+            for (m, n, k) in shapes {
+                for (k2, a2_t, b2_t) in [(16, false, true), (1, true, false), (KC, false, false)] {
+                    for threads in [1, 2, 3] {
+                        check_extra(
+                            path,
+                            (m, n, k),
+                            (false, k + 1),
+                            (threads == 3, if threads == 3 { k } else { n + 5 }),
+                            n + 2,
+                            threads == 2,
+                            threads,
+                            Some((k2, a2_t, b2_t)),
                         );
                     }
                 }

@@ -127,15 +127,16 @@ impl CustomOp3 for LoraLinear {
             let x = contiguous::<F>(sx, lx, name)?;
             let w = mat2::<F>(ws, wl)?; // (OUT, IN)
             let bias = bias_host.as_ref().map(|h| h.slice::<F>()).transpose()?;
-            let mut y = cpu::linear::fwd(x, w.data, [w.rs, w.cs], bias, m, n_in, n_out); // (M, OUT)
             let xm = self.masked(x)?;
             let xin = cpu::Mat::row_major(xm.as_deref().unwrap_or(x), n_in);
             // down (M, R) = scale * x_in @ a^T
             let mut down = cpu::matmul(xin, mat2::<F>(sa, la)?.t(), m, r, n_in);
             cpu::scal(&mut down, F::from_f64(self.scale));
-            // y += down @ b^T
+            // y (M, OUT) = x @ w^T [+ bias] + down @ b^T, the update reduced with the product
             let bt = mat2::<F>(sb, lb)?.t();
-            cpu::gemm(&mut y, true, cpu::Mat::row_major(&down, r), bt, m, n_out, r);
+            let up = (cpu::Mat::row_major(&down, r), bt, r);
+            let (shape, stride) = ((m, n_in, n_out), [w.rs, w.cs]);
+            let y = cpu::linear::fwd_plus(x, w.data, stride, bias, shape, Some(up));
             self.down.put(vec_tensor(down, &Shape::from((m, r)))?);
             Ok((F::to_cpu_storage_owned(y), with_last_dim(xd, n_out)))
         })
@@ -197,10 +198,11 @@ impl CustomOp3 for LoraLinear {
                 .then(|| vec_tensor(cpu::matmul(gdm.t(), xin, r, n_in, m), a.shape()));
             let dx = if x.track_op() {
                 // dx (M, IN) = g @ w + (g_down @ a) * mask
-                let mut dx = cpu::matmul(gm, w, m, n_in, n_out);
+                let mut dx = vec![F::ZERO; m * n_in];
                 match &self.mask {
-                    None => cpu::gemm(&mut dx, true, gdm, am, m, n_in, r),
+                    None => cpu::gemm_extra(&mut dx, false, (gm, w, n_out), (gdm, am, r), m, n_in),
                     Some(mask) => {
+                        cpu::gemm(&mut dx, false, gm, w, m, n_in, n_out);
                         let lora = cpu::matmul(gdm, am, m, n_in, r);
                         let mask = mask.contiguous()?;
                         let mh = Host::new(&mask, name)?;

@@ -83,22 +83,33 @@ fn matches_the_composed_expression() -> Result<()> {
 
 #[test]
 fn matches_at_gemm_sizes_with_strided_adapters() -> Result<()> {
-    // 4 x 64 rows of 576 -> 192, rank 16: the frozen products take the AVX-512 path where the
-    // CPU has it. a and b arrive as transposed views.
-    let mut t = inputs(&[4, 64], 576, 192, 16, DType::F32)?;
-    t[1] = t[1].t()?.contiguous()?.t()?;
-    t[2] = t[2].t()?.contiguous()?.t()?;
-    assert!(!t[1].is_contiguous() && !t[2].is_contiguous());
-    t.remove(4); // no bias
-    check_against_reference(
-        "lora_linear large, masked",
-        &fast(true, false),
-        &composed(true, false),
-        &t,
-        &[true, true, true, false, false],
-        1e-4,
-        1e-4,
-    )
+    // 4 x 64 rows of 576 -> 192, rank 16: the frozen products take whet's f32 GEMM where the
+    // CPU has AVX2 or AVX-512, with the rank-16 update reduced in the same micro-tiles (forward,
+    // and dx without a mask). a and b arrive as transposed views.
+    for (mask, bias) in [(false, false), (true, false), (false, true), (true, true)] {
+        let mut t = inputs(&[4, 64], 576, 192, 16, DType::F32)?;
+        t[1] = t[1].t()?.contiguous()?.t()?;
+        t[2] = t[2].t()?.contiguous()?.t()?;
+        assert!(!t[1].is_contiguous() && !t[2].is_contiguous());
+        if !bias {
+            t.remove(4);
+        }
+        if !mask {
+            t.truncate(if bias { 5 } else { 4 });
+        }
+        let mut track = vec![true, true, true];
+        track.resize(t.len(), false);
+        check_against_reference(
+            &format!("lora_linear large, mask {mask} bias {bias}"),
+            &fast(mask, bias),
+            &composed(mask, bias),
+            &t,
+            &track,
+            1e-4,
+            1e-4,
+        )?;
+    }
+    Ok(())
 }
 
 #[test]
