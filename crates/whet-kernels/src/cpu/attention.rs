@@ -166,7 +166,7 @@ fn width(js: usize, n: usize, s: usize) -> usize {
 /// attention` with `WHET_CPU=avx2`, 2026-12-05).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn mm<T: Float, const WIDE: bool>(
+fn mm<T: Float, const WIDE: bool, const FMA: bool>(
     y: &mut [T],
     (ldy, rows, cols): (usize, usize, usize),
     w: &[T],
@@ -186,11 +186,11 @@ fn mm<T: Float, const WIDE: bool>(
         stride,
     };
     while r0 + 4 <= rows {
-        mm_rows::<T, 4, WIDE>(y, w, src, args, r0);
+        mm_rows::<T, 4, WIDE, FMA>(y, w, src, args, r0);
         r0 += 4;
     }
     while r0 < rows {
-        mm_rows::<T, 1, WIDE>(y, w, src, args, r0);
+        mm_rows::<T, 1, WIDE, FMA>(y, w, src, args, r0);
         r0 += 1;
     }
 }
@@ -209,7 +209,7 @@ struct Mm {
 
 /// Rows `r0 .. r0 + RB` of [`mm`].
 #[inline(always)]
-fn mm_rows<T: Float, const RB: usize, const WIDE: bool>(
+fn mm_rows<T: Float, const RB: usize, const WIDE: bool, const FMA: bool>(
     y: &mut [T],
     w: &[T],
     src: &[T],
@@ -218,26 +218,36 @@ fn mm_rows<T: Float, const RB: usize, const WIDE: bool>(
 ) {
     let mut c0 = 0;
     if WIDE {
-        c0 = mm_tile::<T, RB, 64>(y, w, src, a, r0, c0);
-        c0 = mm_tile::<T, RB, 16>(y, w, src, a, r0, c0);
+        c0 = mm_tile::<T, RB, 64, FMA>(y, w, src, a, r0, c0);
+        c0 = mm_tile::<T, RB, 16, FMA>(y, w, src, a, r0, c0);
     } else {
-        c0 = mm_tile::<T, RB, 32>(y, w, src, a, r0, c0);
-        c0 = mm_tile::<T, RB, 8>(y, w, src, a, r0, c0);
+        c0 = mm_tile::<T, RB, 32, FMA>(y, w, src, a, r0, c0);
+        c0 = mm_tile::<T, RB, 8, FMA>(y, w, src, a, r0, c0);
     }
     for c in c0..a.cols {
         for r in r0..r0 + RB {
             let mut acc = y[r * a.ldy + c];
             for i in 0..a.kd {
-                acc += w[r * a.wrs + i * a.wcs] * src[a.base + i * a.stride + c];
+                acc = madd::<T, FMA>(
+                    w[r * a.wrs + i * a.wcs],
+                    src[a.base + i * a.stride + c],
+                    acc,
+                );
             }
             y[r * a.ldy + c] = acc;
         }
     }
 }
 
+/// `a * b + c`, fused when `FMA` (the build has the instruction).
+#[inline(always)]
+fn madd<T: Float, const FMA: bool>(a: T, b: T, c: T) -> T {
+    if FMA { a.mul_add(b, c) } else { c + a * b }
+}
+
 /// Columns `c0 ..` of rows `r0 .. r0 + RB` in whole chunks of `C`; returns where it stopped.
 #[inline(always)]
-fn mm_tile<T: Float, const RB: usize, const C: usize>(
+fn mm_tile<T: Float, const RB: usize, const C: usize, const FMA: bool>(
     y: &mut [T],
     w: &[T],
     src: &[T],
@@ -257,7 +267,7 @@ fn mm_tile<T: Float, const RB: usize, const C: usize>(
             for (r, acc) in acc.iter_mut().enumerate() {
                 let wi = w[(r0 + r) * a.wrs + i * a.wcs];
                 for l in 0..C {
-                    acc[l] += wi * s[l];
+                    acc[l] = madd::<T, FMA>(wi, s[l], acc[l]);
                 }
             }
         }
@@ -312,7 +322,7 @@ pub(crate) fn fwd<T: Float>(
 
 multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn fwd_block<T: Float, const WIDE: bool>(
+    fn fwd_block<T: Float, const WIDE: bool, const FMA: bool>(
         q: &[T], kt: &[T], v: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, i0: usize, o: &mut [T], lse: &mut [T],
     ) = fwd_block_impl;
 }
@@ -325,7 +335,7 @@ multiversion! {
 /// update and probabilities P, and the output accumulates P V (R x D), another small product.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn fwd_block_impl<T: Float, const WIDE: bool>(
+fn fwd_block_impl<T: Float, const WIDE: bool, const FMA: bool>(
     q: &[T],
     kt: &[T],
     v: &[T],
@@ -366,7 +376,7 @@ fn fwd_block_impl<T: Float, const WIDE: bool>(
             let n = KT.min(p_last + 1 - js);
             sc.fill(T::ZERO);
             let kb = (bi * nkv + g) * d * s + js;
-            mm::<T, WIDE>(
+            mm::<T, WIDE, FMA>(
                 &mut sc,
                 (KT, nr, width(js, n, s)),
                 &qg,
@@ -402,7 +412,7 @@ fn fwd_block_impl<T: Float, const WIDE: bool>(
             }
             // acc += P (R x n) @ V[js .. js + n] (n x D, rows NKV * D apart)
             let vb = ((bi * s + js) * nkv + g) * d;
-            mm::<T, WIDE>(&mut acc, (d, nr, d), &sc, (KT, 1), n, v, (vb, nkv * d));
+            mm::<T, WIDE, FMA>(&mut acc, (d, nr, d), &sc, (KT, 1), n, v, (vb, nkv * d));
             js += n;
         }
         for (row, h) in group_rows(nq, dm, g) {
@@ -503,7 +513,7 @@ pub(crate) fn bwd<T: Float>(
 
 multiversion! {
     #[allow(clippy::too_many_arguments)]
-    fn bwd_chunk<T: Float, const WIDE: bool>(
+    fn bwd_chunk<T: Float, const WIDE: bool, const FMA: bool>(
         q: &[T], kv: (&[T], &[T], &[T]), o: &[T], dout: &[T], lse: &[T], win: &Windows, dm: Dims, scale: T, bi: usize, c0: usize,
         dq: &mut [T],
     ) -> KeyPart<T> = bwd_chunk_impl;
@@ -518,7 +528,7 @@ multiversion! {
 /// dK += dS^T Q.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn bwd_chunk_impl<T: Float, const WIDE: bool>(
+fn bwd_chunk_impl<T: Float, const WIDE: bool, const FMA: bool>(
     q: &[T],
     (k, kt, vt): (&[T], &[T], &[T]),
     o: &[T],
@@ -580,8 +590,8 @@ fn bwd_chunk_impl<T: Float, const WIDE: bool>(
                 ds[..nr * KT].fill(T::ZERO);
                 let tb = (bi * nkv + g) * d * s + js;
                 let w = width(js, n, s);
-                mm::<T, WIDE>(&mut pr, (KT, nr, w), &qg, (d, 1), d, kt, (tb, s));
-                mm::<T, WIDE>(&mut ds, (KT, nr, w), &dog, (d, 1), d, vt, (tb, s));
+                mm::<T, WIDE, FMA>(&mut pr, (KT, nr, w), &qg, (d, 1), d, kt, (tb, s));
+                mm::<T, WIDE, FMA>(&mut ds, (KT, nr, w), &dog, (d, 1), d, vt, (tb, s));
                 for ii in 0..qn {
                     let p = off + c0 + qb0 + ii;
                     let window = win.overlap(bi, p, js, n);
@@ -606,11 +616,11 @@ fn bwd_chunk_impl<T: Float, const WIDE: bool>(
                 }
                 // dQ (R x D) += dS (R x n) @ K[js .. js + n]
                 let kb = ((bi * s + js) * nkv + g) * d;
-                mm::<T, WIDE>(&mut dqg, (d, nr, d), &ds, (KT, 1), n, k, (kb, kvrow));
+                mm::<T, WIDE, FMA>(&mut dqg, (d, nr, d), &ds, (KT, 1), n, k, (kb, kvrow));
                 // dV, dK (n x D, rows NKV * D apart) += P^T, dS^T (n x R) @ dO, Q (R x D)
                 let y0 = (js - klo) * kvrow + g * d;
-                mm::<T, WIDE>(&mut dv[y0..], (kvrow, n, d), &pr, (1, KT), nr, &dog, (0, d));
-                mm::<T, WIDE>(&mut dk[y0..], (kvrow, n, d), &ds, (1, KT), nr, &qg, (0, d));
+                mm::<T, WIDE, FMA>(&mut dv[y0..], (kvrow, n, d), &pr, (1, KT), nr, &dog, (0, d));
+                mm::<T, WIDE, FMA>(&mut dk[y0..], (kvrow, n, d), &ds, (1, KT), nr, &qg, (0, d));
                 js += n;
             }
             for (row, h) in group_rows(qn, dm, g) {
@@ -660,23 +670,30 @@ mod tests {
         let kv = (k.as_slice(), kt.as_slice(), vt.as_slice());
         let p1 = bwd_chunk(&q, kv, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq1);
         assert!(dq1.iter().any(|x| *x != 0.0) && p1.dk.iter().any(|x| *x != 0.0));
-        // Both register tilings (AVX-512's and AVX2's), built for the baseline.
-        for wide in [true, false] {
+        // Both register tilings (AVX-512's and AVX2's), with and without fused multiply-adds,
+        // built for the baseline.
+        for (wide, fma) in [(true, true), (false, true), (false, false)] {
             let (mut o2, mut l2) = (vec![0.0; 16 * 4 * 24], vec![0.0; 16 * 4]);
             let mut dq2 = vec![0.0; 20 * 4 * 24];
-            let p2 = if wide {
-                fwd_block_impl::<f64, true>(&q, &kt, &v, &win, dm, 0.3, 0, 16, &mut o2, &mut l2);
-                bwd_chunk_impl::<f64, true>(&q, kv, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq2)
-            } else {
-                fwd_block_impl::<f64, false>(&q, &kt, &v, &win, dm, 0.3, 0, 16, &mut o2, &mut l2);
-                bwd_chunk_impl::<f64, false>(
-                    &q, kv, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq2,
-                )
+            macro_rules! run {
+                ($wide:literal, $fma:literal) => {{
+                    fwd_block_impl::<f64, $wide, $fma>(
+                        &q, &kt, &v, &win, dm, 0.3, 0, 16, &mut o2, &mut l2,
+                    );
+                    bwd_chunk_impl::<f64, $wide, $fma>(
+                        &q, kv, &o, &dout, &lse, &win, dm, 0.3, 0, 20, &mut dq2,
+                    )
+                }};
+            }
+            let p2 = match (wide, fma) {
+                (true, _) => run!(true, true),
+                (false, true) => run!(false, true),
+                (false, false) => run!(false, false),
             };
-            assert!(close(&o1, &o2) && close(&l1, &l2), "wide {wide}");
+            assert!(close(&o1, &o2) && close(&l1, &l2), "wide {wide} fma {fma}");
             assert!(
                 close(&dq1, &dq2) && close(&p1.dk, &p2.dk) && close(&p1.dv, &p2.dv),
-                "wide {wide}"
+                "wide {wide} fma {fma}"
             );
         }
     }

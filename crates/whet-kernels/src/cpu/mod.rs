@@ -23,6 +23,10 @@ pub(crate) trait Float: WithDType + Neg<Output = Self> {
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
+    /// `self * a + b` rounded once. One instruction where the caller's target features include
+    /// FMA (the `v3` and `v4` builds of [`multiversion!`]); a library call elsewhere, so the
+    /// baseline builds keep `*` and `+` (see `multiversion!`'s `FMA` parameter).
+    fn mul_add(self, a: Self, b: Self) -> Self;
     /// `max` that ignores NaN handling subtleties and so vectorises (a plain compare + select).
     #[inline(always)]
     fn fmax(self, o: Self) -> Self {
@@ -46,6 +50,10 @@ impl Float for f32 {
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
+    }
 }
 
 impl Float for f64 {
@@ -63,6 +71,10 @@ impl Float for f64 {
     #[inline(always)]
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
     }
 }
 
@@ -498,15 +510,21 @@ fn choose_simd(detected: Simd, requested: Option<&str>) -> (Simd, Option<String>
 /// AVX-512 or AVX2 when the CPU has them, else for the baseline target. Kernels are written as
 /// plain loops over slices; the wider instruction sets let them vectorise 8 or 16 lanes wide.
 /// A kernel declared `<T: Float, const WIDE: bool>` is told whether it runs with AVX-512's 32
-/// wide registers (`true`) or with 16 of AVX2's or fewer (`false`), to size its register tiles.
+/// wide registers (`true`) or with 16 of AVX2's or fewer (`false`), to size its register tiles;
+/// one declared `<T: Float, const WIDE: bool, const FMA: bool>` is also told whether its build
+/// has fused multiply-adds (the AVX2 and AVX-512 builds), to use [`Float::mul_add`]: Rust never
+/// fuses `a * b + c` itself, so without it every multiply-add costs two instructions.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident<T: Float>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $imp:ident;) => {
-        $crate::cpu::multiversion!(@ $(#[$m])* $vis fn $name($($a: $t),*) $(-> $r)? = ($imp::<T>) ($imp::<T>));
+        $crate::cpu::multiversion!(@ $(#[$m])* $vis fn $name($($a: $t),*) $(-> $r)? = ($imp::<T>) ($imp::<T>) ($imp::<T>));
     };
     ($(#[$m:meta])* $vis:vis fn $name:ident<T: Float, const WIDE: bool>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $imp:ident;) => {
-        $crate::cpu::multiversion!(@ $(#[$m])* $vis fn $name($($a: $t),*) $(-> $r)? = ($imp::<T, true>) ($imp::<T, false>));
+        $crate::cpu::multiversion!(@ $(#[$m])* $vis fn $name($($a: $t),*) $(-> $r)? = ($imp::<T, true>) ($imp::<T, false>) ($imp::<T, false>));
     };
-    (@ $(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? = ($($wide:tt)*) ($($narrow:tt)*)) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident<T: Float, const WIDE: bool, const FMA: bool>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $imp:ident;) => {
+        $crate::cpu::multiversion!(@ $(#[$m])* $vis fn $name($($a: $t),*) $(-> $r)? = ($imp::<T, true, true>) ($imp::<T, false, true>) ($imp::<T, false, false>));
+    };
+    (@ $(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? = ($($wide:tt)*) ($($narrow:tt)*) ($($base:tt)*)) => {
         $(#[$m])*
         $vis fn $name<T: $crate::cpu::Float>($($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
@@ -529,7 +547,7 @@ macro_rules! multiversion {
                     $crate::cpu::Simd::Base => {}
                 }
             }
-            $($narrow)*($($a),*)
+            $($base)*($($a),*)
         }
     };
 }
