@@ -1,6 +1,6 @@
 //! `x @ w^T + bias`. x: (M, IN) contiguous, w: (OUT, IN) with any strides, bias: (OUT).
 
-use super::{Float, Mat, gemm, gemm_extra};
+use super::{Float, Mat, gemm, gemm_extra, matmul_plus};
 
 /// w is addressed as `w[o * w_stride[0] + i * w_stride[1]]`. -> (M, OUT)
 pub(crate) fn fwd<T: Float>(
@@ -25,12 +25,6 @@ pub(crate) fn fwd_plus<T: Float>(
     (m, n_in, n_out): (usize, usize, usize),
     plus: Option<(Mat<'_, T>, Mat<'_, T>, usize)>,
 ) -> Vec<T> {
-    let mut y = vec![T::ZERO; m * n_out];
-    if let Some(b) = bias {
-        for row in y.chunks_exact_mut(n_out) {
-            row.copy_from_slice(b);
-        }
-    }
     // w^T seen as (IN, OUT): element (i, o) = w[o * s0 + i * s1].
     let wt = Mat {
         data: w,
@@ -38,9 +32,16 @@ pub(crate) fn fwd_plus<T: Float>(
         cs: w_stride[0],
     };
     let x = Mat::row_major(x, n_in);
+    let Some(b) = bias else {
+        return matmul_plus((x, wt, n_in), plus, m, n_out);
+    };
+    let mut y = vec![T::ZERO; m * n_out];
+    for row in y.chunks_exact_mut(n_out) {
+        row.copy_from_slice(b);
+    }
     match plus {
-        Some(second) => gemm_extra(&mut y, bias.is_some(), (x, wt, n_in), second, m, n_out),
-        None => gemm(&mut y, bias.is_some(), x, wt, m, n_out, n_in),
+        Some(second) => gemm_extra(&mut y, true, (x, wt, n_in), second, m, n_out),
+        None => gemm(&mut y, true, x, wt, m, n_out, n_in),
     }
     y
 }

@@ -274,8 +274,49 @@ pub(crate) fn matmul<T: Float>(
     n: usize,
     k: usize,
 ) -> Vec<T> {
+    matmul_plus((lhs, rhs, k), None, m, n)
+}
+
+/// `lhs (m x k) @ rhs (k x n) [+ lhs2 (m x k2) @ rhs2 (k2 x n)]` as a new row-major vector:
+/// [`gemm_extra`] into a fresh C. Where whet's f32 kernels run it, C is written once, without a
+/// zero fill first.
+pub(crate) fn matmul_plus<T: Float>(
+    (lhs, rhs, k): (Mat<'_, T>, Mat<'_, T>, usize),
+    second: Option<(Mat<'_, T>, Mat<'_, T>, usize)>,
+    m: usize,
+    n: usize,
+) -> Vec<T> {
+    let k2 = second.map_or(0, |s| s.2);
+    if T::DTYPE == candle_core::DType::F32
+        && sgemm::available()
+        && k > 0
+        && k2 <= sgemm::EXTRA_MAX_K
+        && sgemm::worth_it(m, n, k)
+    {
+        assert!(
+            lhs.fits(m, k) && rhs.fits(k, n),
+            "gemm: operand out of bounds"
+        );
+        // SAFETY: T is f32 (checked through its DType), so the views reinterpret exactly.
+        let (lhs, rhs) = unsafe { (f32_view(lhs), f32_view(rhs)) };
+        let extra = second.map(|(a, b, k)| sgemm::Extra {
+            // SAFETY: as above.
+            a: unsafe { f32_view(a) },
+            // SAFETY: as above.
+            b: unsafe { f32_view(b) },
+            k,
+        });
+        let c = sgemm::sgemm_new(lhs, rhs, (m, n, k), extra, threads());
+        let mut c = std::mem::ManuallyDrop::new(c);
+        // SAFETY: T is f32: the same size and alignment, so the allocation is a Vec<T> of the
+        // same length and capacity; the original is not dropped.
+        return unsafe { Vec::from_raw_parts(c.as_mut_ptr().cast::<T>(), c.len(), c.capacity()) };
+    }
     let mut out = vec![T::ZERO; m * n];
-    gemm(&mut out, false, lhs, rhs, m, n, k);
+    match second {
+        Some(second) => gemm_extra(&mut out, false, (lhs, rhs, k), second, m, n),
+        None => gemm(&mut out, false, lhs, rhs, m, n, k),
+    }
     out
 }
 

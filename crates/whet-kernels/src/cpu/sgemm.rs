@@ -16,6 +16,7 @@
 //! each `KC` block, so results differ from `gemm`'s only by float reordering.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use super::{Mat, Simd};
 
@@ -157,10 +158,50 @@ pub(crate) fn sgemm_extra(
     extra: Option<Extra<'_>>,
     threads: usize,
 ) {
+    // SAFETY: f32 and MaybeUninit<f32> have the same layout; the loop nest writes only f32
+    // values, so c stays initialised.
+    let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    sgemm_dispatch(c, ldc, accumulate, a, b, mnk, extra, threads);
+}
+
+/// `a (m x k) @ b (k x n) [+ extra]` as a new row-major vector, written once by the loop nest
+/// (no zero fill first: that was a tenth of a second of `memset` per SmolLM2 step).
+///
+/// # Panics
+/// As [`sgemm_extra`].
+pub(crate) fn sgemm_new(
+    a: Mat<'_, f32>,
+    b: Mat<'_, f32>,
+    (m, n, k): (usize, usize, usize),
+    extra: Option<Extra<'_>>,
+    threads: usize,
+) -> Vec<f32> {
+    let mut c = Vec::with_capacity(m * n);
+    let out = &mut c.spare_capacity_mut()[..m * n];
+    sgemm_dispatch(out, n, false, a, b, (m, n, k), extra, threads);
+    // SAFETY: without `accumulate` the loop nest writes every element of the m x n block
+    // (each KC block's first pass stores its tiles whole), so all m * n values are set.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// [`sgemm_with`] for the widest kernel this CPU (and `WHET_CPU`) allows. `c` must be
+/// initialised where `accumulate` reads it.
+#[allow(clippy::too_many_arguments)]
+fn sgemm_dispatch(
+    c: &mut [MaybeUninit<f32>],
+    ldc: usize,
+    accumulate: bool,
+    a: Mat<'_, f32>,
+    b: Mat<'_, f32>,
+    mnk: (usize, usize, usize),
+    extra: Option<Extra<'_>>,
+    threads: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     match super::simd_level() {
-        Simd::V4 => return sgemm_with::<Avx512>(c, ldc, accumulate, a, b, mnk, extra, threads),
-        Simd::V3 => return sgemm_with::<Avx2>(c, ldc, accumulate, a, b, mnk, extra, threads),
+        Simd::V4 => return sgemm_into::<Avx512>(c, ldc, accumulate, a, b, mnk, extra, threads),
+        Simd::V3 => return sgemm_into::<Avx2>(c, ldc, accumulate, a, b, mnk, extra, threads),
         Simd::Base => {}
     }
     panic!("sgemm: needs AVX2 + FMA or AVX-512");
@@ -175,9 +216,28 @@ fn from(m: Mat<'_, f32>, at: usize) -> Mat<'_, f32> {
 }
 
 /// [`sgemm_extra`] with the micro-kernel `K`, whose instruction set the caller checked.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
-fn sgemm_with<'a, K: Tile>(
+fn sgemm_with<K: Tile>(
     c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: Mat<'_, f32>,
+    b: Mat<'_, f32>,
+    mnk: (usize, usize, usize),
+    extra: Option<Extra<'_>>,
+    threads: usize,
+) {
+    // SAFETY: as in `sgemm_extra`.
+    let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    sgemm_into::<K>(c, ldc, accumulate, a, b, mnk, extra, threads);
+}
+
+/// The loop nest with the micro-kernel `K`, whose instruction set the caller checked, into a C
+/// that must be initialised where `accumulate` reads it (without it, C is only written).
+#[allow(clippy::too_many_arguments)]
+fn sgemm_into<'a, K: Tile>(
+    c: &mut [MaybeUninit<f32>],
     ldc: usize,
     accumulate: bool,
     a: Mat<'a, f32>,
@@ -204,17 +264,17 @@ fn sgemm_with<'a, K: Tile>(
     if k == 0 {
         // The extra product alone (the loop nest reduces it with the main one's last block).
         if let Some(e) = extra {
-            return sgemm_with::<K>(c, ldc, accumulate, e.a, e.b, (m, n, e.k), None, threads);
+            return sgemm_into::<K>(c, ldc, accumulate, e.a, e.b, (m, n, e.k), None, threads);
         }
         if !accumulate {
             for i in 0..m {
-                c[i * ldc..i * ldc + n].fill(0.0);
+                c[i * ldc..i * ldc + n].fill(MaybeUninit::new(0.0));
             }
         }
         return;
     }
     let (mr, nr) = (K::MR, K::NR);
-    let cp = CPtr(c.as_mut_ptr());
+    let cp = CPtr(c.as_mut_ptr().cast::<f32>());
     // Which dimension of C the threads split, in whole micro-tiles. Split by columns, each
     // thread packs only its share of B; by rows, each packs all of B but reads only its rows
     // of A. `K::SPLIT_COLUMNS` says which its kernel prefers; columns always when B is much
@@ -727,9 +787,10 @@ mod avx2 {
                 for r in 0..mr {
                     _mm256_storeu_ps(tile.as_mut_ptr(), c0[r]);
                     _mm256_storeu_ps(tile.as_mut_ptr().add(8), c1[r]);
-                    let row = std::slice::from_raw_parts_mut(c.add(r * ldc), nr);
-                    for (out, v) in row.iter_mut().zip(tile) {
-                        *out = if accumulate { *out + v } else { v };
+                    // Through pointers: without `accumulate`, C may not be initialised yet.
+                    for (j, v) in tile.into_iter().take(nr).enumerate() {
+                        let out = c.add(r * ldc + j);
+                        out.write(if accumulate { out.read() + v } else { v });
                     }
                 }
             }
@@ -962,6 +1023,43 @@ mod tests {
                             Some((k2, a2_t, b2_t)),
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn without_accumulate_every_element_of_c_is_written() {
+        // `sgemm_new` hands out C without a zero fill: a NaN left anywhere would show.
+        for path in paths() {
+            for (m, n, k) in [(100, 70, 50), (37, 400, 800), (25, 9, 7), (13, 33, 385)] {
+                for threads in [1, 2] {
+                    let (ad, ars, acs) = matrix(m, k, false, k, 1);
+                    let (bd, brs, bcs) = matrix(k, n, true, k, 2);
+                    let a = Mat {
+                        data: &ad,
+                        rs: ars,
+                        cs: acs,
+                    };
+                    let b = Mat {
+                        data: &bd,
+                        rs: brs,
+                        cs: bcs,
+                    };
+                    let extra = Some(Extra {
+                        a,
+                        b: Mat {
+                            data: &bd,
+                            rs: brs,
+                            cs: bcs,
+                        },
+                        k: 16.min(k),
+                    });
+                    let mut zeroed = vec![0f32; m * n];
+                    let mut nans = vec![f32::NAN; m * n];
+                    (path.1)(&mut zeroed, n, false, a, b, (m, n, k), extra, threads);
+                    (path.1)(&mut nans, n, false, a, b, (m, n, k), extra, threads);
+                    assert_eq!(zeroed, nans, "{} ({m}, {n}, {k}) threads {threads}", path.0);
                 }
             }
         }

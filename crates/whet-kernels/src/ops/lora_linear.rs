@@ -198,19 +198,19 @@ impl CustomOp3 for LoraLinear {
                 .then(|| vec_tensor(cpu::matmul(gdm.t(), xin, r, n_in, m), a.shape()));
             let dx = if x.track_op() {
                 // dx (M, IN) = g @ w + (g_down @ a) * mask
-                let mut dx = vec![F::ZERO; m * n_in];
-                match &self.mask {
-                    None => cpu::gemm_extra(&mut dx, false, (gm, w, n_out), (gdm, am, r), m, n_in),
+                let dx = match &self.mask {
+                    None => cpu::matmul_plus((gm, w, n_out), Some((gdm, am, r)), m, n_in),
                     Some(mask) => {
-                        cpu::gemm(&mut dx, false, gm, w, m, n_in, n_out);
+                        let mut dx = cpu::matmul(gm, w, m, n_in, n_out);
                         let lora = cpu::matmul(gdm, am, m, n_in, r);
                         let mask = mask.contiguous()?;
                         let mh = Host::new(&mask, name)?;
                         for ((d, l), k) in dx.iter_mut().zip(&lora).zip(mh.slice::<F>()?) {
                             *d += *l * *k;
                         }
+                        dx
                     }
-                }
+                };
                 Some(vec_tensor(dx, x.shape())?)
             } else {
                 None
