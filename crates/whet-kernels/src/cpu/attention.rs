@@ -160,10 +160,13 @@ fn width(js: usize, n: usize, s: usize) -> usize {
 /// `y[r * ldy + c] += sum_i w[r * wrs + i * wcs] * src[base + i * stride + c]` for `r < rows`,
 /// `c < cols`, `i < kd`: the small matrix products of a (query block x key tile). An `RB x C`
 /// tile of y stays in registers while the rows of src stream past, so each load of src feeds
-/// `RB` multiply-adds. `RB = 4` rows; `C = 64` f32 columns with AVX-512 (`WIDE`: 16 of its 32
-/// zmm registers accumulate), 32 with AVX2 (16 ymm: the whole file, some reloaded each step,
-/// which measured faster than 4 x 64, 3 x 32, 2 x 64 and 6 x 16: `--bench kernels --
-/// attention` with `WHET_CPU=avx2`, 2026-12-05).
+/// `RB` multiply-adds. With AVX-512 (`WIDE`) 4 x 64 f32: 16 of its 32 zmm registers
+/// accumulate. With AVX2 6 x 16 (12 of its 16 ymm), then 2 x 32 for leftover rows. Once the
+/// multiply-adds were fused (`FMA`), 6 x 16 measured fastest on AVX2: forward + backward
+/// 13.8-14.5 ms against 16.5-17.7 for the 4 x 32 that had won without fusion (which fills all
+/// 16 ymm with accumulators), 14.0 for 5 x 16, 14.5 for 2 x 32, 16.8 for 7 x 16 and 18.5 for
+/// 3 x 32 (`WHET_CPU=avx2 cargo bench -p whet-benches --bench kernels -- attention/fast`,
+/// 2026-12-05, Zen 4).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn mm<T: Float, const WIDE: bool, const FMA: bool>(
@@ -185,9 +188,20 @@ fn mm<T: Float, const WIDE: bool, const FMA: bool>(
         base,
         stride,
     };
-    while r0 + 4 <= rows {
-        mm_rows::<T, 4, WIDE, FMA>(y, w, src, args, r0);
-        r0 += 4;
+    if WIDE {
+        while r0 + 4 <= rows {
+            mm_rows::<T, 4, WIDE, FMA>(y, w, src, args, r0);
+            r0 += 4;
+        }
+    } else {
+        while r0 + 6 <= rows {
+            mm_rows::<T, 6, WIDE, FMA>(y, w, src, args, r0);
+            r0 += 6;
+        }
+        while r0 + 2 <= rows {
+            mm_rows::<T, 2, WIDE, FMA>(y, w, src, args, r0);
+            r0 += 2;
+        }
     }
     while r0 < rows {
         mm_rows::<T, 1, WIDE, FMA>(y, w, src, args, r0);
@@ -220,6 +234,9 @@ fn mm_rows<T: Float, const RB: usize, const WIDE: bool, const FMA: bool>(
     if WIDE {
         c0 = mm_tile::<T, RB, 64, FMA>(y, w, src, a, r0, c0);
         c0 = mm_tile::<T, RB, 16, FMA>(y, w, src, a, r0, c0);
+    } else if RB > 2 {
+        c0 = mm_tile::<T, RB, 16, FMA>(y, w, src, a, r0, c0);
+        c0 = mm_tile::<T, RB, 8, FMA>(y, w, src, a, r0, c0);
     } else {
         c0 = mm_tile::<T, RB, 32, FMA>(y, w, src, a, r0, c0);
         c0 = mm_tile::<T, RB, 8, FMA>(y, w, src, a, r0, c0);
