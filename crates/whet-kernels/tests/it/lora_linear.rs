@@ -56,10 +56,21 @@ fn inputs(
     ])
 }
 
-#[test]
-fn matches_the_composed_expression() -> Result<()> {
+/// The fused op against the composed one with x, a and b tracked, for every combination of
+/// a dropout mask and a bias; `strided` hands a and b in as transposed views.
+fn check_every_variant(
+    label: &str,
+    (lead, n_in, n_out, r): (&[usize], usize, usize, usize),
+    strided: bool,
+    tol: f64,
+) -> Result<()> {
     for (mask, bias) in [(false, false), (true, false), (false, true), (true, true)] {
-        let mut t = inputs(&[2, 7], 12, 9, 4, DType::F32)?;
+        let mut t = inputs(lead, n_in, n_out, r, DType::F32)?;
+        if strided {
+            t[1] = t[1].t()?.contiguous()?.t()?;
+            t[2] = t[2].t()?.contiguous()?.t()?;
+            assert!(!t[1].is_contiguous() && !t[2].is_contiguous());
+        }
         if !bias {
             t.remove(4);
         }
@@ -69,16 +80,21 @@ fn matches_the_composed_expression() -> Result<()> {
         let mut track = vec![true, true, true];
         track.resize(t.len(), false);
         check_against_reference(
-            &format!("lora_linear mask {mask} bias {bias}"),
+            &format!("{label}, mask {mask} bias {bias}"),
             &fast(mask, bias),
             &composed(mask, bias),
             &t,
             &track,
-            1e-5,
-            1e-5,
+            tol,
+            tol,
         )?;
     }
     Ok(())
+}
+
+#[test]
+fn matches_the_composed_expression() -> Result<()> {
+    check_every_variant("lora_linear", (&[2, 7], 12, 9, 4), false, 1e-5)
 }
 
 #[test]
@@ -86,30 +102,7 @@ fn matches_at_gemm_sizes_with_strided_adapters() -> Result<()> {
     // 4 x 64 rows of 576 -> 192, rank 16: the frozen products take whet's f32 GEMM where the
     // CPU has AVX2 or AVX-512, with the rank-16 update reduced in the same micro-tiles (forward,
     // and dx without a mask). a and b arrive as transposed views.
-    for (mask, bias) in [(false, false), (true, false), (false, true), (true, true)] {
-        let mut t = inputs(&[4, 64], 576, 192, 16, DType::F32)?;
-        t[1] = t[1].t()?.contiguous()?.t()?;
-        t[2] = t[2].t()?.contiguous()?.t()?;
-        assert!(!t[1].is_contiguous() && !t[2].is_contiguous());
-        if !bias {
-            t.remove(4);
-        }
-        if !mask {
-            t.truncate(if bias { 5 } else { 4 });
-        }
-        let mut track = vec![true, true, true];
-        track.resize(t.len(), false);
-        check_against_reference(
-            &format!("lora_linear large, mask {mask} bias {bias}"),
-            &fast(mask, bias),
-            &composed(mask, bias),
-            &t,
-            &track,
-            1e-4,
-            1e-4,
-        )?;
-    }
-    Ok(())
+    check_every_variant("lora_linear large", (&[4, 64], 576, 192, 16), true, 1e-4)
 }
 
 #[test]
