@@ -338,7 +338,6 @@ unsafe fn f32_view<T>(m: Mat<'_, T>) -> Mat<'_, f32> {
 /// n)`: [`gemm`] with a short second product (a LoRA adapter's rank-r update next to its frozen
 /// weight's product). Where whet's f32 kernels run the main product, they reduce the second in
 /// the same micro-tiles ([`sgemm::Extra`]); elsewhere it is a second [`gemm`].
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_extra<T: Float>(
     dst: &mut [T],
     accumulate: bool,

@@ -185,7 +185,7 @@ pub(crate) fn sgemm_new(
     c
 }
 
-/// [`sgemm_with`] for the widest kernel this CPU (and `WHET_CPU`) allows. `c` must be
+/// [`sgemm_into`] for the widest kernel this CPU (and `WHET_CPU`) allows. `c` must be
 /// initialised where `accumulate` reads it.
 #[allow(clippy::too_many_arguments)]
 fn sgemm_dispatch(

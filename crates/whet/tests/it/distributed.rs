@@ -316,7 +316,12 @@ fn two_mpi_ranks_reach_the_parameters_of_one_process() {
         &one.join("adapter/adapter_model.safetensors"),
     );
     eprintln!("max |adapter(2 ranks) - adapter(1 process)| = {diff:.3e}");
-    assert!(diff < 2e-5, "the 2-rank adapter differs by {diff}");
+    // The ranks sum their micro-batches' gradients in another order (2 + 1 instead of 3), and
+    // AdamW at lr 1e-2 with clipping magnifies those last-bit differences into the parameters:
+    // under 2e-5 until 2026-12-05, 2.03e-5 once the kernels' rounding changed (fused
+    // multiply-adds, the LoRA update reduced with the frozen product), with the losses still
+    // within 1e-5. A real divergence is orders of magnitude larger (lr x steps = 6e-2).
+    assert!(diff < 5e-5, "the 2-rank adapter differs by {diff}");
     assert_eq!(
         whet_train::checkpoint::list(&two)
             .iter()
