@@ -286,26 +286,11 @@ pub(crate) fn matmul_plus<T: Float>(
     m: usize,
     n: usize,
 ) -> Vec<T> {
-    let k2 = second.map_or(0, |s| s.2);
-    if T::DTYPE == candle_core::DType::F32
-        && sgemm::available()
-        && k > 0
-        && k2 <= sgemm::EXTRA_MAX_K
-        && sgemm::worth_it(m, n, k)
-    {
-        assert!(
-            lhs.fits(m, k) && rhs.fits(k, n),
-            "gemm: operand out of bounds"
-        );
-        // SAFETY: T is f32 (checked through its DType), so the views reinterpret exactly.
+    if sgemm_takes::<T>(m, n, k, second.map_or(0, |s| s.2)) {
+        // SAFETY: `sgemm_takes` checked that T is f32, so the views reinterpret exactly.
         let (lhs, rhs) = unsafe { (f32_view(lhs), f32_view(rhs)) };
-        let extra = second.map(|(a, b, k)| sgemm::Extra {
-            // SAFETY: as above.
-            a: unsafe { f32_view(a) },
-            // SAFETY: as above.
-            b: unsafe { f32_view(b) },
-            k,
-        });
+        // SAFETY: as above.
+        let extra = second.map(|s| unsafe { f32_extra(s) });
         let c = sgemm::sgemm_new(lhs, rhs, (m, n, k), extra, threads());
         let mut c = std::mem::ManuallyDrop::new(c);
         // SAFETY: T is f32: the same size and alignment, so the allocation is a Vec<T> of the
@@ -318,6 +303,31 @@ pub(crate) fn matmul_plus<T: Float>(
         None => gemm(&mut out, false, lhs, rhs, m, n, k),
     }
     out
+}
+
+/// Whether whet's f32 kernels run `(m x k) @ (k x n)` with a second product of reduction `k2`
+/// (0: none) in one pass: T is f32, the CPU has a micro-kernel, and the product is big enough.
+fn sgemm_takes<T: Float>(m: usize, n: usize, k: usize, k2: usize) -> bool {
+    T::DTYPE == candle_core::DType::F32
+        && sgemm::available()
+        && k > 0
+        && k2 <= sgemm::EXTRA_MAX_K
+        && sgemm::worth_it(m, n, k)
+}
+
+/// A second product `(lhs2, rhs2, k2)` as [`sgemm::Extra`].
+///
+/// # Safety
+/// T must be f32.
+unsafe fn f32_extra<'a, T>((a, b, k): (Mat<'a, T>, Mat<'a, T>, usize)) -> sgemm::Extra<'a> {
+    // SAFETY: T is f32 (the caller's contract).
+    unsafe {
+        sgemm::Extra {
+            a: f32_view(a),
+            b: f32_view(b),
+            k,
+        }
+    }
 }
 
 /// `m` seen as f32.
@@ -346,26 +356,17 @@ pub(crate) fn gemm_extra<T: Float>(
     m: usize,
     n: usize,
 ) {
-    if T::DTYPE == candle_core::DType::F32
-        && sgemm::available()
-        && k > 0
-        && (1..=sgemm::EXTRA_MAX_K).contains(&k2)
-        && sgemm::worth_it(m, n, k)
-    {
+    if sgemm_takes::<T>(m, n, k, k2) {
         assert!(dst.len() >= m * n, "gemm: dst too small");
-        // SAFETY: T is f32 (checked through its DType), so the slices reinterpret exactly.
-        let (dst, extra) = unsafe {
+        // SAFETY: `sgemm_takes` checked that T is f32, so the slices reinterpret exactly.
+        let (dst, lhs, rhs, extra) = unsafe {
             (
                 std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()),
-                sgemm::Extra {
-                    a: f32_view(lhs2),
-                    b: f32_view(rhs2),
-                    k: k2,
-                },
+                f32_view(lhs),
+                f32_view(rhs),
+                f32_extra((lhs2, rhs2, k2)),
             )
         };
-        // SAFETY: as above.
-        let (lhs, rhs) = unsafe { (f32_view(lhs), f32_view(rhs)) };
         let mnk = (m, n, k);
         sgemm::sgemm_extra(dst, n, accumulate, lhs, rhs, mnk, Some(extra), threads());
         return;
