@@ -27,7 +27,7 @@ pub fn global_norm(grads: &[Option<Tensor>], scale: f64) -> Result<f64> {
             candle_core::Storage::Cpu(cpu) => {
                 let data = cpu.as_slice::<f32>()?;
                 let data = &data[layout.start_offset()..layout.start_offset() + g.elem_count()];
-                data.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
+                sum_of_squares(data)
             }
             _ => {
                 drop(storage);
@@ -43,6 +43,32 @@ pub fn global_norm(grads: &[Option<Tensor>], scale: f64) -> Result<f64> {
         sum += acc.to_scalar::<f64>()?;
     }
     Ok(sum.sqrt() * scale.abs())
+}
+
+/// `sum(x^2)` in f64, in the same order on any machine: fixed chunks summed in parallel, each
+/// with eight independent accumulators (one serial chain of additions over a full model's
+/// gradients was bound by the adder's latency: about 70 ms per step for 135M parameters).
+fn sum_of_squares(data: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    fn chunk(xs: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let mut it = xs.chunks_exact(8);
+        for c in &mut it {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a += (x as f64) * (x as f64);
+            }
+        }
+        for (a, &x) in acc.iter_mut().zip(it.remainder()) {
+            *a += (x as f64) * (x as f64);
+        }
+        acc.iter().sum()
+    }
+    if data.len() <= CHUNK {
+        return chunk(data);
+    }
+    let parts: Vec<f64> = data.par_chunks(CHUNK).map(chunk).collect();
+    parts.iter().sum()
 }
 
 /// The factor that brings a gradient of norm `norm` down to `max_norm` (1 when it is already

@@ -196,3 +196,21 @@ fn clipping_uses_the_global_norm() {
     assert_eq!(clip_factor(norm, 10.0), 1.0);
     assert_eq!(clip_factor(norm, 0.0), 1.0);
 }
+
+#[test]
+fn the_global_norm_of_long_gradients_counts_every_element_once() {
+    // Longer than one parallel chunk and not a multiple of the 8 accumulators; squares of
+    // multiples of 0.5 sum exactly in f64, so the expected norm is exact. The second gradient is
+    // a narrowed view: only its own elements count.
+    let n = 3 * (1 << 16) + 5;
+    let value = |i: usize| ((i % 7) as f32 - 3.0) * 0.5;
+    let long: Vec<f32> = (0..n).map(value).collect();
+    let expected: f64 = (0..n).map(|i| (value(i) as f64).powi(2)).sum::<f64>() + 9.0;
+    let backing = Tensor::new(&[1f32, 3.0, 2.0], &Device::Cpu).unwrap();
+    let grads = vec![
+        Some(Tensor::new(long.as_slice(), &Device::Cpu).unwrap()),
+        Some(backing.narrow(0, 1, 1).unwrap()),
+    ];
+    let norm = global_norm(&grads, 1.0).unwrap();
+    assert_eq!(norm, expected.sqrt());
+}

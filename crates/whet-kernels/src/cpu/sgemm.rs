@@ -394,13 +394,13 @@ unsafe fn serial<K: Tile>(
                     let (ap, a_rs, a_ps) = if mr == mr_full && !copied {
                         (a.data[ic * a.rs + pc * a.cs..].as_ptr(), a.rs, a.cs)
                     } else {
-                        copy_sliver(edge, mr_full, a, (ic, mr), (pc, kc))
+                        copy_sliver::<K>(edge, a, (ic, mr), (pc, kc))
                     };
                     let a2 = extra.map(|e| {
                         if mr == mr_full && !copied2 {
                             (e.a.data[ic * e.a.rs..].as_ptr(), e.a.rs, e.a.cs)
                         } else {
-                            copy_sliver(edge2, mr_full, e.a, (ic, mr), (0, k2))
+                            copy_sliver::<K>(edge2, e.a, (ic, mr), (0, k2))
                         }
                     });
                     let mut jr = 0;
@@ -437,15 +437,18 @@ unsafe fn serial<K: Tile>(
     });
 }
 
-/// Copies rows `i0..i0+mr` and columns `p0..p0+kc` of A into `buf` as a sliver of `mr_full`
+/// Copies rows `i0..i0+mr` and columns `p0..p0+kc` of A into `buf` as a sliver of `K::MR`
 /// rows, zero rows past `mr`; returns it as (pointer, row step, reduction step) for the kernel.
-fn copy_sliver(
+/// A transposed A (the weight gradient's dy^T) is copied one reduction step of `MR` floats at a
+/// time: for a full sliver that is a copy of constant length, a few vector moves instead of a
+/// `memmove` call per step.
+fn copy_sliver<K: Tile>(
     buf: &mut [f32],
-    mr_full: usize,
     a: Mat<'_, f32>,
     (i0, mr): (usize, usize),
     (p0, kc): (usize, usize),
 ) -> (*const f32, usize, usize) {
+    let mr_full = K::MR;
     let buf = &mut buf[..kc * mr_full];
     if mr < mr_full {
         buf.fill(0.0);
@@ -457,8 +460,14 @@ fn copy_sliver(
         }
         (buf.as_ptr(), kc, 1)
     } else if a.rs == 1 {
-        for p in 0..kc {
-            buf[p * mr_full..p * mr_full + mr].copy_from_slice(&a.data[at(0, p)..][..mr]);
+        if mr == mr_full {
+            for (p, dst) in buf.chunks_exact_mut(mr_full).enumerate() {
+                dst.copy_from_slice(&a.data[at(0, p)..][..mr_full]);
+            }
+        } else {
+            for (p, dst) in buf.chunks_exact_mut(mr_full).enumerate() {
+                dst[..mr].copy_from_slice(&a.data[at(0, p)..][..mr]);
+            }
         }
         (buf.as_ptr(), 1, mr_full)
     } else {
