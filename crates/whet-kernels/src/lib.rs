@@ -53,6 +53,7 @@ mod dropout;
 // Its host-side planning is tested everywhere; only `flash-attn` builds call it.
 #[cfg_attr(not(feature = "flash-attn"), allow(dead_code))]
 mod flash;
+pub mod gemm_profile;
 mod kernels;
 mod ops;
 pub mod reference;

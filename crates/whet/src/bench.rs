@@ -41,6 +41,10 @@ pub struct StepArgs {
     /// Activation checkpointing per decoder layer.
     #[arg(long)]
     pub checkpoint: bool,
+    /// Time whet's f32 GEMM kernels during the timed steps: a table per product shape on
+    /// stderr (calls, seconds, GFLOP/s) and the GEMMs' share of the step in the JSON line.
+    #[arg(long)]
+    pub gemm_profile: bool,
 }
 
 /// Times `steps` optimizer steps (`whet_train::Step`: forward, backward, the global gradient
@@ -55,6 +59,7 @@ pub fn train_step(rt: &Runtime, args: &StepArgs) -> Result<()> {
         warmup,
         quantize,
         checkpoint: checkpointing,
+        gemm_profile,
     } = args.clone();
     let quantize = quantize.as_deref();
     let method = method.as_str();
@@ -124,6 +129,9 @@ pub fn train_step(rt: &Runtime, args: &StepArgs) -> Result<()> {
     let mut times = Vec::new();
     let mut losses = Vec::new();
     for i in 0..warmup + steps {
+        if i == warmup && gemm_profile {
+            whet_kernels::gemm_profile::start();
+        }
         let t0 = Instant::now();
         let done = step.run(&mut model, &mut opt, i as u64, 1e-4, 1, |_| {
             Ok(micro_batch.clone())
@@ -134,6 +142,8 @@ pub fn train_step(rt: &Runtime, args: &StepArgs) -> Result<()> {
         }
     }
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let gemm =
+        gemm_profile.then(|| gemm_summary(&whet_kernels::gemm_profile::stop(), times.len(), mean));
     println!(
         "{}",
         serde_json::json!({
@@ -151,7 +161,47 @@ pub fn train_step(rt: &Runtime, args: &StepArgs) -> Result<()> {
             "activation_checkpointing": checkpointing,
             "linear_weight_mib": model.quant_summary().bytes as f64 / (1 << 20) as f64,
             "losses": losses,
+            "gemm": gemm,
         })
     );
     Ok(())
+}
+
+/// Prints the GEMM profile of `steps` timed steps to stderr, one line per product shape;
+/// returns its totals for the JSON line.
+fn gemm_summary(
+    entries: &[whet_kernels::gemm_profile::Entry],
+    steps: usize,
+    step_s: f64,
+) -> serde_json::Value {
+    let steps = steps.max(1) as f64;
+    let seconds: f64 = entries.iter().map(|e| e.seconds).sum();
+    let flop: f64 = entries.iter().map(|e| e.flop()).sum();
+    let per_step = seconds / steps;
+    eprintln!(
+        "GEMMs: {per_step:.3} s a step ({:.0}% of {step_s:.3} s), {:.1} GFLOP/s",
+        100.0 * per_step / step_s,
+        flop / seconds.max(f64::MIN_POSITIVE) / 1e9
+    );
+    eprintln!("     m      n      k  k2 A^T B^T  calls/step  s/step  GFLOP/s");
+    for e in entries {
+        let s = e.shape;
+        eprintln!(
+            "{:>6} {:>6} {:>6} {:>3} {:>3} {:>3} {:>11} {:>7.3} {:>8.1}",
+            s.m,
+            s.n,
+            s.k,
+            s.k2,
+            if s.a_transposed { "T" } else { "" },
+            if s.b_transposed { "T" } else { "" },
+            e.calls as f64 / steps,
+            e.seconds / steps,
+            e.gflops()
+        );
+    }
+    serde_json::json!({
+        "seconds_per_step": per_step,
+        "share_of_step": per_step / step_s,
+        "gflops": flop / seconds.max(f64::MIN_POSITIVE) / 1e9,
+    })
 }

@@ -273,6 +273,14 @@ fn sgemm_into<'a, K: Tile>(
         }
         return;
     }
+    let _timer = crate::gemm_profile::timer(|| crate::gemm_profile::Shape {
+        m,
+        n,
+        k,
+        k2: extra.map_or(0, |e| e.k),
+        a_transposed: a.cs != 1,
+        b_transposed: b.cs != 1,
+    });
     let (mr, nr) = (K::MR, K::NR);
     let cp = CPtr(c.as_mut_ptr().cast::<f32>());
     // Which dimension of C the threads split, in whole micro-tiles. Split by columns, each
@@ -1088,6 +1096,49 @@ mod tests {
                 2,
             );
             check(path, (50, 96, 300), (true, 1024), (true, 1024), 96, true, 1);
+        }
+    }
+
+    /// The opt-in profile counts each product of the packed kernels under its shape, from zero
+    /// at each start. The shape is odd enough that no other test runs it meanwhile.
+    #[test]
+    fn the_gemm_profile_counts_each_product_under_its_shape() {
+        use crate::gemm_profile::{self, Shape};
+        let (m, n, k) = (53, 75, 67);
+        let (a, ars, acs) = matrix(m, k, false, k, 1);
+        let (b, brs, bcs) = matrix(k, n, true, k, 2);
+        let shape = Shape {
+            m,
+            n,
+            k,
+            k2: 0,
+            a_transposed: false,
+            b_transposed: true,
+        };
+        for (name, run) in paths() {
+            let mut c = vec![0f32; m * n];
+            for calls in [3, 1] {
+                gemm_profile::start();
+                for _ in 0..calls {
+                    let a = Mat {
+                        data: &a,
+                        rs: ars,
+                        cs: acs,
+                    };
+                    let b = Mat {
+                        data: &b,
+                        rs: brs,
+                        cs: bcs,
+                    };
+                    run(&mut c, n, false, a, b, (m, n, k), None, 2);
+                }
+                let counted = gemm_profile::stop();
+                let ours: Vec<_> = counted.iter().filter(|e| e.shape == shape).collect();
+                assert_eq!(ours.len(), 1, "{name}: {counted:?}");
+                assert_eq!(ours[0].calls, calls, "{name}");
+                assert!(ours[0].seconds > 0.0, "{name}");
+                assert_eq!(ours[0].flop(), calls as f64 * 2.0 * (m * n * k) as f64);
+            }
         }
     }
 }
