@@ -299,10 +299,10 @@ fn mm_tile<T: Float, const RB: usize, const C: usize, const FMA: bool>(
 /// Turns a row of scores `sc[0..n]` into probabilities `exp(sc - m)` inside the window
 /// `[a, e)` and zeros outside it; returns their sum.
 #[inline(always)]
-fn exp_window<T: Float>(sc: &mut [T], (a, e): (usize, usize), m: T) -> T {
+fn exp_window<T: Float, const FMA: bool>(sc: &mut [T], (a, e): (usize, usize), m: T) -> T {
     // No running sum in this loop: an in-order float sum would keep it from vectorising.
     for x in &mut sc[a..e] {
-        *x = (*x - m).exp();
+        *x = (*x - m).exp_with::<FMA>();
     }
     sc[..a].fill(T::ZERO);
     sc[e..].fill(T::ZERO);
@@ -424,7 +424,7 @@ fn fwd_block_impl<T: Float, const WIDE: bool, const FMA: bool>(
                         scal(&mut acc[row * d..(row + 1) * d], corr);
                         m[row] = mt;
                     }
-                    den[row] += exp_window(sr, (a, e), m[row]);
+                    den[row] += exp_window::<T, FMA>(sr, (a, e), m[row]);
                 }
             }
             // acc += P (R x n) @ V[js .. js + n] (n x D, rows NKV * D apart)
@@ -624,7 +624,7 @@ fn bwd_chunk_impl<T: Float, const WIDE: bool, const FMA: bool>(
                             continue;
                         };
                         win.mask(bi, p, js, pr, a, e);
-                        exp_window(pr, (a, e), lg[row]);
+                        exp_window::<T, FMA>(pr, (a, e), lg[row]);
                         let dl = delta[row];
                         for (p, ds) in pr.iter().zip(ds.iter_mut()) {
                             *ds = *p * (*ds - dl);
