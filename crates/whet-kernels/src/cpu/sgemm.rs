@@ -819,6 +819,15 @@ mod avx2 {
 mod tests {
     use super::*;
 
+    /// A [`matrix`] as the loop nest reads it.
+    fn view((data, rs, cs): &(Vec<f32>, usize, usize)) -> Mat<'_, f32> {
+        Mat {
+            data,
+            rs: *rs,
+            cs: *cs,
+        }
+    }
+
     /// A (rows x cols) matrix stored row-major (or transposed) with leading dimension `ld`.
     fn matrix(
         rows: usize,
@@ -911,20 +920,10 @@ mod tests {
         threads: usize,
         second: Option<(usize, bool, bool)>,
     ) {
-        let (ad, ars, acs) = matrix(m, k, a_t, lda, 1);
-        let (bd, brs, bcs) = matrix(k, n, b_t, ldb, 2);
+        let (am, bm) = (matrix(m, k, a_t, lda, 1), matrix(k, n, b_t, ldb, 2));
         let (c0, _, _) = matrix(m, ldc, false, ldc, 3);
         let mut c = c0.clone();
-        let a = Mat {
-            data: &ad,
-            rs: ars,
-            cs: acs,
-        };
-        let b = Mat {
-            data: &bd,
-            rs: brs,
-            cs: bcs,
-        };
+        let (a, b) = (view(&am), view(&bm));
         let (k2, a2_t, b2_t) = second.unwrap_or((0, false, false));
         let (a2d, a2rs, a2cs) = matrix(m, k2, a2_t, if a2_t { m + 1 } else { k2 + 2 }, 4);
         let (b2d, b2rs, b2cs) = matrix(k2, n, b2_t, if b2_t { k2 } else { n + 3 }, 5);
@@ -951,7 +950,7 @@ mod tests {
                 }
                 let (mut want, mut mag) = (0f64, 0f64);
                 for p in 0..k {
-                    let t = ad[i * ars + p * acs] as f64 * bd[p * brs + j * bcs] as f64;
+                    let t = a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
                     want += t;
                     mag += t.abs();
                 }
@@ -1105,8 +1104,7 @@ mod tests {
     fn the_gemm_profile_counts_each_product_under_its_shape() {
         use crate::gemm_profile::{self, Shape};
         let (m, n, k) = (53, 75, 67);
-        let (a, ars, acs) = matrix(m, k, false, k, 1);
-        let (b, brs, bcs) = matrix(k, n, true, k, 2);
+        let (a, b) = (matrix(m, k, false, k, 1), matrix(k, n, true, k, 2));
         let shape = Shape {
             m,
             n,
@@ -1120,17 +1118,7 @@ mod tests {
             for calls in [3, 1] {
                 gemm_profile::start();
                 for _ in 0..calls {
-                    let a = Mat {
-                        data: &a,
-                        rs: ars,
-                        cs: acs,
-                    };
-                    let b = Mat {
-                        data: &b,
-                        rs: brs,
-                        cs: bcs,
-                    };
-                    run(&mut c, n, false, a, b, (m, n, k), None, 2);
+                    run(&mut c, n, false, view(&a), view(&b), (m, n, k), None, 2);
                 }
                 let counted = gemm_profile::stop();
                 let ours: Vec<_> = counted.iter().filter(|e| e.shape == shape).collect();
