@@ -178,10 +178,10 @@ fn gemm_summary(
     let seconds: f64 = entries.iter().map(|e| e.seconds).sum();
     let flop: f64 = entries.iter().map(|e| e.flop()).sum();
     let per_step = seconds / steps;
+    let gflops = flop / seconds.max(f64::MIN_POSITIVE) / 1e9;
     eprintln!(
-        "GEMMs: {per_step:.3} s a step ({:.0}% of {step_s:.3} s), {:.1} GFLOP/s",
-        100.0 * per_step / step_s,
-        flop / seconds.max(f64::MIN_POSITIVE) / 1e9
+        "GEMMs: {per_step:.3} s a step ({:.0}% of {step_s:.3} s), {gflops:.1} GFLOP/s",
+        100.0 * per_step / step_s
     );
     eprintln!("     m      n      k  k2 A^T B^T  calls/step  s/step  GFLOP/s");
     for e in entries {
@@ -202,6 +202,6 @@ fn gemm_summary(
     serde_json::json!({
         "seconds_per_step": per_step,
         "share_of_step": per_step / step_s,
-        "gflops": flop / seconds.max(f64::MIN_POSITIVE) / 1e9,
+        "gflops": gflops,
     })
 }

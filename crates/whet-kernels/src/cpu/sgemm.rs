@@ -925,19 +925,12 @@ mod tests {
         let mut c = c0.clone();
         let (a, b) = (view(&am), view(&bm));
         let (k2, a2_t, b2_t) = second.unwrap_or((0, false, false));
-        let (a2d, a2rs, a2cs) = matrix(m, k2, a2_t, if a2_t { m + 1 } else { k2 + 2 }, 4);
-        let (b2d, b2rs, b2cs) = matrix(k2, n, b2_t, if b2_t { k2 } else { n + 3 }, 5);
+        let a2m = matrix(m, k2, a2_t, if a2_t { m + 1 } else { k2 + 2 }, 4);
+        let b2m = matrix(k2, n, b2_t, if b2_t { k2 } else { n + 3 }, 5);
+        let (a2, b2) = (view(&a2m), view(&b2m));
         let extra = second.map(|_| Extra {
-            a: Mat {
-                data: &a2d,
-                rs: a2rs,
-                cs: a2cs,
-            },
-            b: Mat {
-                data: &b2d,
-                rs: b2rs,
-                cs: b2cs,
-            },
+            a: a2,
+            b: b2,
             k: k2,
         });
         sgemm(&mut c, ldc, accumulate, a, b, (m, n, k), extra, threads);
@@ -949,15 +942,13 @@ mod tests {
                     continue;
                 }
                 let (mut want, mut mag) = (0f64, 0f64);
-                for p in 0..k {
-                    let t = a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
-                    want += t;
-                    mag += t.abs();
-                }
-                for p in 0..k2 {
-                    let t = a2d[i * a2rs + p * a2cs] as f64 * b2d[p * b2rs + j * b2cs] as f64;
-                    want += t;
-                    mag += t.abs();
+                for (a, b, k) in [(a, b, k), (a2, b2, k2)] {
+                    for p in 0..k {
+                        let t =
+                            a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+                        want += t;
+                        mag += t.abs();
+                    }
                 }
                 if accumulate {
                     want += c0[i * ldc + j] as f64;
@@ -1050,27 +1041,9 @@ mod tests {
         for path in paths() {
             for (m, n, k) in [(100, 70, 50), (37, 400, 800), (25, 9, 7), (13, 33, 385)] {
                 for threads in [1, 2] {
-                    let (ad, ars, acs) = matrix(m, k, false, k, 1);
-                    let (bd, brs, bcs) = matrix(k, n, true, k, 2);
-                    let a = Mat {
-                        data: &ad,
-                        rs: ars,
-                        cs: acs,
-                    };
-                    let b = Mat {
-                        data: &bd,
-                        rs: brs,
-                        cs: bcs,
-                    };
-                    let extra = Some(Extra {
-                        a,
-                        b: Mat {
-                            data: &bd,
-                            rs: brs,
-                            cs: bcs,
-                        },
-                        k: 16.min(k),
-                    });
+                    let (am, bm) = (matrix(m, k, false, k, 1), matrix(k, n, true, k, 2));
+                    let (a, b) = (view(&am), view(&bm));
+                    let extra = Some(Extra { a, b, k: 16.min(k) });
                     let mut zeroed = vec![0f32; m * n];
                     let mut nans = vec![f32::NAN; m * n];
                     (path.1)(&mut zeroed, n, false, a, b, (m, n, k), extra, threads);
